@@ -1,0 +1,17 @@
+"""CRR Stage I on Real-IAD: reconstruction + repair of synthetic anomalies, bottleneck masking 0.4, then an
+evaluation of the reconstruction map. Writes <save_dir>/<save_name>/model.pth."""
+from engine import build_parser, crr_stage1_main, run_main
+
+DEFAULTS = dict(
+    dataset="realiad",
+    data_path="../Real-IAD",
+    save_name="vitill_realiad_uni_dinov2_0.4",
+    total_iters=50000,
+    batch_size=16,
+    dropout=0.4,
+    aupro="exact",
+    gt_binarize="crr",
+)
+
+if __name__ == "__main__":
+    run_main(crr_stage1_main, build_parser(__doc__, DEFAULTS, "crr_stage1"))

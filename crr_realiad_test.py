@@ -1,0 +1,15 @@
+"""CRR test on Real-IAD: the fused map 0.7 * reconstruction + 0.3 * segmentation, the seven metrics plus mAD
+per class and their mean; --save_heatmaps N writes pictures of what the model found."""
+from engine import build_parser, crr_test_main, run_main
+
+DEFAULTS = dict(
+    dataset="realiad",
+    data_path="../Real-IAD",
+    save_name="vitill_realiad_uni_dinov2_0.4",
+    batch_size=16,
+    aupro="exact",
+    gt_binarize="crr",
+)
+
+if __name__ == "__main__":
+    run_main(crr_test_main, build_parser(__doc__, DEFAULTS, "crr_test"))

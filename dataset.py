@@ -1,0 +1,360 @@
+"""Dataset readers and transforms (SPEC sections 1 and 6).
+
+Every reader turns a dataset folder into a list of `Sample`s; `TrainDataset` and `TestDataset` turn samples
+into tensors with the R448-C392 transform.
+
+Readers:
+- `mvtec_samples(root, class_name, phase)`: any MVTec-layout folder (MVTec AD, prepared VisA 1cls, MPDD,
+  BTAD, user data).
+- `realiad_samples(root, class_name, phase, resolution, json_dir)`: Real-IAD through its split JSON files.
+- `attach_foreground(samples, foreground_root)`: optional CRR object masks (SPEC 7.1).
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from utils import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+MVTEC_CLASSES = [
+    "carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill",
+    "screw", "toothbrush", "transistor", "zipper",
+]
+VISA_CLASSES = [
+    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
+    "pcb4", "pipe_fryum",
+]
+REALIAD_CLASSES = [
+    "audiojack", "bottle_cap", "button_battery", "end_cap", "eraser", "fire_hood", "mint", "mounts", "pcb",
+    "phone_battery", "plastic_nut", "plastic_plug", "porcelain_doll", "regulator", "rolled_strip_base",
+    "sim_card_set", "switch", "tape", "terminalblock", "toothbrush", "toy", "toy_brick", "transistor1", "usb",
+    "usb_adaptor", "u_block", "vcpill", "wooden_beads", "woodstick", "zipper",
+]
+
+# Image and mask files are recognised by extension, case-insensitively; the order is the mask search order.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Folder names that hold normal images (MVTec, VisA 1cls, MPDD: "good"; BTAD as distributed: "ok").
+NORMAL_DIR_NAMES = ("good", "ok")
+
+
+@dataclass
+class Sample:
+    image_path: str
+    label: int  # 0 normal, 1 anomalous
+    mask_path: str | None  # None: no pixel ground truth (always None for normal images)
+    class_name: str
+    foreground_path: str | None = None  # CRR: optional object mask
+    rel_path: str = ""  # the image path relative to its class folder, '/'-separated (used for foreground masks)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image as 8-bit RGB: grey becomes 3 channels, alpha is dropped, 16-bit is scaled to 8-bit."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError:
+        raise UserError(f"image not found: {path}; check the dataset folder") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path} ({_one_line(e)}); replace or remove the file") from None
+    if img.mode.startswith("I;16"):
+        # 16-bit grey: always the full 16-bit range (65535 -> 255)
+        arr = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+    elif img.mode == "I":
+        # 32-bit integer grey (older PIL opens 16-bit PNGs like this): 16-bit range when it exceeds 8 bits
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0
+        img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        # float grey: [0, 1] when it fits there, else taken as 8-bit values
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if np.nanmax(arr) <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(np.nan_to_num(arr) * scale + 0.5, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def load_mask(path: str) -> Image.Image:
+    """Open a mask as 8-bit grey with anomalous pixels at 255 (any non-zero value counts as anomalous)."""
+    try:
+        m = Image.open(path)
+        m.load()
+    except FileNotFoundError:
+        raise UserError(f"mask not found: {path}; check the dataset's ground-truth folder") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read mask {path} ({_one_line(e)}); replace or remove the file") from None
+    arr = np.asarray(m)
+    if m.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        arr = arr[..., :-1]  # drop the alpha channel (transparency is not a defect)
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    return Image.fromarray(((arr != 0) * 255).astype(np.uint8))
+
+
+def resize(img: Image.Image, size: int) -> Image.Image:
+    """Square resize, aspect ratio not kept, bilinear (PIL antialiases when downscaling)."""
+    return img.resize((size, size), Image.BILINEAR)
+
+
+def center_crop_box(size: int, crop: int) -> tuple[int, int, int, int]:
+    top = int(round((size - crop) / 2.0))
+    return (top, top, top + crop, top + crop)
+
+
+def image_to_tensor(img: Image.Image, crop_size: int) -> torch.Tensor:
+    """Resized RGB image -> centre crop -> [3, crop, crop] float, ImageNet-normalised."""
+    img = img.crop(center_crop_box(img.size[0], crop_size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def mask_to_tensor(mask: Image.Image, crop_size: int) -> torch.Tensor:
+    """Resized grey mask -> centre crop -> [1, crop, crop] float in [0, 1]."""
+    mask = mask.crop(center_crop_box(mask.size[0], crop_size))
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+
+
+class TrainDataset(Dataset):
+    """Normal training images -> normalised tensors [3, crop, crop]."""
+
+    def __init__(self, samples: list[Sample], image_size: int = 448, crop_size: int = 392):
+        self.samples, self.image_size, self.crop_size = samples, image_size, crop_size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return image_to_tensor(resize(load_image(self.samples[i].image_path), self.image_size), self.crop_size)
+
+
+class TestDataset(Dataset):
+    """Test images -> (image [3,c,c], mask [1,c,c] in [0,1], label, has_mask, image_path).
+
+    `has_mask` is False for an anomalous image without pixel ground truth; such images count for the image
+    metrics only. Normal images always have an all-zero mask.
+    """
+
+    def __init__(self, samples: list[Sample], image_size: int = 448, crop_size: int = 392):
+        self.samples, self.image_size, self.crop_size = samples, image_size, crop_size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        img = image_to_tensor(resize(load_image(s.image_path), self.image_size), self.crop_size)
+        if s.label != 0 and s.mask_path is not None:
+            mask = mask_to_tensor(resize(load_mask(s.mask_path), self.image_size), self.crop_size)
+        else:
+            mask = torch.zeros(1, self.crop_size, self.crop_size)
+        has_mask = s.label == 0 or s.mask_path is not None
+        return img, mask, s.label, has_mask, s.image_path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Folder readers
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _list_images(folder: str) -> list[str]:
+    """Sorted file names of the images directly in `folder` (hidden files and other extensions skipped)."""
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if _is_image_name(e.name) and e.is_file())
+
+
+def _list_subdirs(folder: str) -> list[str]:
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+
+
+def _name_map(folder: str) -> dict[str, str]:
+    """lower-cased file name -> actual file name, for the files in `folder` ({} when it does not exist)."""
+    try:
+        with os.scandir(folder) as it:
+            names = sorted(e.name for e in it if e.is_file())
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    out: dict[str, str] = {}
+    for n in names:
+        out.setdefault(n.lower(), n)
+    return out
+
+
+def _check_root(root: str) -> None:
+    if not os.path.isdir(root):
+        raise UserError(f"dataset folder not found: {root}; check --data_path")
+
+
+def _class_dir(root: str, class_name: str) -> str:
+    _check_root(root)
+    d = os.path.join(root, class_name)
+    if not os.path.isdir(d):
+        raise UserError(f"class folder not found: {d}; check --data_path and --classes")
+    return d
+
+
+def mvtec_samples(root: str, class_name: str, phase: str) -> list[Sample]:
+    """Samples of one class of an MVTec-layout dataset.
+
+    phase 'train': `<root>/<class>/train/good/*` (label 0). phase 'test': every subfolder of
+    `<root>/<class>/test/` ('good' -> 0, anything else -> 1), sorted by folder then file name. Anomalous
+    samples get their mask from `<root>/<class>/ground_truth/<defect>/<stem>_mask.<ext>` or `<stem>.<ext>`;
+    when the class has no `ground_truth` folder at all, their mask_path is None (image metrics only).
+    """
+    if phase not in ("train", "test"):
+        raise ValueError(f"phase must be 'train' or 'test', not {phase!r}")
+    cdir = _class_dir(root, class_name)
+    samples: list[Sample] = []
+
+    if phase == "train":
+        candidates = [os.path.join(cdir, "train", n) for n in NORMAL_DIR_NAMES]
+        folder = next((c for c in candidates if os.path.isdir(c)), None)
+        if folder is None:
+            raise UserError(f"training folder not found: {candidates[0]}; the class folder must hold "
+                            f"train/good with the normal training images")
+        sub = os.path.basename(folder)
+        for name in _list_images(folder):
+            samples.append(Sample(os.path.join(folder, name), 0, None, class_name, rel_path=f"train/{sub}/{name}"))
+        if not samples:
+            raise UserError(f"no images in {folder}; expected {', '.join(IMAGE_EXTENSIONS)} files there")
+        return samples
+
+    test_dir = os.path.join(cdir, "test")
+    if not os.path.isdir(test_dir):
+        raise UserError(f"test folder not found: {test_dir}; the class folder must hold test/<good|defect>")
+    gt_dir = os.path.join(cdir, "ground_truth")
+    has_gt = os.path.isdir(gt_dir)
+    for sub in _list_subdirs(test_dir):
+        folder = os.path.join(test_dir, sub)
+        label = 0 if sub.lower() in NORMAL_DIR_NAMES else 1
+        names = _list_images(folder)
+        mask_names = _name_map(os.path.join(gt_dir, sub)) if (label and has_gt) else {}
+        for name in names:
+            mask_path = None
+            if label and has_gt:
+                mask_path = _find_mask(gt_dir, sub, name, mask_names, os.path.join(folder, name))
+            samples.append(Sample(os.path.join(folder, name), label, mask_path, class_name,
+                                  rel_path=f"test/{sub}/{name}"))
+    if not samples:
+        raise UserError(f"no test images in {test_dir}; expected test/<good|defect>/ folders with images")
+    return samples
+
+
+def _find_mask(gt_dir: str, defect: str, image_name: str, mask_names: dict[str, str], image_path: str) -> str:
+    stem = os.path.splitext(image_name)[0]
+    for suffix in ("_mask", ""):
+        for ext in IMAGE_EXTENSIONS:
+            actual = mask_names.get(f"{stem}{suffix}{ext}".lower())
+            if actual is not None:
+                return os.path.join(gt_dir, defect, actual)
+    exts = ",".join(e[1:] for e in IMAGE_EXTENSIONS)
+    d = os.path.join(gt_dir, defect)
+    raise UserError(f"no mask for {image_path}: looked for {d}/{stem}_mask.{{{exts}}} and {d}/{stem}.{{{exts}}}; "
+                    f"add the mask, or remove {gt_dir} to evaluate without pixel ground truth")
+
+
+def realiad_json_path(root: str, class_name: str, json_dir: str = "realiad_jsons") -> str:
+    """The split file `<root>/<json_dir>/<json_dir>/<class>.json`, else `<root>/<json_dir>/<class>.json`."""
+    candidates = [os.path.join(root, json_dir, json_dir, f"{class_name}.json"),
+                  os.path.join(root, json_dir, f"{class_name}.json")]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    raise UserError(f"Real-IAD split file not found: {candidates[0]} or {candidates[1]}; "
+                    f"check --data_path and --classes, and unpack the {json_dir} archive into the dataset folder")
+
+
+def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "realiad_1024",
+                    json_dir: str = "realiad_jsons") -> tuple[list[Sample], int]:
+    """Samples of one Real-IAD class from its split JSON; paths are relative to `<root>/<resolution>/<class>/`.
+
+    Returns (samples, number of anomalous samples without a mask_path); those get mask_path None.
+    """
+    if phase not in ("train", "test"):
+        raise ValueError(f"phase must be 'train' or 'test', not {phase!r}")
+    _check_root(root)
+    jpath = realiad_json_path(root, class_name, json_dir)
+    cdir = os.path.join(root, resolution, class_name)
+    if not os.path.isdir(cdir):
+        raise UserError(f"class folder not found: {cdir}; check --data_path and --classes "
+                        f"(Real-IAD images are read from <data_path>/{resolution}/<class>)")
+    fix = "re-extract the Real-IAD split files"
+    try:
+        with open(jpath, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"malformed split file {jpath} ({_one_line(e)}); {fix}") from None
+    if not isinstance(data, dict) or not isinstance(data.get(phase), list):
+        raise UserError(f"malformed split file {jpath}: no '{phase}' list at the top level; {fix}")
+    meta = data.get("meta")
+    normal_class = meta.get("normal_class", "OK") if isinstance(meta, dict) else "OK"
+
+    samples: list[Sample] = []
+    missing = 0
+    for i, item in enumerate(data[phase]):
+        if (not isinstance(item, dict) or not isinstance(item.get("image_path"), str) or not item["image_path"]
+                or "anomaly_class" not in item
+                or not (item.get("mask_path") is None or isinstance(item.get("mask_path"), str))):
+            raise UserError(f"malformed split file {jpath}: entry {i} of '{phase}' lacks a valid image_path, "
+                            f"anomaly_class or mask_path; {fix}")
+        rel = item["image_path"].replace("\\", "/").lstrip("/")
+        label = 0 if item["anomaly_class"] == normal_class else 1
+        mask_path = None
+        if label:
+            m = item.get("mask_path")
+            if m:
+                mask_path = os.path.join(cdir, m.replace("\\", "/").lstrip("/"))
+            else:
+                missing += 1
+        samples.append(Sample(os.path.join(cdir, rel), label, mask_path, class_name, rel_path=rel))
+    if not samples:
+        raise UserError(f"no '{phase}' samples in {jpath}; {fix}")
+    return samples, missing
+
+
+def attach_foreground(samples: list[Sample], foreground_root: str) -> int:
+    """Set `foreground_path` (CRR object masks, SPEC 7.1) where a mask file exists; returns how many were found.
+
+    Looks, for an image at `rel_path` under its class folder, for `<foreground_root>/<class>/DISthresh/<rel_path>`
+    (Real-IAD, the official layout) and then `<foreground_root>/<class>/<rel_path>` (MVTec layout); in each
+    place the same file name, or the same stem with any image extension, counts. Samples without a mask keep
+    foreground_path None (the caller then uses an all-ones mask).
+    """
+    if not os.path.isdir(foreground_root):
+        raise UserError(f"foreground folder not found: {foreground_root}; check --foreground_path")
+    listings: dict[str, dict[str, str]] = {}
+    found = 0
+    for s in samples:
+        s.foreground_path = None
+        if not s.rel_path:
+            continue
+        rel_dir, name = os.path.split(s.rel_path)
+        stem = os.path.splitext(name)[0]
+        wanted = [name.lower()] + [f"{stem}{ext}".lower() for ext in IMAGE_EXTENSIONS]
+        for base in (os.path.join(foreground_root, s.class_name, "DISthresh"),
+                     os.path.join(foreground_root, s.class_name)):
+            d = os.path.join(base, rel_dir)
+            if d not in listings:
+                listings[d] = _name_map(d)
+            actual = next((listings[d][w] for w in wanted if w in listings[d]), None)
+            if actual is not None:
+                s.foreground_path = os.path.join(d, actual)
+                found += 1
+                break
+    return found

@@ -1,0 +1,125 @@
+"""Networks and their checkpoints: build a model from an encoder name, a Meta weight file or a saved run."""
+import os
+
+import torch
+
+from utils import UserError
+from .encoder import ENCODERS, DinoV2Encoder, EncoderConfig
+from .segnet import SegmentationNet, segmentation_input
+from .vitill import ViTill
+
+META_URL = "https://dl.fbaipublicfiles.com/dinov2/{stem}/{file}"
+
+
+def encoder_config(name: str) -> EncoderConfig:
+    if name not in ENCODERS:
+        raise UserError(f"unknown --encoder {name}; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[name]
+
+
+def read_state_dict(path: str, what: str) -> dict:
+    """torch.load(weights_only=True) with one-line errors for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, non-torch or pickled-object file
+        raise UserError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{what} {path} is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_strict(module: torch.nn.Module, sd: dict, path: str, what: str):
+    """load_state_dict(strict=True) with a readable one-line error."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise UserError(f"{what} {path} does not match the model: {'; '.join(parts)}")
+    module.load_state_dict(sd, strict=True)
+
+
+def default_encoder_weights(name: str) -> str:
+    return os.path.join("backbones", "weights", encoder_config(name).weight_file)
+
+
+def load_encoder_weights(encoder: DinoV2Encoder, path: str):
+    """Load one of Meta's DINOv2-reg weight files, strictly."""
+    file = encoder.cfg.weight_file
+    if not os.path.isfile(path):
+        url = META_URL.format(stem=file.split("_reg4")[0], file=file)
+        raise UserError(f"DINOv2 weight file not found: {path}; download {file} from {url} "
+                        f"and put it there, or pass --encoder_weights PATH (or 'random' for a smoke run)")
+    sd = read_state_dict(path, "DINOv2 weight file")
+    if any(k.startswith("encoder.") for k in sd):
+        raise UserError(f"{path} is a full reconstruction-model checkpoint, not a DINOv2 backbone; "
+                        f"pass it as --checkpoint")
+    load_strict(encoder, sd, path, "DINOv2 weight file")
+
+
+def is_backbone_state_dict(sd: dict) -> bool:
+    return "cls_token" in sd and not any(k.startswith("decoder.") for k in sd)
+
+
+def is_segmentation_state_dict(sd: dict) -> bool:
+    return "fin_out.0.weight" in sd
+
+
+def architecture_from_state_dict(sd: dict, path: str) -> tuple[str, int]:
+    """Encoder name and decoder depth of an official-layout reconstruction checkpoint, from its shapes."""
+    if is_backbone_state_dict(sd):
+        raise UserError(f"{path} is a plain DINOv2 backbone file, not a trained model; pass it as "
+                        f"--encoder_weights, or pass a trained model.pth as --checkpoint")
+    if is_segmentation_state_dict(sd):
+        raise UserError(f"{path} is a segmentation network (Seg_model_*.pth); pass it as --seg_checkpoint")
+    if "bottleneck.0.fc1.weight" not in sd or "encoder.cls_token" not in sd:
+        raise UserError(f"{path} is not a Dinomaly/CRR reconstruction checkpoint (no encoder.* / bottleneck.* keys)")
+    dim = sd["bottleneck.0.fc1.weight"].shape[1]
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))
+    names = [n for n, c in ENCODERS.items() if c.embed_dim == dim and c.depth == depth]
+    if not names:
+        raise UserError(f"{path}: no known encoder has embed dim {dim} and {depth} blocks")
+    decoder_depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder."))
+    return names[0], decoder_depth
+
+
+def build_model(encoder: str, encoder_weights: str | None, **kwargs) -> ViTill:
+    """A fresh ViTill: encoder from Meta's file (None or 'random': random weights), trainable parts initialised."""
+    model = ViTill(encoder_config(encoder), **kwargs)
+    if encoder_weights not in (None, "random"):
+        load_encoder_weights(model.encoder, encoder_weights)
+    return model
+
+
+def load_model(path: str, encoder: str | None = None, **kwargs) -> ViTill:
+    """A reconstruction model from a checkpoint (ours or official). The architecture comes from `encoder`
+    (e.g. read from config.json) or, without it, from the tensor shapes."""
+    sd = read_state_dict(path, "checkpoint")
+    name, decoder_depth = architecture_from_state_dict(sd, path)
+    if encoder is not None and encoder != name:
+        raise UserError(f"checkpoint {path} holds a {name} model, not {encoder}; fix --encoder or the checkpoint")
+    model = ViTill(encoder_config(name), decoder_depth=decoder_depth, **kwargs)
+    load_strict(model, sd, path, "checkpoint")
+    return model
+
+
+def load_segmentation_net(path: str, embed_dim: int) -> SegmentationNet:
+    sd = read_state_dict(path, "segmentation checkpoint")
+    if not is_segmentation_state_dict(sd):
+        raise UserError(f"{path} is not a segmentation network checkpoint (Seg_model_*.pth)")
+    net = SegmentationNet(base_width=2 * embed_dim // 8)
+    load_strict(net, sd, path, "segmentation checkpoint")
+    return net
+
+
+__all__ = ["ENCODERS", "EncoderConfig", "DinoV2Encoder", "ViTill", "SegmentationNet", "segmentation_input",
+           "encoder_config", "build_model", "load_model", "load_segmentation_net", "load_encoder_weights",
+           "default_encoder_weights", "read_state_dict", "architecture_from_state_dict"]

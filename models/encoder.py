@@ -1,0 +1,93 @@
+"""Frozen DINOv2 ViT with 4 register tokens, in Meta's key layout (SPEC section 2).
+
+Built from timm's ViT `Block` and `PatchEmbed`, whose parameter names are Meta's, so Meta's weight files load
+strictly. The position embedding is interpolated the way the official code does it (offset 0.1, bicubic, no
+antialias), which timm's own resampling does not reproduce.
+"""
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import Block
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    embed_dim: int
+    num_heads: int
+    depth: int
+    taps: tuple[int, ...]  # 0-based indices of the blocks whose outputs feed the decoder
+    weight_file: str  # Meta's file name
+    patch_size: int = 14
+    num_register_tokens: int = 4
+    pretrain_grid: int = 37  # 518 px / 14: the grid Meta's position embedding was built for
+
+
+ENCODERS = {
+    "dinov2reg_vit_small_14": EncoderConfig(384, 6, 12, (2, 3, 4, 5, 6, 7, 8, 9), "dinov2_vits14_reg4_pretrain.pth"),
+    "dinov2reg_vit_base_14": EncoderConfig(768, 12, 12, (2, 3, 4, 5, 6, 7, 8, 9), "dinov2_vitb14_reg4_pretrain.pth"),
+    "dinov2reg_vit_large_14": EncoderConfig(1024, 16, 24, (4, 6, 8, 10, 12, 14, 16, 18), "dinov2_vitl14_reg4_pretrain.pth"),
+}
+
+
+def interpolate_patch_pos_embed(patch_pos: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """[1, M*M, D] position embedding of an M x M grid -> [1, grid_h*grid_w, D], as the official code does it."""
+    n, dim = patch_pos.shape[1], patch_pos.shape[2]
+    m = int(math.sqrt(n))
+    if grid_h == m and grid_w == m:
+        return patch_pos
+    grid = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((grid_h + 0.1) / m, (grid_w + 0.1) / m), mode="bicubic",
+                         align_corners=False, antialias=False)
+    assert grid.shape[-2:] == (grid_h, grid_w)
+    return grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim).to(patch_pos.dtype)
+
+
+class DinoV2Encoder(nn.Module):
+    """Token sequence [CLS, R1..R4, P1..PN]; returns the raw outputs of the tap blocks (no final norm)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.patch_embed = PatchEmbed(img_size=None, patch_size=cfg.patch_size, embed_dim=d, strict_img_size=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pretrain_grid ** 2, d))
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, d))
+        self.mask_token = nn.Parameter(torch.zeros(1, d))  # unused; kept so Meta's files load strictly
+        self.blocks = nn.ModuleList([
+            Block(d, cfg.num_heads, mlp_ratio=4.0, qkv_bias=True, init_values=1e-5,
+                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(d, eps=1e-6)  # never applied; part of Meta's layout
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        nn.init.normal_(self.register_tokens, std=1e-6)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.cfg.num_register_tokens
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, 1 + R + N, D]."""
+        b, _, h, w = x.shape
+        p = self.cfg.patch_size
+        x = self.patch_embed(x)  # [B, N, D]
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+        pos = self.pos_embed.float()
+        pos = torch.cat([pos[:, :1], interpolate_patch_pos_embed(pos[:, 1:], h // p, w // p)], dim=1)
+        x = x + pos.to(x.dtype)
+        return torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]], dim=1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.prepare_tokens(x)
+        taps = []
+        for i, blk in enumerate(self.blocks[: self.cfg.taps[-1] + 1]):
+            x = blk(x)
+            if i in self.cfg.taps:
+                taps.append(x)
+        return taps  # len(taps) x [B, T, D]

@@ -1,0 +1,77 @@
+"""ViTill, Dinomaly's reconstruction model, with CRR's optional bottleneck masking (SPEC sections 3 and 7.2).
+
+The state dict is the official one: `encoder.*` (Meta's names), `bottleneck.0.*`, `decoder.{i}.*`.
+"""
+import torch
+import torch.nn as nn
+
+from .decoder import BottleneckMLP, decoder_block
+from .encoder import DinoV2Encoder, EncoderConfig
+
+
+def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(tensors, dim=1).mean(dim=1)
+
+
+class ViTill(nn.Module):
+    def __init__(self, encoder_cfg: EncoderConfig, dropout: float = 0.2, decoder_depth: int = 8,
+                 mask_ratio: float = 0.0, mask_in_eval: bool = False, attn_eps: float = 0.0):
+        super().__init__()
+        d, heads = encoder_cfg.embed_dim, encoder_cfg.num_heads
+        self.encoder = DinoV2Encoder(encoder_cfg)
+        self.encoder.requires_grad_(False)
+        self.bottleneck = nn.Sequential(BottleneckMLP(d, 4 * d, dropout))
+        self.decoder = nn.ModuleList([decoder_block(d, heads, attn_eps) for _ in range(decoder_depth)])
+        self.groups = [list(range(g * 4, g * 4 + 4)) for g in range(len(encoder_cfg.taps) // 4)]
+        self.mask_ratio = mask_ratio  # CRR: probability of zeroing each scalar of the bottleneck input
+        self.mask_in_eval = mask_in_eval  # CRR's released test keeps the masking on in eval mode
+        self.bottleneck.apply(init_weights)
+        self.decoder.apply(init_weights)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.bottleneck.parameters(), *self.decoder.parameters()]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen, and it has no dropout: eval keeps it deterministic either way
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """[B, 3, H, W] -> (en, de): two lists (one map per group) of [B, D, H/14, W/14]."""
+        grid_h, grid_w = x.shape[-2] // self.encoder.cfg.patch_size, x.shape[-1] // self.encoder.cfg.patch_size
+        with torch.no_grad():
+            taps = self.encoder(x)  # 8 x [B, T, D]
+        x = mean_of(taps)
+        if self.mask_ratio > 0 and (self.training or self.mask_in_eval):
+            x = x * self.bottleneck_mask(x)
+        x = self.bottleneck(x)
+        outs = []
+        for blk in self.decoder:
+            x = blk(x)
+            outs.append(x)
+        outs = outs[::-1]  # index 0 = last decoder block
+        en = [mean_of([taps[i] for i in g]) for g in self.groups]
+        de = [mean_of([outs[i] for i in g]) for g in self.groups]
+        p = self.encoder.num_prefix_tokens
+
+        def to_map(t):  # [B, T, D] -> [B, D, h, w]
+            return t[:, p:].transpose(1, 2).reshape(t.shape[0], -1, grid_h, grid_w)
+        return [to_map(t) for t in en], [to_map(t) for t in de]
+
+
+    def bottleneck_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """CRR's element-wise mask: 0 with probability mask_ratio. In eval mode it is drawn from the CPU
+        generator as the released test does, so a seeded run reproduces its masks; in training on x's device."""
+        if self.training:
+            return (torch.rand_like(x) <= 1 - self.mask_ratio).to(x.dtype)
+        return (torch.rand(x.shape) <= 1 - self.mask_ratio).to(x.device, x.dtype)
+
+
+def init_weights(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.01, a=-0.03, b=0.03)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
