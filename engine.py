@@ -229,7 +229,7 @@ def train_loader(run: Run, dataset, batch_size: int) -> DataLoader:
     g.manual_seed(run.args.seed)
     return DataLoader(dataset, batch_size=batch_size // run.world_size, shuffle=sampler is None, sampler=sampler,
                       num_workers=run.args.num_workers, drop_last=True, generator=g,
-                      pin_memory=run.device.type == "cuda", persistent_workers=run.args.num_workers > 0)
+                      pin_memory=run.device.type == "cuda", persistent_workers=False)  # workers must see set_epoch
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -330,7 +330,7 @@ class SyntheticAnomalyDataset(Dataset):
 
     def __getitem__(self, i):
         s = self.samples[i]
-        rng = np.random.default_rng([self.seed, int(i)])
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
         img = resize(load_image(s.image_path), self.image_size)
         fg = None
         if getattr(s, "foreground_path", None):

@@ -51,18 +51,22 @@ def default_encoder_weights(name: str) -> str:
     return os.path.join("backbones", "weights", encoder_config(name).weight_file)
 
 
-def load_encoder_weights(encoder: DinoV2Encoder, path: str):
-    """Load one of Meta's DINOv2-reg weight files, strictly."""
-    file = encoder.cfg.weight_file
+def read_encoder_weights(path: str, cfg: EncoderConfig) -> dict:
+    """One of Meta's DINOv2-reg weight files, read and checked before any model is built."""
     if not os.path.isfile(path):
-        url = META_URL.format(stem=file.split("_reg4")[0], file=file)
-        raise UserError(f"DINOv2 weight file not found: {path}; download {file} from {url} "
+        url = META_URL.format(stem=cfg.weight_file.split("_reg4")[0], file=cfg.weight_file)
+        raise UserError(f"DINOv2 weight file not found: {path}; download {cfg.weight_file} from {url} "
                         f"and put it there, or pass --encoder_weights PATH (or 'random' for a smoke run)")
     sd = read_state_dict(path, "DINOv2 weight file")
     if any(k.startswith("encoder.") for k in sd):
         raise UserError(f"{path} is a full reconstruction-model checkpoint, not a DINOv2 backbone; "
                         f"pass it as --checkpoint")
-    load_strict(encoder, sd, path, "DINOv2 weight file")
+    return sd
+
+
+def load_encoder_weights(encoder: DinoV2Encoder, path: str):
+    """Load one of Meta's DINOv2-reg weight files into `encoder`, strictly."""
+    load_strict(encoder, read_encoder_weights(path, encoder.cfg), path, "DINOv2 weight file")
 
 
 def is_backbone_state_dict(sd: dict) -> bool:
@@ -93,9 +97,11 @@ def architecture_from_state_dict(sd: dict, path: str) -> tuple[str, int]:
 
 def build_model(encoder: str, encoder_weights: str | None, **kwargs) -> ViTill:
     """A fresh ViTill: encoder from Meta's file (None or 'random': random weights), trainable parts initialised."""
-    model = ViTill(encoder_config(encoder), **kwargs)
-    if encoder_weights not in (None, "random"):
-        load_encoder_weights(model.encoder, encoder_weights)
+    cfg = encoder_config(encoder)
+    sd = None if encoder_weights in (None, "random") else read_encoder_weights(encoder_weights, cfg)
+    model = ViTill(cfg, **kwargs)
+    if sd is not None:
+        load_strict(model.encoder, sd, encoder_weights, "DINOv2 weight file")
     return model
 
 

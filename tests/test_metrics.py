@@ -217,6 +217,22 @@ def test_aupro_dinomaly_vs_naive(seed, dtype):
         aupro_dinomaly_naive(masks, amaps, num_th=37), abs=1e-9)
 
 
+def test_aupro_dinomaly_values_on_thresholds():
+    # Integer maps 0..200: every threshold equals some pixel values, which must count as not detected.
+    rng = np.random.default_rng(4)
+    masks, _ = diagonal_pair_case(4)
+    amaps = np.clip(rng.integers(0, 160, masks.shape) + 40 * masks, 0, 200).astype(np.float64)
+    amaps[0, 0, 0], amaps[0, 0, 1] = 0, 200
+    assert utils.aupro_dinomaly(masks, amaps) == pytest.approx(aupro_dinomaly_naive(masks, amaps), abs=1e-9)
+    # 10 normal pixels 0..9, so FPR hits exactly 3/10 = 0.3 at threshold 6: that point is left out.
+    masks = np.zeros((1, 4, 5), bool)
+    masks[0, 2:] = True
+    amaps = np.concatenate([np.arange(10), [5, 9, 12, 7, 14, 6, 11, 8, 13, 10]]).reshape(1, 4, 5).astype(float)
+    assert np.sum(amaps[~masks] > 6) / 10 == 0.3
+    assert utils.aupro_dinomaly(masks, amaps, num_th=14) == pytest.approx(
+        aupro_dinomaly_naive(masks, amaps, num_th=14), abs=1e-12)
+
+
 def test_aupro_dinomaly_close_to_exact_on_smooth_maps():
     rng = np.random.default_rng(0)
     masks = random_masks(rng, 6, 64, 3)

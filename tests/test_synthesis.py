@@ -1,4 +1,5 @@
 """Tests for the CRR anomaly synthesis (SPEC 7.1): synthesis.py and prepare_data/show_synthesis.py."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -463,16 +464,21 @@ def test_show_synthesis_writes_grid(tmp_path, texture_dir):
     Image.fromarray(np.zeros((50, 60), np.uint8)).save(gt / "000_mask.png")
     out = tmp_path / "grid.png"
     script = os.path.join(ROOT, "prepare_data", "show_synthesis.py")
-    r = subprocess.run([sys.executable, script, "--data_path", str(tmp_path / "mvtec"), "--anomaly_source_path",
-                        texture_dir, "--n", "3", "--size", "32", "--out", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 0, r.stderr
+    spec = importlib.util.spec_from_file_location("show_synthesis", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(["--data_path", str(tmp_path / "mvtec"), "--anomaly_source_path", texture_dir,
+                   "--n", "3", "--size", "32", "--out", str(out)])
+    assert rc == 0
     with Image.open(out) as g:
         assert g.size == (3 * 32, 3 * 32) and g.mode == "RGB"
         grid = np.asarray(g)
     masks = grid[:, 64:]
     assert set(np.unique(masks).tolist()) <= {0, 255} and masks.max() == 255
+    # only train/good images are used from an MVTec layout (the ground-truth mask is not)
+    assert len(mod.find_images(str(tmp_path / "mvtec"))) == 2
 
+    # run as a script from the repository root; errors are one line on stderr and exit status 2
     r = subprocess.run([sys.executable, script, "--data_path", str(tmp_path / "nope")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
