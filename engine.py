@@ -62,7 +62,8 @@ def build_parser(description: str, defaults: dict, stage: str) -> argparse.Argum
                    help="pixel ground truth at 256: nearest then >0 (dinomaly) or >=0.5, bilinear, >=0.5 (crr)")
     p.add_argument("--max_ratio", type=float, default=0.01, help="image score = mean of this top share of the map")
     p.add_argument("--save_heatmaps", type=int, default=0, metavar="N",
-                   help="write image | ground truth | anomaly map PNGs for N test images per class")
+                   help="write image | ground truth | anomaly map PNGs for the first N anomalous test images of "
+                        "each class, into <run>/heatmaps/<class>/")
     p.add_argument("--realiad_resolution", default="realiad_1024",
                    help="Real-IAD image folder: realiad_1024, realiad_512, realiad_256 or realiad_raw")
     p.add_argument("--json_dir", default="realiad_jsons",
@@ -213,7 +214,8 @@ def train_samples(args) -> list[ds.Sample]:
     check_data_path(args)
     samples = [s for c in class_names(args) for s in samples_for(args, c, "train")]
     if getattr(args, "foreground_path", None):
-        samples = ds.attach_foreground(samples, args.foreground_path)
+        found = ds.attach_foreground(samples, args.foreground_path)
+        log.info(f"foreground masks found for {found} of {len(samples)} training images")
     return samples
 
 
@@ -229,7 +231,8 @@ def train_loader(run: Run, dataset, batch_size: int) -> DataLoader:
     g.manual_seed(run.args.seed)
     return DataLoader(dataset, batch_size=batch_size // run.world_size, shuffle=sampler is None, sampler=sampler,
                       num_workers=run.args.num_workers, drop_last=True, generator=g,
-                      pin_memory=run.device.type == "cuda", persistent_workers=False)  # workers must see set_epoch
+                      pin_memory=run.device.type == "cuda",
+                      persistent_workers=run.args.num_workers > 0 and not hasattr(dataset, "set_epoch"))
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -367,7 +370,7 @@ def evaluate(run: Run, map_fn, aupro: str, gt_mode: str) -> dict:
                 score_rows += [[name, p, int(l), s] for p, l, s in zip(paths, label.tolist(), score.tolist())]
                 px_maps.append(amap[has_mask, 0].numpy())
                 px_masks.append(gt[has_mask, 0].numpy())
-                for i in range(min(len(paths), args.save_heatmaps - shown)):
+                for i in [i for i, l in enumerate(label.tolist()) if l == 1][:args.save_heatmaps - shown]:
                     save_heatmap(os.path.join(run.dir, "heatmaps", name), paths[i], img[i], gt[i, 0], amap[i, 0],
                                  score[i].item())
                     shown += 1

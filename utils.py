@@ -102,10 +102,10 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float
     recall = tps / n_pos
     den = precision + recall
     den += 1e-7
-    precision *= recall
-    precision *= 2
-    precision /= den
-    return auroc, ap, float(precision.max())
+    f1 = np.multiply(precision, recall, out=precision)  # in place: 2PR / (P + R + 1e-7)
+    f1 *= 2
+    f1 /= den
+    return auroc, ap, float(f1.max())
 
 
 def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
