@@ -47,7 +47,9 @@ def build_parser(description: str, defaults: dict, stage: str) -> argparse.Argum
     p.add_argument("--classes", nargs="+", help="classes (folders) to use; default: the dataset's standard list")
     p.add_argument("--save_dir", default="./saved_results")
     p.add_argument("--save_name", help="run folder name under --save_dir")
-    p.add_argument("--encoder", default="dinov2reg_vit_base_14", choices=list(models.ENCODERS))
+    p.add_argument("--encoder", choices=list(models.ENCODERS),
+                   help="encoder to train with (default dinov2reg_vit_base_14); when loading a checkpoint the "
+                        "architecture comes from its config.json or tensor shapes, and this only checks it")
     p.add_argument("--encoder_weights", help="Meta DINOv2 weight file, or 'random' (default: "
                                              "backbones/weights/<Meta file name>)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -152,10 +154,11 @@ class Run:
             raise UserError(f"--device {requested} asked for, but no CUDA device is available; use --device cpu")
         return device
 
-    def save_config(self, **extra):
+    def save_config(self, name: str = "config.json"):
+        """Training runs write config.json (which later stages read); other jobs their own file beside it."""
         if self.is_main:
-            with open(os.path.join(self.dir, "config.json"), "w") as f:
-                json.dump({**vars(self.args), **extra}, f, indent=2)
+            with open(os.path.join(self.dir, name), "w") as f:
+                json.dump(vars(self.args), f, indent=2)
 
     def barrier(self):
         if dist.is_initialized():
@@ -225,6 +228,7 @@ def train_loader(run: Run, dataset, batch_size: int) -> DataLoader:
         raise UserError(f"--batch_size {batch_size} is not divisible by the {run.world_size} processes")
     if len(dataset) < batch_size:
         raise UserError(f"only {len(dataset)} training images, fewer than --batch_size {batch_size}")
+    log.info(f"train images: {len(dataset)}")
     sampler = DistributedSampler(dataset, shuffle=True, seed=run.args.seed, drop_last=True) \
         if run.world_size > 1 else None
     g = torch.Generator()
@@ -316,9 +320,9 @@ def reconstruction_model(run: Run, default_checkpoint: str | None = None, **kwar
     path = run.args.checkpoint or default_checkpoint
     if path is None:
         raise UserError("--eval_only needs --checkpoint PATH")
+    encoder = run.args.encoder
     config = os.path.join(os.path.dirname(path), "config.json")
-    encoder = None
-    if os.path.isfile(config):
+    if encoder is None and os.path.isfile(config):
         with open(config) as f:
             encoder = json.load(f).get("encoder")
     model = models.load_model(path, encoder=encoder, **kwargs)
@@ -329,6 +333,7 @@ def reconstruction_model(run: Run, default_checkpoint: str | None = None, **kwar
 
 def fresh_model(run: Run, **kwargs) -> models.ViTill:
     args = run.args
+    args.encoder = args.encoder or "dinov2reg_vit_base_14"
     weights = args.encoder_weights or models.default_encoder_weights(args.encoder)
     model = models.build_model(args.encoder, weights, **kwargs)
     if weights == "random":
@@ -348,9 +353,9 @@ def dinomaly_map_fn(model: models.ViTill, crop_size: int):
     return fn
 
 
-def evaluate(run: Run, map_fn, aupro: str, gt_mode: str) -> dict:
+def evaluate(run: Run, map_fn, aupro: str, gt_mode: str, tag: str = "") -> dict:
     """The one evaluation loop: per class, maps -> smoothing -> top-1% score, ground truth at 256, the seven
-    metrics; prints the table and writes metrics.csv and scores.csv. Returns {class: metrics}."""
+    metrics; prints the table and writes metrics<tag>.csv and scores<tag>.csv. Returns {class: metrics}."""
     args = run.args
     results, score_rows = {}, []
     for name in class_names(args):
@@ -380,8 +385,8 @@ def evaluate(run: Run, map_fn, aupro: str, gt_mode: str) -> dict:
         log.info(format_metrics(name, results[name]))
     mean = {k: nanmean([r[k] for r in results.values()]) for k in METRIC_NAMES}
     log.info(format_metrics("Mean", mean))
-    write_metrics_csv(os.path.join(run.dir, "metrics.csv"), results, mean)
-    with open(os.path.join(run.dir, "scores.csv"), "w", newline="") as f:
+    write_metrics_csv(os.path.join(run.dir, f"metrics{tag}.csv"), results, mean)
+    with open(os.path.join(run.dir, f"scores{tag}.csv"), "w", newline="") as f:
         csv.writer(f).writerows([["class", "image_path", "label", "score"], *score_rows])
     return results
 
@@ -411,44 +416,46 @@ def write_metrics_csv(path: str, results: dict, mean: dict):
 
 # ----------------------------------------------------------------------------------------------- entry points
 
-def dinomaly_main(args):
-    """Train Dinomaly on all classes in one model (unless --eval_only), save model.pth, evaluate."""
+def train_and_evaluate(args, crr: bool):
+    """Dinomaly (crr False) or CRR Stage I (crr True: reconstruction + repair with bottleneck masking): train
+    one model on all classes unless --eval_only, save model.pth, evaluate the reconstruction map."""
     run = Run(args)
-    run.save_config()
+    model_kwargs = dict(attn_eps=args.attn_eps)
+    if crr:
+        model_kwargs.update(mask_ratio=args.mask_ratio, mask_in_eval=args.test_mask == "on")
     if args.eval_only:
-        model = reconstruction_model(run, attn_eps=args.attn_eps)
+        run.save_config("config_eval.json")
+        model = reconstruction_model(run, **model_kwargs)
     else:
-        loader = train_loader(run, ds.TrainDataset(train_samples(args), args.image_size, args.crop_size),
-                              args.batch_size)
-        log.info(f"train images: {len(loader.dataset)}")
-        model = fresh_model(run, dropout=args.dropout, attn_eps=args.attn_eps)
-        train_reconstruction(run, model, loader, repair=False)
-    run.barrier()
-    if run.is_main:
-        model.eval()
-        evaluate(run, dinomaly_map_fn(model, args.crop_size), args.aupro, args.gt_binarize)
-
-
-def crr_stage1_main(args):
-    """CRR Stage I: reconstruction + repair with bottleneck masking; then evaluate the reconstruction map."""
-    from synthesis import SyntheticAnomalyDataset, list_textures
-    run = Run(args)
-    run.save_config()
-    mask_kwargs = dict(mask_ratio=args.mask_ratio, mask_in_eval=args.test_mask == "on", attn_eps=args.attn_eps)
-    if args.eval_only:
-        model = reconstruction_model(run, **mask_kwargs)
-    else:
-        textures = list_textures(args.anomaly_source_path) if args.anomaly_source_path else None
-        train_set = SyntheticAnomalyDataset(train_samples(args), args.image_size, args.crop_size, textures, args.seed)
+        train_set = synthetic_train_set(args) if crr else \
+            ds.TrainDataset(train_samples(args), args.image_size, args.crop_size)
         loader = train_loader(run, train_set, args.batch_size)
-        log.info(f"train images: {len(train_set)}; texture images: {len(textures or [])}")
-        model = fresh_model(run, dropout=args.dropout, **mask_kwargs)
-        train_reconstruction(run, model, loader, repair=True)
+        model = fresh_model(run, dropout=args.dropout, **model_kwargs)
+        run.save_config()
+        train_reconstruction(run, model, loader, repair=crr)
     run.barrier()
     if run.is_main:
         model.eval()
         seed_everything(args.seed)
-        evaluate(run, crr_recon_map_fn(model), args.aupro, args.gt_binarize)
+        map_fn = crr_recon_map_fn(model) if crr else dinomaly_map_fn(model, args.crop_size)
+        evaluate(run, map_fn, args.aupro, args.gt_binarize, tag="_recon" if crr else "")
+
+
+def dinomaly_main(args):
+    train_and_evaluate(args, crr=False)
+
+
+def crr_stage1_main(args):
+    train_and_evaluate(args, crr=True)
+
+
+def synthetic_train_set(args):
+    """CRR's training images, each with a synthetic anomaly (SPEC 7.1)."""
+    from synthesis import SyntheticAnomalyDataset, list_textures
+    textures = list_textures(args.anomaly_source_path) if args.anomaly_source_path else None
+    train_set = SyntheticAnomalyDataset(train_samples(args), args.image_size, args.crop_size, textures, args.seed)
+    log.info(f"texture images for anomaly synthesis: {len(textures or [])}")
+    return train_set
 
 
 def crr_recon_map_fn(model: models.ViTill):
@@ -461,16 +468,12 @@ def crr_recon_map_fn(model: models.ViTill):
 
 def crr_stage2_main(args):
     """CRR Stage II: train the segmentation network on the frozen Stage-I model's third output."""
-    from synthesis import SyntheticAnomalyDataset, list_textures
     run = Run(args)
-    run.save_config()
+    run.save_config("config_stage2.json")
     model = reconstruction_model(run, os.path.join(run.dir, "model.pth"), mask_ratio=args.mask_ratio,
                                  mask_in_eval=args.test_mask == "on")
     model.eval().requires_grad_(False)
-    textures = list_textures(args.anomaly_source_path) if args.anomaly_source_path else None
-    train_set = SyntheticAnomalyDataset(train_samples(args), args.image_size, args.crop_size, textures, args.seed)
-    loader = train_loader(run, train_set, args.batch_size)
-    log.info(f"train images: {len(train_set)}; texture images: {len(textures or [])}")
+    loader = train_loader(run, synthetic_train_set(args), args.batch_size)
     segnet = models.SegmentationNet(base_width=2 * model.encoder.cfg.embed_dim // 8).to(run.device)
     log.info(f"segmentation network parameters: {sum(p.numel() for p in segnet.parameters()):,}")
     net = ddp_wrap(run, segnet)
@@ -500,10 +503,12 @@ def crr_stage2_main(args):
 def crr_test_main(args):
     """CRR test: fused map 0.7 * reconstruction + 0.3 * segmentation, metrics, optional heatmaps."""
     run = Run(args)
-    run.save_config()
+    run.save_config("config_test.json")
     model = reconstruction_model(run, os.path.join(run.dir, "model.pth"), mask_ratio=args.mask_ratio,
                                  mask_in_eval=args.test_mask == "on").eval()
     seg_path = args.seg_checkpoint or os.path.join(run.dir, "Seg_model_7999.pth")
+    if args.seg_checkpoint is None and not os.path.isfile(seg_path):  # a shorter Stage II leaves only _last
+        seg_path = os.path.join(run.dir, "Seg_model_last.pth")
     segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(run.device).eval()
     log.info(f"loaded {seg_path}")
     alpha = args.fusion_alpha
