@@ -427,10 +427,10 @@ def train_and_evaluate(args, crr: bool):
         run.save_config("config_eval.json")
         model = reconstruction_model(run, **model_kwargs)
     else:
+        model = fresh_model(run, dropout=args.dropout, **model_kwargs)
         train_set = synthetic_train_set(args) if crr else \
             ds.TrainDataset(train_samples(args), args.image_size, args.crop_size)
         loader = train_loader(run, train_set, args.batch_size)
-        model = fresh_model(run, dropout=args.dropout, **model_kwargs)
         run.save_config()
         train_reconstruction(run, model, loader, repair=crr)
     run.barrier()

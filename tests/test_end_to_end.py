@@ -1,0 +1,153 @@
+"""Tiny end-to-end runs of the user scripts on generated data: run-folder files, reloading, CRR's three stages,
+and the exit status of user errors (INTERFACE.md)."""
+import csv
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+import crr_realiad_stage1
+import crr_realiad_stage2
+import crr_realiad_test
+import dinomaly_mvtec_uni
+import models
+from engine import build_parser, crr_stage1_main, crr_stage2_main, crr_test_main, dinomaly_main, run_main
+from prepare_data.make_demo_data import make_demo_data
+
+from conftest import ROOT, TINY
+
+CLASSES = ["weave", "nut"]
+SMALL = ["--encoder_weights", "random", "--image_size", "64", "--crop_size", "56", "--num_workers", "0",
+         "--device", "cpu", "--log_every", "1", "--classes", *CLASSES]
+METRICS_HEADER = ["class", "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    return make_demo_data(str(root), size=64, seed=0, n_train=8, n_test_good=3, n_test_bad=4)
+
+
+def run_script(module, main, stage, argv):
+    run_main(main, build_parser("", module.DEFAULTS, stage), argv)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.reader(f))
+
+
+def file_hash(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def dinomaly_run(demo, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(models.ENCODERS, TINY, __import__("conftest").TINY_CFG)
+        run_script(dinomaly_mvtec_uni, dinomaly_main, "dinomaly",
+                   ["--data_path", demo["mvtec"], "--encoder", TINY, "--total_iters", "3", "--batch_size", "4",
+                    "--save_dir", str(save_dir), "--save_name", "run", "--save_heatmaps", "1", *SMALL])
+    return save_dir / "run"
+
+
+def test_dinomaly_run_folder(dinomaly_run):
+    files = set(os.listdir(dinomaly_run))
+    assert {"model.pth", "config.json", "log.txt", "metrics.csv", "scores.csv", "heatmaps"} <= files
+    log_text = (dinomaly_run / "log.txt").read_text()
+    assert "iter [3/3]" in log_text and "Mean: I-AUROC" in log_text
+    rows = read_csv(dinomaly_run / "metrics.csv")
+    assert rows[0] == METRICS_HEADER and [r[0] for r in rows[1:]] == [*CLASSES, "mean"]
+    scores = read_csv(dinomaly_run / "scores.csv")
+    assert scores[0] == ["class", "image_path", "label", "score"] and len(scores) == 1 + 2 * 7
+    # the metrics follow from the scores (scikit-learn as the reference)
+    for row in rows[1:3]:
+        lab = [int(r[2]) for r in scores[1:] if r[0] == row[0]]
+        sc = [float(r[3]) for r in scores[1:] if r[0] == row[0]]
+        assert float(row[1]) == pytest.approx(roc_auc_score(lab, sc), abs=1e-12)
+        assert all(0 <= float(c) <= 1 for c in row[1:8]) and row[8] != ""
+    assert float(rows[3][1]) == pytest.approx((float(rows[1][1]) + float(rows[2][1])) / 2, abs=1e-12)
+    assert len(os.listdir(dinomaly_run / "heatmaps" / "nut")) == 1
+    # the checkpoint is in the official key layout and loads strictly
+    sd = torch.load(dinomaly_run / "model.pth", weights_only=True)
+    assert {k.split(".")[0] for k in sd} == {"encoder", "bottleneck", "decoder"}
+    assert "bottleneck.0.fc1.weight" in sd and "encoder.register_tokens" in sd
+
+
+def test_eval_only_reproduces_scores_and_handles_missing_ground_truth(dinomaly_run, demo, tmp_path):
+    run_script(dinomaly_mvtec_uni, dinomaly_main, "dinomaly",
+               ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(dinomaly_run / "model.pth"),
+                "--save_dir", str(tmp_path), "--save_name", "again", *SMALL])
+    first, again = read_csv(dinomaly_run / "scores.csv"), read_csv(tmp_path / "again" / "scores.csv")
+    np.testing.assert_allclose([float(r[3]) for r in again[1:]], [float(r[3]) for r in first[1:]], rtol=1e-6)
+    # a class without ground_truth: image metrics, empty pixel cells
+    data = tmp_path / "no_gt"
+    shutil.copytree(os.path.join(demo["mvtec"], "nut"), data / "nut")
+    shutil.rmtree(data / "nut" / "ground_truth")
+    run_script(dinomaly_mvtec_uni, dinomaly_main, "dinomaly",
+               ["--data_path", str(data), "--eval_only", "--checkpoint", str(dinomaly_run / "model.pth"),
+                "--save_dir", str(tmp_path), "--save_name", "nogt", *SMALL[:-3], "--classes", "nut"])
+    row = read_csv(tmp_path / "nogt" / "metrics.csv")[1]
+    assert row[1] != "" and row[4:] == ["", "", "", "", ""]
+
+
+def test_crr_three_stages(demo, tmp_path):
+    common = ["--data_path", demo["realiad"], "--save_dir", str(tmp_path), "--save_name", "crr", *SMALL]
+    run_script(crr_realiad_stage1, crr_stage1_main, "crr_stage1",
+               [*common, "--encoder", TINY, "--total_iters", "2", "--batch_size", "4",
+                "--foreground_path", demo["foreground"]])
+    run = tmp_path / "crr"
+    assert {"model.pth", "config.json", "metrics_recon.csv", "scores_recon.csv"} <= set(os.listdir(run))
+    stage1 = file_hash(run / "model.pth")
+    run_script(crr_realiad_stage2, crr_stage2_main, "crr_stage2", [*common, "--total_iters", "2", "--batch_size", "2"])
+    assert (run / "Seg_model_last.pth").exists() and file_hash(run / "model.pth") == stage1
+    seg = torch.load(run / "Seg_model_last.pth", weights_only=True)
+    assert seg["up1.1.weight"].shape[0] == 2 * 32  # 8w with w = 2D/8, D = 32
+    for name, mask in [("t1", "on"), ("t2", "on"), ("t3", "off"), ("t4", "off")]:
+        run_script(crr_realiad_test, crr_test_main, "crr_test",
+                   [*common[:4], "--save_name", name, *SMALL, "--checkpoint", str(run / "model.pth"),
+                    "--seg_checkpoint", str(run / "Seg_model_last.pth"), "--test_mask", mask])
+    scores = {n: [float(r[3]) for r in read_csv(tmp_path / n / "scores.csv")[1:]] for n in ("t1", "t2", "t3", "t4")}
+    assert scores["t1"] == scores["t2"] and scores["t3"] == scores["t4"]  # seeded, and deterministic without masking
+    assert scores["t1"] != scores["t3"]
+    assert read_csv(tmp_path / "t1" / "metrics.csv")[0] == METRICS_HEADER
+    assert file_hash(run / "model.pth") == stage1
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["dinomaly_mvtec_uni.py", "--data_path", "/nonexistent/mvtec", "--encoder_weights", "random", "--device", "cpu"],
+     "/nonexistent/mvtec"),
+    (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--classes", "nut", "--device", "cpu"],
+     "backbones/weights/dinov2_vitb14_reg4_pretrain.pth"),
+    (["crr_realiad_test.py", "--data_path", "{realiad}", "--save_dir", "{tmp}", "--device", "cpu"], "model.pth"),
+    (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--classes", "nut", "--crop_size", "100",
+      "--encoder_weights", "random", "--device", "cpu"], "multiple of the patch size"),
+])
+def test_user_errors_exit_2_with_one_line(argv, expected, demo, tmp_path):
+    argv = [a.format(mvtec=demo["mvtec"], realiad=demo["realiad"], tmp=tmp_path) for a in argv]
+    if "--save_dir" not in argv:
+        argv += ["--save_dir", str(tmp_path)]
+    r = run_cli(*argv)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.stderr
+
+
+def test_torchrun_two_processes_on_cpu(demo, tmp_path):
+    r = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "dinomaly_mvtec_uni.py",
+                "--data_path", demo["mvtec"], "--encoder", "dinov2reg_vit_small_14", "--total_iters", "2",
+                "--batch_size", "4", "--save_dir", str(tmp_path), "--save_name", "ddp", *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"model.pth", "metrics.csv", "scores.csv"} <= set(os.listdir(tmp_path / "ddp"))
+    assert "processes: 2" in (tmp_path / "ddp" / "log.txt").read_text()
