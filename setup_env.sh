@@ -1,0 +1,6 @@
+# Sourced by demo.sh and test.sh: create or reuse the project's virtual environment and install requirements.txt.
+cd "$(dirname "${BASH_SOURCE[0]}")"
+if [ ! -x .venv/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
