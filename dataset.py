@@ -59,15 +59,21 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-def load_image(path: str) -> Image.Image:
-    """Open an image as 8-bit RGB: grey becomes 3 channels, alpha is dropped, 16-bit is scaled to 8-bit."""
+def _open(path: str, what: str, where: str) -> Image.Image:
+    """Image.open + load, with one-line UserErrors for a missing or unreadable file."""
     try:
         img = Image.open(path)
         img.load()
     except FileNotFoundError:
-        raise UserError(f"image not found: {path}; check the dataset folder") from None
+        raise UserError(f"{what} not found: {path}; check {where}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path} ({_one_line(e)}); replace or remove the file") from None
+        raise UserError(f"cannot read {what} {path} ({_one_line(e)}); replace or remove the file") from None
+    return img
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image as 8-bit RGB: grey becomes 3 channels, alpha is dropped, 16-bit is scaled to 8-bit."""
+    img = _open(path, "image", "the dataset folder")
     if img.mode.startswith("I;16"):
         # 16-bit grey: always the full 16-bit range (65535 -> 255)
         arr = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
@@ -87,13 +93,7 @@ def load_image(path: str) -> Image.Image:
 
 def load_mask(path: str) -> Image.Image:
     """Open a mask as 8-bit grey with anomalous pixels at 255 (any non-zero value counts as anomalous)."""
-    try:
-        m = Image.open(path)
-        m.load()
-    except FileNotFoundError:
-        raise UserError(f"mask not found: {path}; check the dataset's ground-truth folder") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read mask {path} ({_one_line(e)}); replace or remove the file") from None
+    m = _open(path, "mask", "the dataset's ground-truth folder")
     arr = np.asarray(m)
     if m.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
         arr = arr[..., :-1]  # drop the alpha channel (transparency is not a defect)

@@ -126,8 +126,6 @@ class Run:
         self.dir = os.path.join(args.save_dir, args.save_name)
         os.makedirs(self.dir, exist_ok=True)
         setup_logging(os.path.join(self.dir, "log.txt") if self.is_main else None)
-        if self.device.type == "cpu" and args.device is None:
-            log.warning("warning: no CUDA device found; running on the CPU, which is very slow")
         if args.crop_size % 14:
             raise UserError(f"--crop_size {args.crop_size} is not a multiple of the patch size 14")
         if args.crop_size > args.image_size:
@@ -144,15 +142,7 @@ class Run:
                 torch.cuda.set_device(local)
                 return torch.device("cuda", local)
             return torch.device("cpu")
-        if requested is None:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(requested)
-        except RuntimeError:
-            raise UserError(f"unknown --device {requested}; use cuda, cuda:N or cpu") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {requested} asked for, but no CUDA device is available; use --device cpu")
-        return device
+        return resolve_device(requested)
 
     def save_config(self, name: str = "config.json"):
         """Training runs write config.json (which later stages read); other jobs their own file beside it."""
@@ -163,6 +153,22 @@ class Run:
     def barrier(self):
         if dist.is_initialized():
             dist.barrier()
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    """--device, or cuda when available, else the CPU with a warning."""
+    if requested is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log.warning("warning: no CUDA device found; running on the CPU, which is very slow")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown --device {requested}; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {requested} asked for, but no CUDA device is available; use --device cpu")
+    return device
 
 
 def setup_logging(log_file: str | None):
@@ -320,15 +326,18 @@ def reconstruction_model(run: Run, default_checkpoint: str | None = None, **kwar
     path = run.args.checkpoint or default_checkpoint
     if path is None:
         raise UserError("--eval_only needs --checkpoint PATH")
-    encoder = run.args.encoder
+    return load_reconstruction(path, run.args.encoder, run.device, **kwargs)
+
+
+def load_reconstruction(path: str, encoder: str | None, device: torch.device, **kwargs) -> models.ViTill:
+    """A reconstruction model from `path`, checked against `encoder`, else against the config.json beside it."""
     config = os.path.join(os.path.dirname(path), "config.json")
     if encoder is None and os.path.isfile(config):
         with open(config) as f:
             encoder = json.load(f).get("encoder")
     model = models.load_model(path, encoder=encoder, **kwargs)
-    log.info(f"loaded {path} ({type(model.encoder).__name__} {model.encoder.cfg.embed_dim}-d, "
-             f"{len(model.decoder)} decoder blocks)")
-    return model.to(run.device)
+    log.info(f"loaded {path} ({model.encoder.cfg.embed_dim}-d encoder, {len(model.decoder)} decoder blocks)")
+    return model.to(device)
 
 
 def fresh_model(run: Run, **kwargs) -> models.ViTill:
@@ -466,6 +475,17 @@ def crr_recon_map_fn(model: models.ViTill):
     return fn
 
 
+def crr_fused_map_fn(model: models.ViTill, segnet: models.SegmentationNet, alpha: float):
+    """CRR's test map: alpha * reconstruction map (straight to 256) + (1 - alpha) * softmax channel 1 of the
+    segmentation network (which outputs 256 x 256)."""
+    def fn(img):
+        en, de = model(img)
+        recon = reconstruction_map(en, de, EVAL_SIZE)
+        seg = torch.softmax(segnet(models.segmentation_input(en, de)), dim=1)[:, 1:]
+        return alpha * recon + (1 - alpha) * seg
+    return fn
+
+
 def crr_stage2_main(args):
     """CRR Stage II: train the segmentation network on the frozen Stage-I model's third output."""
     run = Run(args)
@@ -511,13 +531,5 @@ def crr_test_main(args):
         seg_path = os.path.join(run.dir, "Seg_model_last.pth")
     segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(run.device).eval()
     log.info(f"loaded {seg_path}")
-    alpha = args.fusion_alpha
-
-    def fused_map(img):
-        en, de = model(img)
-        recon = reconstruction_map(en, de, EVAL_SIZE)
-        seg = torch.softmax(segnet(models.segmentation_input(en, de)), dim=1)[:, 1:]
-        return alpha * recon + (1 - alpha) * seg  # the segmentation network outputs 256 x 256
-
     seed_everything(args.seed)
-    evaluate(run, fused_map, args.aupro, args.gt_binarize)
+    evaluate(run, crr_fused_map_fn(model, segnet, args.fusion_alpha), args.aupro, args.gt_binarize)

@@ -11,7 +11,6 @@ them with the scores of known-good images.
 import argparse
 import csv
 import os
-from types import SimpleNamespace
 
 import cv2
 import torch
@@ -20,7 +19,7 @@ import dataset as ds
 import engine
 import models
 from engine import EVAL_SIZE, log
-from utils import UserError, gaussian_smooth, reconstruction_map, top_ratio_score
+from utils import UserError, gaussian_smooth, top_ratio_score
 from visualize import heatmap_panel
 
 
@@ -56,21 +55,6 @@ def check_args(args):
                         f"{1 / EVAL_SIZE ** 2:.2g} and 1")
     if not 0 <= args.mask_ratio < 1:
         raise UserError(f"--mask_ratio {args.mask_ratio} must be in [0, 1)")
-
-
-def pick_device(requested: str | None) -> torch.device:
-    if requested is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        log.warning("warning: no CUDA device found; running on the CPU, which is slow")
-        return torch.device("cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise UserError(f"unknown --device {requested}; use cuda, cuda:N or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {requested} asked for, but no CUDA device is available; use --device cpu")
-    return device
 
 
 def find_images(paths: list[str], skip_dir: str | None = None) -> list[str]:
@@ -131,35 +115,18 @@ def output_names(paths: list[str]) -> list[str]:
     return names
 
 
-def load_reconstruction_model(args, device: torch.device) -> models.ViTill:
-    """engine.reconstruction_model (config.json beside the checkpoint, else the tensor shapes), without a run
-    folder: it only reads run.args.checkpoint, run.args.encoder and run.device."""
-    run = SimpleNamespace(args=SimpleNamespace(checkpoint=args.checkpoint, encoder=None), device=device)
-    return engine.reconstruction_model(run, mask_ratio=args.mask_ratio, mask_in_eval=args.test_mask == "on").eval()
-
-
-def crr_fused_map_fn(model: models.ViTill, segnet: models.SegmentationNet, alpha: float):
-    """CRR's fused map, as engine.crr_test_main: recon straight to 256 (align_corners=True) and softmax channel 1
-    of the segmentation network (which outputs 256 x 256), alpha-weighted. [B,3,c,c] -> [B,1,256,256]."""
-    def fn(img):
-        en, de = model(img)
-        recon = reconstruction_map(en, de, EVAL_SIZE)
-        seg = torch.softmax(segnet(models.segmentation_input(en, de)), dim=1)[:, 1:]
-        return alpha * recon + (1 - alpha) * seg
-    return fn
-
-
 def infer(args):
     check_args(args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "inference")
     paths = find_images(args.images, skip_dir=out)
-    device = pick_device(args.device)
-    model = load_reconstruction_model(args, device)
+    device = engine.resolve_device(args.device)
+    model = engine.load_reconstruction(args.checkpoint, None, device, mask_ratio=args.mask_ratio,
+                                       mask_in_eval=args.test_mask == "on").eval()
     if args.seg_checkpoint:
         segnet = models.load_segmentation_net(args.seg_checkpoint, model.encoder.cfg.embed_dim).to(device).eval()
         log.info(f"loaded {args.seg_checkpoint}; map: {args.fusion_alpha} * reconstruction + "
                  f"{1 - args.fusion_alpha:.4g} * segmentation")
-        map_fn = crr_fused_map_fn(model, segnet, args.fusion_alpha)
+        map_fn = engine.crr_fused_map_fn(model, segnet, args.fusion_alpha)
     else:
         map_fn = engine.dinomaly_map_fn(model, args.crop_size)
     engine.seed_everything(1)  # the --test_mask on masks are drawn from the CPU generator: reproducible
