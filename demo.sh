@@ -10,9 +10,9 @@ SMALL=(--classes weave woodgrain nut --encoder_weights random --image_size 128 -
        --num_workers 1 --log_every 25 --save_heatmaps 2)
 if [ "${1:-dinomaly}" = crr ]; then
     COMMON=(--data_path demo_data/realiad_demo --save_name demo_crr "${SMALL[@]}")
-    .venv/bin/python crr_realiad_stage1.py "${COMMON[@]}" --encoder dinov2reg_vit_small_14 --total_iters 150 \
+    .venv/bin/python crr_realiad_stage1.py "${COMMON[@]}" --encoder dinov2reg_vit_small_14 --total_iters 100 \
         --foreground_path demo_data/realiad_demo/realiad_1024_DISthresh
-    .venv/bin/python crr_realiad_stage2.py "${COMMON[@]}" --total_iters 100
+    .venv/bin/python crr_realiad_stage2.py "${COMMON[@]}" --total_iters 20 --batch_size 2  # a 256-px conv net: slow on a CPU
     .venv/bin/python crr_realiad_test.py "${COMMON[@]}"
     echo "results and heatmaps: saved_results/demo_crr/"
 else

@@ -267,13 +267,14 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_norm=clip)
             optimizer.step()
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise RuntimeError(f"loss became {losses[-1]} at iteration {it}; try --attn_eps 1e-6")
+            losses.append(loss.detach())  # read back only when logging: no device sync per step
             it += 1
             bar.update(1)
             if it % run.args.log_every == 0 or it == total_iters:
-                log.info(f"iter [{it}/{total_iters}], loss: {np.mean(losses):.4f}, "
+                mean_loss = torch.stack(losses).mean().item()
+                if not math.isfinite(mean_loss):
+                    raise RuntimeError(f"the loss became {mean_loss} before iteration {it}; try --attn_eps 1e-6")
+                log.info(f"iter [{it}/{total_iters}], loss: {mean_loss:.4f}, "
                          f"lr: {optimizer.param_groups[0]['lr']:.3g}, {time.time() - start:.0f}s")
                 losses = []
             if on_iter_end is not None:
@@ -304,13 +305,11 @@ def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, rep
 
     def loss_fn(batch, it):
         p = hard_mining_factor(it)
-        if not repair:
-            en, de = net(batch.to(run.device, non_blocking=True))
-            return global_cosine_hm(en, de, p=p, factor=0.1)
-        img, aug_img = batch[0].to(run.device, non_blocking=True), batch[1].to(run.device, non_blocking=True)
-        en, de = net(img)
-        _, de_aug = net(aug_img)
-        return global_cosine_hm(en, de, p=p, factor=0.1) + global_cosine_hm(en, de_aug, p=p, factor=0.1)
+        if repair:
+            return repair_loss(net, batch[0].to(run.device, non_blocking=True),
+                               batch[1].to(run.device, non_blocking=True), p)
+        en, de = net(batch.to(run.device, non_blocking=True))
+        return global_cosine_hm(en, de, p=p, factor=0.1)
 
     def save(done):
         if run.is_main and (done % args.save_every == 0 or done == args.total_iters):
@@ -318,6 +317,17 @@ def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, rep
 
     train_loop(run, loader, args.total_iters, loss_fn, params, optimizer, schedule, clip=0.1, on_iter_end=save)
     log.info(f"saved {os.path.join(run.dir, 'model.pth')}")
+
+
+def repair_loss(net, img: torch.Tensor, aug_img: torch.Tensor, p: float) -> torch.Tensor:
+    """CRR Stage I: HM(en, de) + HM(en, de'), de' decoded from the synthetic image, both towards the clean
+    image's encoder features. Both images go through one forward pass (every part of the model works per
+    sample), which is also what DDP needs: one forward per backward."""
+    b = img.shape[0]
+    en, de = net(torch.cat([img, aug_img]))
+    en = [e[:b] for e in en]
+    de, de_aug = [d[:b] for d in de], [d[b:] for d in de]
+    return global_cosine_hm(en, de, p=p, factor=0.1) + global_cosine_hm(en, de_aug, p=p, factor=0.1)
 
 
 def reconstruction_model(run: Run, default_checkpoint: str | None = None, **kwargs) -> models.ViTill:

@@ -144,10 +144,12 @@ def test_user_errors_exit_2_with_one_line(argv, expected, demo, tmp_path):
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.stderr
 
 
-def test_torchrun_two_processes_on_cpu(demo, tmp_path):
-    r = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "dinomaly_mvtec_uni.py",
-                "--data_path", demo["mvtec"], "--encoder", "dinov2reg_vit_small_14", "--total_iters", "2",
+@pytest.mark.parametrize("script,data,metrics", [("dinomaly_mvtec_uni.py", "mvtec", "metrics.csv"),
+                                                 ("crr_realiad_stage1.py", "realiad", "metrics_recon.csv")])
+def test_torchrun_two_processes_on_cpu(script, data, metrics, demo, tmp_path):
+    r = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", script,
+                "--data_path", demo[data], "--encoder", "dinov2reg_vit_small_14", "--total_iters", "2",
                 "--batch_size", "4", "--save_dir", str(tmp_path), "--save_name", "ddp", *SMALL)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert {"model.pth", "metrics.csv", "scores.csv"} <= set(os.listdir(tmp_path / "ddp"))
+    assert {"model.pth", metrics} <= set(os.listdir(tmp_path / "ddp"))
     assert "processes: 2" in (tmp_path / "ddp" / "log.txt").read_text()

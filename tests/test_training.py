@@ -112,3 +112,21 @@ def test_repair_loss_gradients_reach_decoder_only(tiny_encoder):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
     assert all(p.grad is not None for p in model.bottleneck.parameters())
     assert not en[0].requires_grad
+
+
+def test_repair_loss_in_one_pass_equals_two_passes(tiny_encoder):
+    from engine import repair_loss
+    torch.manual_seed(0)
+    model = ViTill(models.encoder_config(TINY), dropout=0.0).train()
+    img, aug = torch.randn(3, 3, 56, 56), torch.randn(3, 3, 56, 56)
+    loss = repair_loss(model, img, aug, p=0.9)
+    loss.backward()
+    one_pass = [p.grad.clone() for p in model.trainable_parameters()]
+    model.zero_grad()
+    en, de = model(img)
+    _, de_aug = model(aug)
+    ref = global_cosine_hm(en, de, p=0.9) + global_cosine_hm(en, de_aug, p=0.9)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for g, p in zip(one_pass, model.trainable_parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7)
