@@ -36,6 +36,13 @@ class ViTill(nn.Module):
         self.encoder.eval()  # frozen, and it has no dropout: eval keeps it deterministic either way
         return self
 
+    def bottleneck_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """CRR's element-wise mask: 0 with probability mask_ratio. In eval mode it is drawn from the CPU
+        generator as the released test does, so a seeded run reproduces its masks; in training on x's device."""
+        if self.training:
+            return (torch.rand_like(x) <= 1 - self.mask_ratio).to(x.dtype)
+        return (torch.rand(x.shape) <= 1 - self.mask_ratio).to(x.device, x.dtype)
+
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """[B, 3, H, W] -> (en, de): two lists (one map per group) of [B, D, H/14, W/14]."""
         grid_h, grid_w = x.shape[-2] // self.encoder.cfg.patch_size, x.shape[-1] // self.encoder.cfg.patch_size
@@ -57,14 +64,6 @@ class ViTill(nn.Module):
         def to_map(t):  # [B, T, D] -> [B, D, h, w]
             return t[:, p:].transpose(1, 2).reshape(t.shape[0], -1, grid_h, grid_w)
         return [to_map(t) for t in en], [to_map(t) for t in de]
-
-
-    def bottleneck_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """CRR's element-wise mask: 0 with probability mask_ratio. In eval mode it is drawn from the CPU
-        generator as the released test does, so a seeded run reproduces its masks; in training on x's device."""
-        if self.training:
-            return (torch.rand_like(x) <= 1 - self.mask_ratio).to(x.dtype)
-        return (torch.rand(x.shape) <= 1 - self.mask_ratio).to(x.device, x.dtype)
 
 
 def init_weights(m: nn.Module):
