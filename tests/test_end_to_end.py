@@ -153,3 +153,12 @@ def test_torchrun_two_processes_on_cpu(script, data, metrics, demo, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert {"model.pth", metrics} <= set(os.listdir(tmp_path / "ddp"))
     assert "processes: 2" in (tmp_path / "ddp" / "log.txt").read_text()
+
+
+def test_crr_stage1_on_mvtec_layout(demo, tmp_path):
+    run_script(crr_realiad_stage1, crr_stage1_main, "crr_stage1",
+               ["--dataset", "mvtec", "--data_path", demo["mvtec"], "--encoder", TINY, "--total_iters", "2",
+                "--batch_size", "4", "--save_dir", str(tmp_path), "--save_name", "crr_mvtec", *SMALL])
+    rows = read_csv(tmp_path / "crr_mvtec" / "metrics_recon.csv")
+    assert [r[0] for r in rows[1:]] == [*CLASSES, "mean"]
+    assert len(read_csv(tmp_path / "crr_mvtec" / "scores_recon.csv")) == 1 + 2 * 7
