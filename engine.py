@@ -126,10 +126,7 @@ class Run:
         self.dir = os.path.join(args.save_dir, args.save_name)
         os.makedirs(self.dir, exist_ok=True)
         setup_logging(os.path.join(self.dir, "log.txt") if self.is_main else None)
-        if args.crop_size % 14:
-            raise UserError(f"--crop_size {args.crop_size} is not a multiple of the patch size 14")
-        if args.crop_size > args.image_size:
-            raise UserError(f"--crop_size {args.crop_size} is larger than --image_size {args.image_size}")
+        check_sizes(args.image_size, args.crop_size)
         seed_everything(args.seed + self.rank)
         log.info(f"run folder: {self.dir}  device: {self.device}  processes: {self.world_size}")
 
@@ -153,6 +150,14 @@ class Run:
     def barrier(self):
         if dist.is_initialized():
             dist.barrier()
+
+
+def check_sizes(image_size: int, crop_size: int):
+    """The crop must be a whole number of 14-px patches and fit in the resized image (SPEC 1)."""
+    if crop_size % 14:
+        raise UserError(f"--crop_size {crop_size} is not a multiple of the patch size 14")
+    if not 14 <= crop_size <= image_size:
+        raise UserError(f"--crop_size {crop_size} must be between 14 and --image_size {image_size}")
 
 
 def resolve_device(requested: str | None) -> torch.device:
@@ -496,13 +501,18 @@ def crr_fused_map_fn(model: models.ViTill, segnet: models.SegmentationNet, alpha
     return fn
 
 
+def stage1_model(run: Run) -> models.ViTill:
+    """The frozen Stage-I model of CRR's later stages, in eval mode: --checkpoint or <run>/model.pth."""
+    return reconstruction_model(run, os.path.join(run.dir, "model.pth"), mask_ratio=run.args.mask_ratio,
+                                mask_in_eval=run.args.test_mask == "on").eval()
+
+
 def crr_stage2_main(args):
     """CRR Stage II: train the segmentation network on the frozen Stage-I model's third output."""
     run = Run(args)
     run.save_config("config_stage2.json")
-    model = reconstruction_model(run, os.path.join(run.dir, "model.pth"), mask_ratio=args.mask_ratio,
-                                 mask_in_eval=args.test_mask == "on")
-    model.eval().requires_grad_(False)
+    model = stage1_model(run)
+    model.requires_grad_(False)
     loader = train_loader(run, synthetic_train_set(args), args.batch_size)
     segnet = models.SegmentationNet(base_width=2 * model.encoder.cfg.embed_dim // 8).to(run.device)
     log.info(f"segmentation network parameters: {sum(p.numel() for p in segnet.parameters()):,}")
@@ -534,8 +544,7 @@ def crr_test_main(args):
     """CRR test: fused map 0.7 * reconstruction + 0.3 * segmentation, metrics, optional heatmaps."""
     run = Run(args)
     run.save_config("config_test.json")
-    model = reconstruction_model(run, os.path.join(run.dir, "model.pth"), mask_ratio=args.mask_ratio,
-                                 mask_in_eval=args.test_mask == "on").eval()
+    model = stage1_model(run)
     seg_path = args.seg_checkpoint or os.path.join(run.dir, "Seg_model_7999.pth")
     if args.seg_checkpoint is None and not os.path.isfile(seg_path):  # a shorter Stage II leaves only _last
         seg_path = os.path.join(run.dir, "Seg_model_last.pth")

@@ -44,10 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args):
-    if args.crop_size % 14:
-        raise UserError(f"--crop_size {args.crop_size} is not a multiple of the patch size 14")
-    if not 14 <= args.crop_size <= args.image_size:
-        raise UserError(f"--crop_size {args.crop_size} must be between 14 and --image_size {args.image_size}")
+    engine.check_sizes(args.image_size, args.crop_size)
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size} must be at least 1")
     if not 0 <= args.max_ratio <= 1 or (args.max_ratio > 0 and int(EVAL_SIZE * EVAL_SIZE * args.max_ratio) < 1):
