@@ -13,7 +13,7 @@ import torch
 import models
 from loss import global_cosine_hm
 from optimizers import StableAdamW
-from utils import gaussian_smooth, reconstruction_map, top_ratio_score
+from anomaly_map import AnomalyMapper
 
 
 def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
@@ -43,6 +43,7 @@ def main():
     torch.manual_seed(0)
     model = models.build_model(args.encoder, "random", dropout=0.2).to(device)
     x = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=device)
+    mapper = AnomalyMapper(model)
     params = model.trainable_parameters()
     optimizer = StableAdamW(params)
 
@@ -56,10 +57,7 @@ def main():
 
     @torch.no_grad()
     def infer():
-        en, de = model(x)
-        amap = reconstruction_map(en, de, args.crop_size)
-        amap = torch.nn.functional.interpolate(amap, size=256, mode="bilinear", align_corners=False)
-        top_ratio_score(gaussian_smooth(amap)).cpu()
+        mapper(x)[1].cpu()
 
     model.train()
     t_train = timed(train_step, device, args.warmup, args.iters)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from utils import UserError
+from errors import UserError, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,11 +54,6 @@ class Sample:
     rel_path: str = ""  # the image path relative to its class folder, '/'-separated (used for foreground masks)
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
-
-
 def _open(path: str, what: str, where: str) -> Image.Image:
     """Image.open + load, with one-line UserErrors for a missing or unreadable file."""
     try:
@@ -67,7 +62,7 @@ def _open(path: str, what: str, where: str) -> Image.Image:
     except FileNotFoundError:
         raise UserError(f"{what} not found: {path}; check {where}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read {what} {path} ({_one_line(e)}); replace or remove the file") from None
+        raise UserError(f"cannot read {what} {path} ({one_line(e)}); replace or remove the file") from None
     return img
 
 
@@ -299,7 +294,7 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
         with open(jpath, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"malformed split file {jpath} ({_one_line(e)}); {fix}") from None
+        raise UserError(f"malformed split file {jpath} ({one_line(e)}); {fix}") from None
     if not isinstance(data, dict) or not isinstance(data.get(phase), list):
         raise UserError(f"malformed split file {jpath}: no '{phase}' list at the top level; {fix}")
     meta = data.get("meta")

@@ -26,11 +26,11 @@ import dataset as ds
 import models
 from loss import focal_loss, global_cosine_hm, hard_mining_factor
 from optimizers import StableAdamW, WarmCosineSchedule
-from utils import (METRIC_NAMES, UserError, binarize_gt, class_metrics, gaussian_smooth, reconstruction_map,
-                   top_ratio_score)
+from anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt
+from errors import UserError
+from utils import METRIC_NAMES, class_metrics, format_metrics, nanmean, write_metrics_csv
 from visualize import save_heatmap
 
-EVAL_SIZE = 256  # anomaly maps and ground truth are compared at 256 x 256 (SPEC 5)
 DATASET_CLASSES = {"mvtec": ds.MVTEC_CLASSES, "visa": ds.VISA_CLASSES, "realiad": ds.REALIAD_CLASSES}
 log = logging.getLogger("anomaly")
 
@@ -368,18 +368,9 @@ def fresh_model(run: Run, **kwargs) -> models.ViTill:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 
-def dinomaly_map_fn(model: models.ViTill, crop_size: int):
-    """Image batch -> [B, 1, 256, 256]: per-group 1 - cos at the crop size (align_corners=True), then 256."""
-    def fn(img):
-        en, de = model(img)
-        amap = reconstruction_map(en, de, crop_size)
-        return F.interpolate(amap, size=EVAL_SIZE, mode="bilinear", align_corners=False)
-    return fn
-
-
-def evaluate(run: Run, map_fn, aupro: str, gt_mode: str, tag: str = "") -> dict:
-    """The one evaluation loop: per class, maps -> smoothing -> top-1% score, ground truth at 256, the seven
-    metrics; prints the table and writes metrics<tag>.csv and scores<tag>.csv. Returns {class: metrics}."""
+def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str = "") -> dict:
+    """The one evaluation loop: per class, smoothed maps and scores from `mapper`, ground truth at 256, the
+    seven metrics; prints the table and writes metrics<tag>.csv and scores<tag>.csv. Returns {class: metrics}."""
     args = run.args
     results, score_rows = {}, []
     for name in class_names(args):
@@ -390,10 +381,9 @@ def evaluate(run: Run, map_fn, aupro: str, gt_mode: str, tag: str = "") -> dict:
         with torch.no_grad():
             for img, mask, label, has_mask, paths in tqdm(loader, desc=f"eval {name}", leave=False,
                                                           dynamic_ncols=True):
-                amap = gaussian_smooth(map_fn(img.to(run.device)))  # [B, 1, 256, 256]
-                score = top_ratio_score(amap, args.max_ratio).cpu()
-                gt = binarize_gt(mask, EVAL_SIZE, gt_mode)
-                amap = amap.cpu()
+                amap, score = mapper(img.to(run.device))  # [B, 1, 256, 256], [B]
+                gt = binarize_gt(mask, MAP_SIZE, gt_mode)
+                amap, score = amap.cpu(), score.cpu()
                 labels += label.tolist()
                 scores += score.tolist()
                 score_rows += [[name, p, int(l), s] for p, l, s in zip(paths, label.tolist(), score.tolist())]
@@ -413,29 +403,6 @@ def evaluate(run: Run, map_fn, aupro: str, gt_mode: str, tag: str = "") -> dict:
     with open(os.path.join(run.dir, f"scores{tag}.csv"), "w", newline="") as f:
         csv.writer(f).writerows([["class", "image_path", "label", "score"], *score_rows])
     return results
-
-
-def nanmean(values: list[float]) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def mad(metrics: dict) -> float:
-    return float(np.mean([metrics[k] for k in METRIC_NAMES]))  # NaN when a pixel metric is missing
-
-
-def format_metrics(name: str, m: dict) -> str:
-    return f"{name}: " + ", ".join(f"{k} {m[k]:.4f}" for k in METRIC_NAMES) + f", mAD {mad(m):.4f}"
-
-
-def write_metrics_csv(path: str, results: dict, mean: dict):
-    def cell(v):
-        return "" if math.isnan(v) else repr(float(v))
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", *METRIC_NAMES, "mAD"])
-        for name, m in [*results.items(), ("mean", mean)]:
-            w.writerow([name, *[cell(m[k]) for k in METRIC_NAMES], cell(mad(m))])
 
 
 # ----------------------------------------------------------------------------------------------- entry points
@@ -461,8 +428,8 @@ def train_and_evaluate(args, crr: bool):
     if run.is_main:
         model.eval()
         seed_everything(args.seed)
-        map_fn = crr_recon_map_fn(model) if crr else dinomaly_map_fn(model, args.crop_size)
-        evaluate(run, map_fn, args.aupro, args.gt_binarize, tag="_recon" if crr else "")
+        evaluate(run, AnomalyMapper(model, max_ratio=args.max_ratio), args.aupro, args.gt_binarize,
+                 tag="_recon" if crr else "")
 
 
 def dinomaly_main(args):
@@ -480,25 +447,6 @@ def synthetic_train_set(args):
     train_set = SyntheticAnomalyDataset(train_samples(args), args.image_size, args.crop_size, textures, args.seed)
     log.info(f"texture images for anomaly synthesis: {len(textures or [])}")
     return train_set
-
-
-def crr_recon_map_fn(model: models.ViTill):
-    """CRR's reconstruction map: per-group 1 - cos upsampled straight to 256 (align_corners=True)."""
-    def fn(img):
-        en, de = model(img)
-        return reconstruction_map(en, de, EVAL_SIZE)
-    return fn
-
-
-def crr_fused_map_fn(model: models.ViTill, segnet: models.SegmentationNet, alpha: float):
-    """CRR's test map: alpha * reconstruction map (straight to 256) + (1 - alpha) * softmax channel 1 of the
-    segmentation network (which outputs 256 x 256)."""
-    def fn(img):
-        en, de = model(img)
-        recon = reconstruction_map(en, de, EVAL_SIZE)
-        seg = torch.softmax(segnet(models.segmentation_input(en, de)), dim=1)[:, 1:]
-        return alpha * recon + (1 - alpha) * seg
-    return fn
 
 
 def stage1_model(run: Run) -> models.ViTill:
@@ -551,4 +499,4 @@ def crr_test_main(args):
     segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(run.device).eval()
     log.info(f"loaded {seg_path}")
     seed_everything(args.seed)
-    evaluate(run, crr_fused_map_fn(model, segnet, args.fusion_alpha), args.aupro, args.gt_binarize)
+    evaluate(run, AnomalyMapper(model, segnet, args.fusion_alpha, args.max_ratio), args.aupro, args.gt_binarize)

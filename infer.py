@@ -18,8 +18,9 @@ import torch
 import dataset as ds
 import engine
 import models
-from engine import EVAL_SIZE, log
-from utils import UserError, gaussian_smooth, top_ratio_score
+from anomaly_map import MAP_SIZE as EVAL_SIZE, AnomalyMapper
+from engine import log
+from errors import UserError
 from visualize import heatmap_panel
 
 
@@ -123,9 +124,9 @@ def infer(args):
         segnet = models.load_segmentation_net(args.seg_checkpoint, model.encoder.cfg.embed_dim).to(device).eval()
         log.info(f"loaded {args.seg_checkpoint}; map: {args.fusion_alpha} * reconstruction + "
                  f"{1 - args.fusion_alpha:.4g} * segmentation")
-        map_fn = engine.crr_fused_map_fn(model, segnet, args.fusion_alpha)
     else:
-        map_fn = engine.dinomaly_map_fn(model, args.crop_size)
+        segnet = None
+    mapper = AnomalyMapper(model, segnet, args.fusion_alpha, args.max_ratio)
     engine.seed_everything(1)  # the --test_mask on masks are drawn from the CPU generator: reproducible
     try:
         os.makedirs(out, exist_ok=True)
@@ -139,9 +140,8 @@ def infer(args):
             batch = paths[start:start + args.batch_size]
             img = torch.stack([ds.image_to_tensor(ds.resize(ds.load_image(p), args.image_size), args.crop_size)
                                for p in batch])
-            amap = gaussian_smooth(map_fn(img.to(device)))  # [B, 1, 256, 256]
-            scores = top_ratio_score(amap, args.max_ratio).cpu().tolist()
-            amap = amap.cpu()
+            amap, scores = mapper(img.to(device))  # [B, 1, 256, 256], [B]
+            amap, scores = amap.cpu(), scores.cpu().tolist()
             for i, (path, score) in enumerate(zip(batch, scores)):
                 png = os.path.join(out, names[start + i] + ".png")
                 panel = heatmap_panel(img[i], no_gt, amap[i, 0], score)

@@ -20,7 +20,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset
 
 from dataset import center_crop_box, image_to_tensor, load_image, load_mask, resize
-from utils import UserError
+from errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -1,69 +1,12 @@
-"""Shared helpers: errors, anomaly maps, smoothing, scores and the evaluation metrics (SPEC section 5)."""
+"""The evaluation metrics: image and pixel AUROC, AP, F1max, both AUPRO variants, mAD, the metrics table."""
 
-import functools
+import csv
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from skimage import measure
 
 METRIC_NAMES = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, file, argument or checkpoint): reported as one line, exit status 2."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Anomaly maps, smoothing, image scores, ground truth
-# ----------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _gaussian_kernel(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """5x5 Gaussian, sigma 4, normalised to sum 1: [1,1,5,5]."""
-    x = torch.arange(5, dtype=torch.float64) - 2
-    w = torch.exp(-x ** 2 / (2 * 4.0 ** 2))
-    w = w / w.sum()  # 0.187627, 0.206068, 0.212609, 0.206068, 0.187627
-    return torch.outer(w, w).to(device=device, dtype=dtype)[None, None]
-
-
-def gaussian_smooth(maps: torch.Tensor) -> torch.Tensor:
-    """5x5 sigma-4 Gaussian smoothing with zero padding: [B,1,H,W] -> [B,1,H,W]."""
-    return F.conv2d(maps, _gaussian_kernel(maps.device, maps.dtype), padding=2)
-
-
-def reconstruction_map(en: list[torch.Tensor], de: list[torch.Tensor], out_size: int) -> torch.Tensor:
-    """Mean over groups of 1 - cos(en_g, de_g), each upsampled (bilinear, align_corners=True).
-
-    en, de: one [B,C,h,w] per group -> [B,1,out_size,out_size].
-    """
-    maps = []
-    for e, d in zip(en, de, strict=True):
-        m = 1 - F.cosine_similarity(e, d, dim=1)  # [B,h,w]
-        maps.append(F.interpolate(m[:, None], size=out_size, mode="bilinear", align_corners=True))
-    return torch.stack(maps).mean(dim=0)
-
-
-def top_ratio_score(maps: torch.Tensor, max_ratio: float = 0.01) -> torch.Tensor:
-    """Image score: mean of the top int(H*W*max_ratio) values; max_ratio 0 -> max. [B,1,H,W] -> [B]."""
-    flat = maps.flatten(1)  # [B,H*W]
-    if max_ratio == 0:
-        return flat.amax(dim=1)
-    return flat.topk(int(flat.shape[1] * max_ratio), dim=1).values.mean(dim=1)
-
-
-def binarize_gt(masks: torch.Tensor, size: int = 256, mode: str = "dinomaly") -> torch.Tensor:
-    """Pixel ground truth at size x size: [B,1,H,W] in [0,1] -> bool [B,1,size,size].
-
-    "dinomaly": nearest resize, then > 0.  "crr": >= 0.5, bilinear resize, >= 0.5 again.
-    """
-    if mode == "dinomaly":
-        return F.interpolate(masks.float(), size=size, mode="nearest") > 0
-    if mode == "crr":
-        binary = (masks >= 0.5).float()
-        return F.interpolate(binary, size=size, mode="bilinear", align_corners=False) >= 0.5
-    raise ValueError(f"unknown ground-truth mode {mode!r} (expected 'dinomaly' or 'crr')")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,3 +134,30 @@ def class_metrics(img_labels: np.ndarray, img_scores: np.ndarray, px_masks: np.n
         else:
             raise ValueError(f"unknown AUPRO variant {aupro!r} (expected 'dinomaly' or 'exact')")
     return dict(zip(METRIC_NAMES, [i_auroc, i_ap, i_f1, p_auroc, p_ap, p_f1, pro]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The metrics table
+# ----------------------------------------------------------------------------------------------
+
+def nanmean(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def mad(metrics: dict) -> float:
+    return float(np.mean([metrics[k] for k in METRIC_NAMES]))  # NaN when a pixel metric is missing
+
+
+def format_metrics(name: str, m: dict) -> str:
+    return f"{name}: " + ", ".join(f"{k} {m[k]:.4f}" for k in METRIC_NAMES) + f", mAD {mad(m):.4f}"
+
+
+def write_metrics_csv(path: str, results: dict, mean: dict):
+    def cell(v):
+        return "" if math.isnan(v) else repr(float(v))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", *METRIC_NAMES, "mAD"])
+        for name, m in [*results.items(), ("mean", mean)]:
+            w.writerow([name, *[cell(m[k]) for k in METRIC_NAMES], cell(mad(m))])

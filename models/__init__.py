@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from utils import UserError
+from errors import UserError
 from .encoder import ENCODERS, DinoV2Encoder, EncoderConfig
 from .segnet import SegmentationNet, segmentation_input
 from .vitill import ViTill

@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 
 from dataset import load_image, resize  # noqa: E402
 from synthesis import AnomalySynthesizer, list_textures  # noqa: E402
-from utils import UserError  # noqa: E402
+from errors import UserError  # noqa: E402
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 

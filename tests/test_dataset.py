@@ -16,7 +16,7 @@ if REPO not in sys.path:
 import dataset as ds  # noqa: E402
 from prepare_data.make_demo_data import CLASSES as DEMO_CLASSES, _class_images, make_demo_data  # noqa: E402
 from prepare_data.prepare_visa import prepare_visa  # noqa: E402
-from utils import UserError  # noqa: E402
+from errors import UserError  # noqa: E402
 
 
 def _img(path, size=(20, 16), value=None, rng=None):

@@ -12,7 +12,7 @@ from PIL import Image
 import dataset as ds
 import infer
 import models
-from utils import gaussian_smooth, reconstruction_map
+from anomaly_map import gaussian_smooth, reconstruction_map
 
 from conftest import TINY
 

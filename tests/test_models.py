@@ -11,7 +11,7 @@ from models.decoder import LinearAttention
 from models.encoder import ENCODERS, DinoV2Encoder, interpolate_patch_pos_embed
 from models.segnet import SegmentationNet, segmentation_input
 from models.vitill import ViTill
-from utils import UserError
+from errors import UserError
 
 from conftest import TINY, TINY_CFG
 

@@ -16,7 +16,7 @@ if ROOT not in sys.path:
 
 import synthesis as S  # noqa: E402
 from dataset import Sample  # noqa: E402
-from utils import UserError  # noqa: E402
+from errors import UserError  # noqa: E402
 
 
 def rng(seed=0):

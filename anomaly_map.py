@@ -1,0 +1,93 @@
+"""From features to decisions: the anomaly map, its smoothing, the image score, and ground truth at the
+map's resolution. Evaluation, prediction, the benchmark and the ONNX export all compute maps here.
+
+- Dinomaly map: per group 1 - cos(en_g, de_g) along channels, bilinear (align_corners=True) to the crop size,
+  mean of the groups, then bilinear (align_corners=False) to 256 x 256.
+- CRR's fused map: 0.7 * reconstruction (per group 1 - cos straight to 256, align_corners=True) + 0.3 *
+  softmax channel 1 of the segmentation network.
+- Either is smoothed with a 5x5, sigma-4 Gaussian; the image score is the mean of its top 1 %.
+"""
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import SegmentationNet, ViTill, segmentation_input
+
+MAP_SIZE = 256  # anomaly maps and ground truth are compared at 256 x 256
+
+
+
+@functools.lru_cache(maxsize=None)
+def _gaussian_kernel(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """5x5 Gaussian, sigma 4, normalised to sum 1: [1,1,5,5]."""
+    x = torch.arange(5, dtype=torch.float64) - 2
+    w = torch.exp(-x ** 2 / (2 * 4.0 ** 2))
+    w = w / w.sum()  # 0.187627, 0.206068, 0.212609, 0.206068, 0.187627
+    return torch.outer(w, w).to(device=device, dtype=dtype)[None, None]
+
+
+def gaussian_smooth(maps: torch.Tensor) -> torch.Tensor:
+    """5x5 sigma-4 Gaussian smoothing with zero padding: [B,1,H,W] -> [B,1,H,W]."""
+    return F.conv2d(maps, _gaussian_kernel(maps.device, maps.dtype), padding=2)
+
+
+def reconstruction_map(en: list[torch.Tensor], de: list[torch.Tensor], out_size: int) -> torch.Tensor:
+    """Mean over groups of 1 - cos(en_g, de_g), each upsampled (bilinear, align_corners=True).
+
+    en, de: one [B,C,h,w] per group -> [B,1,out_size,out_size].
+    """
+    maps = []
+    for e, d in zip(en, de, strict=True):
+        m = 1 - F.cosine_similarity(e, d, dim=1)  # [B,h,w]
+        maps.append(F.interpolate(m[:, None], size=out_size, mode="bilinear", align_corners=True))
+    return torch.stack(maps).mean(dim=0)
+
+
+def top_ratio_score(maps: torch.Tensor, max_ratio: float = 0.01) -> torch.Tensor:
+    """Image score: mean of the top int(H*W*max_ratio) values; max_ratio 0 -> max. [B,1,H,W] -> [B]."""
+    flat = maps.flatten(1)  # [B,H*W]
+    if max_ratio == 0:
+        return flat.amax(dim=1)
+    return flat.topk(int(flat.shape[1] * max_ratio), dim=1).values.mean(dim=1)
+
+
+def binarize_gt(masks: torch.Tensor, size: int = 256, mode: str = "dinomaly") -> torch.Tensor:
+    """Pixel ground truth at size x size: [B,1,H,W] in [0,1] -> bool [B,1,size,size].
+
+    "dinomaly": nearest resize, then > 0.  "crr": >= 0.5, bilinear resize, >= 0.5 again.
+    """
+    if mode == "dinomaly":
+        return F.interpolate(masks.float(), size=size, mode="nearest") > 0
+    if mode == "crr":
+        binary = (masks >= 0.5).float()
+        return F.interpolate(binary, size=size, mode="bilinear", align_corners=False) >= 0.5
+    raise ValueError(f"unknown ground-truth mode {mode!r} (expected 'dinomaly' or 'crr')")
+
+
+class AnomalyMapper(nn.Module):
+    """Normalised images [B, 3, crop, crop] -> (smoothed anomaly map [B, 1, 256, 256], image score [B]).
+
+    Without a segmentation network: the Dinomaly map. With one (CRR): the fused map
+    `fusion_alpha * reconstruction + (1 - fusion_alpha) * segmentation`."""
+
+    def __init__(self, model: ViTill, segnet: SegmentationNet | None = None, fusion_alpha: float = 0.7,
+                 max_ratio: float = 0.01):
+        super().__init__()
+        self.model, self.segnet = model, segnet
+        self.fusion_alpha, self.max_ratio = fusion_alpha, max_ratio
+
+    def raw_map(self, img: torch.Tensor) -> torch.Tensor:
+        """The map before smoothing: [B, 1, 256, 256]."""
+        en, de = self.model(img)
+        if self.segnet is None:
+            amap = reconstruction_map(en, de, img.shape[-1])
+            return F.interpolate(amap, size=MAP_SIZE, mode="bilinear", align_corners=False)
+        recon = reconstruction_map(en, de, MAP_SIZE)
+        seg = torch.softmax(self.segnet(segmentation_input(en, de)), dim=1)[:, 1:]
+        return self.fusion_alpha * recon + (1 - self.fusion_alpha) * seg
+
+    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = gaussian_smooth(self.raw_map(img))
+        return amap, top_ratio_score(amap, self.max_ratio)

@@ -1,0 +1,116 @@
+"""Anomaly maps, smoothing, image scores and ground-truth binarisation against independent references."""
+import numpy as np
+import pytest
+import torch
+
+import anomaly_map
+
+# The 1-D weights of the 5x5, sigma-4 smoothing kernel, computed by hand: exp(-x^2 / 32), x = -2..2, normalised.
+KERNEL_WEIGHTS = np.array([0.187627, 0.206068, 0.212609, 0.206068, 0.187627])
+
+
+def conv5x5_zero_pad(img, kernel):
+    h, w = img.shape
+    padded = np.zeros((h + 4, w + 4))
+    padded[2:-2, 2:-2] = img
+    out = np.zeros((h, w))
+    for y in range(h):
+        for x in range(w):
+            out[y, x] = np.sum(padded[y:y + 5, x:x + 5] * kernel)
+    return out
+
+
+def bilinear_align_corners_matrix(n_in, n_out):
+    m = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        src = o * (n_in - 1) / (n_out - 1)
+        i0 = min(int(np.floor(src)), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        frac = src - i0
+        m[o, i0] += 1 - frac
+        m[o, i1] += frac
+    return m
+
+
+
+def test_gaussian_smooth_kernel_and_naive_convolution():
+    impulse = torch.zeros(1, 1, 9, 9, dtype=torch.float64)
+    impulse[0, 0, 4, 4] = 1
+    response = anomaly_map.gaussian_smooth(impulse)[0, 0].numpy()
+    kernel = np.outer(KERNEL_WEIGHTS, KERNEL_WEIGHTS)
+    np.testing.assert_allclose(response[2:7, 2:7], kernel, atol=2e-6)
+    assert response.sum() == pytest.approx(1.0, abs=1e-12)
+
+    maps = torch.rand(2, 1, 12, 10, generator=torch.Generator().manual_seed(0))
+    out = anomaly_map.gaussian_smooth(maps)
+    assert out.shape == maps.shape and out.dtype == torch.float32
+    for b in range(2):
+        ref = conv5x5_zero_pad(maps[b, 0].double().numpy(), kernel)
+        np.testing.assert_allclose(out[b, 0].numpy(), ref, atol=1e-5)
+
+
+def test_reconstruction_map_hand_cases():
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)]
+    same = anomaly_map.reconstruction_map(feats, [f.clone() for f in feats], 9)
+    assert same.shape == (2, 1, 9, 9)
+    np.testing.assert_allclose(same.numpy(), 0.0, atol=1e-6)
+    opposite = anomaly_map.reconstruction_map(feats, [-f for f in feats], 9)
+    np.testing.assert_allclose(opposite.numpy(), 2.0, atol=1e-6)
+
+
+def test_reconstruction_map_random_vs_numpy():
+    g = torch.Generator().manual_seed(1)
+    en = [torch.randn(2, 8, 5, 5, generator=g) for _ in range(2)]
+    de = [torch.randn(2, 8, 5, 5, generator=g) for _ in range(2)]
+    out = anomaly_map.reconstruction_map(en, de, 13).numpy()
+    interp = bilinear_align_corners_matrix(5, 13)
+    ref = 0
+    for e, d in zip(en, de):
+        e, d = e.double().numpy(), d.double().numpy()
+        cos = (e * d).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(d, axis=1))  # [B,5,5]
+        ref = ref + np.einsum("oi,bij,pj->bop", interp, 1 - cos, interp) / 2
+    np.testing.assert_allclose(out[:, 0], ref, atol=1e-5)
+
+
+def test_top_ratio_score():
+    maps = torch.rand(3, 1, 256, 256, generator=torch.Generator().manual_seed(0))
+    flat = np.sort(maps.flatten(1).double().numpy(), axis=1)[:, ::-1]
+    np.testing.assert_allclose(anomaly_map.top_ratio_score(maps).double().numpy(), flat[:, :655].mean(1), rtol=1e-6)
+    np.testing.assert_allclose(anomaly_map.top_ratio_score(maps, 0.1).double().numpy(), flat[:, :6553].mean(1),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(anomaly_map.top_ratio_score(maps, 0).double().numpy(), flat[:, 0])
+
+
+def test_binarize_gt_dinomaly_nearest():
+    # 8x8 -> 4x4 nearest samples source rows/columns 0, 2, 4, 6.
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[0, 0, :, 2] = 0.2  # faint 1-pixel line on a sampled column: kept (> 0)
+    mask[0, 0, :, 5] = 1.0  # line on an unsampled column: gone
+    expected = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    expected[..., 1] = True
+    assert torch.equal(anomaly_map.binarize_gt(mask, 4), expected)
+    # 4x4 -> 8x8: column 1 becomes columns 2 and 3.
+    small = torch.zeros(1, 1, 4, 4)
+    small[0, 0, :, 1] = 0.01
+    expected = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    expected[..., 2:4] = True
+    assert torch.equal(anomaly_map.binarize_gt(small, 8, mode="dinomaly"), expected)
+
+
+def test_binarize_gt_crr_bilinear():
+    # 8x8 -> 4x4 bilinear (align_corners=False): output column j reads source 2j+0.5, i.e. the mean
+    # of source columns 2j and 2j+1 (rows likewise).
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[0, 0, :, 3] = 1.0  # one column of the pair (2, 3): 0.5 -> kept (>= 0.5)
+    mask[0, 0, :, 2] = 0.4  # below 0.5 before resizing: dropped
+    mask[0, 0, :, 5] = 0.7  # binarised to 1 first, then 0.5 after resizing -> kept
+    mask[0, 0, 0, 0] = 1.0  # a single pixel: 0.25 after resizing -> dropped
+    expected = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    expected[..., 1:3] = True
+    assert torch.equal(anomaly_map.binarize_gt(mask, 4, mode="crr"), expected)
+    # The same mask under the Dinomaly rule (nearest, > 0): source columns 0, 2, 4, 6 and the corner.
+    expected = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    expected[..., 1] = True
+    expected[0, 0, 0, 0] = True
+    assert torch.equal(anomaly_map.binarize_gt(mask, 4, mode="dinomaly"), expected)
