@@ -1,6 +1,8 @@
 """CRR Stage I on Real-IAD: reconstruction + repair of synthetic anomalies, bottleneck masking 0.4, then an
 evaluation of the reconstruction map. Writes <save_dir>/<save_name>/model.pth."""
-from engine import build_parser, crr_stage1_main, run_main
+from cli import build_parser
+from engine import crr_stage1_main
+from run import main
 
 DEFAULTS = dict(
     dataset="realiad",
@@ -14,4 +16,4 @@ DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-    run_main(crr_stage1_main, build_parser(__doc__, DEFAULTS, "crr_stage1"))
+    main(crr_stage1_main, build_parser(__doc__, DEFAULTS, "crr_stage1"))

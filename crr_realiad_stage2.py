@@ -1,6 +1,8 @@
 """CRR Stage II on Real-IAD: train the segmentation network on the frozen Stage-I model of the same run
 folder. Writes Seg_model_3999.pth, Seg_model_7999.pth and Seg_model_last.pth."""
-from engine import build_parser, crr_stage2_main, run_main
+from cli import build_parser
+from engine import crr_stage2_main
+from run import main
 
 DEFAULTS = dict(
     dataset="realiad",
@@ -13,4 +15,4 @@ DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-    run_main(crr_stage2_main, build_parser(__doc__, DEFAULTS, "crr_stage2"))
+    main(crr_stage2_main, build_parser(__doc__, DEFAULTS, "crr_stage2"))

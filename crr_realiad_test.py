@@ -1,6 +1,8 @@
 """CRR test on Real-IAD: the fused map 0.7 * reconstruction + 0.3 * segmentation, the seven metrics plus mAD
 per class and their mean; --save_heatmaps N writes pictures of what the model found."""
-from engine import build_parser, crr_test_main, run_main
+from cli import build_parser
+from engine import crr_test_main
+from run import main
 
 DEFAULTS = dict(
     dataset="realiad",
@@ -12,4 +14,4 @@ DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-    run_main(crr_test_main, build_parser(__doc__, DEFAULTS, "crr_test"))
+    main(crr_test_main, build_parser(__doc__, DEFAULTS, "crr_test"))

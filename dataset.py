@@ -38,6 +38,8 @@ REALIAD_CLASSES = [
     "usb_adaptor", "u_block", "vcpill", "wooden_beads", "woodstick", "zipper",
 ]
 
+DATASETS = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALIAD_CLASSES}  # name -> standard classes
+
 # Image and mask files are recognised by extension, case-insensitively; the order is the mask search order.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Folder names that hold normal images (MVTec, VisA 1cls, MPDD: "good"; BTAD as distributed: "ok").
@@ -122,6 +124,19 @@ def mask_to_tensor(mask: Image.Image, crop_size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
 
 
+def check_sizes(image_size: int, crop_size: int):
+    """The crop must be a whole number of 14-px patches and fit in the resized image."""
+    if crop_size % 14:
+        raise UserError(f"--crop_size {crop_size} is not a multiple of the patch size 14")
+    if crop_size > image_size:
+        raise UserError(f"--crop_size {crop_size} is larger than --image_size {image_size}")
+
+
+def load_tensor(path: str, image_size: int, crop_size: int) -> torch.Tensor:
+    """The input transform: image file -> RGB -> resize -> centre crop -> normalised [3, crop, crop]."""
+    return image_to_tensor(resize(load_image(path), image_size), crop_size)
+
+
 class TrainDataset(Dataset):
     """Normal training images -> normalised tensors [3, crop, crop]."""
 
@@ -132,7 +147,7 @@ class TrainDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return image_to_tensor(resize(load_image(self.samples[i].image_path), self.image_size), self.crop_size)
+        return load_tensor(self.samples[i].image_path, self.image_size, self.crop_size)
 
 
 class TestDataset(Dataset):
@@ -150,7 +165,7 @@ class TestDataset(Dataset):
 
     def __getitem__(self, i):
         s = self.samples[i]
-        img = image_to_tensor(resize(load_image(s.image_path), self.image_size), self.crop_size)
+        img = load_tensor(s.image_path, self.image_size, self.crop_size)
         if s.label != 0 and s.mask_path is not None:
             mask = mask_to_tensor(resize(load_mask(s.mask_path), self.image_size), self.crop_size)
         else:
@@ -321,6 +336,19 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
     if not samples:
         raise UserError(f"no '{phase}' samples in {jpath}; {fix}")
     return samples, missing
+
+
+def class_names(dataset: str, classes: list[str] | None) -> list[str]:
+    """--classes, or the dataset's standard class list."""
+    return list(classes or DATASETS[dataset])
+
+
+def class_samples(dataset: str, root: str, class_name: str, phase: str, resolution: str = "realiad_1024",
+                  json_dir: str = "realiad_jsons") -> tuple[list[Sample], int]:
+    """The samples of one class through the dataset's reader: (samples, anomalous samples without a mask)."""
+    if dataset == "realiad":
+        return realiad_samples(root, class_name, phase, resolution, json_dir)
+    return mvtec_samples(root, class_name, phase), 0
 
 
 def attach_foreground(samples: list[Sample], foreground_root: str) -> int:

@@ -1,5 +1,7 @@
 """Dinomaly on MVTec AD: one model for all 15 classes, trained with the paper's settings, then evaluated."""
-from engine import build_parser, dinomaly_main, run_main
+from cli import build_parser
+from engine import dinomaly_main
+from run import main
 
 DEFAULTS = dict(
     dataset="mvtec",
@@ -13,4 +15,4 @@ DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-    run_main(dinomaly_main, build_parser(__doc__, DEFAULTS, "dinomaly"))
+    main(dinomaly_main, build_parser(__doc__, DEFAULTS, "dinomaly"))

@@ -1,5 +1,7 @@
 """Dinomaly on VisA (prepared 1cls layout): one model for all 12 classes, trained and evaluated."""
-from engine import build_parser, dinomaly_main, run_main
+from cli import build_parser
+from engine import dinomaly_main
+from run import main
 
 DEFAULTS = dict(
     dataset="visa",
@@ -13,4 +15,4 @@ DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-    run_main(dinomaly_main, build_parser(__doc__, DEFAULTS, "dinomaly"))
+    main(dinomaly_main, build_parser(__doc__, DEFAULTS, "dinomaly"))

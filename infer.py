@@ -8,7 +8,6 @@ alpha * reconstruction + (1 - alpha) * segmentation (SPEC 7.5). Either is smooth
 image score is the mean of the top --max_ratio of the 256 x 256 map. Scores are not thresholded: compare
 them with the scores of known-good images.
 """
-import argparse
 import csv
 import os
 
@@ -16,16 +15,15 @@ import cv2
 import torch
 
 import dataset as ds
-import engine
 import models
 from anomaly_map import MAP_SIZE as EVAL_SIZE, AnomalyMapper
-from engine import log
 from errors import UserError
+from run import ArgumentParser, log, main as run_main, resolve_device, seed_everything
 from visualize import heatmap_panel
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(__doc__)
     p.add_argument("--checkpoint", required=True, help="reconstruction model (model.pth, ours or official)")
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
                    help="image files or folders (searched recursively for " + "/".join(
@@ -33,25 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg_checkpoint", help="CRR segmentation network (Seg_model_*.pth): use CRR's fused map")
     p.add_argument("--fusion_alpha", type=float, default=0.7, help="fused map = a * recon + (1 - a) * seg")
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/inference)")
-    p.add_argument("--image_size", type=int, default=448)
-    p.add_argument("--crop_size", type=int, default=392)
+    p.add_argument("--image_size", type=int, help="default: the run's (448 for an official checkpoint)")
+    p.add_argument("--crop_size", type=int, help="default: the run's (392 for an official checkpoint)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--max_ratio", type=float, default=0.01, help="image score = mean of this top share of the map")
-    p.add_argument("--test_mask", choices=["on", "off"], default="off",
-                   help="CRR bottleneck masking at test time (on = the released CRR code; only for CRR models)")
-    p.add_argument("--mask_ratio", type=float, default=0.4, help="bottleneck masking ratio with --test_mask on")
+    p.add_argument("--test_mask", choices=["on", "off"],
+                   help="CRR bottleneck masking at test time (default: the run's; on = the released CRR code)")
+    p.add_argument("--mask_ratio", type=float, help="bottleneck masking ratio (default: the run's)")
     return p
 
 
 def check_args(args):
-    engine.check_sizes(args.image_size, args.crop_size)
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size} must be at least 1")
     if not 0 <= args.max_ratio <= 1 or (args.max_ratio > 0 and int(EVAL_SIZE * EVAL_SIZE * args.max_ratio) < 1):
         raise UserError(f"--max_ratio {args.max_ratio} must be 0 (the maximum) or between "
                         f"{1 / EVAL_SIZE ** 2:.2g} and 1")
-    if not 0 <= args.mask_ratio < 1:
+    if args.mask_ratio is not None and not 0 <= args.mask_ratio < 1:
         raise UserError(f"--mask_ratio {args.mask_ratio} must be in [0, 1)")
 
 
@@ -117,9 +114,9 @@ def infer(args):
     check_args(args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "inference")
     paths = find_images(args.images, skip_dir=out)
-    device = engine.resolve_device(args.device)
-    model = engine.load_reconstruction(args.checkpoint, None, device, mask_ratio=args.mask_ratio,
-                                       mask_in_eval=args.test_mask == "on").eval()
+    device = resolve_device(args.device)
+    model = models.load_trained(args.checkpoint, args, models.PAPER_SETTINGS[
+        "crr" if args.seg_checkpoint else "dinomaly"]).to(device)
     if args.seg_checkpoint:
         segnet = models.load_segmentation_net(args.seg_checkpoint, model.encoder.cfg.embed_dim).to(device).eval()
         log.info(f"loaded {args.seg_checkpoint}; map: {args.fusion_alpha} * reconstruction + "
@@ -127,7 +124,7 @@ def infer(args):
     else:
         segnet = None
     mapper = AnomalyMapper(model, segnet, args.fusion_alpha, args.max_ratio)
-    engine.seed_everything(1)  # the --test_mask on masks are drawn from the CPU generator: reproducible
+    seed_everything(1)  # the --test_mask on masks are drawn from the CPU generator: reproducible
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -138,8 +135,7 @@ def infer(args):
     with torch.no_grad():
         for start in range(0, len(paths), args.batch_size):
             batch = paths[start:start + args.batch_size]
-            img = torch.stack([ds.image_to_tensor(ds.resize(ds.load_image(p), args.image_size), args.crop_size)
-                               for p in batch])
+            img = torch.stack([ds.load_tensor(p, args.image_size, args.crop_size) for p in batch])
             amap, scores = mapper(img.to(device))  # [B, 1, 256, 256], [B]
             amap, scores = amap.cpu(), scores.cpu().tolist()
             for i, (path, score) in enumerate(zip(batch, scores)):
@@ -155,8 +151,7 @@ def infer(args):
 
 
 def main(argv=None):
-    engine.setup_logging(None)
-    engine.run_main(infer, build_parser(), argv)
+    run_main(infer, build_parser(), argv)
 
 
 if __name__ == "__main__":

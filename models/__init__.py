@@ -1,14 +1,23 @@
 """Networks and their checkpoints: build a model from an encoder name, a Meta weight file or a saved run."""
+import json
+import logging
 import os
 
 import torch
 
+from dataset import check_sizes
 from errors import UserError
 from .encoder import ENCODERS, DinoV2Encoder, EncoderConfig
 from .segnet import SegmentationNet, segmentation_input
 from .vitill import ViTill
 
+log = logging.getLogger("anomaly")
 META_URL = "https://dl.fbaipublicfiles.com/dinov2/{stem}/{file}"
+# The settings of a model saved without a config.json (an official checkpoint): the paper's.
+PAPER_SETTINGS = {
+    "dinomaly": dict(encoder=None, image_size=448, crop_size=392, mask_ratio=0.0, test_mask="off", attn_eps=0.0),
+    "crr": dict(encoder=None, image_size=448, crop_size=392, mask_ratio=0.4, test_mask="on", attn_eps=0.0),
+}
 
 
 def encoder_config(name: str) -> EncoderConfig:
@@ -117,6 +126,62 @@ def load_model(path: str, encoder: str | None = None, **kwargs) -> ViTill:
     return model
 
 
+def checkpoint_file(path: str) -> str:
+    """A run folder's model.pth, or the file itself."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pth")
+        if not os.path.isfile(path):
+            raise UserError(f"no model.pth in the run folder {os.path.dirname(path)}; has its training finished?")
+    return path
+
+
+def saved_settings(checkpoint: str) -> dict:
+    """The settings a model was trained with (encoder, image_size, crop_size, mask_ratio, test_mask, attn_eps,
+    ...): the "model" section of the config.json beside the checkpoint; {} without one (an official file)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            settings = json.load(f).get("model", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"cannot read the run's settings {path} ({e}); fix or remove that file") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: its \"model\" entry is not a mapping; fix or remove that file")
+    return settings
+
+
+def follow_saved_settings(args, saved: dict, fallback: dict) -> dict:
+    """Each model setting from the command line when given there (`args.explicit`), else from the saved run,
+    else `fallback` (the paper's); written back into args. Overrides of the saved run are logged."""
+    settings = {}
+    for key, default in fallback.items():
+        value = saved.get(key, default)
+        if key in args.explicit:
+            given = getattr(args, key)
+            if key in saved and given != value:
+                log.info(f"--{key} {given} given; the model was trained with {value}")
+            value = given
+        settings[key] = value
+        setattr(args, key, value)
+    return settings
+
+
+def load_trained(path: str, args, fallback: dict) -> ViTill:
+    """A trained reconstruction model (a run folder or a model.pth) in eval mode, built with its run's settings
+    (encoder, image and crop size, mask ratio, test masking, attention epsilon), which are written into args;
+    options given on the command line override them."""
+    path = checkpoint_file(path)
+    s = follow_saved_settings(args, saved_settings(path), fallback)
+    check_sizes(s["image_size"], s["crop_size"])
+    model = load_model(path, encoder=s["encoder"], mask_ratio=s["mask_ratio"], mask_in_eval=s["test_mask"] == "on",
+                       attn_eps=s["attn_eps"])
+    log.info(f"loaded {path} ({model.encoder.cfg.embed_dim}-d encoder, {len(model.decoder)} decoder blocks; "
+             f"{s['image_size']} -> {s['crop_size']} px, mask ratio {s['mask_ratio']}, test masking "
+             f"{s['test_mask']}, attention epsilon {s['attn_eps']})")
+    return model.eval()
+
+
 def load_segmentation_net(path: str, embed_dim: int) -> SegmentationNet:
     sd = read_state_dict(path, "segmentation checkpoint")
     if not is_segmentation_state_dict(sd):
@@ -127,5 +192,5 @@ def load_segmentation_net(path: str, embed_dim: int) -> SegmentationNet:
 
 
 __all__ = ["ENCODERS", "EncoderConfig", "DinoV2Encoder", "ViTill", "SegmentationNet", "segmentation_input",
-           "encoder_config", "build_model", "load_model", "load_segmentation_net", "load_encoder_weights",
+           "encoder_config", "build_model", "load_model", "checkpoint_file", "saved_settings", "load_trained", "load_segmentation_net", "load_encoder_weights",
            "default_encoder_weights", "read_state_dict", "architecture_from_state_dict"]

@@ -2,7 +2,9 @@
 and the exit status of user errors (INTERFACE.md)."""
 import csv
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,14 +19,16 @@ import crr_realiad_stage2
 import crr_realiad_test
 import dinomaly_mvtec_uni
 import models
-from engine import build_parser, crr_stage1_main, crr_stage2_main, crr_test_main, dinomaly_main, run_main
+from cli import build_parser
+from engine import crr_stage1_main, crr_stage2_main, crr_test_main, dinomaly_main
+from run import main as run_main
 from prepare_data.make_demo_data import make_demo_data
 
 from conftest import ROOT, TINY
 
 CLASSES = ["weave", "nut"]
-SMALL = ["--encoder_weights", "random", "--image_size", "64", "--crop_size", "56", "--num_workers", "0",
-         "--device", "cpu", "--log_every", "1", "--classes", *CLASSES]
+RUN = ["--num_workers", "0", "--device", "cpu", "--classes", *CLASSES]  # what every job takes
+SMALL = ["--encoder_weights", "random", "--image_size", "64", "--crop_size", "56", "--log_every", "1", *RUN]
 METRICS_HEADER = ["class", "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD"]
 
 
@@ -44,7 +48,8 @@ def read_csv(path):
 
 
 def file_hash(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +87,19 @@ def test_dinomaly_run_folder(dinomaly_run):
 
 
 def test_eval_only_reproduces_scores_and_handles_missing_ground_truth(dinomaly_run, demo, tmp_path):
+    # The run folder alone: the sizes (64 -> 56, not the default 448 -> 392) and the encoder come from config.json.
     run_script(dinomaly_mvtec_uni, dinomaly_main, "dinomaly",
-               ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(dinomaly_run / "model.pth"),
-                "--save_dir", str(tmp_path), "--save_name", "again", *SMALL])
+               ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(dinomaly_run),
+                "--save_dir", str(tmp_path), "--save_name", "again", *RUN])
     first, again = read_csv(dinomaly_run / "scores.csv"), read_csv(tmp_path / "again" / "scores.csv")
     np.testing.assert_allclose([float(r[3]) for r in again[1:]], [float(r[3]) for r in first[1:]], rtol=1e-6)
+    assert "64 -> 56 px" in (tmp_path / "again" / "log.txt").read_text()
+    # An explicit flag overrides the run's setting, and the log says so.
+    run_script(dinomaly_mvtec_uni, dinomaly_main, "dinomaly",
+               ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(dinomaly_run / "model.pth"),
+                "--crop_size", "42", "--save_dir", str(tmp_path), "--save_name", "other", *RUN])
+    log_text = (tmp_path / "other" / "log.txt").read_text()
+    assert "--crop_size 42 given; the model was trained with 56" in log_text and "64 -> 42 px" in log_text
     # a class without ground_truth: image metrics, empty pixel cells
     data = tmp_path / "no_gt"
     shutil.copytree(os.path.join(demo["mvtec"], "nut"), data / "nut")
@@ -101,18 +114,27 @@ def test_eval_only_reproduces_scores_and_handles_missing_ground_truth(dinomaly_r
 def test_crr_three_stages(demo, tmp_path):
     common = ["--data_path", demo["realiad"], "--save_dir", str(tmp_path), "--save_name", "crr", *SMALL]
     run_script(crr_realiad_stage1, crr_stage1_main, "crr_stage1",
-               [*common, "--encoder", TINY, "--total_iters", "2", "--batch_size", "4",
-                "--foreground_path", demo["foreground"]])
+               [*common, "--encoder", TINY, "--total_iters", "2", "--batch_size", "4", "--mask_ratio", "0.25",
+                "--attn_eps", "1e-6", "--save_heatmaps", "1", "--foreground_path", demo["foreground"]])
     run = tmp_path / "crr"
     assert {"model.pth", "config.json", "metrics_recon.csv", "scores_recon.csv"} <= set(os.listdir(run))
     stage1 = file_hash(run / "model.pth")
-    run_script(crr_realiad_stage2, crr_stage2_main, "crr_stage2", [*common, "--total_iters", "2", "--batch_size", "2"])
+    later = common[:6] + RUN  # Stage II and test take sizes, mask ratio and attention epsilon from Stage I
+    run_script(crr_realiad_stage2, crr_stage2_main, "crr_stage2", [*later, "--total_iters", "2", "--batch_size", "2"])
     assert (run / "Seg_model_last.pth").exists() and file_hash(run / "model.pth") == stage1
+    run_script(crr_realiad_test, crr_test_main, "crr_test", [*later, "--save_heatmaps", "1"])
+    for name in ("config_stage2.json", "config_test.json"):
+        config = json.loads((run / name).read_text())
+        assert (config["mask_ratio"], config["attn_eps"], config["image_size"], config["crop_size"]) == \
+            (0.25, 1e-6, 64, 56), name
+    # Stage I's heatmaps and the test's are kept apart
+    recon_maps, test_maps = os.listdir(run / "heatmaps_recon" / "nut"), os.listdir(run / "heatmaps" / "nut")
+    assert len(recon_maps) == len(test_maps) == 1
     seg = torch.load(run / "Seg_model_last.pth", weights_only=True)
     assert seg["up1.1.weight"].shape[0] == 2 * 32  # 8w with w = 2D/8, D = 32
     for name, mask in [("t1", "on"), ("t2", "on"), ("t3", "off"), ("t4", "off")]:
         run_script(crr_realiad_test, crr_test_main, "crr_test",
-                   [*common[:4], "--save_name", name, *SMALL, "--checkpoint", str(run / "model.pth"),
+                   [*later, "--save_name", name, "--checkpoint", str(run / "model.pth"),
                     "--seg_checkpoint", str(run / "Seg_model_last.pth"), "--test_mask", mask])
     scores = {n: [float(r[3]) for r in read_csv(tmp_path / n / "scores.csv")[1:]] for n in ("t1", "t2", "t3", "t4")}
     assert scores["t1"] == scores["t2"] and scores["t3"] == scores["t4"]  # seeded, and deterministic without masking
@@ -133,6 +155,10 @@ def run_cli(*args):
     (["crr_realiad_test.py", "--data_path", "{realiad}", "--save_dir", "{tmp}", "--device", "cpu"], "model.pth"),
     (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--classes", "nut", "--crop_size", "100",
       "--encoder_weights", "random", "--device", "cpu"], "multiple of the patch size"),
+    (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--total_iters", "0"], "--total_iters: 0 is less than 1"),
+    (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--batch_size", "-2"], "--batch_size: -2 is less than 1"),
+    (["crr_realiad_stage1.py", "--mask_ratio", "1"], "--mask_ratio: 1.0 is not in [0, 1)"),
+    (["crr_realiad_test.py", "--total_iters", "5"], "unrecognized arguments: --total_iters"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, expected, demo, tmp_path):
     argv = [a.format(mvtec=demo["mvtec"], realiad=demo["realiad"], tmp=tmp_path) for a in argv]
@@ -162,3 +188,24 @@ def test_crr_stage1_on_mvtec_layout(demo, tmp_path):
     rows = read_csv(tmp_path / "crr_mvtec" / "metrics_recon.csv")
     assert [r[0] for r in rows[1:]] == [*CLASSES, "mean"]
     assert len(read_csv(tmp_path / "crr_mvtec" / "scores_recon.csv")) == 1 + 2 * 7
+
+
+def test_help_shows_defaults_and_only_the_flags_a_job_uses():
+    text = run_cli("dinomaly_mvtec_uni.py", "--help").stdout
+    flat = " ".join(text.split())
+    for flag, default in [("--total_iters", "10000"), ("--batch_size", "16"), ("--image_size", "448"),
+                          ("--crop_size", "392"), ("--seed", "1"), ("--save_dir", "./saved_results")]:
+        assert re.search(re.escape(flag) + r" [A-Z_]+ (?:(?! --).)*\(default: " + re.escape(default) + r"\)", flat), flag
+    assert "(default: None)" not in text and "--mask_ratio" not in text
+    test_help = run_cli("crr_realiad_test.py", "--help").stdout
+    assert "--total_iters" not in test_help and "--seg_checkpoint" in test_help and "Stage-I run's" in test_help
+    stage2_help = run_cli("crr_realiad_stage2.py", "--help").stdout
+    assert "--aupro" not in stage2_help and "--save_heatmaps" not in stage2_help and "--total_iters" in stage2_help
+
+
+def test_log_file_keeps_warnings_and_the_error_line(demo, tmp_path):
+    r = run_cli("dinomaly_mvtec_uni.py", "--data_path", demo["mvtec"], "--classes", "nope", "--encoder_weights",
+                "random", "--device", "cpu", "--save_dir", str(tmp_path), "--save_name", "bad")
+    assert r.returncode == 2
+    log_text = (tmp_path / "bad" / "log.txt").read_text()
+    assert "class folder not found" in log_text and log_text.rstrip().splitlines()[-1] == r.stderr.strip()

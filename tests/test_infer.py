@@ -101,7 +101,7 @@ def test_crr_fused_scores(setup, tmp_path):
     alpha = 0.6
     code = run_infer(["--checkpoint", tmp_path / "model.pth", "--seg_checkpoint", tmp_path / "Seg_model_7999.pth",
                       "--fusion_alpha", alpha, "--images", paths[0], images / "b", "--image_size", SIZE,
-                      "--crop_size", CROP, "--device", "cpu", "--out", out])
+                      "--crop_size", CROP, "--device", "cpu", "--out", out, "--test_mask", "off"])
     assert code == 0
     got_paths, got_scores = read_scores(out)
     assert got_paths == [paths[0], paths[2], paths[3]]

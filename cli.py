@@ -1,0 +1,103 @@
+"""The command line of the five scripts: every flag, its default and its validation, by job.
+
+A script passes its dataset's defaults (data path, run name, iterations, batch, dropout, AUPRO variant, ground
+truth rule) and its job: "dinomaly", "crr_stage1", "crr_stage2" or "crr_test". Each job offers only the flags
+it uses.
+"""
+import os
+
+import dataset as ds
+import models
+from run import ArgumentParser, float_in, int_at_least
+
+JOBS = ("dinomaly", "crr_stage1", "crr_stage2", "crr_test")
+
+
+def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
+    if job not in JOBS:
+        raise ValueError(f"unknown job {job!r}")
+    trains_recon = job in ("dinomaly", "crr_stage1")
+    trains = trains_recon or job == "crr_stage2"
+    evaluates = job != "crr_stage2"
+    crr = job.startswith("crr")
+    p = ArgumentParser(description)
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data_path", help="dataset root folder")
+    data.add_argument("--dataset", choices=sorted(ds.DATASETS),
+                      help="reader and default classes: mvtec and visa read the MVTec layout (also MPDD, BTAD and "
+                           "your own data with --classes); realiad reads Real-IAD's JSON splits")
+    data.add_argument("--classes", nargs="+", metavar="CLASS",
+                      help="classes (folders) to use; default: the dataset's standard list")
+    data.add_argument("--realiad_resolution", default="realiad_1024",
+                      help="Real-IAD image folder: realiad_1024, realiad_512, realiad_256 or realiad_raw")
+    data.add_argument("--json_dir", default="realiad_jsons",
+                      help="Real-IAD split folder: realiad_jsons, realiad_jsons_sv, realiad_jsons_fuiad_0.1, ...")
+    from_run = "" if trains_recon else "; default: the Stage-I run's"  # later CRR stages follow Stage I
+    data.add_argument("--image_size", type=int_at_least(14), default=448 if trains_recon else None,
+                      help="images are resized to this square size" + from_run)
+    data.add_argument("--crop_size", type=int_at_least(14), default=392 if trains_recon else None,
+                      help="then centre-cropped to this size, a multiple of the patch size 14" + from_run)
+    data.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
+                      help="data loader worker processes")
+    if crr and job != "crr_test":
+        data.add_argument("--anomaly_source_path", help="texture images for anomaly synthesis (e.g. DTD); optional")
+        data.add_argument("--foreground_path", help="object masks restricting where anomalies go; optional")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--save_dir", default="./saved_results", help="parent folder of the run folders")
+    run.add_argument("--save_name", help="run folder name under --save_dir")
+    run.add_argument("--device", help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda when available)")
+    run.add_argument("--seed", type=int, default=1, help="random seed")
+    run.add_argument("--batch_size", type=int_at_least(1), help="images per step (the global batch under torchrun)")
+
+    model = p.add_argument_group("model")
+    if trains_recon:
+        model.add_argument("--encoder", choices=list(models.ENCODERS),
+                           help="encoder to train with (default dinov2reg_vit_base_14); with --eval_only the "
+                                "architecture comes from the checkpoint and this only checks it")
+        model.add_argument("--encoder_weights",
+                           help="Meta DINOv2 weight file, or 'random' for a smoke run "
+                                "(default: backbones/weights/<Meta file name>)")
+        model.add_argument("--dropout", type=float_in(0, 1, high_open=True), help="bottleneck dropout rate")
+        model.add_argument("--eval_only", action="store_true", help="skip training; evaluate --checkpoint")
+    model.add_argument("--checkpoint",
+                       help="reconstruction model: a run folder or a model.pth (ours or official); its image "
+                            "size, crop size, encoder, mask ratio, test masking and attention epsilon are used "
+                            "unless given here" +
+                            ("; default: <save_dir>/<save_name>/model.pth" if not trains_recon else ""))
+    model.add_argument("--attn_eps", type=float_in(0, 1), default=0.0 if trains_recon else None,
+                       help="epsilon in the linear-attention denominator (0 = official; 1e-6 avoids NaNs)" + from_run)
+    if crr:
+        model.add_argument("--mask_ratio", type=float_in(0, 1, high_open=True), default=0.4 if trains_recon else None,
+                           help="bottleneck masking ratio" + from_run)
+        model.add_argument("--test_mask", choices=["on", "off"], default="on" if trains_recon else None,
+                           help="bottleneck masking of the frozen model in eval mode (on = the released code, "
+                                "seeded)" + from_run)
+    if job == "crr_test":
+        model.add_argument("--seg_checkpoint",
+                           help="segmentation network (default: <run>/Seg_model_7999.pth, else Seg_model_last.pth)")
+        model.add_argument("--fusion_alpha", type=float_in(0, 1), default=0.7,
+                           help="fused map = a * reconstruction + (1 - a) * segmentation")
+
+    if trains:
+        train = p.add_argument_group("training")
+        train.add_argument("--total_iters", type=int_at_least(1), help="training iterations")
+        train.add_argument("--log_every", type=int_at_least(1), default=100,
+                           help="log the mean loss every N iterations")
+        train.add_argument("--save_every", type=int_at_least(1), default=1000,
+                           help="also save the model every N iterations")
+
+    if evaluates:
+        ev = p.add_argument_group("evaluation")
+        ev.add_argument("--aupro", choices=["exact", "dinomaly"],
+                        help="AUPRO: exact (MVTec definition) or dinomaly (200 thresholds, as the Dinomaly paper)")
+        ev.add_argument("--gt_binarize", choices=["dinomaly", "crr"],
+                        help="pixel ground truth at 256: nearest then >0 (dinomaly) or >=0.5, bilinear, >=0.5 (crr)")
+        ev.add_argument("--max_ratio", type=float_in(0, 1), default=0.01,
+                        help="image score = mean of this top share of the map (0 = its maximum)")
+        ev.add_argument("--save_heatmaps", type=int_at_least(0), default=0, metavar="N",
+                        help="write image | ground truth | anomaly map PNGs for the first N anomalous test images "
+                             "of each class")
+    p.set_defaults(**defaults)
+    return p

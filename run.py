@@ -1,0 +1,213 @@
+"""One invocation of a script: the argument parser and its validators, exit codes, logging, device and DDP
+setup, seeds, the run folder and its config, atomic checkpoint writing.
+
+Exit status: 0 success; 2 a user error (one line on stderr and in log.txt naming the thing and the fix);
+130 interrupted; 1 anything else (with its traceback).
+"""
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from errors import UserError
+
+log = logging.getLogger("anomaly")
+_FORMAT = logging.Formatter("%(message)s")
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help shows its default, unless the default is None or a switch's False."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with visible defaults, no abbreviated flags, and one-line errors with exit status 2."""
+
+    def __init__(self, description: str | None = None):
+        super().__init__(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+
+    def error(self, message):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+    def explicit(self, argv: list[str] | None) -> set[str]:
+        """The destinations of the options given on the command line (not left at their defaults)."""
+        unset = object()
+        ns = argparse.Namespace(**{a.dest: unset for a in self._actions})
+        self.parse_known_args(argv, namespace=ns)
+        return {k for k, v in vars(ns).items() if v is not unset}
+
+
+def int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_in(low: float, high: float, high_open: bool = False):
+    """A float in [low, high] (or [low, high) with high_open)."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (low <= value <= high) or (high_open and value == high):
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}{')' if high_open else ']'}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def main(fn, parser: ArgumentParser, argv: list[str] | None = None):
+    """Parse, call fn(args), and turn failures into exit codes. `args.explicit` lists the options given."""
+    setup_logging(None)
+    args = parser.parse_args(argv)
+    args.explicit = sorted(parser.explicit(argv))
+    code = 0
+    try:
+        fn(args)
+    except UserError as e:
+        log.error(f"error: {e}")
+        code = 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        code = 130
+    except Exception:
+        log.exception("internal error (please report it with this traceback):")
+        code = 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if code:
+        sys.exit(code)
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        return record.levelno < self.level
+
+
+def setup_logging(log_file: str | None):
+    """Messages to stdout, warnings and errors to stderr, and everything (Python warnings too) to log_file."""
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(_Below(logging.WARNING))
+    err.setLevel(logging.WARNING)
+    handlers = [out, err]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    logging.captureWarnings(True)
+    for logger in (log, logging.getLogger("py.warnings")):
+        for h in logger.handlers:
+            h.close()
+        logger.handlers.clear()
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        for h in handlers:
+            h.setFormatter(_FORMAT)
+            logger.addHandler(h)
+    warnings.simplefilter("default")
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+class Run:
+    """Device, distributed state, run folder, logging and seed of one script invocation."""
+
+    def __init__(self, args, config_name: str):
+        self.args = args
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.is_main = self.rank == 0
+        self.dir = os.path.join(args.save_dir, args.save_name)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the run folder {self.dir} ({e.strerror}); check --save_dir") from None
+        setup_logging(os.path.join(self.dir, "log.txt") if self.is_main else None)
+        self.device = self._device(args.device)
+        self.config_name = config_name
+        seed_everything(args.seed + self.rank)
+        log.info(f"run folder: {self.dir}  device: {self.device}  processes: {self.world_size}")
+
+    def _device(self, requested: str | None) -> torch.device:
+        if self.world_size == 1:
+            return resolve_device(requested)
+        backend = "nccl" if torch.cuda.is_available() and requested != "cpu" else "gloo"
+        dist.init_process_group(backend)
+        if backend == "gloo":
+            return torch.device("cpu")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def save_config(self, model_settings: dict | None = None):
+        """Every setting of this job in its config file (config.json for training); `model_settings` are what
+        a later job needs to rebuild the trained model (see models.saved_settings)."""
+        if self.is_main:
+            config = {k: v for k, v in vars(self.args).items()}
+            if model_settings is not None:
+                config["model"] = model_settings
+            with open(self.path(self.config_name), "w") as f:
+                json.dump(config, f, indent=2)
+
+    def barrier(self):
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    """--device, or cuda when available, else the CPU with a warning."""
+    if requested is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log.warning("warning: no CUDA device found; running on the CPU, which is very slow")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown --device {requested}; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {requested} asked for, but no CUDA device is available; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def save_atomic(obj, path: str):
+    """torch.save through a temporary file (flushed and fsynced, then renamed over `path`), so a kill at any
+    moment leaves either the old file or the new one, never a broken one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
