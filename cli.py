@@ -49,6 +49,9 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
     run.add_argument("--save_name", help="run folder name under --save_dir")
     run.add_argument("--device", help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda when available)")
     run.add_argument("--seed", type=int, default=1, help="random seed")
+    run.add_argument("--cudnn", choices=["deterministic", "benchmark"],
+                     help="cuDNN mode: deterministic kernels, or the fastest found by benchmarking (the reference "
+                          "scripts use deterministic for MVTec AD, VisA and the CRR test, benchmark for CRR training)")
     run.add_argument("--batch_size", type=int_at_least(1), help="images per step (the global batch under torchrun)")
 
     model = p.add_argument_group("model")

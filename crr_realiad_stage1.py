@@ -12,6 +12,7 @@ DEFAULTS = dict(
     batch_size=16,
     dropout=0.4,
     aupro="exact",
+    cudnn="benchmark",
     gt_binarize="crr",
 )
 

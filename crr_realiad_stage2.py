@@ -10,8 +10,7 @@ DEFAULTS = dict(
     save_name="vitill_realiad_uni_dinov2_0.4",
     total_iters=8000,
     batch_size=8,
-    aupro="exact",
-    gt_binarize="crr",
+    cudnn="benchmark",
 )
 
 if __name__ == "__main__":

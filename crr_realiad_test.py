@@ -10,6 +10,7 @@ DEFAULTS = dict(
     save_name="vitill_realiad_uni_dinov2_0.4",
     batch_size=16,
     aupro="exact",
+    cudnn="deterministic",
     gt_binarize="crr",
 )
 

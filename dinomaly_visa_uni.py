@@ -11,6 +11,7 @@ DEFAULTS = dict(
     batch_size=16,
     dropout=0.2,
     aupro="dinomaly",
+    cudnn="deterministic",
     gt_binarize="dinomaly",
 )
 

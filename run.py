@@ -148,6 +148,8 @@ class Run:
         self.device = self._device(args.device)
         self.config_name = config_name
         seed_everything(args.seed + self.rank)
+        torch.backends.cudnn.deterministic = args.cudnn == "deterministic"
+        torch.backends.cudnn.benchmark = args.cudnn == "benchmark"
         log.info(f"run folder: {self.dir}  device: {self.device}  processes: {self.world_size}")
 
     def _device(self, requested: str | None) -> torch.device:

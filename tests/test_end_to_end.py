@@ -209,3 +209,16 @@ def test_log_file_keeps_warnings_and_the_error_line(demo, tmp_path):
     assert r.returncode == 2
     log_text = (tmp_path / "bad" / "log.txt").read_text()
     assert "class folder not found" in log_text and log_text.rstrip().splitlines()[-1] == r.stderr.strip()
+
+
+@pytest.mark.parametrize("module,job,mode", [(dinomaly_mvtec_uni, "dinomaly", "deterministic"),
+                                             (crr_realiad_stage1, "crr_stage1", "benchmark"),
+                                             (crr_realiad_stage2, "crr_stage2", "benchmark"),
+                                             (crr_realiad_test, "crr_test", "deterministic")])
+def test_cudnn_mode_of_each_reference_script(module, job, mode, tmp_path):
+    """The released scripts set cudnn deterministic (MVTec AD, VisA, CRR test) or benchmark (CRR training)."""
+    from run import Run
+    args = build_parser("", module.DEFAULTS, job).parse_args(["--save_dir", str(tmp_path), "--device", "cpu"])
+    Run(args, "config.json")
+    assert torch.backends.cudnn.deterministic == (mode == "deterministic")
+    assert torch.backends.cudnn.benchmark == (mode == "benchmark")
