@@ -1,4 +1,4 @@
-"""Training losses: Dinomaly's hard-mined global cosine loss (SPEC 4) and CRR's focal loss (SPEC 7.4)."""
+"""Training losses: Dinomaly's hard-mined global cosine loss and CRR's focal loss."""
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,4 @@
-"""StableAdamW and the warm-up cosine learning-rate schedule (SPEC section 4)."""
+"""StableAdamW and the warm-up cosine learning-rate schedule."""
 import math
 
 import numpy as np

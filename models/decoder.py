@@ -1,4 +1,4 @@
-"""Dinomaly's bottleneck and decoder layers (SPEC section 3)."""
+"""Dinomaly's bottleneck and decoder layers."""
 from functools import partial
 
 import torch

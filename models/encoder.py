@@ -1,4 +1,4 @@
-"""Frozen DINOv2 ViT with 4 register tokens, in Meta's key layout (SPEC section 2).
+"""Frozen DINOv2 ViT with 4 register tokens, in Meta's key layout.
 
 Built from timm's ViT `Block` and `PatchEmbed`, whose parameter names are Meta's, so Meta's weight files load
 strictly. The position embedding is interpolated the way the official code does it (offset 0.1, bicubic, no

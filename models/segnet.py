@@ -1,4 +1,4 @@
-"""CRR's segmentation network and its input (SPEC sections 7.2 and 7.4).
+"""CRR's segmentation network and its input.
 
 Module names (`up1..up4`, `db1..db4`, `fin_out`) follow the released `Seg_model_7999.pth`.
 """

@@ -1,4 +1,4 @@
-"""ViTill, Dinomaly's reconstruction model, with CRR's optional bottleneck masking (SPEC sections 3 and 7.2).
+"""ViTill, Dinomaly's reconstruction model, with CRR's optional bottleneck masking.
 
 The state dict is the official one: `encoder.*` (Meta's names), `bottleneck.0.*`, `decoder.{i}.*`.
 """

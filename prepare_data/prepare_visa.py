@@ -1,4 +1,4 @@
-"""Raw VisA + its split csv -> the "1cls" MVTec-like layout (SPEC section 6).
+"""Raw VisA + its split csv -> the "1cls" MVTec-like layout.
 
     python prepare_data/prepare_visa.py --data_path <raw VisA root> --save_path ../VisA_pytorch
 

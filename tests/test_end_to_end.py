@@ -1,5 +1,5 @@
 """Tiny end-to-end runs of the user scripts on generated data: run-folder files, reloading, CRR's three stages,
-and the exit status of user errors (INTERFACE.md)."""
+and the exit status of user errors."""
 import csv
 import hashlib
 import json

@@ -1,4 +1,4 @@
-"""Networks and checkpoints against SPEC sections 2, 3, 7.2 and 7.4 and independent float64 references."""
+"""Networks and checkpoints against independent float64 references."""
 import math
 
 import numpy as np
@@ -17,7 +17,7 @@ from conftest import TINY, TINY_CFG
 
 
 def naive_linear_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads):
-    """Float64, one head and one query at a time, straight from SPEC 3.5."""
+    """Float64, one head and one query at a time, straight from the formula."""
     x = x.double()
     b, n, c = x.shape
     d = c // heads
@@ -98,7 +98,7 @@ def test_pos_embed_at_518_is_unchanged_and_tokens_are_laid_out_officially():
 
 
 def meta_keys(depth):
-    """The key list of Meta's weight files, written out from SPEC section 2."""
+    """The key list of Meta's weight files, written out by hand from the DINOv2 reg4 architecture."""
     keys = ["cls_token", "pos_embed", "register_tokens", "mask_token", "patch_embed.proj.weight",
             "patch_embed.proj.bias", "norm.weight", "norm.bias"]
     for i in range(depth):

@@ -1,4 +1,4 @@
-"""Loss, optimiser and schedule against hand computations (SPEC sections 4, 7.3, 7.4)."""
+"""Loss, optimiser and schedule against hand computations."""
 import math
 
 import pytest
@@ -50,7 +50,7 @@ def test_hard_mining_ramp_and_full_batch_count():
 
 
 def test_stable_adamw_steps_by_hand():
-    """Three steps in float64 against SPEC 4's formulas: step 1 plain, step 2 clipped by the RMS (a 10x larger
+    """Three steps in float64 against the StableAdamW formulas: step 1 plain, step 2 clipped by the RMS (a 10x larger
     gradient), step 3 with AMSGrad's running maximum above the current second moment (a tiny gradient)."""
     w = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     g1 = torch.tensor([0.1, 0.2, -0.3], dtype=torch.float64)
