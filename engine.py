@@ -228,22 +228,22 @@ def test_samples(args, class_name: str) -> list[ds.Sample]:
 
 def train_samples(args) -> list[ds.Sample]:
     check_data_path(args)
-    samples = [s for c in ds.class_names(args.dataset, args.classes)
-               for s in ds.class_samples(args.dataset, args.data_path, c, "train", args.realiad_resolution,
-                                         args.json_dir)[0]]
-    if getattr(args, "foreground_path", None):
-        found = ds.attach_foreground(samples, args.foreground_path)
-        log.info(f"foreground masks found for {found} of {len(samples)} training images")
-    return samples
+    return [s for c in ds.class_names(args.dataset, args.classes)
+            for s in ds.class_samples(args.dataset, args.data_path, c, "train", args.realiad_resolution,
+                                      args.json_dir)[0]]
 
 
 def synthetic_train_set(args):
-    """CRR's training images, each with a synthetic anomaly."""
+    """CRR's training images, each with a synthetic anomaly: textures from --anomaly_source_path (DTD), object
+    masks from --foreground_path or, for Real-IAD, from where the released code looks for them."""
     from synthesis import SyntheticAnomalyDataset, list_textures
-    textures = list_textures(args.anomaly_source_path) if args.anomaly_source_path else None
-    train_set = SyntheticAnomalyDataset(train_samples(args), args.image_size, args.crop_size, textures, args.seed)
+    textures = list_textures(args.anomaly_source_path)
+    samples = train_samples(args)
+    if args.dataset == "realiad" or args.foreground_path:
+        found = ds.attach_foreground(samples, args.foreground_path)
+        log.info(f"foreground masks found for {found} of {len(samples)} training images")
     log.info(f"texture images for anomaly synthesis: {len(textures or [])}")
-    return train_set
+    return SyntheticAnomalyDataset(samples, args.image_size, args.crop_size, textures, args.seed)
 
 
 def model_settings(args, dropout: float | None = None) -> dict:
