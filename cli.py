@@ -94,7 +94,15 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
         train.add_argument("--log_every", type=int_at_least(1), default=100,
                            help="log the mean loss every N iterations")
         train.add_argument("--save_every", type=int_at_least(1), default=1000,
-                           help="also save the model every N iterations")
+                           help="save the model and the training state (for --resume) every N iterations")
+        start = train.add_mutually_exclusive_group()
+        start.add_argument("--resume", action="store_true",
+                           help="continue the run folder's interrupted training from its train_state" +
+                                ("_stage2" if job == "crr_stage2" else "") + ".pth, with the same settings")
+        start.add_argument("--overwrite", action="store_true",
+                           help="start afresh in a run folder that holds a trained " +
+                                ("segmentation network (Seg_model_*.pth), deleting it" if job == "crr_stage2" else
+                                 "model (model.pth), deleting it"))
 
     if evaluates:
         ev = p.add_argument_group("evaluation")

@@ -214,6 +214,17 @@ def _name_map(folder: str) -> dict[str, str]:
     return out
 
 
+def _available(folder: str, suffix: str | None = None) -> str:
+    """' (the classes there: a, b)': the subfolders of `folder`, or the stems of its `suffix` files."""
+    try:
+        with os.scandir(folder) as it:
+            names = sorted(e.name.removesuffix(suffix or "") for e in it if not e.name.startswith(".") and
+                           (e.is_dir() if suffix is None else e.name.endswith(suffix)))
+    except OSError:
+        names = []
+    return f" (the classes there: {', '.join(names)})" if names else f" ({folder} holds no classes)"
+
+
 def _check_root(root: str) -> None:
     if not os.path.isdir(root):
         raise UserError(f"dataset folder not found: {root}; check --data_path")
@@ -223,7 +234,7 @@ def _class_dir(root: str, class_name: str) -> str:
     _check_root(root)
     d = os.path.join(root, class_name)
     if not os.path.isdir(d):
-        raise UserError(f"class folder not found: {d}; check --data_path and --classes")
+        raise UserError(f"class folder not found: {d}; check --data_path and --classes{_available(root)}")
     return d
 
 
@@ -294,8 +305,11 @@ def realiad_json_path(root: str, class_name: str, json_dir: str = "realiad_jsons
     for c in candidates:
         if os.path.isfile(c):
             return c
+    folder = next((os.path.dirname(c) for c in candidates if os.path.isdir(os.path.dirname(c))), None)
+    there = _available(folder, ".json") if folder else ""
     raise UserError(f"Real-IAD split file not found: {candidates[0]} or {candidates[1]}; "
-                    f"check --data_path and --classes, and unpack the {json_dir} archive into the dataset folder")
+                    f"check --data_path and --classes{there}, and unpack the {json_dir} archive into the dataset "
+                    f"folder")
 
 
 def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "realiad_1024",
@@ -311,7 +325,8 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
     cdir = os.path.join(root, resolution, class_name)
     if not os.path.isdir(cdir):
         raise UserError(f"class folder not found: {cdir}; check --data_path and --classes "
-                        f"(Real-IAD images are read from <data_path>/{resolution}/<class>)")
+                        f"(Real-IAD images are read from <data_path>/{resolution}/<class>)"
+                        f"{_available(os.path.join(root, resolution))}")
     fix = "re-extract the Real-IAD split files"
     try:
         with open(jpath, encoding="utf-8") as f:
@@ -326,11 +341,9 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
     samples: list[Sample] = []
     missing = 0
     for i, item in enumerate(data[phase]):
-        if (not isinstance(item, dict) or not isinstance(item.get("image_path"), str) or not item["image_path"]
-                or "anomaly_class" not in item
-                or not (item.get("mask_path") is None or isinstance(item.get("mask_path"), str))):
-            raise UserError(f"malformed split file {jpath}: entry {i} of '{phase}' lacks a valid image_path, "
-                            f"anomaly_class or mask_path; {fix}")
+        problem = _entry_problem(item)
+        if problem:
+            raise UserError(f"malformed split file {jpath}: entry {i} of '{phase}' {problem}; {fix}")
         rel = item["image_path"].replace("\\", "/").lstrip("/")
         label = 0 if item["anomaly_class"] == normal_class else 1
         mask_path = None
@@ -344,6 +357,19 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
     if not samples:
         raise UserError(f"no '{phase}' samples in {jpath}; {fix}")
     return samples, missing
+
+
+def _entry_problem(item) -> str | None:
+    """What is wrong with one entry of a Real-IAD split list, or None."""
+    if not isinstance(item, dict):
+        return "is not an object"
+    if not isinstance(item.get("image_path"), str) or not item["image_path"]:
+        return "has no image_path"
+    if "anomaly_class" not in item:
+        return f"({item['image_path']}) has no anomaly_class"
+    if not (item.get("mask_path") is None or isinstance(item["mask_path"], str)):
+        return f"({item['image_path']}) has a mask_path that is neither a path nor null"
+    return None
 
 
 def class_names(dataset: str, classes: list[str] | None) -> list[str]:

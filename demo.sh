@@ -11,14 +11,14 @@ MODEL=(--encoder dinov2reg_vit_small_14 --encoder_weights random --image_size 12
 if [ "${1:-dinomaly}" = crr ]; then
     RUN=(--data_path demo_data/realiad_demo --save_name demo_crr "${DATA[@]}")
     # no DTD textures here: anomalies are made from the images themselves (--anomaly_source_path none)
-    .venv/bin/python crr_realiad_stage1.py "${RUN[@]}" "${MODEL[@]}" --anomaly_source_path none --total_iters 100 \
+    .venv/bin/python crr_realiad_stage1.py "${RUN[@]}" "${MODEL[@]}" --overwrite --anomaly_source_path none --total_iters 100 \
         --save_heatmaps 2
-    .venv/bin/python crr_realiad_stage2.py "${RUN[@]}" --anomaly_source_path none --total_iters 20 --batch_size 2 \
+    .venv/bin/python crr_realiad_stage2.py "${RUN[@]}" --overwrite --anomaly_source_path none --total_iters 20 --batch_size 2 \
         --log_every 5  # a 256-px conv net: slow on a CPU
     .venv/bin/python crr_realiad_test.py "${RUN[@]}" --save_heatmaps 2
     echo "results and heatmaps: saved_results/demo_crr/"
 else
-    .venv/bin/python dinomaly_mvtec_uni.py --data_path demo_data/mvtec_demo --save_name demo "${DATA[@]}" \
+    .venv/bin/python dinomaly_mvtec_uni.py --data_path demo_data/mvtec_demo --save_name demo --overwrite "${DATA[@]}" \
         "${MODEL[@]}" --total_iters 150 --save_heatmaps 2
     echo "results and heatmaps: saved_results/demo/"
 fi
