@@ -350,7 +350,7 @@ def train_and_evaluate(args, crr: bool):
         state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth"])
         train_set = synthetic_train_set(args) if crr else \
             ds.TrainDataset(train_samples(args), args.image_size, args.crop_size)
-        preflight.check_data(args, train_set.samples)
+        preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths if crr else ())
         masking = dict(mask_ratio=args.mask_ratio, mask_in_eval=args.test_mask == "on") if crr else {}
         model = fresh_model(run, dropout=args.dropout, attn_eps=args.attn_eps, **masking)
         loader = train_loader(run, train_set, args.batch_size)
@@ -379,7 +379,7 @@ def crr_stage2_main(args):
     model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
     model.requires_grad_(False)
     train_set = synthetic_train_set(args)
-    preflight.check_data(args, train_set.samples, test=False)
+    preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths, test=False)
     run.save_config()
     loader = train_loader(run, train_set, args.batch_size)
     train_segmentation(run, model, loader, state)

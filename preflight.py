@@ -41,16 +41,14 @@ def probe(item: Item) -> Item:
     return item
 
 
-def items(args, train: list[ds.Sample] | None, test: bool) -> list[Item]:
+def items(args, train: list[ds.Sample] | None, textures: list[str], test: bool) -> list[Item]:
     """The files a job reads: training images and their foreground masks, textures, test images and masks."""
     out = []
     for s in train or []:
         out.append(Item(s.image_path, "training image", s))
         if s.foreground_path:
             out.append(Item(s.foreground_path, "foreground mask", s))
-    if train is not None and getattr(args, "anomaly_source_path", None):
-        from synthesis import list_textures
-        out += [Item(p, "texture image") for p in list_textures(args.anomaly_source_path)]
+    out += [Item(p, "texture image") for p in textures]
     for c in ds.class_names(args.dataset, args.classes) if test else []:
         for s in ds.class_samples(args.dataset, args.data_path, c, "test", args.realiad_resolution, args.json_dir)[0]:
             out.append(Item(s.image_path, "test image", s))
@@ -74,11 +72,11 @@ def others(bad: list, checked: int, noun: str, fault: str) -> str:
     return f"{len(bad) - 1} more of the {checked} {noun} checked {fault} too"
 
 
-def check_data(args, train: list[ds.Sample] | None = None, test: bool = True):
+def check_data(args, train: list[ds.Sample] | None = None, textures: list[str] = (), test: bool = True):
     """Every file the job will read opens, and every mask has its image's size; one UserError naming the first
     bad file (and how many others were checked) otherwise. Logs how many files were checked."""
     start = time.time()
-    todo = items(args, train, test)
+    todo = items(args, train, list(textures), test)
     with ThreadPoolExecutor(THREADS) as pool:
         done = list(pool.map(probe, todo))
     bad = [i for i in done if i.problem]
