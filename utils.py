@@ -46,6 +46,7 @@ def _keys(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _concat(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    """The arrays concatenated; an empty array of `dtype` for none."""
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype)
 
 
@@ -96,6 +97,7 @@ def _merge_tables(tables: list[dict]) -> dict:
 
 
 def _empty_table(fields: tuple[str, ...]) -> dict:
+    """A table without keys."""
     return {"keys": np.zeros(0, np.uint64), **{f: np.zeros(0, np.int64) for f in fields}}
 
 
@@ -339,6 +341,7 @@ def binary_metrics(labels, scores) -> tuple[float, float, float]:
 
 
 def _exact_state(masks, amaps) -> dict:
+    """The state of whole pixel arrays with exact keys."""
     acc = ClassAccumulator(bits=None)
     acc.add_pixels(np.asarray(amaps), np.asarray(masks, dtype=bool))
     return acc.state()

@@ -352,6 +352,10 @@ def test_default_binning_close_to_exact_on_realistic_maps(aupro, n, size, seed):
     exact = accumulate([data], aupro, bits=None).compute()
     binned = accumulate(split(data, np.array_split(np.arange(n), 5)), aupro).compute()
     assert 0.5 < exact["P-AP"] < 0.99 and 0.5 < exact["AUPRO"] < 0.99  # not degenerate
+    if aupro == "exact":  # the exact path on these maps, against sklearn
+        masks, amaps = data[3].ravel(), data[2].ravel()
+        assert exact["P-AUROC"] == pytest.approx(roc_auc_score(masks, amaps), abs=1e-12)
+        assert exact["P-AP"] == pytest.approx(average_precision_score(masks, amaps), abs=1e-12)
     assert binned == pytest.approx(exact, abs=1e-4)
     assert binned != exact  # the default does bin
 
