@@ -132,12 +132,12 @@ def crr_whole(demo, tmp_path_factory):
 
 def crr_args(demo, save_dir, name):
     return ["--data_path", demo["realiad"], "--save_dir", str(save_dir), "--save_name", name, "--total_iters", "8",
-            "--mask_ratio", "0.4", *SMALL]
+            "--mask_ratio", "0.4", "--anomaly_source_path", "none", *SMALL]
 
 
 def stage2_args(demo, save_dir, name):
     return ["--data_path", demo["realiad"], "--save_dir", str(save_dir), "--save_name", name, "--total_iters", "6",
-            "--batch_size", "4", "--log_every", "1", *RUN]
+            "--batch_size", "4", "--log_every", "1", "--anomaly_source_path", "none", *RUN]
 
 
 def test_ctrl_c_saves_the_state_and_resume_continues(demo, crr_whole, tmp_path):
