@@ -19,8 +19,10 @@ from tqdm import tqdm
 
 import dataset as ds
 import models
+import speed
 from anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt
 from errors import UserError
+from image_cache import build_cache
 from loss import focal_loss, global_cosine_hm, hard_mining_factor
 from optimizers import StableAdamW, WarmCosineSchedule
 from run import Run, log, save_atomic, seed_everything
@@ -63,12 +65,12 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
     step; the learning rate of iteration `it` is schedule(it). on_iter_end(done) runs after each step."""
     it, epoch, losses = 0, 0, []
     bar = tqdm(total=total_iters, desc="train", disable=not run.is_main, dynamic_ncols=True)
-    start = time.time()
+    start, data_wait = time.time(), speed.DataWait()
     while it < total_iters:
         for obj in (loader.sampler, loader.dataset):
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
-        for batch in loader:
+        for batch in data_wait.iterate(loader):
             if schedule is not None:
                 schedule.apply(optimizer, it)
             loss = loss_fn(batch, it)
@@ -85,7 +87,8 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
                 if not math.isfinite(mean_loss):
                     raise RuntimeError(f"the loss became {mean_loss} before iteration {it}; try --attn_eps 1e-6")
                 log.info(f"iter [{it}/{total_iters}], loss: {mean_loss:.4f}, "
-                         f"lr: {optimizer.param_groups[0]['lr']:.3g}, {time.time() - start:.0f}s")
+                         f"lr: {optimizer.param_groups[0]['lr']:.3g}, data wait {data_wait.share():.0%}, "
+                         f"{time.time() - start:.0f}s")
                 losses = []
             if on_iter_end is not None:
                 on_iter_end(it)
@@ -115,11 +118,12 @@ def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, rep
 
     def loss_fn(batch, it):
         p = hard_mining_factor(it, HM_MAX_P, HM_RAMP_ITERS)
-        if repair:
-            return repair_loss(net, batch[0].to(run.device, non_blocking=True),
-                               batch[1].to(run.device, non_blocking=True), p)
-        en, de = net(batch.to(run.device, non_blocking=True))
-        return global_cosine_hm(en, de, p=p, factor=HM_FACTOR)
+        with speed.autocast(run.device, args.precision):
+            if repair:
+                return repair_loss(net, batch[0].to(run.device, non_blocking=True),
+                                   batch[1].to(run.device, non_blocking=True), p)
+            en, de = net(batch.to(run.device, non_blocking=True))
+            return global_cosine_hm(en, de, p=p, factor=HM_FACTOR)
 
     def save(done):
         if run.is_main and (done % args.save_every == 0 or done == args.total_iters):
@@ -144,19 +148,15 @@ def train_segmentation(run: Run, model: models.ViTill, loader: DataLoader) -> mo
     """CRR Stage II: the segmentation network learns the synthetic masks from the frozen model's third output."""
     args = run.args
     segnet = models.SegmentationNet(base_width=2 * model.encoder.cfg.embed_dim // 8).to(run.device)
+    speed.maybe_compile(segnet, args.compile)
     log.info(f"segmentation network parameters: {sum(p.numel() for p in segnet.parameters()):,}")
     net = ddp_wrap(run, segnet)
     optimizer = torch.optim.Adam(segnet.parameters(), lr=SEG_LR)
     segnet.train()
 
     def loss_fn(batch, it):
-        aug_img, aug_mask = batch[1].to(run.device, non_blocking=True), batch[2].to(run.device, non_blocking=True)
-        with torch.no_grad():
-            en, de = model(aug_img)
-            seg_in = models.segmentation_input(en, de)
-        probs = torch.softmax(net(seg_in), dim=1)
-        target = F.interpolate(aug_mask, size=probs.shape[-2:], mode="bilinear", align_corners=False) >= 0.5
-        return focal_loss(probs, target)
+        return segmentation_loss(model, net, batch[1].to(run.device, non_blocking=True),
+                                 batch[2].to(run.device, non_blocking=True), args.precision)
 
     def save(done):
         if run.is_main and (done % SEG_SAVE_EVERY == 0 or done == args.total_iters):
@@ -170,6 +170,20 @@ def train_segmentation(run: Run, model: models.ViTill, loader: DataLoader) -> mo
     return segnet
 
 
+def segmentation_loss(model: models.ViTill, net, aug_img: torch.Tensor, aug_mask: torch.Tensor,
+                      precision: str = "fp32") -> torch.Tensor:
+    """CRR Stage II's loss: the focal loss of the segmentation network `net` on the frozen model's features of
+    the synthetic images against their masks (bilinear to the network's output size, >= 0.5)."""
+    with speed.autocast(aug_img.device, precision):
+        with torch.no_grad():
+            en, de = model(aug_img)
+            seg_in = models.segmentation_input(en, de)
+        logits = net(seg_in)
+    probs = torch.softmax(logits.float(), dim=1)
+    target = F.interpolate(aug_mask, size=probs.shape[-2:], mode="bilinear", align_corners=False) >= 0.5
+    return focal_loss(probs, target)
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str = "") -> dict:
@@ -180,8 +194,8 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
     results, score_rows = {}, []
     for name in ds.class_names(args.dataset, args.classes):
         samples = test_samples(args, name)
-        loader = DataLoader(ds.TestDataset(samples, args.image_size, args.crop_size), batch_size=args.batch_size,
-                            shuffle=False, num_workers=args.num_workers)
+        test_set = ds.TestDataset(samples, args.image_size, args.crop_size, image_cache(args, samples, ("disk",)))
+        loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
         labels, scores, px_maps, px_masks, shown = [], [], [], [], 0
         with torch.no_grad():
             for img, mask, label, has_mask, paths in tqdm(loader, desc=f"eval {name}", leave=False,
@@ -226,6 +240,12 @@ def test_samples(args, class_name: str) -> list[ds.Sample]:
     return samples
 
 
+def train_dataset(args) -> ds.TrainDataset:
+    """Dinomaly's training images, through the image cache of --cache_images."""
+    samples = train_samples(args)
+    return ds.TrainDataset(samples, args.image_size, args.crop_size, image_cache(args, samples))
+
+
 def train_samples(args) -> list[ds.Sample]:
     check_data_path(args)
     samples = [s for c in ds.class_names(args.dataset, args.classes)
@@ -235,6 +255,15 @@ def train_samples(args) -> list[ds.Sample]:
         found = ds.attach_foreground(samples, args.foreground_path)
         log.info(f"foreground masks found for {found} of {len(samples)} training images")
     return samples
+
+
+def image_cache(args, samples: list[ds.Sample], modes=("memory", "disk")):
+    """The --cache_images cache of these samples' images when its mode is one of `modes` (test images are read
+    once per run: only a disk cache, kept for later runs, gains), else None. Disk caches go to --cache_dir,
+    by default <save_dir>/image_cache."""
+    mode = getattr(args, "cache_images", "none")
+    folder = getattr(args, "cache_dir", None) or os.path.join(args.save_dir, "image_cache")
+    return build_cache(mode, [s.image_path for s in samples], args.image_size, folder) if mode in modes else None
 
 
 def synthetic_train_set(args):
@@ -254,8 +283,10 @@ def model_settings(args, dropout: float | None = None) -> dict:
 
 
 def trained_model(run: Run, path: str, fallback: dict) -> models.ViTill:
-    """A trained reconstruction model in eval mode on the run's device, with the saved run's settings."""
-    return models.load_trained(path, run.args, fallback).to(run.device)
+    """A trained reconstruction model in eval mode on the run's device, with the saved run's settings; the
+    precision and compilation of --precision and --compile."""
+    speed.configure(run.args.precision)
+    return speed.maybe_compile(models.load_trained(path, run.args, fallback).to(run.device), run.args.compile)
 
 
 def fresh_model(run: Run, **kwargs) -> models.ViTill:
@@ -266,7 +297,8 @@ def fresh_model(run: Run, **kwargs) -> models.ViTill:
     if weights == "random":
         log.warning("warning: the encoder has random weights (--encoder_weights random): a smoke run only")
     log.info(f"trainable parameters: {sum(p.numel() for p in model.trainable_parameters()):,}")
-    return model.to(run.device)
+    speed.configure(args.precision)
+    return speed.maybe_compile(model.to(run.device), args.compile)
 
 
 def check_max_ratio(max_ratio: float):
@@ -290,8 +322,7 @@ def train_and_evaluate(args, crr: bool):
     else:
         ds.check_sizes(args.image_size, args.crop_size)
         run = Run(args, "config.json")
-        train_set = synthetic_train_set(args) if crr else \
-            ds.TrainDataset(train_samples(args), args.image_size, args.crop_size)
+        train_set = synthetic_train_set(args) if crr else train_dataset(args)
         masking = dict(mask_ratio=args.mask_ratio, mask_in_eval=args.test_mask == "on") if crr else {}
         model = fresh_model(run, dropout=args.dropout, attn_eps=args.attn_eps, **masking)
         loader = train_loader(run, train_set, args.batch_size)
@@ -301,8 +332,8 @@ def train_and_evaluate(args, crr: bool):
     if run.is_main:
         model.eval()
         seed_everything(args.seed)
-        evaluate(run, AnomalyMapper(model, max_ratio=args.max_ratio), args.aupro, args.gt_binarize,
-                 tag="_recon" if crr else "")
+        evaluate(run, AnomalyMapper(model, max_ratio=args.max_ratio, precision=args.precision), args.aupro,
+                 args.gt_binarize, tag="_recon" if crr else "")
 
 
 def dinomaly_main(args):
@@ -335,4 +366,5 @@ def crr_test_main(args):
     segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(run.device).eval()
     log.info(f"loaded {seg_path}")
     seed_everything(args.seed)
-    evaluate(run, AnomalyMapper(model, segnet, args.fusion_alpha, args.max_ratio), args.aupro, args.gt_binarize)
+    evaluate(run, AnomalyMapper(model, segnet, args.fusion_alpha, args.max_ratio, args.precision, args.compile),
+             args.aupro, args.gt_binarize)
