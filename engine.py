@@ -195,7 +195,8 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
     for name in ds.class_names(args.dataset, args.classes):
         samples = test_samples(args, name)
         test_set = ds.TestDataset(samples, args.image_size, args.crop_size, image_cache(args, samples, ("disk",)))
-        loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+        loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                            pin_memory=run.device.type == "cuda")
         labels, scores, px_maps, px_masks, shown = [], [], [], [], 0
         with torch.no_grad():
             for img, mask, label, has_mask, paths in tqdm(loader, desc=f"eval {name}", leave=False,

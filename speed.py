@@ -47,6 +47,9 @@ def maybe_compile(model: torch.nn.Module | None, enabled: bool, backend: str = "
     """With `enabled`, torch.compile the model's parts in place (see compiled_parts); parts already compiled
     are left alone. Returns the model (None stays None)."""
     if enabled and model is not None:
+        # The encoder's and the decoder's blocks share timm's Block.forward; training, evaluation, grad modes and
+        # batch sizes each add a compiled version of it: more than dynamo's default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for part in compiled_parts(model):
             if getattr(part, "_compiled_call_impl", None) is None:
                 part.compile(backend=backend)
