@@ -23,6 +23,7 @@ Without --data_path, a dataset is generated (prepare_data/make_demo_data.py, Rea
 """
 import argparse
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -77,7 +78,10 @@ def sync(device: torch.device):
 
 
 def reset_peak(device: torch.device):
+    """Start the peak GPU memory anew, after freeing what the previous setting left."""
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -244,6 +248,7 @@ def bench_train(args) -> dict:
                      **peak_memory(args.device))
             rows.append(r)
             print(f"{name} {mode.name}: {r['iters_per_s']:.3g} it/s", file=sys.stderr)
+            del step, batches  # the next setting's peak memory without this one's model
     ratios = speed_ratios(rows, "step", "iters_per_s")
     print_table(rows, [("step", "step", ""), ("mode", "mode", ""), ("iters_per_s", "it/s", ".3g"),
                        ("images_per_s", "img/s", ".4g"), ("ms_per_iter", "ms/it", ".4g"),
@@ -288,7 +293,7 @@ def bench_infer(args) -> dict:
         r.update(mode=mode.name, task="anomaly map", images_per_s=r["iters_per_s"] * args.batch_size,
                  ms_per_image=r["ms_per_iter"] / args.batch_size, tflop_per_batch=flops / 1e12,
                  tflops=flops * r["iters_per_s"] / 1e12, **peak_memory(args.device))
-        del r["data_wait"]
+        del r["data_wait"], model, mapper, step  # and the next mode's peak memory without this model
         rows.append(r)
     ratios = speed_ratios(rows, "task", "images_per_s")
     print_table(rows, [("mode", "mode", ""), ("images_per_s", "img/s", ".4g"), ("ms_per_image", "ms/img", ".3g"),
