@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import speed
 from models import SegmentationNet, ViTill, segmentation_input
 
 MAP_SIZE = 256  # anomaly maps and ground truth are compared at 256 x 256
@@ -70,22 +71,30 @@ class AnomalyMapper(nn.Module):
     """Normalised images [B, 3, crop, crop] -> (smoothed anomaly map [B, 1, 256, 256], image score [B]).
 
     Without a segmentation network: the Dinomaly map. With one (CRR): the fused map
-    `fusion_alpha * reconstruction + (1 - fusion_alpha) * segmentation`."""
+    `fusion_alpha * reconstruction + (1 - fusion_alpha) * segmentation`.
+
+    `precision` ("fp32", "tf32" or "bf16", see speed.py) applies to the networks; the map, its smoothing and
+    the score are computed in float32. `compile` compiles the networks' blocks in place (speed.maybe_compile).
+    """
 
     def __init__(self, model: ViTill, segnet: SegmentationNet | None = None, fusion_alpha: float = 0.7,
-                 max_ratio: float = 0.01):
+                 max_ratio: float = 0.01, precision: str = "fp32", compile: bool = False):
         super().__init__()
-        self.model, self.segnet = model, segnet
-        self.fusion_alpha, self.max_ratio = fusion_alpha, max_ratio
+        speed.configure(precision)
+        self.model, self.segnet = speed.maybe_compile(model, compile), speed.maybe_compile(segnet, compile)
+        self.fusion_alpha, self.max_ratio, self.precision = fusion_alpha, max_ratio, precision
 
     def raw_map(self, img: torch.Tensor) -> torch.Tensor:
         """The map before smoothing: [B, 1, 256, 256]."""
-        en, de = self.model(img)
-        if self.segnet is None:
+        with speed.autocast(img.device, self.precision):
+            en, de = self.model(img)
+            seg = None if self.segnet is None else self.segnet(segmentation_input(en, de))
+        en, de = [e.float() for e in en], [d.float() for d in de]
+        if seg is None:
             amap = reconstruction_map(en, de, img.shape[-1])
             return F.interpolate(amap, size=MAP_SIZE, mode="bilinear", align_corners=False)
         recon = reconstruction_map(en, de, MAP_SIZE)
-        seg = torch.softmax(self.segnet(segmentation_input(en, de)), dim=1)[:, 1:]
+        seg = torch.softmax(seg.float(), dim=1)[:, 1:]
         return self.fusion_alpha * recon + (1 - self.fusion_alpha) * seg
 
     def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

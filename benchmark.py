@@ -1,72 +1,439 @@
-"""Speed of one training step and of inference, on random weights and random images.
+"""Speed at the scale users run, each subcommand printing a table and writing JSON (--json PATH):
 
-    python benchmark.py --encoder dinov2reg_vit_base_14 --batch_size 16 --device cuda
+    python benchmark.py train   [--encoder dinov2reg_vit_base_14 --batch_size 16 --crop_size 392 --data_path DIR]
+    python benchmark.py infer   [--batch_size 32]
+    python benchmark.py data    [--workers 0 1 2 4 8 16]
+    python benchmark.py metrics [--maps 2000 --size 256]
 
-Prints the mean time of a Dinomaly training step (forward, hard-mined loss, backward, clipping, StableAdamW) and
-the inference time per image (reconstruction map, smoothing, score), after warm-up iterations.
+`train` times the Dinomaly step, the CRR Stage I step (anomaly synthesis included, through the real loader)
+and the CRR Stage II step; `infer` times anomaly_map.AnomalyMapper (images/s, ms/image). Both run each in two
+modes in one process and print the ratio fast / reference:
+- reference: fp32, eager, every image decoded and resized by PIL at every step, no pinned memory, the loss read
+  back every step and CRR Stage I in two forward passes, as the reference code runs;
+- fast: --precision (bf16), --compile (inductor), --cache (memory: decoded images kept), pinned memory.
+Achieved TFLOP/s use the FLOPs of one step counted once per setting with torch.utils.flop_counter (the same in
+both modes). Peak GPU memory is torch.cuda.max_memory_allocated per mode; peak host memory is the process's
+(and the loader workers') maximum resident size so far.
+
+`data` times the loader alone (images/s per worker count) for the plain transform, the image cache and CRR
+synthesis. `metrics` times the seven metrics of one synthetic class of N maps, as the evaluation computes them.
+
+Without --data_path, a dataset is generated (prepare_data/make_demo_data.py, Real-IAD layout, JPEG images of
+--source_size px) in a temporary folder. Weights are random: speed does not depend on them.
 """
 import argparse
+import contextlib
+import gc
+import json
+import os
+import resource
+import sys
+import tempfile
 import time
+import tracemalloc
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
+import dataset as ds
 import models
+import speed
+import utils
+from anomaly_map import AnomalyMapper
+from engine import CLIP_NORM, HM_FACTOR, repair_loss, segmentation_loss
+from image_cache import ImageCache
 from loss import global_cosine_hm
 from optimizers import StableAdamW
-from anomaly_map import AnomalyMapper
+from prepare_data.make_demo_data import CLASSES as DEMO_CLASSES, make_demo_data
+from synthesis import SyntheticAnomalyDataset
+
+HM_P = 0.9  # the hard-mining share after the ramp: the steady state of a long run
 
 
-def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Mean seconds per call of fn after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    precision: str = "fp32"
+    compile: str = "none"  # a torch.compile backend, or "none"
+    cache: str = "none"  # image cache: none, memory or disk
+    pin_memory: bool = False
+    sync_every_step: bool = True  # read the loss back every step (.item()), as the reference code does
+    crr_one_pass: bool = False  # CRR Stage I: clean and synthetic images in one forward pass
+
+
+def modes(args) -> list[Mode]:
+    cuda = args.device.type == "cuda"
+    return [Mode("reference"),
+            Mode("fast", args.precision, args.compile, args.cache, cuda, sync_every_step=False, crr_one_pass=True)]
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device):
+    """Start the peak GPU memory anew, after freeing what the previous setting left."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak GPU memory since reset_peak (None on the CPU) and the peak resident host memory so far (MB)."""
+    return dict(peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
+                peak_host_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                peak_host_workers_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of fn (matmuls, convolutions, attention), forward and backward."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def cycle(loader: DataLoader):
+    """The loader's batches, epoch after epoch (set_epoch called where the dataset has it)."""
+    epoch = 0
+    while True:
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def time_steps(step, batches, device: torch.device, warmup: int, iters: int) -> dict:
+    """Run step(batch) `warmup` times, then time `iters` steps (wall time, the device synchronised at both
+    ends); returns steps/s and the share of that time spent waiting for the loader."""
+    wait = speed.DataWait()
+    timed = wait.iterate(batches)
+    for _ in range(warmup):
+        step(next(timed))
+    sync(device)
+    wait.share()
     start = time.perf_counter()
     for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / iters
+        step(next(timed))
+    sync(device)
+    seconds = time.perf_counter() - start
+    return dict(iters_per_s=iters / seconds, ms_per_iter=1000 * seconds / iters, data_wait=wait.share())
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", default="dinov2reg_vit_base_14", choices=list(models.ENCODERS))
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--crop_size", type=int, default=392)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    args = p.parse_args()
-    device = torch.device(args.device)
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]):
+    """columns: (key, heading, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append(["-" if r.get(k) is None else format(r[k], f) for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for c in cells:
+        print("  ".join(x.rjust(w) for x, w in zip(c, widths)))
+
+
+# ----------------------------------------------------------------------------------------------- datasets and loaders
+
+def training_samples(args) -> list[ds.Sample]:
+    """The training images of --data_path (--dataset, --classes), or of a generated Real-IAD-layout dataset."""
+    if args.data_path is None:
+        folder = tempfile.mkdtemp(prefix="benchmark_data_")
+        args.data_path = make_demo_data(folder, size=args.source_size, seed=0, n_train=args.n_train, n_test_good=1,
+                                        n_test_bad=1)["realiad"]
+        args.dataset, args.classes = "realiad", list(DEMO_CLASSES)
+    dataset = args.dataset or ("realiad" if os.path.isdir(os.path.join(args.data_path, "realiad_jsons")) else "mvtec")
+    return [s for c in ds.class_names(dataset, args.classes)
+            for s in ds.class_samples(dataset, args.data_path, c, "train")[0]]
+
+
+def image_cache(samples: list[ds.Sample], args, mode: str) -> ImageCache | None:
+    """A filled cache of the training images ("none" -> None): the steady state of a run past its first epoch."""
+    if mode == "none":
+        return None
+    cache = ImageCache([s.image_path for s in samples], args.image_size, mode, args.cache_dir)
+    for p in cache.paths:
+        cache.get(p)
+    return cache
+
+
+def loader(dataset, args, workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0 and not hasattr(dataset, "set_epoch"))
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+def reconstruction_model(args, mode: Mode, **kwargs) -> models.ViTill:
     torch.manual_seed(0)
-    model = models.build_model(args.encoder, "random", dropout=0.2).to(device)
-    x = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=device)
-    mapper = AnomalyMapper(model)
+    model = models.build_model(args.encoder, "random", **kwargs).to(args.device)
+    return speed.maybe_compile(model, mode.compile != "none", mode.compile)
+
+
+def train_step(name: str, args, mode: Mode, samples: list[ds.Sample]):
+    """(step function, loader) of the Dinomaly ("dinomaly"), CRR Stage I ("crr_stage1") or Stage II
+    ("crr_stage2") step in `mode`, as engine.py trains them."""
+    device = args.device
+
+    def to(x):
+        return x.to(device, non_blocking=mode.pin_memory)
+
+    def optimise(loss, optimizer, clip_params=None):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_params is not None:
+            torch.nn.utils.clip_grad_norm_(clip_params, max_norm=CLIP_NORM)
+        optimizer.step()
+        if mode.sync_every_step:
+            loss.item()
+
+    if name == "dinomaly":
+        data = ds.TrainDataset(samples, args.image_size, args.crop_size, image_cache(samples, args, mode.cache))
+        model = reconstruction_model(args, mode, dropout=0.2).train()
+    else:
+        data = SyntheticAnomalyDataset(samples, args.image_size, args.crop_size, None, seed=0)
+        model = reconstruction_model(args, mode, dropout=0.2, mask_ratio=0.4).train()
+    batches = loader(data, args, args.num_workers, mode.pin_memory)
     params = model.trainable_parameters()
     optimizer = StableAdamW(params)
 
-    def train_step():
-        en, de = model(x)
-        loss = global_cosine_hm(en, de, p=0.9)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.1)
-        optimizer.step()
+    def dinomaly_step(img):
+        with speed.autocast(device, mode.precision):
+            en, de = model(to(img))
+            loss = global_cosine_hm(en, de, p=HM_P, factor=HM_FACTOR)
+        optimise(loss, optimizer, params)
 
-    @torch.no_grad()
-    def infer():
-        mapper(x)[1].cpu()
+    def crr_step(batch):
+        img, aug = to(batch[0]), to(batch[1])
+        with speed.autocast(device, mode.precision):
+            if mode.crr_one_pass:
+                loss = repair_loss(model, img, aug, HM_P)
+            else:
+                en, de = model(img)
+                _, de_aug = model(aug)
+                loss = global_cosine_hm(en, de, p=HM_P, factor=HM_FACTOR) + \
+                    global_cosine_hm(en, de_aug, p=HM_P, factor=HM_FACTOR)
+        optimise(loss, optimizer, params)
 
-    model.train()
-    t_train = timed(train_step, device, args.warmup, args.iters)
-    model.eval()
-    t_infer = timed(infer, device, args.warmup, args.iters)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.encoder}, batch {args.batch_size}, {args.crop_size} px, {name}, torch {torch.__version__}")
-    print(f"training step: {t_train * 1000:.0f} ms ({t_train * 10000 / 3600:.2f} h per 10,000 iterations)")
-    print(f"inference: {t_infer * 1000 / args.batch_size:.1f} ms per image")
+    if name == "crr_stage2":  # the frozen Stage-I model keeps its test-time masking, as CRR's code does
+        model.eval().requires_grad_(False).mask_in_eval = True
+        segnet = models.SegmentationNet(base_width=2 * model.encoder.cfg.embed_dim // 8).to(device).train()
+        speed.maybe_compile(segnet, mode.compile != "none", mode.compile)
+        optimizer = torch.optim.Adam(segnet.parameters(), lr=1e-4)
+
+    def stage2_step(batch):
+        optimise(segmentation_loss(model, segnet, to(batch[1]), to(batch[2]), mode.precision), optimizer)
+
+    return {"dinomaly": dinomaly_step, "crr_stage1": crr_step, "crr_stage2": stage2_step}[name], batches
+
+
+def bench_train(args) -> dict:
+    samples = training_samples(args)
+    rows, flops = [], {}
+    for mode in modes(args):
+        for name in args.steps:
+            step, batches = train_step(name, args, mode, samples)
+            batches = cycle(batches)
+            if name not in flops:  # once per setting, eager fp32 (the reference mode comes first)
+                batch = next(batches)
+                flops[name] = count_flops(lambda: step(batch))
+            reset_peak(args.device)
+            r = time_steps(step, batches, args.device, args.warmup, args.iters)
+            r.update(step=name, mode=mode.name, images_per_s=r["iters_per_s"] * args.batch_size,
+                     tflop_per_step=flops[name] / 1e12, tflops=flops[name] * r["iters_per_s"] / 1e12,
+                     **peak_memory(args.device))
+            rows.append(r)
+            print(f"{name} {mode.name}: {r['iters_per_s']:.3g} it/s", file=sys.stderr)
+            del step, batches  # the next setting's peak memory without this one's model
+    ratios = speed_ratios(rows, "step", "iters_per_s")
+    print_table(rows, [("step", "step", ""), ("mode", "mode", ""), ("iters_per_s", "it/s", ".3g"),
+                       ("images_per_s", "img/s", ".4g"), ("ms_per_iter", "ms/it", ".4g"),
+                       ("tflop_per_step", "TFLOP/it", ".3g"), ("tflops", "TFLOP/s", ".3g"),
+                       ("data_wait", "data wait", ".1%"), ("peak_gpu_mb", "GPU MB", ".0f"),
+                       ("peak_host_mb", "host MB", ".0f")])
+    print_ratios(ratios)
+    return dict(results=rows, ratios=ratios)
+
+
+def speed_ratios(rows: list[dict], key: str, value: str) -> dict:
+    """{key: fast value / reference value}."""
+    by = {(r[key], r["mode"]): r[value] for r in rows}
+    return {k: by[(k, "fast")] / by[(k, "reference")] for k, m in by if m == "reference" and (k, "fast") in by}
+
+
+def print_ratios(ratios: dict):
+    print("fast / reference: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+
+
+# ----------------------------------------------------------------------------------------------- infer
+
+def bench_infer(args) -> dict:
+    torch.manual_seed(0)
+    state = models.build_model(args.encoder, "random").state_dict()
+    x = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=args.device)
+    rows, flops = [], None
+    for mode in modes(args):
+        model = models.build_model(args.encoder, "random")
+        model.load_state_dict(state)
+        mapper = AnomalyMapper(model.to(args.device).eval(), precision=mode.precision)
+        speed.maybe_compile(model, mode.compile != "none", mode.compile)
+
+        @torch.no_grad()
+        def step(img):
+            mapper(img)[1].cpu()  # the scores come back to the host, as in evaluation
+
+        if flops is None:
+            flops = count_flops(lambda: step(x))
+        reset_peak(args.device)
+        r = time_steps(step, iter(lambda: x, None), args.device, args.warmup, args.iters)
+        r.update(mode=mode.name, task="anomaly map", images_per_s=r["iters_per_s"] * args.batch_size,
+                 ms_per_image=r["ms_per_iter"] / args.batch_size, tflop_per_batch=flops / 1e12,
+                 tflops=flops * r["iters_per_s"] / 1e12, **peak_memory(args.device))
+        del r["data_wait"], model, mapper, step  # and the next mode's peak memory without this model
+        rows.append(r)
+    ratios = speed_ratios(rows, "task", "images_per_s")
+    print_table(rows, [("mode", "mode", ""), ("images_per_s", "img/s", ".4g"), ("ms_per_image", "ms/img", ".3g"),
+                       ("tflops", "TFLOP/s", ".3g"), ("peak_gpu_mb", "GPU MB", ".0f"),
+                       ("peak_host_mb", "host MB", ".0f")])
+    print_ratios(ratios)
+    return dict(results=rows, ratios=ratios)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def bench_data(args) -> dict:
+    samples = training_samples(args)
+    datasets = {"plain": ds.TrainDataset(samples, args.image_size, args.crop_size),
+                "synthesis": SyntheticAnomalyDataset(samples, args.image_size, args.crop_size, None, seed=0)}
+    if args.cache != "none":
+        cache = image_cache(samples, args, args.cache)
+        datasets[f"cache ({args.cache})"] = ds.TrainDataset(samples, args.image_size, args.crop_size, cache)
+    rows = []
+    for workers in args.workers:
+        for name, data in datasets.items():
+            batches = cycle(loader(data, args, workers))
+            r = time_steps(lambda b: None, batches, torch.device("cpu"), args.warmup, args.iters)
+            rows.append(dict(transform=name, workers=workers, images_per_s=r["iters_per_s"] * args.batch_size,
+                             **peak_memory(torch.device("cpu"))))
+            print(f"{name} {workers} workers: {rows[-1]['images_per_s']:.4g} img/s", file=sys.stderr)
+    print_table(rows, [("transform", "transform", ""), ("workers", "workers", "d"),
+                       ("images_per_s", "img/s", ".4g"), ("peak_host_workers_mb", "worker MB", ".0f")])
+    return dict(results=rows)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+def synthetic_class(n_maps: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One class of a test set: (labels [N], scores [N], masks bool [N,H,W], maps float32 [N,H,W]). Half the
+    images have one elliptic defect (about 1 % of the pixels) where the map is higher on average."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n_maps) % 2).astype(np.int64)
+    maps = rng.random((n_maps, size, size), dtype=np.float32)
+    masks = np.zeros((n_maps, size, size), bool)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in np.flatnonzero(labels):
+        cy, cx = rng.uniform(0.2, 0.8, 2) * size
+        ry, rx = rng.uniform(0.04, 0.08, 2) * size
+        masks[i] = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        maps[i][masks[i]] += 0.5
+    scores = maps.reshape(n_maps, -1).max(axis=1)
+    return labels, scores, masks, maps
+
+
+def class_metrics(cls, aupro: str) -> dict:
+    """The seven metrics of one class, through the evaluation's code."""
+    labels, scores, masks, maps = cls
+    return utils.class_metrics(labels, scores, masks, maps, aupro=aupro)
+
+
+def bench_metrics(args) -> dict:
+    cls = synthetic_class(args.maps, args.size, args.seed)
+    tracemalloc.start()
+    start = time.perf_counter()
+    metrics = class_metrics(cls, args.aupro)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    row = dict(maps=args.maps, size=args.size, aupro=args.aupro, seconds=seconds, peak_traced_mb=peak / 2 ** 20,
+               input_mb=sum(a.nbytes for a in cls) / 2 ** 20, **peak_memory(torch.device("cpu")), **metrics)
+    print_table([row], [("maps", "maps", "d"), ("size", "size", "d"), ("aupro", "AUPRO", ""),
+                        ("seconds", "seconds", ".3g"), ("input_mb", "input MB", ".0f"),
+                        ("peak_traced_mb", "peak MB (metrics)", ".0f"), ("peak_host_mb", "peak MB (process)", ".0f")])
+    print(utils.format_metrics("synthetic class", metrics))
+    return dict(results=[row])
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+COMMANDS = {"train": bench_train, "infer": bench_infer, "data": bench_data, "metrics": bench_metrics}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    cmds = {name: sub.add_parser(name, help=text) for name, text in [
+        ("train", "iterations/s of the training steps, reference vs fast"),
+        ("infer", "images/s of the anomaly map, reference vs fast"),
+        ("data", "loader images/s per worker count"),
+        ("metrics", "seconds and memory of the metrics of one synthetic class")]}
+    for name, c in cmds.items():
+        c.add_argument("--json", help="also write the results to this JSON file")
+        if name == "metrics":
+            c.add_argument("--maps", type=int, default=2000, help="anomaly maps in the class")
+            c.add_argument("--size", type=int, default=256, help="map side")
+            c.add_argument("--aupro", choices=["exact", "dinomaly"], default="dinomaly")
+            c.add_argument("--seed", type=int, default=0)
+            continue
+        c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        c.add_argument("--batch_size", type=int, default=32 if name == "infer" else 16)
+        c.add_argument("--image_size", type=int, default=448)
+        c.add_argument("--crop_size", type=int, default=392)
+        c.add_argument("--warmup", type=int, default=1 if name == "data" else 5, help="untimed steps first")
+        c.add_argument("--iters", type=int, default=20 if name == "data" else 30, help="timed steps")
+        c.add_argument("--cache", choices=["none", "memory", "disk"], default="memory",
+                       help="fast mode's image cache (data: the cache measured)")
+        c.add_argument("--cache_dir", help="folder of a disk cache (default: a temporary folder)")
+        if name != "data":
+            c.add_argument("--encoder", default="dinov2reg_vit_base_14")
+            c.add_argument("--precision", choices=speed.PRECISIONS, default="bf16", help="fast mode's precision")
+            c.add_argument("--compile", default="inductor",
+                           help="fast mode's torch.compile backend (inductor, aot_eager, ...) or none")
+        if name != "infer":
+            c.add_argument("--data_path", help="a dataset (MVTec or Real-IAD layout); default: generated")
+            c.add_argument("--dataset", choices=sorted(ds.DATASETS), help="its reader (default: from its layout)")
+            c.add_argument("--classes", nargs="+", help="its classes (default: all folders)")
+            c.add_argument("--source_size", type=int, default=1024, help="generated images' side (Real-IAD: 1024)")
+            c.add_argument("--n_train", type=int, default=32, help="generated training images per class (3 classes)")
+            c.add_argument("--num_workers", type=int, default=min(16, os.cpu_count() or 1))
+        if name == "train":
+            c.add_argument("--steps", nargs="+", default=["dinomaly", "crr_stage1", "crr_stage2"],
+                           choices=["dinomaly", "crr_stage1", "crr_stage2"])
+        if name == "data":
+            c.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16])
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "device"):
+        args.device = torch.device(args.device)
+    with contextlib.ExitStack() as stack:
+        if getattr(args, "cache_dir", "") is None:
+            args.cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="benchmark_cache_"))
+        where = (torch.cuda.get_device_name(args.device) if getattr(args, "device", None) is not None
+                 and args.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads")
+        print(f"{args.command}: {where}, torch {torch.__version__}")
+        result = COMMANDS[args.command](args)
+    settings = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
+    report = dict(command=args.command, device=where, torch=torch.__version__, settings=settings, **result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import os
 
 import dataset as ds
 import models
+import speed
+from image_cache import MODES as CACHE_MODES
 from run import ArgumentParser, float_in, int_at_least
 
 JOBS = ("dinomaly", "crr_stage1", "crr_stage2", "crr_test")
@@ -103,6 +105,19 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
                            help="start afresh in a run folder that holds a trained " +
                                 ("segmentation network (Seg_model_*.pth), deleting it" if job == "crr_stage2" else
                                  "model (model.pth), deleting it"))
+
+    fast = p.add_argument_group("speed (the defaults reproduce the papers)")
+    fast.add_argument("--precision", choices=speed.PRECISIONS, default="fp32",
+                      help="fp32; tf32 (TF32 tensor-core matmuls); bf16 (bfloat16 autocast of the forward pass and "
+                           "the loss; float32 weights, maps and scores)")
+    fast.add_argument("--compile", action="store_true", help="torch.compile the network blocks (slow first steps)")
+    if job != "crr_stage2":
+        fast.add_argument("--cache_images", choices=CACHE_MODES, default="none",
+                          help="keep decoded, resized images (identical tensors): memory (training images, shared "
+                               "by the loader workers) or disk (a memory-mapped file in --cache_dir, kept for later "
+                               "runs: training and test images)" +
+                               ("; CRR's synthetic training images are not cached yet" if crr else ""))
+        fast.add_argument("--cache_dir", help="folder of disk image caches (default: <save_dir>/image_cache)")
 
     if evaluates:
         ev = p.add_argument_group("evaluation")

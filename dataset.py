@@ -140,40 +140,42 @@ def check_sizes(image_size: int, crop_size: int):
         raise UserError(f"--crop_size {crop_size} is larger than --image_size {image_size}")
 
 
-def load_tensor(path: str, image_size: int, crop_size: int) -> torch.Tensor:
-    """The input transform: image file -> RGB -> resize -> centre crop -> normalised [3, crop, crop]."""
-    return image_to_tensor(resize(load_image(path), image_size), crop_size)
+def load_tensor(path: str, image_size: int, crop_size: int, cache=None) -> torch.Tensor:
+    """The input transform: image file -> RGB -> resize -> centre crop -> normalised [3, crop, crop]. With an
+    `image_cache.ImageCache` of that image size, the resized pixels come from the cache (bit-identical)."""
+    img = resize(load_image(path), image_size) if cache is None else Image.fromarray(cache.get(path))
+    return image_to_tensor(img, crop_size)
 
 
 class TrainDataset(Dataset):
-    """Normal training images -> normalised tensors [3, crop, crop]."""
+    """Normal training images -> normalised tensors [3, crop, crop]; `cache`: an optional ImageCache."""
 
-    def __init__(self, samples: list[Sample], image_size: int = 448, crop_size: int = 392):
-        self.samples, self.image_size, self.crop_size = samples, image_size, crop_size
+    def __init__(self, samples: list[Sample], image_size: int = 448, crop_size: int = 392, cache=None):
+        self.samples, self.image_size, self.crop_size, self.cache = samples, image_size, crop_size, cache
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return load_tensor(self.samples[i].image_path, self.image_size, self.crop_size)
+        return load_tensor(self.samples[i].image_path, self.image_size, self.crop_size, self.cache)
 
 
 class TestDataset(Dataset):
     """Test images -> (image [3,c,c], mask [1,c,c] in [0,1], label, has_mask, image_path).
 
     `has_mask` is False for an anomalous image without pixel ground truth; such images count for the image
-    metrics only. Normal images always have an all-zero mask.
+    metrics only. Normal images always have an all-zero mask. `cache`: an optional ImageCache for the images.
     """
 
-    def __init__(self, samples: list[Sample], image_size: int = 448, crop_size: int = 392):
-        self.samples, self.image_size, self.crop_size = samples, image_size, crop_size
+    def __init__(self, samples: list[Sample], image_size: int = 448, crop_size: int = 392, cache=None):
+        self.samples, self.image_size, self.crop_size, self.cache = samples, image_size, crop_size, cache
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         s = self.samples[i]
-        img = load_tensor(s.image_path, self.image_size, self.crop_size)
+        img = load_tensor(s.image_path, self.image_size, self.crop_size, self.cache)
         if s.label != 0 and s.mask_path is not None:
             mask = mask_to_tensor(resize(load_mask(s.mask_path), self.image_size), self.crop_size)
         else:

@@ -20,8 +20,10 @@ import dataset as ds
 import models
 import preflight
 import train_state
+import speed
 from anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt
 from errors import UserError
+from image_cache import build_cache
 from loss import focal_loss, global_cosine_hm, hard_mining_factor
 from optimizers import StableAdamW, WarmCosineSchedule
 from run import Run, log, save_atomic, seed_everything
@@ -69,7 +71,7 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
     (then KeyboardInterrupt) and after MAX_BAD_STEPS skipped steps in a row (then UserError)."""
     per_epoch = loader.sampler.num_samples // loader.batch_size
     it, losses, skipped, bad_in_row = start, [], 0, 0
-    begin = time.time()
+    begin, data_wait = time.time(), speed.DataWait()
     with train_state.StopRequest(again_interrupts=run.world_size == 1) as stop, \
             tqdm(initial=start, total=total_iters, desc="train", disable=not run.is_main, dynamic_ncols=True) as bar:
         while it < total_iters:
@@ -77,7 +79,7 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
             loader.sampler.set_epoch(epoch, skip=done_in_epoch * loader.batch_size)
             if hasattr(loader.dataset, "set_epoch"):
                 loader.dataset.set_epoch(epoch)
-            for batch in loader:
+            for batch in data_wait.iterate(loader):
                 loss, updated, stopping = train_step(batch, it, loss_fn, params, optimizer, schedule, clip,
                                                      stop.requested)
                 it += 1
@@ -88,7 +90,7 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
                 else:
                     skipped, bad_in_row = skipped + 1, bad_in_row + 1
                 if it % run.args.log_every == 0 or it == total_iters:
-                    log_progress(it, total_iters, losses, skipped, optimizer, time.time() - begin)
+                    log_progress(it, total_iters, losses, skipped, optimizer, data_wait.share(), time.time() - begin)
                     losses = []
                 if on_iter_end is not None:
                     on_iter_end(it)
@@ -129,11 +131,11 @@ def train_step(batch, it: int, loss_fn, params: list, optimizer, schedule, clip,
     return loss.detach(), not bad, bool(stopping)
 
 
-def log_progress(it: int, total_iters: int, losses: list, skipped: int, optimizer, seconds: float):
+def log_progress(it: int, total_iters: int, losses: list, skipped: int, optimizer, wait: float, seconds: float):
     mean_loss = f"{torch.stack(losses).mean().item():.4f}" if losses else "n/a"
     note = f", skipped (non-finite loss): {skipped}" if skipped else ""
     log.info(f"iter [{it}/{total_iters}], loss: {mean_loss}, lr: {optimizer.param_groups[0]['lr']:.3g}, "
-             f"{seconds:.0f}s{note}")
+             f"data wait {wait:.0%}, {seconds:.0f}s{note}")
 
 
 def ddp_wrap(run: Run, module: torch.nn.Module) -> torch.nn.Module:
@@ -157,11 +159,12 @@ def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, rep
 
     def loss_fn(batch, it):
         p = hard_mining_factor(it, HM_MAX_P, HM_RAMP_ITERS)
-        if repair:
-            return repair_loss(net, batch[0].to(run.device, non_blocking=True),
-                               batch[1].to(run.device, non_blocking=True), p)
-        en, de = net(batch.to(run.device, non_blocking=True))
-        return global_cosine_hm(en, de, p=p, factor=HM_FACTOR)
+        with speed.autocast(run.device, args.precision):
+            if repair:
+                return repair_loss(net, batch[0].to(run.device, non_blocking=True),
+                                   batch[1].to(run.device, non_blocking=True), p)
+            en, de = net(batch.to(run.device, non_blocking=True))
+            return global_cosine_hm(en, de, p=p, factor=HM_FACTOR)
 
     start, settings = train_state.restore(run, state, model, optimizer, len(loader.dataset))
 
@@ -192,19 +195,15 @@ def train_segmentation(run: Run, model: models.ViTill, loader: DataLoader,
     Continues from the training `state` when given."""
     args = run.args
     segnet = models.SegmentationNet(base_width=2 * model.encoder.cfg.embed_dim // 8).to(run.device)
+    speed.maybe_compile(segnet, args.compile)
     log.info(f"segmentation network parameters: {sum(p.numel() for p in segnet.parameters()):,}")
     net = ddp_wrap(run, segnet)
     optimizer = torch.optim.Adam(segnet.parameters(), lr=SEG_LR)
     segnet.train()
 
     def loss_fn(batch, it):
-        aug_img, aug_mask = batch[1].to(run.device, non_blocking=True), batch[2].to(run.device, non_blocking=True)
-        with torch.no_grad():
-            en, de = model(aug_img)
-            seg_in = models.segmentation_input(en, de)
-        probs = torch.softmax(net(seg_in), dim=1)
-        target = F.interpolate(aug_mask, size=probs.shape[-2:], mode="bilinear", align_corners=False) >= 0.5
-        return focal_loss(probs, target)
+        return segmentation_loss(model, net, batch[1].to(run.device, non_blocking=True),
+                                 batch[2].to(run.device, non_blocking=True), args.precision)
 
     def save(done):
         if run.is_main and (done % SEG_SAVE_EVERY == 0 or done == args.total_iters):
@@ -224,6 +223,20 @@ def train_segmentation(run: Run, model: models.ViTill, loader: DataLoader,
     return segnet
 
 
+def segmentation_loss(model: models.ViTill, net, aug_img: torch.Tensor, aug_mask: torch.Tensor,
+                      precision: str = "fp32") -> torch.Tensor:
+    """CRR Stage II's loss: the focal loss of the segmentation network `net` on the frozen model's features of
+    the synthetic images against their masks (bilinear to the network's output size, >= 0.5)."""
+    with speed.autocast(aug_img.device, precision):
+        with torch.no_grad():
+            en, de = model(aug_img)
+            seg_in = models.segmentation_input(en, de)
+        logits = net(seg_in)
+    probs = torch.softmax(logits.float(), dim=1)
+    target = F.interpolate(aug_mask, size=probs.shape[-2:], mode="bilinear", align_corners=False) >= 0.5
+    return focal_loss(probs, target)
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str = "") -> dict:
@@ -234,8 +247,9 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
     results, score_rows = {}, []
     for name in ds.class_names(args.dataset, args.classes):
         samples = test_samples(args, name)
-        loader = DataLoader(ds.TestDataset(samples, args.image_size, args.crop_size), batch_size=args.batch_size,
-                            shuffle=False, num_workers=args.num_workers)
+        test_set = ds.TestDataset(samples, args.image_size, args.crop_size, image_cache(args, samples, ("disk",)))
+        loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                            pin_memory=run.device.type == "cuda")
         labels, scores, px_maps, px_masks, shown = [], [], [], [], 0
         with torch.no_grad():
             for img, mask, label, has_mask, paths in tqdm(loader, desc=f"eval {name}", leave=False,
@@ -280,11 +294,26 @@ def test_samples(args, class_name: str) -> list[ds.Sample]:
     return samples
 
 
+def train_dataset(args) -> ds.TrainDataset:
+    """Dinomaly's training images, through the image cache of --cache_images."""
+    samples = train_samples(args)
+    return ds.TrainDataset(samples, args.image_size, args.crop_size, image_cache(args, samples))
+
+
 def train_samples(args) -> list[ds.Sample]:
     check_data_path(args)
     return [s for c in ds.class_names(args.dataset, args.classes)
             for s in ds.class_samples(args.dataset, args.data_path, c, "train", args.realiad_resolution,
                                       args.json_dir)[0]]
+
+
+def image_cache(args, samples: list[ds.Sample], modes=("memory", "disk")):
+    """The --cache_images cache of these samples' images when its mode is one of `modes` (test images are read
+    once per run: only a disk cache, kept for later runs, gains), else None. Disk caches go to --cache_dir,
+    by default <save_dir>/image_cache."""
+    mode = getattr(args, "cache_images", "none")
+    folder = getattr(args, "cache_dir", None) or os.path.join(args.save_dir, "image_cache")
+    return build_cache(mode, [s.image_path for s in samples], args.image_size, folder) if mode in modes else None
 
 
 def synthetic_train_set(args):
@@ -308,8 +337,10 @@ def model_settings(args, dropout: float | None = None) -> dict:
 
 
 def trained_model(run: Run, path: str, fallback: dict) -> models.ViTill:
-    """A trained reconstruction model in eval mode on the run's device, with the saved run's settings."""
-    return models.load_trained(path, run.args, fallback).to(run.device)
+    """A trained reconstruction model in eval mode on the run's device, with the saved run's settings; the
+    precision and compilation of --precision and --compile."""
+    speed.configure(run.args.precision)
+    return speed.maybe_compile(models.load_trained(path, run.args, fallback).to(run.device), run.args.compile)
 
 
 def fresh_model(run: Run, **kwargs) -> models.ViTill:
@@ -320,7 +351,8 @@ def fresh_model(run: Run, **kwargs) -> models.ViTill:
     if weights == "random":
         log.warning("warning: the encoder has random weights (--encoder_weights random): a smoke run only")
     log.info(f"trainable parameters: {sum(p.numel() for p in model.trainable_parameters()):,}")
-    return model.to(run.device)
+    speed.configure(args.precision)
+    return speed.maybe_compile(model.to(run.device), args.compile)
 
 
 def check_max_ratio(max_ratio: float):
@@ -349,7 +381,7 @@ def train_and_evaluate(args, crr: bool):
         run = Run(args, "config.json")
         state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth"])
         train_set = synthetic_train_set(args) if crr else \
-            ds.TrainDataset(train_samples(args), args.image_size, args.crop_size)
+            train_dataset(args)
         preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths if crr else ())
         masking = dict(mask_ratio=args.mask_ratio, mask_in_eval=args.test_mask == "on") if crr else {}
         model = fresh_model(run, dropout=args.dropout, attn_eps=args.attn_eps, **masking)
@@ -360,8 +392,8 @@ def train_and_evaluate(args, crr: bool):
     if run.is_main:
         model.eval()
         seed_everything(args.seed)
-        evaluate(run, AnomalyMapper(model, max_ratio=args.max_ratio), args.aupro, args.gt_binarize,
-                 tag="_recon" if crr else "")
+        evaluate(run, AnomalyMapper(model, max_ratio=args.max_ratio, precision=args.precision), args.aupro,
+                 args.gt_binarize, tag="_recon" if crr else "")
 
 
 def dinomaly_main(args):
@@ -398,4 +430,5 @@ def crr_test_main(args):
     log.info(f"loaded {seg_path}")
     preflight.check_data(args)
     seed_everything(args.seed)
-    evaluate(run, AnomalyMapper(model, segnet, args.fusion_alpha, args.max_ratio), args.aupro, args.gt_binarize)
+    evaluate(run, AnomalyMapper(model, segnet, args.fusion_alpha, args.max_ratio, args.precision, args.compile),
+             args.aupro, args.gt_binarize)

@@ -22,32 +22,44 @@ class StableAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            by_step: dict[int, list[torch.Tensor]] = {}  # tensors that have taken the same number of steps
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p)
-                p.mul_(1 - lr * wd)
-                state["step"] += 1
-                step = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                if group["amsgrad"]:
-                    torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
-                    v = state["max_exp_avg_sq"]
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
-                rms = (g / denom).pow(2).mean().sqrt()
-                scale = torch.clamp(rms, min=1.0)
-                p.addcdiv_(m, denom * scale, value=-lr / (1 - beta1 ** step))
+                if p.grad is not None:
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = 0
+                        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+                            state[key] = torch.zeros_like(p)
+                    state["step"] += 1
+                    by_step.setdefault(state["step"], []).append(p)
+            for step, params in by_step.items():
+                self._update(group, params, step)
         return loss
+
+    def _update(self, group: dict, params: list[torch.Tensor], step: int):
+        """One step of `params` (all at step `step`): the per-tensor arithmetic of StableAdamW, batched over
+        tensors with torch._foreach_* ops (the same element-wise operations, so the same results)."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, grads, alpha=1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        if group["amsgrad"]:
+            v_max = [self.state[p]["max_exp_avg_sq"] for p in params]
+            torch._foreach_maximum_(v_max, v)
+            v = v_max
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** step))
+        torch._foreach_add_(denom, eps)
+        ratio = torch._foreach_div(grads, denom)
+        torch._foreach_pow_(ratio, 2)
+        for d, r in zip(denom, ratio):  # scaled down by max(1, RMS(g / denom)), per tensor
+            d.mul_(torch.clamp(r.mean().sqrt(), min=1.0))
+        torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - beta1 ** step))
 
 
 class WarmCosineSchedule:

@@ -1,0 +1,132 @@
+"""A cache of decoded, resized images, so that a training step does not wait for JPEG/PNG decoding.
+
+`ImageCache(paths, size, mode, folder).get(path)` returns the image at `path` exactly as
+`dataset.resize(dataset.load_image(path), size)` gives it, as uint8 [size, size, 3]; the crop and the
+normalisation that follow are unchanged, so cached and uncached tensors are bit-identical. Each image is
+decoded on its first use and kept in one shared array:
+
+- "memory": an anonymous shared memory map, shared by the DataLoader workers forked after it was made
+  (size x size x 3 bytes per image: 0.6 MB at 448 px, 2.2 GB for MVTec AD's 3,629 training images).
+- "disk": a file `<folder>/images_<size>_<key>.u8` mapped into memory. It outlives the run, so a later run on
+  the same images (same paths, sizes and modification times: the key) starts with them decoded; the page
+  cache shares it between workers and between the processes of a torchrun job.
+"""
+import hashlib
+import mmap
+import os
+import shutil
+
+import numpy as np
+
+from dataset import load_image, resize
+from errors import UserError
+
+MODES = ("none", "memory", "disk")
+_ALIGN = 4096  # the pixels start on a page boundary after the per-image "filled" flags
+
+
+def cache_key(paths: list[str], size: int) -> str:
+    """A hash of the size and of each image's path, byte size and modification time."""
+    h = hashlib.sha1(f"{size}\n".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class ImageCache:
+    """Decoded uint8 images [size, size, 3] of a fixed list of files, filled on first use (see the module)."""
+
+    def __init__(self, paths: list[str], size: int, mode: str = "memory", folder: str | None = None):
+        if mode not in ("memory", "disk"):
+            raise ValueError(f"unknown image cache mode {mode!r} (expected 'memory' or 'disk')")
+        self.paths, self.size, self.mode = list(dict.fromkeys(paths)), int(size), mode
+        self.index = {p: i for i, p in enumerate(self.paths)}
+        self.offset = -(-len(self.paths) // _ALIGN) * _ALIGN
+        self.nbytes = self.offset + len(self.paths) * self.size * self.size * 3
+        self.file = None
+        if mode == "memory":
+            check_memory(self.nbytes)
+            self._map(mmap.mmap(-1, self.nbytes))
+        else:
+            os.makedirs(folder, exist_ok=True)
+            self.file = os.path.join(folder, f"images_{self.size}_{cache_key(self.paths, self.size)}.u8")
+            create_file(self.file, self.nbytes)
+            self._open_file()
+
+    def _map(self, buffer: mmap.mmap):
+        self.buffer = buffer
+        self.filled = np.frombuffer(buffer, np.uint8, len(self.paths))
+        self.pixels = np.frombuffer(buffer, np.uint8, offset=self.offset).reshape(-1, self.size, self.size, 3)
+
+    def _open_file(self):
+        with open(self.file, "r+b") as f:
+            self._map(mmap.mmap(f.fileno(), self.nbytes))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def filled_count(self) -> int:
+        return int(np.count_nonzero(self.filled))
+
+    def get(self, path: str) -> np.ndarray:
+        """The resized image at `path`: uint8 [size, size, 3], read-only."""
+        i = self.index.get(path)
+        if i is None:
+            raise KeyError(f"{path} is not one of the {len(self.paths)} images of this cache")
+        if not self.filled[i]:
+            self.pixels[i] = np.asarray(resize(load_image(path), self.size))
+            self.filled[i] = 1
+        out = self.pixels[i]
+        out.flags.writeable = False
+        return out
+
+    def __getstate__(self):
+        """Disk caches travel to spawned worker processes as their file name; memory caches cannot."""
+        if self.mode == "memory":
+            raise TypeError("an in-memory image cache is shared only with loader workers started by fork; "
+                            "use the disk cache (--cache_images disk) with other start methods")
+        state = self.__dict__.copy()
+        for k in ("buffer", "filled", "pixels"):
+            del state[k]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open_file()
+
+
+def create_file(path: str, nbytes: int):
+    """Create the cache file (sparse, zero-filled) unless it exists with the right size; atomic, so processes
+    starting together end up with the same file."""
+    if os.path.isfile(path) and os.path.getsize(path) == nbytes:
+        return
+    free = shutil.disk_usage(os.path.dirname(path)).free
+    if nbytes > free:
+        raise UserError(f"the image cache needs {nbytes / 1e9:.1f} GB but {os.path.dirname(path)} has "
+                        f"{free / 1e9:.1f} GB free; pass another --cache_dir or --cache_images none")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.truncate(nbytes)
+    try:
+        os.link(tmp, path)  # fails if another process made it first: then theirs is used
+    except FileExistsError:
+        if os.path.getsize(path) != nbytes:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_memory(nbytes: int):
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if nbytes > 0.8 * available:
+        raise UserError(f"the image cache needs {nbytes / 1e9:.1f} GB of memory but {available / 1e9:.1f} GB "
+                        f"is free; use --cache_images disk or none")
+
+
+def build_cache(mode: str, paths: list[str], size: int, folder: str | None) -> ImageCache | None:
+    """The cache for --cache_images `mode` ("none" -> None); `folder` holds disk caches."""
+    if mode not in MODES:
+        raise ValueError(f"unknown image cache mode {mode!r} (expected one of {', '.join(MODES)})")
+    return None if mode == "none" else ImageCache(paths, size, mode, folder)

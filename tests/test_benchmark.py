@@ -1,0 +1,69 @@
+"""benchmark.py's subcommands at tiny settings on the CPU: they run and write their JSON fields (no timings are
+checked)."""
+import json
+
+import numpy as np
+import pytest
+
+import benchmark
+import utils
+
+from conftest import TINY
+
+DATA = ["--source_size", "64", "--n_train", "2", "--num_workers", "0"]
+SMALL = ["--batch_size", "2", "--image_size", "64", "--crop_size", "56", "--warmup", "0", "--iters", "1"]
+MODEL = ["--encoder", TINY, "--device", "cpu", "--compile", "none"]  # inductor's codegen is slow on a CPU
+
+
+def run(tmp_path, *argv) -> dict:
+    path = tmp_path / "out.json"
+    benchmark.main([*argv, "--json", str(path)])
+    return json.loads(path.read_text())
+
+
+def positive(row: dict, keys: list[str]):
+    for k in keys:
+        assert row[k] > 0, k
+
+
+def test_train(tmp_path):
+    out = run(tmp_path, "train", *SMALL, *MODEL, *DATA)
+    rows = out["results"]
+    assert [(r["step"], r["mode"]) for r in rows] == [(s, m) for m in ("reference", "fast")
+                                                      for s in ("dinomaly", "crr_stage1", "crr_stage2")]
+    for r in rows:
+        positive(r, ["iters_per_s", "images_per_s", "ms_per_iter", "tflop_per_step", "tflops", "peak_host_mb"])
+        assert 0 <= r["data_wait"] <= 1 and r["peak_gpu_mb"] is None  # on the CPU
+    assert set(out["ratios"]) == {"dinomaly", "crr_stage1", "crr_stage2"} and min(out["ratios"].values()) > 0
+    by = {(r["step"], r["mode"]): r for r in rows}
+    assert by["crr_stage1", "fast"]["tflop_per_step"] == by["crr_stage1", "reference"]["tflop_per_step"]
+    assert by["crr_stage1", "fast"]["tflop_per_step"] == pytest.approx(2 * by["dinomaly", "fast"]["tflop_per_step"])
+    assert out["settings"]["precision"] == "bf16"
+
+
+def test_infer(tmp_path):
+    out = run(tmp_path, "infer", *SMALL, *MODEL)
+    assert [r["mode"] for r in out["results"]] == ["reference", "fast"]
+    for r in out["results"]:
+        positive(r, ["images_per_s", "ms_per_image", "tflops", "peak_host_mb"])
+    assert out["ratios"]["anomaly map"] > 0
+
+
+def test_data(tmp_path):
+    out = run(tmp_path, "data", *SMALL, *DATA, "--workers", "0", "1")
+    rows = out["results"]
+    assert {(r["transform"], r["workers"]) for r in rows} == {(t, w) for t in ("plain", "cache (memory)", "synthesis")
+                                                              for w in (0, 1)}
+    for r in rows:
+        positive(r, ["images_per_s", "peak_host_mb"])
+
+
+def test_metrics(tmp_path):
+    out = run(tmp_path, "metrics", "--maps", "6", "--size", "32")
+    row = out["results"][0]
+    positive(row, ["seconds", "peak_traced_mb", "input_mb", "peak_host_mb"])
+    assert row["I-AUROC"] == 1.0  # the synthetic defects raise the maps' maxima
+    labels, scores, masks, maps = benchmark.synthetic_class(6, 32, 0)
+    assert masks[labels == 1].any(axis=(1, 2)).all() and not masks[labels == 0].any()
+    assert row["P-AUROC"] == utils.class_metrics(labels, scores, masks, maps)["P-AUROC"]
+    assert maps.dtype == np.float32
