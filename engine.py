@@ -19,13 +19,14 @@ from tqdm import tqdm
 
 import dataset as ds
 import models
-from anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt
+from anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt, check_max_ratio
 from errors import UserError
 from loss import focal_loss, global_cosine_hm, hard_mining_factor
 from optimizers import StableAdamW, WarmCosineSchedule
+from report import ClassReport
 from run import Run, log, save_atomic, seed_everything
+from thresholds import Calibration
 from utils import METRIC_NAMES, class_metrics, format_metrics, nanmean, write_metrics_csv
-from visualize import save_heatmap
 
 # ----------------------------------------------------------------------------------------------- the recipes
 # Reconstruction training (Dinomaly, CRR Stage I): StableAdamW, warm-up then cosine, clipping, hard mining.
@@ -174,15 +175,18 @@ def train_segmentation(run: Run, model: models.ViTill, loader: DataLoader) -> mo
 
 def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str = "") -> dict:
     """The one evaluation loop: per class, smoothed maps and scores from `mapper`, ground truth at 256, the
-    seven metrics; prints the table, writes metrics<tag>.csv and scores<tag>.csv and heatmaps<tag>/.
-    Returns {class: metrics}."""
+    seven metrics; prints the table, writes metrics<tag>.csv, scores<tag>.csv, thresholds<tag>.json and the
+    pictures (report.py). Returns {class: metrics}."""
     args = run.args
     results, score_rows = {}, []
+    calibration = Calibration(dict(map="reconstruction" if mapper.segnet is None else "fused",
+                                   fusion_alpha=mapper.fusion_alpha, max_ratio=mapper.max_ratio))
     for name in ds.class_names(args.dataset, args.classes):
         samples = test_samples(args, name)
         loader = DataLoader(ds.TestDataset(samples, args.image_size, args.crop_size), batch_size=args.batch_size,
                             shuffle=False, num_workers=args.num_workers)
-        labels, scores, px_maps, px_masks, shown = [], [], [], [], 0
+        labels, scores, px_maps, px_masks = [], [], [], []
+        report = ClassReport(args.save_heatmaps)
         with torch.no_grad():
             for img, mask, label, has_mask, paths in tqdm(loader, desc=f"eval {name}", leave=False,
                                                           dynamic_ncols=True):
@@ -194,19 +198,19 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
                 score_rows += [[name, p, int(l), s] for p, l, s in zip(paths, label.tolist(), score.tolist())]
                 px_maps.append(amap[has_mask, 0].numpy())
                 px_masks.append(gt[has_mask, 0].numpy())
-                for i in [i for i, l in enumerate(label.tolist()) if l == 1][:args.save_heatmaps - shown]:
-                    save_heatmap(run.path(os.path.join(f"heatmaps{tag}", name)), paths[i], img[i], gt[i, 0],
-                                 amap[i, 0], score[i].item())
-                    shown += 1
+                report.add(img, gt[:, 0], amap[:, 0], score, label, paths)
         maps, masks = np.concatenate(px_maps), np.concatenate(px_masks)
         results[name] = class_metrics(np.array(labels), np.array(scores), masks if masks.any() else None, maps,
                                       aupro=aupro)
         log.info(format_metrics(name, results[name]))
+        entry = calibration.add(name, np.array(labels), np.array(scores), maps, masks)
+        report.save(run.dir, tag, name, entry, calibration.samples[name][2:4])
     mean = {k: nanmean([r[k] for r in results.values()]) for k in METRIC_NAMES}
     log.info(format_metrics("Mean", mean))
     write_metrics_csv(run.path(f"metrics{tag}.csv"), results, mean)
     with open(run.path(f"scores{tag}.csv"), "w", newline="") as f:
         csv.writer(f).writerows([["class", "image_path", "label", "score"], *score_rows])
+    calibration.save(run.path(f"thresholds{tag}.json"))
     return results
 
 
@@ -267,12 +271,6 @@ def fresh_model(run: Run, **kwargs) -> models.ViTill:
         log.warning("warning: the encoder has random weights (--encoder_weights random): a smoke run only")
     log.info(f"trainable parameters: {sum(p.numel() for p in model.trainable_parameters()):,}")
     return model.to(run.device)
-
-
-def check_max_ratio(max_ratio: float):
-    if 0 < max_ratio and int(MAP_SIZE * MAP_SIZE * max_ratio) < 1:
-        raise UserError(f"--max_ratio {max_ratio} selects no pixel of a {MAP_SIZE}x{MAP_SIZE} map; use 0 (the "
-                        f"maximum) or at least {1 / MAP_SIZE ** 2:.2g}")
 
 
 # ----------------------------------------------------------------------------------------------- the jobs
