@@ -24,6 +24,7 @@ In Python:
 import argparse
 import csv
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,8 +162,7 @@ class Detector:
 
     threshold: the image threshold (default: thresholds.json's, of `class_name` or of all classes);
     thresholds: a thresholds.json other than the run folder's. The masks use the calibrated pixel threshold
-    (the image threshold where there is none); pictures use the calibrated colour range ([0, threshold]
-    without a thresholds file)."""
+    (the image threshold where there is none); pictures the colour scale of thresholds.color_range."""
 
     def __init__(self, checkpoint: str, *, seg_checkpoint: str | None = None, thresholds: str | None = None,
                  threshold: float | None = None, class_name: str | None = None, device: str | None = None,
@@ -205,7 +205,8 @@ class Detector:
         self.threshold_source = "--threshold" if threshold is not None else where
         pixel = entry["pixel"]["threshold"] if entry else None
         self.pixel_threshold = float(pixel if pixel is not None else self.threshold)
-        self.color_range = tuple(entry["color_range"]) if entry and entry["color_range"] else (0.0, self.threshold)
+        normal_px = entry["pixel"]["normal_values"] if entry else {}
+        self.color_range = tuple(th.color_range(normal_px.get("p50") or 0.0, self.threshold, normal_px.get("p999")))
         self.normal_min = entry["image"]["normal_scores"]["min"] if entry else None
         log.info(f"threshold {self.threshold:.6g} from {self.threshold_source}; masks: map >= "
                  f"{self.pixel_threshold:.6g}{'' if pixel is not None else ' (no calibrated pixel threshold)'}")
@@ -265,23 +266,18 @@ class ImageFiles(Dataset):
 
 
 def output_names(paths: list[str]) -> list[str]:
-    """One PNG name per image: its stem, or, where stems repeat, its path below the images' common folder
-    ('_' for '/'); always unique (case-insensitively, for case-insensitive file systems)."""
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    """One PNG name per image: its path below the images' common folder without the extension, '/' as '_'
+    (so its stem when all are in one folder); with the extension ('.' as '_') where only that tells two
+    apart; unique case-insensitively (for case-insensitive file systems)."""
     absolute = [os.path.abspath(p) for p in paths]
     common = os.path.commonpath([os.path.dirname(a) for a in absolute])
     rel = [os.path.relpath(a, common).replace(os.sep, "_") for a in absolute]
-    rel_stems = [os.path.splitext(r)[0] for r in rel]
-    lowered = [s.lower() for s in stems]
+    stems = [os.path.splitext(r)[0] for r in rel]
+    counts = Counter(s.lower() for s in stems)
     names, used = [], set()
-    for stem, r, rs in zip(stems, rel, rel_stems):
-        if lowered.count(stem.lower()) == 1:
-            name = stem
-        elif [x.lower() for x in rel_stems].count(rs.lower()) == 1:
-            name = rs
-        else:  # same path apart from the extension
-            name = r.replace(".", "_")
-        base, k = name, 2
+    for r, stem in zip(rel, stems):
+        name = base = stem if counts[stem.lower()] == 1 else r.replace(".", "_")
+        k = 2
         while name.lower() in used:
             name, k = f"{base}_{k}", k + 1
         used.add(name.lower())
@@ -294,7 +290,7 @@ def write_outputs(out: str, name: str, rgb: np.ndarray, p: Prediction, detector:
     verdict = "ANOMALOUS" if p.is_anomalous else "normal"
     caption = f"{verdict}  score {p.score:.4g} {'>=' if p.is_anomalous else '<'} {p.threshold:.4g}"
     picture = overlay_picture(rgb, p.anomaly_map, p.seen, p.mask, detector.color_range, caption, p.is_anomalous,
-                              {"mask thr": detector.pixel_threshold})
+                              {"threshold": p.threshold, "mask thr": detector.pixel_threshold})
     files = (os.path.join("overlays", name + ".png"), os.path.join("masks", name + ".png"))
     try:
         write_png(os.path.join(out, files[0]), picture)

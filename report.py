@@ -48,7 +48,8 @@ class ClassReport:
         """Write the class's heatmaps, curves and gallery. entry: its thresholds.json entry; pixels: (map
         values, anomalous flags), a sample for the pixel-level curves."""
         color_range = entry["color_range"] or (0.0, max(self.scores) or 1.0)
-        marks = {"pixel thr": entry["pixel"]["threshold"]} if entry["pixel"]["threshold"] is not None else {}
+        marks = {name: entry[level]["threshold"] for name, level in (("image thr", "image"), ("pixel thr", "pixel"))
+                 if entry[level]["threshold"] is not None}
         if self.heatmaps:
             os.makedirs(os.path.join(run_dir, f"heatmaps{tag}", name), exist_ok=True)
         for s, path, img, gt, amap in self.heatmaps:
@@ -80,7 +81,7 @@ class ClassReport:
 
 def write_png(path: str, rgb: np.ndarray):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if not cv2.imwrite(path, np.ascontiguousarray(rgb[..., ::-1])):
+    if not cv2.imwrite(path, np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 3]):
         raise OSError(f"cannot write {path}")
 
 

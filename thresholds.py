@@ -6,8 +6,9 @@ Per class, and once for all classes together ("all"):
   counts, and the normal images' score range (min, 99th percentile, max);
 - "pixel": the F1-max threshold of the anomaly-map values against the ground-truth masks (for the predicted
   masks), its F1, and the normal images' map values (median, 99.9th percentile, max);
-- "color_range": [median, 99.9th percentile] of the normal images' map values: the fixed colour scale of the
-  pictures (blue: a typical normal pixel; red: hotter than 99.9 % of the pixels of normal test images).
+- "color_range": the fixed colour scale of the pictures (see color_range): from the median of the normal
+  images' map values (blue: a typical good pixel) with the image threshold in the middle (green-yellow; an
+  image is anomalous when its hottest 1 % reaches it on average) to red, twice as far above a good pixel.
 
 A threshold is null where it cannot be calibrated (a class without anomalous or without normal images, or
 without masks). Pixel statistics come from a seeded uniform subsample of at most PIXEL_SAMPLE map values per
@@ -73,17 +74,22 @@ def summarize(labels: np.ndarray, scores: np.ndarray, px_values: np.ndarray, px_
     px_threshold, px_f1 = f1max_threshold(px_flags, px_values) if px_flags.any() else (None, None)
     normal_px = px_values[px_normal] if px_normal.any() else px_values[~px_flags]
     px_stats = _stats(normal_px, {"p50": 50, "p999": 99.9})
-    color_range = None
-    if px_stats["p50"] is not None:
-        lo, hi = px_stats["p50"], px_stats["p999"]
-        color_range = [lo, hi if hi > lo else lo + max(abs(lo), 1.0) * 1e-6]
     return {
         "image": {"threshold": threshold, "f1": f1, "n_normal": int((~labels).sum()),
                   "n_anomalous": int(labels.sum()), "normal_scores": _stats(scores[~labels], {"p99": 99})},
         "pixel": {"threshold": px_threshold, "f1": px_f1, "n_sampled": int(px_values.size),
                   "normal_values": px_stats},
-        "color_range": color_range,
+        "color_range": color_range(px_stats["p50"], threshold, px_stats["p999"]),
     }
+
+
+def color_range(lo: float | None, threshold: float | None, high: float | None) -> list[float] | None:
+    """The colour scale [lo, lo + 2 * (threshold - lo)]: the threshold in the middle, as normalize puts it at
+    0.5. Without a threshold above lo: [lo, high] (e.g. the normal 99.9th percentile). None without lo."""
+    if lo is None:
+        return None
+    hi = lo + 2 * (threshold - lo) if threshold is not None and threshold > lo else high
+    return [lo, hi if hi is not None and hi > lo else lo + max(abs(lo), 1.0) * 1e-6]
 
 
 class Calibration:

@@ -1,8 +1,8 @@
 """Pictures for a person to look at: anomaly maps on a fixed colour scale with a colour bar and titles.
 
-The colour scale of a class is fixed (thresholds.json's "color_range": the median and the 99.9th percentile
-of normal test images' map values), so a normal image stays blue and red means "hotter than nearly every
-pixel of the normal test images"; maps are never stretched to their own min-max.
+The colour scale of a class is fixed (thresholds.json's "color_range": blue at the median of the normal test
+images' map values, the image threshold in the middle, red twice as far above), so a normal image stays
+blue-green and red means clearly above the decision threshold; maps are never stretched to their own min-max.
 
 - `heatmap_panel`: image | ground truth | anomaly map (evaluation heatmaps and the gallery);
 - `overlay_picture`: a map over an image of any size, with the pixels outside the centre crop hatched

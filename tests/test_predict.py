@@ -148,7 +148,8 @@ def test_thresholds_json_matches_brute_force_over_the_run(run):
         assert entry["image"]["normal_scores"]["min"] == scores[labels == 0].min()
         assert entry["image"]["normal_scores"]["max"] == scores[labels == 0].max()
         lo, hi = entry["color_range"]
-        assert lo == entry["pixel"]["normal_values"]["p50"] < hi == entry["pixel"]["normal_values"]["p999"]
+        assert lo == entry["pixel"]["normal_values"]["p50"]
+        assert (lo + hi) / 2 == pytest.approx(entry["image"]["threshold"], abs=1e-12)
     assert set(data["classes"]) == {"weave", "nut"}
 
 
@@ -323,6 +324,14 @@ def test_find_images_patterns_duplicates_and_output_folder(inputs, tmp_path):
     for bad, message in ((tmp_path / "missing", "not found"), (str(inputs / "*.jpg"), "no images")):
         with pytest.raises(predict.UserError, match=message):
             ds.find_images([str(bad)])
+
+
+
+def test_output_names_follow_the_folders_and_stay_unique():
+    paths = ["in/good/000.png", "in/cut/000.png", "in/good/003.png", "in/a.png", "in/a.jpg", "in/A.bmp"]
+    assert predict.output_names(paths) == ["good_000", "cut_000", "good_003", "a_png", "a_jpg", "A_bmp"]
+    assert predict.output_names(["x/B.png", "x/b.png"]) == ["B_png", "b_png_2"]  # case-insensitive file systems
+    assert predict.output_names(["x/one.png"]) == ["one"]
 
 
 # ----------------------------------------------------------------------------------------------- pictures
