@@ -41,8 +41,13 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
     data.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
                       help="data loader worker processes")
     if crr and job != "crr_test":
-        data.add_argument("--anomaly_source_path", help="texture images for anomaly synthesis (e.g. DTD); optional")
-        data.add_argument("--foreground_path", help="object masks restricting where anomalies go; optional")
+        data.add_argument("--anomaly_source_path", default="../dtd",
+                          help="texture images for anomaly synthesis (the DTD dataset, <dtd>/images/*/*.jpg); "
+                               "'none': anomalies made from the image itself only (not the paper's recipe)")
+        data.add_argument("--foreground_path",
+                          help="object masks restricting where anomalies go, <DIR>/<class>/<image path with OK -> "
+                               "DISthresh> (default for Real-IAD: <data_path>/<resolution>_DISthresh, where the "
+                               "released code looks; without them anomalies may fall anywhere)")
 
     run = p.add_argument_group("run")
     run.add_argument("--save_dir", default="./saved_results", help="parent folder of the run folders")
@@ -89,7 +94,15 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
         train.add_argument("--log_every", type=int_at_least(1), default=100,
                            help="log the mean loss every N iterations")
         train.add_argument("--save_every", type=int_at_least(1), default=1000,
-                           help="also save the model every N iterations")
+                           help="save the model and the training state (for --resume) every N iterations")
+        start = train.add_mutually_exclusive_group()
+        start.add_argument("--resume", action="store_true",
+                           help="continue the run folder's interrupted training from its train_state" +
+                                ("_stage2" if job == "crr_stage2" else "") + ".pth, with the same settings")
+        start.add_argument("--overwrite", action="store_true",
+                           help="start afresh in a run folder that holds a trained " +
+                                ("segmentation network (Seg_model_*.pth), deleting it" if job == "crr_stage2" else
+                                 "model (model.pth), deleting it"))
 
     if evaluates:
         ev = p.add_argument_group("evaluation")

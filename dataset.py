@@ -1,4 +1,4 @@
-"""Dataset readers and transforms (SPEC sections 1 and 6).
+"""Dataset readers, the dataset registry and the input transform.
 
 Every reader turns a dataset folder into a list of `Sample`s; `TrainDataset` and `TestDataset` turn samples
 into tensors with the R448-C392 transform.
@@ -7,10 +7,11 @@ Readers:
 - `mvtec_samples(root, class_name, phase)`: any MVTec-layout folder (MVTec AD, prepared VisA 1cls, MPDD,
   BTAD, user data).
 - `realiad_samples(root, class_name, phase, resolution, json_dir)`: Real-IAD through its split JSON files.
-- `attach_foreground(samples, foreground_root)`: optional CRR object masks (SPEC 7.1).
+- `attach_foreground(samples, foreground_root)`: CRR's object masks, where the released code looks for them.
 """
 import glob
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -94,14 +95,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_mask(path: str) -> Image.Image:
-    """Open a mask as 8-bit grey with anomalous pixels at 255 (any non-zero value counts as anomalous)."""
+    """Open a mask with its grey values kept: masks are resized first and binarised after (by the evaluation's
+    threshold), as the reference transforms resize the mask file as it is.
+
+    Bilevel ("1") and 8-bit grey ("L") masks are returned unchanged; PIL resizes mode "1" with nearest
+    neighbour, as torchvision does. Any other mode becomes 8-bit grey: the maximum over the channels of its
+    load_image RGB version (alpha is not part of a mask; 16-bit values are scaled to 8 bits).
+    """
     m = _open(path, "mask", "the dataset's ground-truth folder")
-    arr = np.asarray(m)
-    if m.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
-        arr = arr[..., :-1]  # drop the alpha channel (transparency is not a defect)
-    if arr.ndim == 3:
-        arr = arr.max(axis=2)
-    return Image.fromarray(((arr != 0) * 255).astype(np.uint8))
+    if m.mode in ("1", "L"):
+        return m
+    return Image.fromarray(np.asarray(load_image(path)).max(axis=2))
 
 
 def resize(img: Image.Image, size: int) -> Image.Image:
@@ -124,9 +128,13 @@ def image_to_tensor(img: Image.Image, crop_size: int) -> torch.Tensor:
 
 
 def mask_to_tensor(mask: Image.Image, crop_size: int) -> torch.Tensor:
-    """Resized grey mask -> centre crop -> [1, crop, crop] float in [0, 1]."""
+    """Resized mask (grey "L" or bilevel "1") -> centre crop -> [1, crop, crop] float in [0, 1], not binarised:
+    grey / 255, bilevel 0 or 1 (as torchvision's ToTensor)."""
     mask = mask.crop(center_crop_box(mask.size[0], crop_size))
-    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+    arr = np.asarray(mask, dtype=np.float32)
+    if mask.mode != "1":
+        arr = arr / 255.0
+    return torch.from_numpy(arr)[None]
 
 
 def check_sizes(image_size: int, crop_size: int):
@@ -258,6 +266,17 @@ def _name_map(folder: str) -> dict[str, str]:
     return out
 
 
+def _available(folder: str, suffix: str | None = None) -> str:
+    """' (the classes there: a, b)': the subfolders of `folder`, or the stems of its `suffix` files."""
+    try:
+        with os.scandir(folder) as it:
+            names = sorted(e.name.removesuffix(suffix or "") for e in it if not e.name.startswith(".") and
+                           (e.is_dir() if suffix is None else e.name.endswith(suffix)))
+    except OSError:
+        names = []
+    return f" (the classes there: {', '.join(names)})" if names else f" ({folder} holds no classes)"
+
+
 def _check_root(root: str) -> None:
     if not os.path.isdir(root):
         raise UserError(f"dataset folder not found: {root}; check --data_path")
@@ -267,7 +286,7 @@ def _class_dir(root: str, class_name: str) -> str:
     _check_root(root)
     d = os.path.join(root, class_name)
     if not os.path.isdir(d):
-        raise UserError(f"class folder not found: {d}; check --data_path and --classes")
+        raise UserError(f"class folder not found: {d}; check --data_path and --classes{_available(root)}")
     return d
 
 
@@ -338,8 +357,11 @@ def realiad_json_path(root: str, class_name: str, json_dir: str = "realiad_jsons
     for c in candidates:
         if os.path.isfile(c):
             return c
+    folder = next((os.path.dirname(c) for c in candidates if os.path.isdir(os.path.dirname(c))), None)
+    there = _available(folder, ".json") if folder else ""
     raise UserError(f"Real-IAD split file not found: {candidates[0]} or {candidates[1]}; "
-                    f"check --data_path and --classes, and unpack the {json_dir} archive into the dataset folder")
+                    f"check --data_path and --classes{there}, and unpack the {json_dir} archive into the dataset "
+                    f"folder")
 
 
 def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "realiad_1024",
@@ -355,7 +377,8 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
     cdir = os.path.join(root, resolution, class_name)
     if not os.path.isdir(cdir):
         raise UserError(f"class folder not found: {cdir}; check --data_path and --classes "
-                        f"(Real-IAD images are read from <data_path>/{resolution}/<class>)")
+                        f"(Real-IAD images are read from <data_path>/{resolution}/<class>)"
+                        f"{_available(os.path.join(root, resolution))}")
     fix = "re-extract the Real-IAD split files"
     try:
         with open(jpath, encoding="utf-8") as f:
@@ -370,11 +393,9 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
     samples: list[Sample] = []
     missing = 0
     for i, item in enumerate(data[phase]):
-        if (not isinstance(item, dict) or not isinstance(item.get("image_path"), str) or not item["image_path"]
-                or "anomaly_class" not in item
-                or not (item.get("mask_path") is None or isinstance(item.get("mask_path"), str))):
-            raise UserError(f"malformed split file {jpath}: entry {i} of '{phase}' lacks a valid image_path, "
-                            f"anomaly_class or mask_path; {fix}")
+        problem = _entry_problem(item)
+        if problem:
+            raise UserError(f"malformed split file {jpath}: entry {i} of '{phase}' {problem}; {fix}")
         rel = item["image_path"].replace("\\", "/").lstrip("/")
         label = 0 if item["anomaly_class"] == normal_class else 1
         mask_path = None
@@ -390,6 +411,19 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
     return samples, missing
 
 
+def _entry_problem(item) -> str | None:
+    """What is wrong with one entry of a Real-IAD split list, or None."""
+    if not isinstance(item, dict):
+        return "is not an object"
+    if not isinstance(item.get("image_path"), str) or not item["image_path"]:
+        return "has no image_path"
+    if "anomaly_class" not in item:
+        return f"({item['image_path']}) has no anomaly_class"
+    if not (item.get("mask_path") is None or isinstance(item["mask_path"], str)):
+        return f"({item['image_path']}) has a mask_path that is neither a path nor null"
+    return None
+
+
 def class_names(dataset: str, classes: list[str] | None) -> list[str]:
     """--classes, or the dataset's standard class list."""
     return list(classes or DATASETS[dataset])
@@ -403,33 +437,45 @@ def class_samples(dataset: str, root: str, class_name: str, phase: str, resoluti
     return mvtec_samples(root, class_name, phase), 0
 
 
-def attach_foreground(samples: list[Sample], foreground_root: str) -> int:
-    """Set `foreground_path` (CRR object masks, SPEC 7.1) where a mask file exists; returns how many were found.
+def attach_foreground(samples: list[Sample], foreground_root: str | None = None) -> int:
+    """Set each sample's `foreground_path` (CRR's object mask); returns how many samples got one.
 
-    Looks, for an image at `rel_path` under its class folder, for `<foreground_root>/<class>/DISthresh/<rel_path>`
-    (Real-IAD, the official layout) and then `<foreground_root>/<class>/<rel_path>` (MVTec layout); in each
-    place the same file name, or the same stem with any image extension, counts. Samples without a mask keep
-    foreground_path None (the caller then uses an all-ones mask).
+    The mask of an image at `rel_path` under its class folder is
+    `<foreground_root>/<class>/<rel_path with its OK folder named DISthresh>`, e.g.
+    `<root>/<class>/DISthresh/S0001/x.jpg` for the Real-IAD image `OK/S0001/x.jpg`, and
+    `<root>/<class>/train/good/x.png` for an MVTec-layout image (no OK folder there).
+
+    foreground_root None (Real-IAD samples only): the released code's folder beside the images,
+    `<data_path>/<resolution>_DISthresh` for images in `<data_path>/<resolution>/<class>/`. When that folder
+    does not exist, a warning says so and every sample keeps foreground_path None (all-ones foreground), which
+    deviates from the paper: its masks come from a salient-object model and are not released.
+    A given foreground_root must exist (UserError). Where the folder exists, a missing mask file is a UserError
+    naming it.
     """
-    if not os.path.isdir(foreground_root):
-        raise UserError(f"foreground folder not found: {foreground_root}; check --foreground_path")
-    listings: dict[str, dict[str, str]] = {}
+    roots: dict[str, bool] = {}
     found = 0
     for s in samples:
         s.foreground_path = None
-        if not s.rel_path:
+        rel = s.rel_path.split("/")
+        root = foreground_root
+        if root is None:
+            class_dir = s.image_path[: len(s.image_path) - len(s.rel_path)].rstrip("/" + os.sep)
+            root = os.path.dirname(class_dir) + "_DISthresh"
+        if root not in roots:
+            roots[root] = os.path.isdir(root)
+            if not roots[root] and foreground_root is not None:
+                raise UserError(f"foreground folder not found: {root}; check --foreground_path")
+            if not roots[root]:
+                logging.getLogger("anomaly").warning(
+                    f"warning: no foreground masks ({root} does not exist): anomalies may cover the background, "
+                    f"unlike the paper, whose object masks (from a salient-object model) are not released; "
+                    f"pass --foreground_path DIR to use your own")
+        if not roots[root]:
             continue
-        rel_dir, name = os.path.split(s.rel_path)
-        stem = os.path.splitext(name)[0]
-        wanted = [name.lower()] + [f"{stem}{ext}".lower() for ext in IMAGE_EXTENSIONS]
-        for base in (os.path.join(foreground_root, s.class_name, "DISthresh"),
-                     os.path.join(foreground_root, s.class_name)):
-            d = os.path.join(base, rel_dir)
-            if d not in listings:
-                listings[d] = _name_map(d)
-            actual = next((listings[d][w] for w in wanted if w in listings[d]), None)
-            if actual is not None:
-                s.foreground_path = os.path.join(d, actual)
-                found += 1
-                break
+        path = os.path.join(root, s.class_name, *["DISthresh" if c == "OK" else c for c in rel])
+        if not os.path.isfile(path):
+            raise UserError(f"foreground mask not found: {path} (for {s.image_path}); every training image needs "
+                            f"one in {root}")
+        s.foreground_path = path
+        found += 1
     return found

@@ -6,19 +6,20 @@
 - `crr_test_main`: CRR test, the fused map.
 """
 import csv
-import math
 import os
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import dataset as ds
 import models
+import preflight
+import train_state
 from anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt, check_max_ratio
 from errors import UserError
 from loss import focal_loss, global_cosine_hm, hard_mining_factor
@@ -37,63 +38,103 @@ HM_MAX_P, HM_RAMP_ITERS, HM_FACTOR = 0.9, 1000, 0.1  # share of easy positions, 
 # CRR Stage II: Adam on the segmentation network, checkpoints Seg_model_3999.pth, Seg_model_7999.pth, ...
 SEG_LR = 1e-4
 SEG_SAVE_EVERY = 4000
+MAX_BAD_STEPS = 10  # non-finite losses in a row that stop a run
 
 
 # ----------------------------------------------------------------------------------------------- training
 
 def train_loader(run: Run, dataset, batch_size: int) -> DataLoader:
-    """Shuffled, drop_last; under torchrun each process gets batch_size / world_size of every batch."""
+    """Shuffled (each epoch's order a function of the seed and the epoch), drop_last; under torchrun each process
+    gets batch_size / world_size of every batch."""
     if batch_size % run.world_size:
         raise UserError(f"--batch_size {batch_size} is not divisible by the {run.world_size} processes")
     if len(dataset) < batch_size:
         raise UserError(f"only {len(dataset)} training images, fewer than --batch_size {batch_size}")
     log.info(f"train images: {len(dataset)}")
-    sampler = DistributedSampler(dataset, shuffle=True, seed=run.args.seed, drop_last=True) \
-        if run.world_size > 1 else None
+    sampler = train_state.EpochSampler(dataset, run.world_size, run.rank, run.args.seed)
     g = torch.Generator()
     g.manual_seed(run.args.seed)
-    return DataLoader(dataset, batch_size=batch_size // run.world_size, shuffle=sampler is None, sampler=sampler,
+    return DataLoader(dataset, batch_size=batch_size // run.world_size, sampler=sampler,
                       num_workers=run.args.num_workers, drop_last=True, generator=g,
                       pin_memory=run.device.type == "cuda",
                       persistent_workers=run.args.num_workers > 0 and not hasattr(dataset, "set_epoch"))
 
 
 def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: list, optimizer,
-               schedule: WarmCosineSchedule | None = None, clip: float | None = None, on_iter_end=None):
-    """The one training loop: per step forward + loss (loss_fn(batch, it)) -> zero_grad -> backward -> clip ->
-    step; the learning rate of iteration `it` is schedule(it). on_iter_end(done) runs after each step."""
-    it, epoch, losses = 0, 0, []
-    bar = tqdm(total=total_iters, desc="train", disable=not run.is_main, dynamic_ncols=True)
-    start = time.time()
-    while it < total_iters:
-        for obj in (loader.sampler, loader.dataset):
-            if hasattr(obj, "set_epoch"):
-                obj.set_epoch(epoch)
-        for batch in loader:
-            if schedule is not None:
-                schedule.apply(optimizer, it)
-            loss = loss_fn(batch, it)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_norm=clip)
-            optimizer.step()
-            losses.append(loss.detach())  # read back only when logging: no device sync per step
-            it += 1
-            bar.update(1)
-            if it % run.args.log_every == 0 or it == total_iters:
-                mean_loss = torch.stack(losses).mean().item()
-                if not math.isfinite(mean_loss):
-                    raise RuntimeError(f"the loss became {mean_loss} before iteration {it}; try --attn_eps 1e-6")
-                log.info(f"iter [{it}/{total_iters}], loss: {mean_loss:.4f}, "
-                         f"lr: {optimizer.param_groups[0]['lr']:.3g}, {time.time() - start:.0f}s")
-                losses = []
-            if on_iter_end is not None:
-                on_iter_end(it)
-            if it == total_iters:
-                break
-        epoch += 1
-    bar.close()
+               schedule: WarmCosineSchedule | None = None, clip: float | None = None, on_iter_end=None,
+               start: int = 0, save_state=None):
+    """The one training loop, from iteration `start`: per step forward + loss (loss_fn(batch, it)) -> zero_grad ->
+    backward -> clip -> step (train_step), skipped when the loss is not finite; the learning rate of iteration
+    `it` is schedule(it). Epoch e is read in the sampler's order for e, from the batch where `start` falls.
+    on_iter_end(done) runs after each step; save_state(done) every --save_every iterations, at the end, on Ctrl-C
+    (then KeyboardInterrupt) and after MAX_BAD_STEPS skipped steps in a row (then UserError)."""
+    per_epoch = loader.sampler.num_samples // loader.batch_size
+    it, losses, skipped, bad_in_row = start, [], 0, 0
+    begin = time.time()
+    with train_state.StopRequest(again_interrupts=run.world_size == 1) as stop, \
+            tqdm(initial=start, total=total_iters, desc="train", disable=not run.is_main, dynamic_ncols=True) as bar:
+        while it < total_iters:
+            epoch, done_in_epoch = divmod(it, per_epoch)
+            loader.sampler.set_epoch(epoch, skip=done_in_epoch * loader.batch_size)
+            if hasattr(loader.dataset, "set_epoch"):
+                loader.dataset.set_epoch(epoch)
+            for batch in loader:
+                loss, updated, stopping = train_step(batch, it, loss_fn, params, optimizer, schedule, clip,
+                                                     stop.requested)
+                it += 1
+                bar.update(1)
+                if updated:
+                    losses.append(loss)  # read back only when logging
+                    bad_in_row = 0
+                else:
+                    skipped, bad_in_row = skipped + 1, bad_in_row + 1
+                if it % run.args.log_every == 0 or it == total_iters:
+                    log_progress(it, total_iters, losses, skipped, optimizer, time.time() - begin)
+                    losses = []
+                if on_iter_end is not None:
+                    on_iter_end(it)
+                if save_state is not None and (it % run.args.save_every == 0 or it == total_iters or stopping
+                                               or bad_in_row == MAX_BAD_STEPS):
+                    save_state(it)
+                if stopping:
+                    raise KeyboardInterrupt(f"the training state at iteration {it} is saved in {run.dir}; "
+                                            f"continue with --resume")
+                if bad_in_row == MAX_BAD_STEPS:
+                    raise UserError(f"the loss was not finite in {MAX_BAD_STEPS} iterations in a row (up to "
+                                    f"iteration {it}); these steps were skipped and the last good state is saved in "
+                                    f"{run.dir}; try --attn_eps 1e-6 with --resume")
+                if it == total_iters:
+                    break
+    if skipped:
+        log.warning(f"warning: {skipped} steps with a non-finite loss were skipped")
+
+
+def train_step(batch, it: int, loss_fn, params: list, optimizer, schedule, clip,
+               stop_requested: bool) -> tuple[torch.Tensor, bool, bool]:
+    """One optimisation step, skipped (no update) when the loss or the gradient norm is not finite on any
+    process. Returns (the loss, whether the model was updated, whether any process was asked to stop)."""
+    if schedule is not None:
+        schedule.apply(optimizer, it)
+    loss = loss_fn(batch, it)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    bad = ~torch.isfinite(loss.detach())
+    if clip is not None:
+        bad |= ~torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm=clip))
+    flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device)])
+    if dist.is_initialized():  # every process skips or stops together
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, stopping = flags.tolist()
+    if not bad:
+        optimizer.step()
+    return loss.detach(), not bad, bool(stopping)
+
+
+def log_progress(it: int, total_iters: int, losses: list, skipped: int, optimizer, seconds: float):
+    mean_loss = f"{torch.stack(losses).mean().item():.4f}" if losses else "n/a"
+    note = f", skipped (non-finite loss): {skipped}" if skipped else ""
+    log.info(f"iter [{it}/{total_iters}], loss: {mean_loss}, lr: {optimizer.param_groups[0]['lr']:.3g}, "
+             f"{seconds:.0f}s{note}")
 
 
 def ddp_wrap(run: Run, module: torch.nn.Module) -> torch.nn.Module:
@@ -103,9 +144,10 @@ def ddp_wrap(run: Run, module: torch.nn.Module) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
-def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, repair: bool):
+def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, repair: bool, state: dict | None):
     """Dinomaly training; with `repair`, CRR Stage I: batches are (img, aug_img, mask) and the loss adds the
-    hard-mined distance between the clean encoder features and the decoding of aug_img."""
+    hard-mined distance between the clean encoder features and the decoding of aug_img. Continues from the
+    training `state` when given."""
     args = run.args
     params = model.trainable_parameters()
     optimizer = StableAdamW([{"params": params}], lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, amsgrad=True,
@@ -122,11 +164,15 @@ def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, rep
         en, de = net(batch.to(run.device, non_blocking=True))
         return global_cosine_hm(en, de, p=p, factor=HM_FACTOR)
 
-    def save(done):
-        if run.is_main and (done % args.save_every == 0 or done == args.total_iters):
-            save_atomic(model.state_dict(), run.path("model.pth"))
+    start, settings = train_state.restore(run, state, model, optimizer, len(loader.dataset))
 
-    train_loop(run, loader, args.total_iters, loss_fn, params, optimizer, schedule, clip=CLIP_NORM, on_iter_end=save)
+    def save_state(done):
+        if run.is_main:
+            save_atomic(model.state_dict(), run.path("model.pth"))
+        train_state.save(run, run.path(train_state.RECONSTRUCTION), model, optimizer, done, settings)
+
+    train_loop(run, loader, args.total_iters, loss_fn, params, optimizer, schedule, clip=CLIP_NORM, start=start,
+               save_state=save_state)
     log.info(f"saved {run.path('model.pth')}")
 
 
@@ -141,8 +187,10 @@ def repair_loss(net, img: torch.Tensor, aug_img: torch.Tensor, p: float) -> torc
     return global_cosine_hm(en, de, p=p, factor=HM_FACTOR) + global_cosine_hm(en, de_aug, p=p, factor=HM_FACTOR)
 
 
-def train_segmentation(run: Run, model: models.ViTill, loader: DataLoader) -> models.SegmentationNet:
-    """CRR Stage II: the segmentation network learns the synthetic masks from the frozen model's third output."""
+def train_segmentation(run: Run, model: models.ViTill, loader: DataLoader,
+                       state: dict | None) -> models.SegmentationNet:
+    """CRR Stage II: the segmentation network learns the synthetic masks from the frozen model's third output.
+    Continues from the training `state` when given."""
     args = run.args
     segnet = models.SegmentationNet(base_width=2 * model.encoder.cfg.embed_dim // 8).to(run.device)
     log.info(f"segmentation network parameters: {sum(p.numel() for p in segnet.parameters()):,}")
@@ -167,7 +215,13 @@ def train_segmentation(run: Run, model: models.ViTill, loader: DataLoader) -> mo
                 save_atomic(segnet.state_dict(), run.path(n))
                 log.info(f"saved {run.path(n)}")
 
-    train_loop(run, loader, args.total_iters, loss_fn, list(segnet.parameters()), optimizer, on_iter_end=save)
+    start, settings = train_state.restore(run, state, segnet, optimizer, len(loader.dataset))
+
+    def save_state(done):
+        train_state.save(run, run.path(train_state.SEGMENTATION), segnet, optimizer, done, settings)
+
+    train_loop(run, loader, args.total_iters, loss_fn, list(segnet.parameters()), optimizer, on_iter_end=save,
+               start=start, save_state=save_state)
     return segnet
 
 
@@ -232,22 +286,22 @@ def test_samples(args, class_name: str) -> list[ds.Sample]:
 
 def train_samples(args) -> list[ds.Sample]:
     check_data_path(args)
-    samples = [s for c in ds.class_names(args.dataset, args.classes)
-               for s in ds.class_samples(args.dataset, args.data_path, c, "train", args.realiad_resolution,
-                                         args.json_dir)[0]]
-    if getattr(args, "foreground_path", None):
-        found = ds.attach_foreground(samples, args.foreground_path)
-        log.info(f"foreground masks found for {found} of {len(samples)} training images")
-    return samples
+    return [s for c in ds.class_names(args.dataset, args.classes)
+            for s in ds.class_samples(args.dataset, args.data_path, c, "train", args.realiad_resolution,
+                                      args.json_dir)[0]]
 
 
 def synthetic_train_set(args):
-    """CRR's training images, each with a synthetic anomaly."""
+    """CRR's training images, each with a synthetic anomaly: textures from --anomaly_source_path (DTD), object
+    masks from --foreground_path or, for Real-IAD, from where the released code looks for them."""
     from synthesis import SyntheticAnomalyDataset, list_textures
-    textures = list_textures(args.anomaly_source_path) if args.anomaly_source_path else None
-    train_set = SyntheticAnomalyDataset(train_samples(args), args.image_size, args.crop_size, textures, args.seed)
+    textures = list_textures(args.anomaly_source_path)
+    samples = train_samples(args)
+    if args.dataset == "realiad" or args.foreground_path:
+        found = ds.attach_foreground(samples, args.foreground_path)
+        log.info(f"foreground masks found for {found} of {len(samples)} training images")
     log.info(f"texture images for anomaly synthesis: {len(textures or [])}")
-    return train_set
+    return SyntheticAnomalyDataset(samples, args.image_size, args.crop_size, textures, args.seed)
 
 
 def model_settings(args, dropout: float | None = None) -> dict:
@@ -282,19 +336,24 @@ def train_and_evaluate(args, crr: bool):
     if args.eval_only:
         if args.checkpoint is None:
             raise UserError("--eval_only needs --checkpoint (a run folder or model.pth)")
+        if args.resume or args.overwrite:
+            raise UserError("--resume and --overwrite are for training; --eval_only writes only metrics")
         run = Run(args, "config_eval.json")
         model = trained_model(run, args.checkpoint, models.PAPER_SETTINGS["crr" if crr else "dinomaly"])
+        preflight.check_data(args)
         run.save_config()
     else:
         ds.check_sizes(args.image_size, args.crop_size)
         run = Run(args, "config.json")
+        state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth"])
         train_set = synthetic_train_set(args) if crr else \
             ds.TrainDataset(train_samples(args), args.image_size, args.crop_size)
+        preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths if crr else ())
         masking = dict(mask_ratio=args.mask_ratio, mask_in_eval=args.test_mask == "on") if crr else {}
         model = fresh_model(run, dropout=args.dropout, attn_eps=args.attn_eps, **masking)
         loader = train_loader(run, train_set, args.batch_size)
         run.save_config(model_settings(args, args.dropout))
-        train_reconstruction(run, model, loader, repair=crr)
+        train_reconstruction(run, model, loader, repair=crr, state=state)
     run.barrier()
     if run.is_main:
         model.eval()
@@ -314,11 +373,14 @@ def crr_stage1_main(args):
 def crr_stage2_main(args):
     """CRR Stage II: train the segmentation network on the frozen Stage-I model (never written)."""
     run = Run(args, "config_stage2.json")
+    state = train_state.start(run, train_state.SEGMENTATION, ["Seg_model_*.pth"])
     model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
     model.requires_grad_(False)
+    train_set = synthetic_train_set(args)
+    preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths, test=False)
     run.save_config()
-    loader = train_loader(run, synthetic_train_set(args), args.batch_size)
-    train_segmentation(run, model, loader)
+    loader = train_loader(run, train_set, args.batch_size)
+    train_segmentation(run, model, loader, state)
 
 
 def crr_test_main(args):
@@ -332,5 +394,6 @@ def crr_test_main(args):
         seg_path = run.path("Seg_model_last.pth")
     segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(run.device).eval()
     log.info(f"loaded {seg_path}")
+    preflight.check_data(args)
     seed_everything(args.seed)
     evaluate(run, AnomalyMapper(model, segnet, args.fusion_alpha, args.max_ratio), args.aupro, args.gt_binarize)

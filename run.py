@@ -1,8 +1,8 @@
 """One invocation of a script: the argument parser and its validators, exit codes, logging, device and DDP
 setup, seeds, the run folder and its config, atomic checkpoint writing.
 
-Exit status: 0 success; 2 a user error (one line on stderr and in log.txt naming the thing and the fix);
-130 interrupted; 1 anything else (with its traceback).
+Exit status: 0 success; 2 a user error or out of GPU memory (one line on stderr and in log.txt naming the
+thing and the fix); 130 interrupted; 1 anything else (with its traceback).
 """
 import argparse
 import json
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import UserError
+from errors import UserError, user_message
 
 log = logging.getLogger("anomaly")
 _FORMAT = logging.Formatter("%(message)s")
@@ -81,11 +81,11 @@ def main(fn, parser: ArgumentParser, argv: list[str] | None = None):
     code = 0
     try:
         fn(args)
-    except UserError as e:
-        log.error(f"error: {e}")
+    except (UserError, torch.OutOfMemoryError) as e:
+        log.error(f"error: {user_message(e)}")
         code = 2
-    except KeyboardInterrupt:
-        log.error("interrupted")
+    except KeyboardInterrupt as e:
+        log.error(f"interrupted; {e}" if str(e) else "interrupted")
         code = 130
     except Exception:
         log.exception("internal error (please report it with this traceback):")

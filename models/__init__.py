@@ -2,6 +2,9 @@
 import json
 import logging
 import os
+import pickle
+import re
+import warnings
 
 import torch
 
@@ -26,14 +29,34 @@ def encoder_config(name: str) -> EncoderConfig:
     return ENCODERS[name]
 
 
-def read_state_dict(path: str, what: str) -> dict:
-    """torch.load(weights_only=True) with one-line errors for a missing or unreadable file."""
+def load_file(path: str, what: str):
+    """torch.load(weights_only=True) with one-line errors for a missing, empty, damaged or non-PyTorch file, and
+    for one holding Python objects other than tensors, which is refused unread: unpickling them can run code."""
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated, non-torch or pickled-object file
-        raise UserError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file that is refused anyway
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        objects = f" ({found.group(1)})" if found else ""
+        raise UserError(f"cannot read {what} {path}: it holds Python objects{objects}, not only tensors; such files "
+                        f"are refused because unpickling them can run code; pass a file of tensors") from None
+    except Exception:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        reason = "it is empty" if not head else "it is truncated or damaged; copy or save it again" \
+            if head == b"PK" else "it is not a PyTorch file"
+        raise UserError(f"cannot read {what} {path}: {reason}") from None
+
+
+def read_state_dict(path: str, what: str) -> dict:
+    """A state dict of tensors (`module.` prefixes removed) with one-line errors for any other file."""
+    sd = load_file(path, what)
+    if isinstance(sd, dict) and "iteration" in sd and "optimizer" in sd:
+        raise UserError(f"{path} is a training state, not a {what}; continue its training with --resume, or pass "
+                        f"the model the run saved beside it (model.pth, Seg_model_last.pth)")
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -70,6 +93,9 @@ def read_encoder_weights(path: str, cfg: EncoderConfig) -> dict:
     if any(k.startswith("encoder.") for k in sd):
         raise UserError(f"{path} is a full reconstruction-model checkpoint, not a DINOv2 backbone; "
                         f"pass it as --checkpoint")
+    if is_segmentation_state_dict(sd):
+        raise UserError(f"{path} is a segmentation network (Seg_model_*.pth), not a DINOv2 backbone; "
+                        f"pass it as --seg_checkpoint")
     return sd
 
 
@@ -185,7 +211,9 @@ def load_trained(path: str, args, fallback: dict) -> ViTill:
 def load_segmentation_net(path: str, embed_dim: int) -> SegmentationNet:
     sd = read_state_dict(path, "segmentation checkpoint")
     if not is_segmentation_state_dict(sd):
-        raise UserError(f"{path} is not a segmentation network checkpoint (Seg_model_*.pth)")
+        kind = "a reconstruction model; pass it as --checkpoint" if "bottleneck.0.fc1.weight" in sd else \
+            "a DINOv2 backbone" if is_backbone_state_dict(sd) else "not a segmentation network"
+        raise UserError(f"{path} is {kind}; --seg_checkpoint takes a Stage-II Seg_model_*.pth")
     net = SegmentationNet(base_width=2 * embed_dim // 8)
     load_strict(net, sd, path, "segmentation checkpoint")
     return net
@@ -193,4 +221,4 @@ def load_segmentation_net(path: str, embed_dim: int) -> SegmentationNet:
 
 __all__ = ["ENCODERS", "EncoderConfig", "DinoV2Encoder", "ViTill", "SegmentationNet", "segmentation_input",
            "encoder_config", "build_model", "load_model", "checkpoint_file", "saved_settings", "load_trained", "load_segmentation_net", "load_encoder_weights",
-           "default_encoder_weights", "read_state_dict", "architecture_from_state_dict"]
+           "default_encoder_weights", "load_file", "read_state_dict", "architecture_from_state_dict"]

@@ -8,8 +8,9 @@ Writes, for three classes (two textures, one object), the same images in two lay
   (MVTec AD layout: use with `--data_path <out>/mvtec_demo --classes weave woodgrain nut`);
 - `<out>/realiad_demo/realiad_1024/<class>/{OK,NG/<code>}/S<nnnn>/<class>_<nnnn>_<OK|code>_C1_<time>.jpg`
   with the masks beside the anomalous images (`.png`), the split files
-  `<out>/realiad_demo/realiad_jsons/realiad_jsons/<class>.json`, and object masks for CRR in
-  `<out>/realiad_demo/realiad_1024_DISthresh/<class>/DISthresh/<image path, .png>` (training images only).
+  `<out>/realiad_demo/realiad_jsons/realiad_jsons/<class>.json`, and soft-edged grey object masks for CRR
+  where the released code looks for them, `<out>/realiad_demo/realiad_1024_DISthresh/<class>/DISthresh/S<nnnn>/`
+  with the image's file name (every OK image).
 
 Everything is deterministic given --seed. The two output folders are replaced on each run.
 """
@@ -198,6 +199,11 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
+def _soft_foreground(fg: np.ndarray) -> np.ndarray:
+    """A uint8 object mask with soft edges (Gaussian blur, sigma 1 pixel), like a salient-object model's."""
+    return cv2.GaussianBlur(fg, (0, 0), 1.0)
+
+
 def _class_images(name: str, class_idx: int, size: int, seed: int, n_train: int, n_test_good: int,
                   n_test_bad: int, with_clean: bool = False):
     """Yields (split, defect or 'good', index within its folder, image uint8, mask uint8 or None, fg uint8),
@@ -261,10 +267,11 @@ def make_demo_data(out: str, size: int = 128, seed: int = 0, n_train: int = 40, 
             if mask is not None:
                 Image.fromarray(mask).save(os.path.join(img_root, name, rel_stem + ".png"))
                 entry["mask_path"] = rel_stem + ".png"
-            if split == "train":
-                fdir = os.path.join(fg_root, name, "DISthresh", sub)
+            if code == "OK":  # the image path with its OK folder named DISthresh
+                fdir = os.path.join(fg_root, name, "DISthresh", f"S{sample_no:04d}")
                 os.makedirs(fdir, exist_ok=True)
-                Image.fromarray(fg).save(os.path.join(fg_root, name, "DISthresh", rel_stem + ".png"))
+                Image.fromarray(_soft_foreground(fg)).save(os.path.join(fdir, os.path.basename(rel_stem) + ".jpg"),
+                                                           quality=95)
             split_json[split].append(entry)
         with open(os.path.join(json_root, f"{name}.json"), "w") as f:
             json.dump(split_json, f, indent=1)

@@ -1,9 +1,12 @@
 """Dataset readers, image loading, transforms, prepare_visa.py and make_demo_data.py (all data made in tmp_path)."""
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -278,24 +281,52 @@ def test_realiad_variant_and_errors(tmp_path):
 
 
 def test_attach_foreground(tmp_path):
+    """The released code's path: realiad_<res>/<cls>/OK/S0001/x.jpg becomes
+    realiad_<res>_DISthresh/<cls>/DISthresh/S0001/x.jpg."""
     root = str(tmp_path / "Real-IAD")
     _realiad(root)
-    train, _ = ds.realiad_samples(root, "toy", "train")
-    fg = str(tmp_path / "realiad_1024_DISthresh")
-    _mask(os.path.join(fg, "toy", "DISthresh", "OK", "S0001", "toy_0001_OK_C1_1.png"))
-    assert ds.attach_foreground(train, fg) == 1
-    assert train[0].foreground_path == os.path.join(fg, "toy", "DISthresh", "OK", "S0001", "toy_0001_OK_C1_1.png")
-    assert train[1].foreground_path is None
+    os.rename(os.path.join(root, "realiad_1024"), os.path.join(root, "realiad_512"))
+    train, _ = ds.realiad_samples(root, "toy", "train", resolution="realiad_512")
+    fg = os.path.join(root, "realiad_512_DISthresh")
+    want = [os.path.join(fg, "toy", "DISthresh", "S0001", f"toy_0001_OK_C{v}_1.jpg") for v in (1, 2)]
 
+    # the default folder is missing: all-ones foreground, and a warning that this deviates from the paper
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("anomaly").addHandler(handler)
+    try:
+        assert ds.attach_foreground(train) == 0
+    finally:
+        logging.getLogger("anomaly").removeHandler(handler)
+    assert all(s.foreground_path is None for s in train)
+    assert len(records) == 1 and fg in records[0].getMessage() and "not released" in records[0].getMessage()
+
+    _mask(want[0])
+    with pytest.raises(UserError, match="foreground mask not found: " + re.escape(want[1])) as e:
+        ds.attach_foreground(train)  # the folder exists: every mask must too
+    assert "\n" not in str(e.value)
+    _mask(want[1])
+    assert ds.attach_foreground(train) == 2 and [s.foreground_path for s in train] == want
+
+    # --foreground_path DIR replaces <data_path>/realiad_512_DISthresh; it must exist
+    other = str(tmp_path / "masks")
+    _mask(os.path.join(other, "toy", "DISthresh", "S0001", "toy_0001_OK_C1_1.jpg"))
+    _mask(os.path.join(other, "toy", "DISthresh", "S0001", "toy_0001_OK_C2_1.jpg"))
+    assert ds.attach_foreground(train, other) == 2
+    assert train[1].foreground_path == os.path.join(other, "toy", "DISthresh", "S0001", "toy_0001_OK_C2_1.jpg")
+    with pytest.raises(UserError, match="foreground folder not found"):
+        ds.attach_foreground(train, str(tmp_path / "nope"))
+
+    # MVTec layout: DIR/<cls>/<rel_path>
     mv = str(tmp_path / "mv")
     _mvtec_class(mv)
     mtrain = ds.mvtec_samples(mv, "toy", "train")
     fg2 = str(tmp_path / "fg2")
-    _mask(os.path.join(fg2, "toy", "train", "good", "001.png"))
-    assert ds.attach_foreground(mtrain, fg2) == 1
+    for name in ("000", "001", "002"):
+        _mask(os.path.join(fg2, "toy", "train", "good", name + ".png"))
+    assert ds.attach_foreground(mtrain, fg2) == 3
     assert mtrain[1].foreground_path == os.path.join(fg2, "toy", "train", "good", "001.png")
-    with pytest.raises(UserError, match="foreground folder not found"):
-        ds.attach_foreground(mtrain, str(tmp_path / "nope"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,15 +369,30 @@ def test_load_image_errors(tmp_path):
         ds.load_mask(str(tmp_path / "bad.png"))
 
 
-def test_load_mask_values(tmp_path):
-    _mask(str(tmp_path / "m.png"), values=(1, 2, 3))
-    m = np.asarray(ds.load_mask(str(tmp_path / "m.png")))
-    assert m.dtype == np.uint8 and set(np.unique(m)) == {0, 255} and (m == 255).sum() == 36
+def test_load_mask_keeps_grey_values_until_after_the_resize(tmp_path):
+    T = pytest.importorskip("torchvision.transforms")
+    _mask(str(tmp_path / "m.png"), values=(1, 100, 255))
+    m = ds.load_mask(str(tmp_path / "m.png"))
+    assert m.mode == "L" and sorted(np.unique(np.asarray(m)).tolist()) == [0, 1, 100, 255]
     la = np.zeros((8, 8, 2), np.uint8)
     la[..., 1] = 255  # opaque alpha everywhere: must not become a full mask
     la[2:4, 2:4, 0] = 200
     Image.fromarray(la).save(tmp_path / "la.png")
-    assert (np.asarray(ds.load_mask(str(tmp_path / "la.png"))) == 255).sum() == 4
+    assert np.array_equal(np.asarray(ds.load_mask(str(tmp_path / "la.png"))), la[..., 0])
+
+    # resized as the file is, binarised later: as the reference gt transform (Resize, CenterCrop, ToTensor)
+    rng = np.random.default_rng(4)
+    grey = cv2.GaussianBlur(((rng.random((67, 75)) > 0.8) * 255).astype(np.uint8), (0, 0), 1.5)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(rng.random((67, 75)) > 0.7).save(tmp_path / "bilevel.png")
+    assert Image.open(tmp_path / "bilevel.png").mode == "1"
+    gt_tf = T.Compose([T.Resize((32, 32)), T.CenterCrop(28), T.ToTensor()])
+    for name in ("grey.png", "bilevel.png", "m.png"):
+        ours = ds.mask_to_tensor(ds.resize(ds.load_mask(str(tmp_path / name)), 32), 28)
+        assert torch.allclose(ours, gt_tf(Image.open(tmp_path / name)), atol=1e-6), name
+    ours = ds.mask_to_tensor(ds.resize(ds.load_mask(str(tmp_path / "grey.png")), 32), 28)
+    binarised_first = gt_tf(Image.fromarray(((grey != 0) * 255).astype(np.uint8)))
+    assert (ours >= 0.5).sum() < (binarised_first >= 0.5).sum()  # the order matters for the >= 0.5 target
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -407,8 +453,13 @@ def test_make_demo_data(tmp_path):
             if s.label:
                 m = np.asarray(ds.load_mask(s.mask_path)) > 0
                 assert m.sum() >= 10
-        assert ds.attach_foreground(rtrain, paths["foreground"]) == 3
-        assert all(np.asarray(ds.load_mask(s.foreground_path)).any() for s in rtrain)
+        assert ds.attach_foreground(rtrain) == 3  # the released code's default folder
+        assert all(s.foreground_path.startswith(os.path.join(paths["foreground"], cls, "DISthresh", "S0"))
+                   for s in rtrain)
+        fgs = [cv2.imread(s.foreground_path, cv2.IMREAD_GRAYSCALE) for s in rtrain]
+        assert all(f.shape == (64, 64) and f.max() > 200 for f in fgs)
+        if cls == "nut":  # an object: soft edges between background and object
+            assert all(((f > 30) & (f < 220)).sum() > 20 and f.min() < 10 for f in fgs)
         with open(os.path.join(paths["realiad"], "realiad_jsons", "realiad_jsons", f"{cls}.json")) as f:
             j = json.load(f)
         assert j["meta"]["normal_class"] == "OK"

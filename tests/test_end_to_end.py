@@ -115,12 +115,14 @@ def test_crr_three_stages(demo, tmp_path):
     common = ["--data_path", demo["realiad"], "--save_dir", str(tmp_path), "--save_name", "crr", *SMALL]
     run_script(crr_realiad_stage1, crr_stage1_main, "crr_stage1",
                [*common, "--encoder", TINY, "--total_iters", "2", "--batch_size", "4", "--mask_ratio", "0.25",
-                "--attn_eps", "1e-6", "--save_heatmaps", "1", "--foreground_path", demo["foreground"]])
+                "--attn_eps", "1e-6", "--save_heatmaps", "1", "--anomaly_source_path", "none"])
     run = tmp_path / "crr"
     assert {"model.pth", "config.json", "metrics_recon.csv", "scores_recon.csv"} <= set(os.listdir(run))
+    assert "foreground masks found for 16 of 16 training images" in (run / "log.txt").read_text()  # default path
     stage1 = file_hash(run / "model.pth")
     later = common[:6] + RUN  # Stage II and test take sizes, mask ratio and attention epsilon from Stage I
-    run_script(crr_realiad_stage2, crr_stage2_main, "crr_stage2", [*later, "--total_iters", "2", "--batch_size", "2"])
+    run_script(crr_realiad_stage2, crr_stage2_main, "crr_stage2", [*later, "--total_iters", "2", "--batch_size", "2",
+                                                                     "--anomaly_source_path", "none"])
     assert (run / "Seg_model_last.pth").exists() and file_hash(run / "model.pth") == stage1
     run_script(crr_realiad_test, crr_test_main, "crr_test", [*later, "--save_heatmaps", "1"])
     for name in ("config_stage2.json", "config_test.json"):
@@ -159,6 +161,8 @@ def run_cli(*args):
     (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--batch_size", "-2"], "--batch_size: -2 is less than 1"),
     (["crr_realiad_stage1.py", "--mask_ratio", "1"], "--mask_ratio: 1.0 is not in [0, 1)"),
     (["crr_realiad_test.py", "--total_iters", "5"], "unrecognized arguments: --total_iters"),
+    (["crr_realiad_stage1.py", "--data_path", "{realiad}", "--encoder_weights", "random", "--device", "cpu"],
+     "--anomaly_source_path none"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, expected, demo, tmp_path):
     argv = [a.format(mvtec=demo["mvtec"], realiad=demo["realiad"], tmp=tmp_path) for a in argv]
@@ -175,7 +179,8 @@ def test_user_errors_exit_2_with_one_line(argv, expected, demo, tmp_path):
 def test_torchrun_two_processes_on_cpu(script, data, metrics, demo, tmp_path):
     r = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", script,
                 "--data_path", demo[data], "--encoder", "dinov2reg_vit_small_14", "--total_iters", "2",
-                "--batch_size", "4", "--save_dir", str(tmp_path), "--save_name", "ddp", *SMALL)
+                "--batch_size", "4", "--save_dir", str(tmp_path), "--save_name", "ddp", *SMALL,
+                *(["--anomaly_source_path", "none"] if script.startswith("crr") else []))
     assert r.returncode == 0, r.stderr[-2000:]
     assert {"model.pth", metrics} <= set(os.listdir(tmp_path / "ddp"))
     assert "processes: 2" in (tmp_path / "ddp" / "log.txt").read_text()
@@ -184,7 +189,8 @@ def test_torchrun_two_processes_on_cpu(script, data, metrics, demo, tmp_path):
 def test_crr_stage1_on_mvtec_layout(demo, tmp_path):
     run_script(crr_realiad_stage1, crr_stage1_main, "crr_stage1",
                ["--dataset", "mvtec", "--data_path", demo["mvtec"], "--encoder", TINY, "--total_iters", "2",
-                "--batch_size", "4", "--save_dir", str(tmp_path), "--save_name", "crr_mvtec", *SMALL])
+                "--batch_size", "4", "--save_dir", str(tmp_path), "--save_name", "crr_mvtec", *SMALL,
+                "--anomaly_source_path", "none"])
     rows = read_csv(tmp_path / "crr_mvtec" / "metrics_recon.csv")
     assert [r[0] for r in rows[1:]] == [*CLASSES, "mean"]
     assert len(read_csv(tmp_path / "crr_mvtec" / "scores_recon.csv")) == 1 + 2 * 7

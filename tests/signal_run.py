@@ -1,0 +1,41 @@
+"""Run a training script with the tiny test encoder, and send this process a signal when iteration AT starts.
+
+    python tests/signal_run.py SIGNAL AT SCRIPT [script options]    (e.g. SIGKILL 7 dinomaly_mvtec_uni.py ...)
+
+Used by the kill-and-resume tests: a real SIGKILL or SIGINT, at a known iteration, in a fresh process.
+"""
+import importlib
+import os
+import signal
+import sys
+
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
+
+import engine  # noqa: E402
+import models  # noqa: E402
+from cli import build_parser  # noqa: E402
+from conftest import TINY, TINY_CFG  # noqa: E402
+from run import main  # noqa: E402
+
+JOBS = {"dinomaly_mvtec_uni": "dinomaly", "crr_realiad_stage1": "crr_stage1", "crr_realiad_stage2": "crr_stage2"}
+
+
+def signal_at(sig: signal.Signals, at: int):
+    """Wrap engine.train_step so that the signal is sent just before iteration `at` is computed."""
+    step = engine.train_step
+
+    def hooked(batch, it, *args, **kwargs):
+        if it == at:
+            os.kill(os.getpid(), sig)
+        return step(batch, it, *args, **kwargs)
+
+    engine.train_step = hooked
+
+
+if __name__ == "__main__":
+    name, at, script, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+    models.ENCODERS[TINY] = TINY_CFG
+    signal_at(signal.Signals[name], at)
+    module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
+    job = JOBS[module.__name__]
+    main(getattr(engine, f"{job}_main"), build_parser(module.__doc__, module.DEFAULTS, job), argv)

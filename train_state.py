@@ -1,0 +1,199 @@
+"""The training state: what a run needs to continue bit for bit after a kill, a crash or Ctrl-C.
+
+`<run>/train_state.pth` (CRR Stage II: `train_state_stage2.pth`) holds the trained module's weights, the
+optimiser, the number of finished iterations, the settings that shape training, and the random-number states
+of every process (torch CPU and CUDA, NumPy, Python). Nothing else is needed: the learning rate and the
+hard-mining share are functions of the iteration, and the data order is a function of (seed, epoch)
+(`EpochSampler`), as is CRR's anomaly synthesis.
+
+- `start(run, state_name, results)`: what to do with a run folder that already holds this job's results:
+  stop (one line), start afresh (--overwrite) or load the state to continue from (--resume).
+- `restore(run, state, module, optimizer, train_images) -> (iteration, settings)` and `save(run, path, module,
+  optimizer, iteration, settings)`.
+- `EpochSampler`: the shuffled order of each epoch, on one process or many, from any batch of the epoch.
+- `StopRequest`: Ctrl-C during training asks the loop to finish its step, save and stop.
+"""
+import glob
+import itertools
+import os
+import random
+import signal
+import threading
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
+
+from errors import UserError
+from models import load_file
+from run import Run, log, save_atomic
+
+RECONSTRUCTION = "train_state.pth"  # Dinomaly, CRR Stage I
+SEGMENTATION = "train_state_stage2.pth"  # CRR Stage II
+FORMAT = "dinomaly training state"
+# Settings that must not change when a run is resumed: they decide the model's shapes, the schedule or the
+# data order. Others (e.g. --attn_eps) may change; the change is logged.
+FIXED = ("dataset", "classes", "realiad_resolution", "json_dir", "encoder", "image_size", "crop_size",
+         "batch_size", "total_iters", "seed")
+LOGGED = ("dropout", "attn_eps", "mask_ratio", "test_mask")
+
+
+# ----------------------------------------------------------------------------------------------- run folder
+
+def start(run: Run, state_name: str, results: list[str]) -> dict | None:
+    """The saved state to continue from (--resume), or None for a fresh start. A run folder that holds this
+    job's results (`results`: file names or glob patterns; the state file counts too) is never overwritten
+    silently: without --resume or --overwrite the job stops; --overwrite deletes them first."""
+    args, path = run.args, run.path(state_name)
+    if args.resume:
+        if not os.path.isfile(path):
+            raise UserError(f"nothing to resume: {run.dir} has no {state_name}; run without --resume to start")
+        return load(path)
+    found = sorted({os.path.basename(p) for pattern in [*results, state_name] for p in glob.glob(run.path(pattern))})
+    if found and not args.overwrite:
+        raise UserError(f"{run.dir} already holds {', '.join(found)}; pass --resume to continue its training, "
+                        f"--overwrite to start afresh (deleting them), or another --save_name")
+    if found:
+        run.barrier()  # every process has looked before any file goes
+        if run.is_main:
+            for name in found:
+                os.remove(run.path(name))
+        log.warning(f"warning: --overwrite: deleted {', '.join(found)} in {run.dir}")
+    return None
+
+
+def load(path: str) -> dict:
+    state = load_file(path, "training state")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not a training state; remove it, or pass --overwrite to start afresh")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- save, restore
+
+def settings(args, train_images: int, world_size: int) -> dict:
+    """The settings a resumed run must share with the saved one (FIXED), and those whose change is logged."""
+    out = {k: getattr(args, k, None) for k in FIXED + LOGGED}
+    out.update(train_images=train_images, processes=world_size)
+    return out
+
+
+def save(run: Run, path: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
+         settings: dict):
+    """Write the state atomically (main process). Every process must call it: each one's RNG state is kept."""
+    rng = rng_states(run)
+    if run.is_main:
+        save_atomic(dict(format=FORMAT, iteration=iteration, settings=settings, module=module.state_dict(),
+                         optimizer=optimizer.state_dict(), rng=rng), path)
+
+
+def restore(run: Run, state: dict | None, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            train_images: int) -> tuple[int, dict]:
+    """(finished iterations, this run's settings). With a saved `state`, first checks that the settings match
+    and loads the weights, the optimiser and this process's RNG states from it."""
+    current = settings(run.args, train_images, run.world_size)
+    if state is None:
+        return 0, current
+    saved = state["settings"]
+    for key in FIXED + ("train_images", "processes"):
+        if saved.get(key) != current[key]:
+            raise UserError(f"cannot resume with {_describe(key, current[key])}: the saved training state was made "
+                            f"with {_describe(key, saved.get(key))}; resume with the same settings, or pass "
+                            f"--overwrite instead of --resume to start afresh")
+    for key in LOGGED:
+        if saved.get(key) != current[key]:
+            log.info(f"{_describe(key, current[key])} given; the saved training state was made with "
+                     f"{_describe(key, saved.get(key))}")
+    module.load_state_dict(state["module"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"][run.rank], run.device)
+    log.info(f"resuming at iteration {state['iteration']} of {current['total_iters']}")
+    return state["iteration"], current
+
+
+def _describe(key: str, value) -> str:
+    """A setting as the user gives it: '--classes a b', '--batch_size 16', '12 training images', 'torchrun
+    --nproc_per_node 2'."""
+    value = " ".join(value) if isinstance(value, (list, tuple)) else value
+    if key == "processes":
+        return f"torchrun --nproc_per_node {value}"
+    return f"--{key} {value}" if key in FIXED + LOGGED else f"{value} training images"
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random-number states, in types that torch.load(weights_only=True) reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                numpy=(kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+                python=random.getstate())
+
+
+def set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def rng_states(run: Run) -> list[dict]:
+    """The RNG states of all processes, by rank."""
+    own = rng_state(run.device)
+    if not dist.is_initialized():
+        return [own]
+    states = [None] * run.world_size
+    dist.all_gather_object(states, own)
+    return states
+
+
+# ----------------------------------------------------------------------------------------------- data order
+
+class EpochSampler(DistributedSampler):
+    """Shuffled indices for one of `world_size` processes (one included), drop_last: epoch e's order comes from a
+    generator seeded with seed + e, so it is the same after a restart. `set_epoch(e, skip)` starts epoch e after
+    its first `skip` indices (of this process), which are never loaded."""
+
+    def __init__(self, dataset, world_size: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+# ----------------------------------------------------------------------------------------------- Ctrl-C
+
+class StopRequest:
+    """Within `with StopRequest(...) as stop:`, Ctrl-C (SIGINT) only sets `stop.requested`: the training loop
+    ends its step, saves the state and stops. With `again_interrupts` a second Ctrl-C interrupts at once
+    (one process; under torchrun the launcher forwards the signal, so repeats are ignored)."""
+
+    def __init__(self, again_interrupts: bool):
+        self.again_interrupts = again_interrupts
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested and self.again_interrupts:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
