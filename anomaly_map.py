@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import speed
+from errors import UserError
 from models import SegmentationNet, ViTill, segmentation_input
 
 MAP_SIZE = 256  # anomaly maps and ground truth are compared at 256 x 256
-
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,6 +52,13 @@ def top_ratio_score(maps: torch.Tensor, max_ratio: float = 0.01) -> torch.Tensor
     if max_ratio == 0:
         return flat.amax(dim=1)
     return flat.topk(int(flat.shape[1] * max_ratio), dim=1).values.mean(dim=1)
+
+
+def check_max_ratio(max_ratio: float):
+    """--max_ratio must select at least one pixel of the map (0 selects its maximum)."""
+    if 0 < max_ratio and int(MAP_SIZE * MAP_SIZE * max_ratio) < 1:
+        raise UserError(f"--max_ratio {max_ratio} selects no pixel of a {MAP_SIZE}x{MAP_SIZE} map; use 0 (the "
+                        f"maximum) or at least {1 / MAP_SIZE ** 2:.2g}")
 
 
 def binarize_gt(masks: torch.Tensor, size: int = 256, mode: str = "dinomaly") -> torch.Tensor:

@@ -9,6 +9,7 @@ Readers:
 - `realiad_samples(root, class_name, phase, resolution, json_dir)`: Real-IAD through its split JSON files.
 - `attach_foreground(samples, foreground_root)`: CRR's object masks, where the released code looks for them.
 """
+import glob
 import json
 import logging
 import os
@@ -70,8 +71,12 @@ def _open(path: str, what: str, where: str) -> Image.Image:
 
 
 def load_image(path: str) -> Image.Image:
-    """Open an image as 8-bit RGB: grey becomes 3 channels, alpha is dropped, 16-bit is scaled to 8-bit."""
-    img = _open(path, "image", "the dataset folder")
+    """Open an image file as 8-bit RGB (see to_rgb)."""
+    return to_rgb(_open(path, "image", "the dataset folder"))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: grey becomes 3 channels, alpha is dropped, 16-bit is scaled to 8-bit."""
     if img.mode.startswith("I;16"):
         # 16-bit grey: always the full 16-bit range (65535 -> 255)
         arr = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
@@ -143,8 +148,56 @@ def check_sizes(image_size: int, crop_size: int):
 def load_tensor(path: str, image_size: int, crop_size: int, cache=None) -> torch.Tensor:
     """The input transform: image file -> RGB -> resize -> centre crop -> normalised [3, crop, crop]. With an
     `image_cache.ImageCache` of that image size, the resized pixels come from the cache (bit-identical)."""
-    img = resize(load_image(path), image_size) if cache is None else Image.fromarray(cache.get(path))
-    return image_to_tensor(img, crop_size)
+    if cache is None:
+        return transform(load_image(path), image_size, crop_size)
+    return image_to_tensor(Image.fromarray(cache.get(path)), crop_size)
+
+
+def transform(img: Image.Image, image_size: int, crop_size: int) -> torch.Tensor:
+    """The input transform of an RGB image: resize -> centre crop -> normalised [3, crop, crop]."""
+    return image_to_tensor(resize(img, image_size), crop_size)
+
+
+def find_images(inputs: list[str], skip_dir: str | None = None) -> list[str]:
+    """Image files named directly or by a glob pattern, and the images under named folders (recursively:
+    a folder's own files sorted, then its subfolders); no duplicates, nothing under `skip_dir` (an output
+    folder). A missing path, or a folder or pattern without images, is a UserError."""
+    skip = os.path.realpath(skip_dir) + os.sep if skip_dir else None
+    found, seen = [], set()
+    for item in inputs:
+        pattern = glob.has_magic(item)
+        if pattern:
+            matches = sorted(glob.glob(item, recursive=True))
+        elif os.path.exists(item):
+            matches = [item]
+        else:
+            raise UserError(f"file or folder not found: {item}; check --input")
+        images = []
+        for path in matches:
+            if os.path.isdir(path):
+                images += _walk_images(path, set())
+            elif not pattern or _is_image_name(os.path.basename(path)):
+                images.append(path)  # a file named directly is tried whatever its extension
+        if not images:
+            raise UserError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) in {item}; check --input")
+        for path in images:
+            key = os.path.realpath(path)
+            if key not in seen and not (skip and key.startswith(skip)):
+                seen.add(key)
+                found.append(path)
+    return found
+
+
+def _walk_images(folder: str, visited: set[str]) -> list[str]:
+    """The images in `folder` (sorted), then those in its subfolders, recursively; each folder once."""
+    real = os.path.realpath(folder)
+    if real in visited:  # a symbolic link back up the tree
+        return []
+    visited.add(real)
+    images = [os.path.join(folder, name) for name in _list_images(folder)]
+    for sub in _list_subdirs(folder):
+        images += _walk_images(os.path.join(folder, sub), visited)
+    return images
 
 
 class TrainDataset(Dataset):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo on a CPU in a few minutes: creates or reuses .venv, writes a small synthetic dataset to demo_data/,
-# trains on it with a randomly initialised ViT-S at 112 px and prints the metric table.
+# trains on it with a randomly initialised ViT-S at 112 px, prints the metric table and runs predict.py on the
+# weave test images.
 #   bash demo.sh        Dinomaly (dinomaly_mvtec_uni.py) on the MVTec-layout copy
 #   bash demo.sh crr    CRR Stage I -> Stage II -> test on the Real-IAD-layout copy
 set -euo pipefail
@@ -20,5 +21,7 @@ if [ "${1:-dinomaly}" = crr ]; then
 else
     .venv/bin/python dinomaly_mvtec_uni.py --data_path demo_data/mvtec_demo --save_name demo --overwrite "${DATA[@]}" \
         "${MODEL[@]}" --total_iters 150 --save_heatmaps 2
-    echo "results and heatmaps: saved_results/demo/"
+    .venv/bin/python predict.py --checkpoint saved_results/demo --input demo_data/mvtec_demo/weave/test \
+        --class_name weave --out saved_results/demo/predictions --num_workers 1
+    echo "results, thresholds and pictures: saved_results/demo/; predictions for new images: saved_results/demo/predictions/"
 fi

@@ -19,16 +19,17 @@ from tqdm import tqdm
 import dataset as ds
 import models
 import preflight
-import train_state
 import speed
-from anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt
+import train_state
+from anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt, check_max_ratio
 from errors import UserError
 from image_cache import build_cache
 from loss import focal_loss, global_cosine_hm, hard_mining_factor
 from optimizers import StableAdamW, WarmCosineSchedule
+from report import ClassReport
 from run import Run, log, save_atomic, seed_everything
-from utils import METRIC_NAMES, class_metrics, format_metrics, nanmean, write_metrics_csv
-from visualize import save_heatmap
+from thresholds import Calibration, PixelSample
+from utils import METRIC_NAMES, ClassAccumulator, format_metrics, nanmean, write_metrics_csv
 
 # ----------------------------------------------------------------------------------------------- the recipes
 # Reconstruction training (Dinomaly, CRR Stage I): StableAdamW, warm-up then cosine, clipping, hard mining.
@@ -241,41 +242,64 @@ def segmentation_loss(model: models.ViTill, net, aug_img: torch.Tensor, aug_mask
 
 def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str = "") -> dict:
     """The one evaluation loop: per class, smoothed maps and scores from `mapper`, ground truth at 256, the
-    seven metrics; prints the table, writes metrics<tag>.csv and scores<tag>.csv and heatmaps<tag>/.
-    Returns {class: metrics}."""
+    seven metrics, streamed into a ClassAccumulator (no class's maps are kept). Under torchrun every process
+    evaluates every world_size-th image and the first gathers the results: the metrics are the same as in one
+    process. The first process prints the table and writes metrics<tag>.csv, scores<tag>.csv,
+    thresholds<tag>.json and the pictures (report.py). Returns {class: metrics} (empty on the other processes)."""
     args = run.args
     results, score_rows = {}, []
+    calibration = Calibration(dict(map="reconstruction" if mapper.segnet is None else "fused",
+                                   fusion_alpha=mapper.fusion_alpha, max_ratio=mapper.max_ratio))
+    if run.world_size > 1:
+        log.info(f"evaluation shared by {run.world_size} processes")
     for name in ds.class_names(args.dataset, args.classes):
-        samples = test_samples(args, name)
-        test_set = ds.TestDataset(samples, args.image_size, args.crop_size, image_cache(args, samples, ("disk",)))
-        loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                            pin_memory=run.device.type == "cuda")
-        labels, scores, px_maps, px_masks, shown = [], [], [], [], 0
-        with torch.no_grad():
-            for img, mask, label, has_mask, paths in tqdm(loader, desc=f"eval {name}", leave=False,
-                                                          dynamic_ncols=True):
-                amap, score = mapper(img.to(run.device))  # [B, 1, 256, 256], [B]
-                gt = binarize_gt(mask, MAP_SIZE, gt_mode)
-                amap, score = amap.cpu(), score.cpu()
-                labels += label.tolist()
-                scores += score.tolist()
-                score_rows += [[name, p, int(l), s] for p, l, s in zip(paths, label.tolist(), score.tolist())]
-                px_maps.append(amap[has_mask, 0].numpy())
-                px_masks.append(gt[has_mask, 0].numpy())
-                for i in [i for i, l in enumerate(label.tolist()) if l == 1][:args.save_heatmaps - shown]:
-                    save_heatmap(run.path(os.path.join(f"heatmaps{tag}", name)), paths[i], img[i], gt[i, 0],
-                                 amap[i, 0], score[i].item())
-                    shown += 1
-        maps, masks = np.concatenate(px_maps), np.concatenate(px_masks)
-        results[name] = class_metrics(np.array(labels), np.array(scores), masks if masks.any() else None, maps,
-                                      aupro=aupro)
+        parts = run.gather(evaluate_shard(run, mapper, test_samples(args, name), name, aupro, gt_mode))
+        if not run.is_main:
+            continue
+        results[name] = ClassAccumulator.merge([p[0] for p in parts], aupro=aupro).compute()
         log.info(format_metrics(name, results[name]))
+        rows = [row for _, row in sorted(r for p in parts for r in p[1])]  # in the dataset's order
+        pixels = PixelSample.merge([p[2] for p in parts])
+        entry = calibration.add(name, np.array([r[2] for r in rows]), np.array([r[3] for r in rows]),
+                                *pixels.arrays())
+        ClassReport.merge([p[3] for p in parts]).save(run.dir, tag, name, entry, pixels.arrays()[:2])
+        score_rows += rows
+    if not run.is_main:
+        return results
     mean = {k: nanmean([r[k] for r in results.values()]) for k in METRIC_NAMES}
     log.info(format_metrics("Mean", mean))
     write_metrics_csv(run.path(f"metrics{tag}.csv"), results, mean)
     with open(run.path(f"scores{tag}.csv"), "w", newline="") as f:
         csv.writer(f).writerows([["class", "image_path", "label", "score"], *score_rows])
+    calibration.save(run.path(f"thresholds{tag}.json"))
     return results
+
+
+def evaluate_shard(run: Run, mapper: AnomalyMapper, samples: list[ds.Sample], name: str, aupro: str,
+                   gt_mode: str) -> tuple[dict, list, PixelSample, ClassReport]:
+    """This process's share of one class (images rank, rank + world_size, ...): (the accumulator's state, score
+    rows with their index in `samples`, the pixel sample for calibration, the pictures' candidates)."""
+    args = run.args
+    index = list(range(run.rank, len(samples), run.world_size))
+    shard = [samples[i] for i in index]
+    test_set = ds.TestDataset(shard, args.image_size, args.crop_size, image_cache(args, shard, ("disk",)))
+    loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                        pin_memory=run.device.type == "cuda")
+    acc, pixels, report = ClassAccumulator(aupro), PixelSample(len(samples) * MAP_SIZE ** 2), \
+        ClassReport(args.save_heatmaps)
+    rows, done = [], 0
+    with torch.no_grad():
+        for img, mask, label, has_mask, paths in tqdm(loader, desc=f"eval {name}", leave=False, dynamic_ncols=True,
+                                                      disable=not run.is_main):
+            amap, score = mapper(img.to(run.device))  # [B, 1, 256, 256], [B]
+            amap, score, gt = amap[:, 0].cpu(), score.cpu(), binarize_gt(mask, MAP_SIZE, gt_mode)[:, 0]
+            ids = index[done:done + len(paths)]
+            done += len(paths)
+            acc.add(label, score, amap, gt, has_mask)
+            pixels.add(amap[has_mask].numpy(), gt[has_mask].numpy(), [i for i, h in zip(ids, has_mask) if h])
+            report.add(img, gt, amap, score, label, paths)
+            rows += [(i, [name, p, int(l), s]) for i, p, l, s in zip(ids, paths, label.tolist(), score.tolist())]
+    return acc.state(), rows, pixels, report
 
 
 # ----------------------------------------------------------------------------------------------- data and models
@@ -355,12 +379,6 @@ def fresh_model(run: Run, **kwargs) -> models.ViTill:
     return speed.maybe_compile(model.to(run.device), args.compile)
 
 
-def check_max_ratio(max_ratio: float):
-    if 0 < max_ratio and int(MAP_SIZE * MAP_SIZE * max_ratio) < 1:
-        raise UserError(f"--max_ratio {max_ratio} selects no pixel of a {MAP_SIZE}x{MAP_SIZE} map; use 0 (the "
-                        f"maximum) or at least {1 / MAP_SIZE ** 2:.2g}")
-
-
 # ----------------------------------------------------------------------------------------------- the jobs
 
 def train_and_evaluate(args, crr: bool):
@@ -389,11 +407,10 @@ def train_and_evaluate(args, crr: bool):
         run.save_config(model_settings(args, args.dropout))
         train_reconstruction(run, model, loader, repair=crr, state=state)
     run.barrier()
-    if run.is_main:
-        model.eval()
-        seed_everything(args.seed)
-        evaluate(run, AnomalyMapper(model, max_ratio=args.max_ratio, precision=args.precision), args.aupro,
-                 args.gt_binarize, tag="_recon" if crr else "")
+    model.eval()
+    seed_everything(args.seed)
+    evaluate(run, AnomalyMapper(model, max_ratio=args.max_ratio, precision=args.precision), args.aupro,
+             args.gt_binarize, tag="_recon" if crr else "")
 
 
 def dinomaly_main(args):

@@ -176,6 +176,14 @@ class Run:
             with open(self.path(self.config_name), "w") as f:
                 json.dump(config, f, indent=2)
 
+    def gather(self, obj) -> list:
+        """`obj` from every process, in rank order ([obj] without torchrun)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self):
         if dist.is_initialized():
             dist.barrier()

@@ -1,11 +1,23 @@
-"""Heatmap PNGs for a person to look at: image | ground truth | anomaly map over the image."""
-import os
+"""Pictures for a person to look at: anomaly maps on a fixed colour scale with a colour bar and titles.
 
+The colour scale of a class is fixed (thresholds.json's "color_range": blue at the median of the normal test
+images' map values, the image threshold in the middle, red twice as far above), so a normal image stays
+blue-green and red means clearly above the decision threshold; maps are never stretched to their own min-max.
+
+- `heatmap_panel`: image | ground truth | anomaly map (evaluation heatmaps and the gallery);
+- `overlay_picture`: a map over an image of any size, with the pixels outside the centre crop hatched
+  (predict.py).
+"""
 import cv2
 import numpy as np
 import torch
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD
+
+COLORMAP = cv2.COLORMAP_JET
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (128, 128, 128)
+RED, GREEN, DARK = (200, 30, 30), (30, 140, 60), (40, 40, 40)
 
 
 def to_uint8_image(img: torch.Tensor, size: int) -> np.ndarray:
@@ -15,26 +27,108 @@ def to_uint8_image(img: torch.Tensor, size: int) -> np.ndarray:
     return cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def heatmap_panel(img: torch.Tensor, gt: torch.Tensor, amap: torch.Tensor, score: float) -> np.ndarray:
-    """Three panels side by side (RGB uint8): the image, the ground truth outlined, the map over the image.
+def colorize(amap: np.ndarray, color_range: tuple[float, float]) -> np.ndarray:
+    """Map values -> RGB uint8 on the fixed scale: color_range[0] and below blue, color_range[1] and above
+    red. NaN counts as the bottom of the scale."""
+    lo, hi = color_range
+    a = np.nan_to_num((np.asarray(amap, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo), nan=0.0)
+    return cv2.applyColorMap((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8), COLORMAP)[..., ::-1]
 
-    The map is scaled to its own range, so a normal image can show a pattern too; the score is printed."""
+
+def _text_scale(height: int) -> tuple[float, int]:
+    """Font scale and thickness for a picture `height` pixels tall."""
+    scale = max(0.4, height / 600)
+    return scale, max(1, round(scale * 1.5))
+
+
+def text_band(width: int, height: int, text: str, color=DARK, scale: float = 0.5, thick: int = 1) -> np.ndarray:
+    """A band of `color` with white text, left-aligned and vertically centred."""
+    band = np.full((height, width, 3), color, np.uint8)
+    (_, th), _ = cv2.getTextSize(text, FONT, scale, thick)
+    cv2.putText(band, text, (max(4, height // 4), (height + th) // 2), FONT, scale, WHITE, thick, cv2.LINE_AA)
+    return band
+
+
+def colorbar(height: int, color_range: tuple[float, float], marks: dict[str, float] | None = None) -> np.ndarray:
+    """A vertical colour bar (RGB uint8, `height` tall) with the scale's ends written above and below it and
+    `marks` (e.g. {"threshold": t}) as lines at their values; a mark beyond an end sits there, labelled
+    (above) or (below)."""
+    scale, thick = _text_scale(max(height, 256))
+    scale *= 0.8
+    lo, hi = color_range
+    labels = {k: f"{k} {v:.3g}" + (" (above)" if v > hi else " (below)" if v < lo else "")
+              for k, v in (marks or {}).items()}
+    th = cv2.getTextSize("0", FONT, scale, thick)[0][1]
+
+    def text_width(texts):
+        return max([cv2.getTextSize(t, FONT, scale, thick)[0][0] for t in texts], default=0)
+
+    bar_w, pad = max(12, height // 20), max(4, height // 60)
+    top, bottom = th + 2 * pad, height - th - 2 * pad
+    width = max(text_width([f"{hi:.3g}", f"{lo:.3g}"]) + 2 * pad, bar_w + 3 * pad + text_width(labels.values()))
+    out = np.full((height, width, 3), WHITE, np.uint8)
+    values = np.linspace(hi, lo, bottom - top)[:, None].repeat(bar_w, axis=1)
+    out[top:bottom, pad:pad + bar_w] = colorize(values, color_range)
+    cv2.putText(out, f"{hi:.3g}", (pad, top - pad), FONT, scale, BLACK, thick, cv2.LINE_AA)
+    cv2.putText(out, f"{lo:.3g}", (pad, bottom + pad + th), FONT, scale, BLACK, thick, cv2.LINE_AA)
+    for key, text in labels.items():
+        y = int(round(top + (hi - min(max(marks[key], lo), hi)) / (hi - lo) * (bottom - top - 1)))
+        cv2.line(out, (pad - 2, y), (pad + bar_w + 2, y), BLACK, thick + 1)
+        y_text = min(max(y + th // 2, top + th), bottom)
+        cv2.putText(out, text, (2 * pad + bar_w, y_text), FONT, scale, BLACK, thick, cv2.LINE_AA)
+    return out
+
+
+def heatmap_panel(img: torch.Tensor, gt: torch.Tensor, amap: torch.Tensor, color_range: tuple[float, float],
+                  caption: str, marks: dict[str, float] | None = None) -> np.ndarray:
+    """Three panels with titles, image | ground truth (outlined in red) | anomaly map over the image, a colour
+    bar, and a caption below (RGB uint8)."""
     size = amap.shape[-1]
     rgb = to_uint8_image(img, size)
-    a = amap.float().cpu().numpy()
-    a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
-    heat = cv2.applyColorMap((a * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-    overlay = (0.5 * rgb + 0.5 * heat).astype(np.uint8)
+    overlay = blend(rgb, colorize(amap.float().cpu().numpy(), color_range))
     outlined = rgb.copy()
     contours, _ = cv2.findContours(gt.cpu().numpy().astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(outlined, contours, -1, (255, 0, 0), 2)
-    panel = np.concatenate([rgb, outlined, overlay], axis=1)
-    cv2.putText(panel, f"score {score:.4f}", (2 * size + 6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
-    return panel
+    scale, thick = _text_scale(size)
+    title_h = int(28 * scale / 0.43)
+    panels = [np.concatenate([text_band(size, title_h, title, scale=scale, thick=thick), p])
+              for title, p in (("image", rgb), ("ground truth", outlined), ("anomaly map", overlay))]
+    body = np.concatenate([*panels, colorbar(size + title_h, color_range, marks)], axis=1)
+    return np.concatenate([body, text_band(body.shape[1], title_h, caption, scale=scale, thick=thick)])
 
 
-def save_heatmap(out_dir: str, image_path: str, img, gt, amap, score: float):
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.splitext("_".join(os.path.normpath(image_path).split(os.sep)[-2:]))[0]
-    panel = heatmap_panel(img, gt, amap, score)
-    cv2.imwrite(os.path.join(out_dir, f"{stem}.png"), panel[..., ::-1])
+def blend(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The mean of two uint8 pictures."""
+    return cv2.addWeighted(np.ascontiguousarray(a), 0.5, np.ascontiguousarray(b), 0.5, 0)
+
+
+def _hatch(height: int, width: int, step: int) -> np.ndarray:
+    """Diagonal lines x + y = k * step: bool [height, width]."""
+    lines = np.zeros((height, width), np.uint8)
+    for c in range(0, height + width, step):
+        cv2.line(lines, (c, 0), (c - height, height), 1, max(1, step // 4))
+    return lines.astype(bool)
+
+
+def overlay_picture(rgb: np.ndarray, amap: np.ndarray, seen: np.ndarray, mask: np.ndarray,
+                    color_range: tuple[float, float], caption: str, anomalous: bool,
+                    marks: dict[str, float] | None = None) -> np.ndarray:
+    """The map over the image in the image's own geometry (RGB uint8, the image at the top left; images under
+    256 px are enlarged by a whole factor): predicted mask outlined in white, pixels the model never saw
+    (outside the centre crop) greyed and hatched, a colour bar on the right, the caption below on red
+    (anomalous) or green (normal)."""
+    h, w = seen.shape
+    k = -(-256 // min(h, w)) if min(h, w) < 256 else 1
+    if k > 1:
+        rgb, amap, seen, mask = (np.repeat(np.repeat(a, k, axis=0), k, axis=1) for a in (rgb, amap, seen, mask))
+        h, w = h * k, w * k
+    out = blend(rgb, colorize(amap, color_range))
+    unseen = ~seen
+    out[unseen] = (0.4 * rgb[unseen] + 0.3 * 255).astype(np.uint8)
+    out[unseen & _hatch(h, w, max(8, min(h, w) // 40))] = GREY
+    scale, thick = _text_scale(min(h, w))
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, WHITE, thick + 1)
+    body = np.concatenate([out, colorbar(h, color_range, marks)], axis=1)
+    band = text_band(body.shape[1], int(28 * scale / 0.43), caption, RED if anomalous else GREEN, scale, thick)
+    return np.concatenate([body, band])

@@ -184,6 +184,18 @@ def test_torchrun_two_processes_on_cpu(script, data, metrics, demo, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert {"model.pth", metrics} <= set(os.listdir(tmp_path / "ddp"))
     assert "processes: 2" in (tmp_path / "ddp" / "log.txt").read_text()
+    if script.startswith("dinomaly"):
+        # the evaluation was sharded over the two processes: one process gives the same scores and metrics
+        assert "evaluation shared by 2 processes" in (tmp_path / "ddp" / "log.txt").read_text()
+        r = run_cli(script, "--data_path", demo[data], "--eval_only", "--checkpoint", str(tmp_path / "ddp"),
+                    "--save_dir", str(tmp_path), "--save_name", "single", *RUN)
+        assert r.returncode == 0, r.stderr[-2000:]
+        for name in ("scores.csv", "metrics.csv"):
+            sharded, single = read_csv(tmp_path / "ddp" / name), read_csv(tmp_path / "single" / name)
+            assert [row[:-1] if name == "scores.csv" else row[0] for row in sharded] == \
+                [row[:-1] if name == "scores.csv" else row[0] for row in single]
+            cells = lambda rows: [float(c) for row in rows[1:] for c in row[-1 if name == "scores.csv" else 1:]]
+            np.testing.assert_allclose(cells(sharded), cells(single), atol=1e-6)
 
 
 def test_crr_stage1_on_mvtec_layout(demo, tmp_path):

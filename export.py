@@ -1,0 +1,135 @@
+"""Export a trained run to ONNX: the whole map computation in one graph, for deployment without PyTorch.
+
+    pip install -r requirements-export.txt        # onnx and onnxruntime
+    python export.py --checkpoint saved_results/<run> --out model.onnx
+
+Input `image`: float32 [B, 3, crop, crop], RGB in [0, 1], already resized to image_size and centre-cropped
+(not normalised: the ImageNet normalisation is inside the graph). Outputs `anomaly_map` [B, 1, 256, 256] (the
+smoothed map) and `score` [B] (mean of its top max_ratio share). The batch size is dynamic. A CRR run (with
+Seg_model_*.pth) exports the fused map, with the test-time bottleneck masking off: it is random, and a
+deployed model should give the same answer twice. The run's sizes and calibrated thresholds are written into
+the model's metadata (image_size, crop_size, threshold, pixel_threshold, color_range). After writing, the file
+is checked with onnxruntime against PyTorch on random images.
+"""
+import copy
+import json
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from anomaly_map import AnomalyMapper
+from dataset import IMAGENET_MEAN, IMAGENET_STD
+from errors import UserError
+from models.encoder import interpolate_patch_pos_embed
+from predict import load_calibration, load_mapper, run_files
+from run import ArgumentParser, int_at_least, log, main as run_main
+
+OPSET = 17
+MISSING = "ONNX export needs onnx and onnxruntime: pip install -r requirements-export.txt"
+
+
+class ExportedMapper(nn.Module):
+    """[B, 3, crop, crop] RGB in [0, 1] -> (smoothed map [B, 1, 256, 256], score [B])."""
+
+    def __init__(self, mapper: AnomalyMapper):
+        super().__init__()
+        self.mapper = mapper
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mapper((image - self.mean) / self.std)
+
+
+def for_export(mapper: AnomalyMapper, crop_size: int) -> AnomalyMapper:
+    """A copy of the mapper that traces to a static graph: the position embedding already interpolated to the
+    crop's patch grid (the same values the model computes at run time), CRR's random masking off."""
+    mapper = copy.deepcopy(mapper).cpu().eval()
+    encoder = mapper.model.encoder
+    grid = crop_size // encoder.cfg.patch_size
+    pos = encoder.pos_embed.data
+    encoder.pos_embed = nn.Parameter(torch.cat([pos[:, :1], interpolate_patch_pos_embed(pos[:, 1:], grid, grid)],
+                                               dim=1), requires_grad=False)
+    if mapper.model.mask_ratio > 0 and mapper.model.mask_in_eval:
+        log.info("CRR test-time masking is random: exported with masking off")
+        mapper.model.mask_in_eval = False
+    return mapper
+
+
+def export_onnx(model: nn.Module, crop_size: int, path: str):
+    """torch.onnx's TorchScript exporter (no onnxscript needed): dynamic batch, opset OPSET."""
+    dummy = torch.rand(1, 3, crop_size, crop_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and exporter notices about constants: expected here
+        torch.onnx.export(model, (dummy,), path, dynamo=False, opset_version=OPSET, input_names=["image"],
+                          output_names=["anomaly_map", "score"],
+                          dynamic_axes={"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}})
+
+
+def max_difference(model: nn.Module, path: str, crop_size: int, batch: int = 2) -> float:
+    """Largest |onnxruntime - PyTorch| over both outputs on `batch` random images."""
+    import onnxruntime
+    x = torch.rand(batch, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(["anomaly_map", "score"], {"image": x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
+
+
+def add_metadata(path: str, metadata: dict):
+    import onnx
+    proto = onnx.load(path)
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=json.dumps(value))
+    onnx.save(proto, path)
+
+
+def export(args):
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise UserError(MISSING) from None
+    model_path, seg_path = run_files(args.checkpoint, args.seg_checkpoint)
+    calibration, _ = load_calibration(model_path, seg_path is not None)
+    mapper, settings = load_mapper(model_path, seg_path, torch.device("cpu"), {}, calibration)
+    crop = settings["crop_size"]
+    model = ExportedMapper(for_export(mapper, crop)).eval()
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"folder not found: {out_dir}; create it or pass another --out")
+    export_onnx(model, crop, args.out)
+    entry = calibration["all"] if calibration else None
+    add_metadata(args.out, dict(image_size=settings["image_size"], crop_size=crop, max_ratio=mapper.max_ratio,
+                                map="reconstruction" if seg_path is None else "fused",
+                                threshold=entry["image"]["threshold"] if entry else None,
+                                pixel_threshold=entry["pixel"]["threshold"] if entry else None,
+                                color_range=entry["color_range"] if entry else None))
+    diff = max_difference(model, args.out, crop, args.check_batch)
+    log.info(f"wrote {args.out}: image [B, 3, {crop}, {crop}] RGB in [0, 1] -> anomaly_map [B, 1, 256, 256], "
+             f"score [B]; onnxruntime vs PyTorch on {args.check_batch} random images: max difference {diff:.2g}")
+    if diff > 1e-3:
+        log.warning(f"warning: the ONNX model differs from PyTorch by {diff:.2g}; check the onnxruntime version")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(__doc__)
+    p.add_argument("--checkpoint", required=True, help="a run folder or its model.pth")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--seg_checkpoint",
+                   help="CRR segmentation network (default: the run folder's Seg_model_7999.pth or _last.pth)")
+    p.add_argument("--check_batch", type=int_at_least(1), default=2,
+                   help="random images to compare onnxruntime with PyTorch on (a batch: checks the dynamic axis)")
+    return p
+
+
+def main(argv=None):
+    run_main(export, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()

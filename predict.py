@@ -1,0 +1,379 @@
+"""Run a trained model on new images: a score, a decision, a heatmap overlay and a mask for each image, in the
+image's own geometry.
+
+    python predict.py --checkpoint saved_results/<run> --input photos/ --out predictions/
+    python predict.py --checkpoint saved_results/<run> --input "line3/*.png" a.bmp --out p/ --class_name nut
+
+The run folder gives the model's settings (encoder, image and crop size, CRR masking) and, for a CRR run, the
+segmentation network (Seg_model_7999.pth, else Seg_model_last.pth): the fused map. Its thresholds.json
+(written by evaluation) gives the decision threshold: the F1-max threshold of all classes' test images, or
+of one class with --class_name; --threshold T overrides it. An image is anomalous when score >= threshold.
+
+Writes into --out: predictions.csv (image_path, score, decision, threshold, overlay, mask[, normalized_score]),
+overlays/<name>.png (the map over the image on the class's fixed colour scale, the predicted mask outlined,
+the border outside the centre crop, which the model never sees, hatched) and masks/<name>.png (0/255, the
+image's size: map >= the pixel threshold; 0 outside the crop). An unreadable image is reported and skipped.
+
+In Python:
+
+    from predict import Detector
+    detector = Detector("saved_results/demo")          # same options as the flags, e.g. class_name="nut"
+    r = detector(image)                                 # a path, a PIL image or an RGB numpy array
+    r.score, r.is_anomalous, r.anomaly_map, r.mask      # map and mask: [H, W] like the image
+"""
+import argparse
+import csv
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import dataset as ds
+import models
+import thresholds as th
+from anomaly_map import AnomalyMapper, check_max_ratio
+from errors import UserError
+from report import write_png
+from run import ArgumentParser, float_in, int_at_least, log, main as run_main, resolve_device
+from visualize import overlay_picture
+
+SCORING_DEFAULTS = dict(max_ratio=0.01, fusion_alpha=0.7)  # without a thresholds.json that says otherwise
+
+
+@dataclass
+class Prediction:
+    """One image's result. anomaly_map: float32 [H, W] in the image's geometry, NaN outside the centre crop
+    (`seen` False: the model never saw those pixels); mask: bool [H, W], map >= pixel_threshold."""
+    score: float
+    is_anomalous: bool
+    threshold: float
+    normalized_score: float  # 0 at the lowest normal test score, 0.5 at the threshold, clipped to [0, 1]
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    seen: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+def uncrop(amap: np.ndarray, width: int, height: int, image_size: int, crop_size: int) -> tuple[np.ndarray,
+                                                                                                   np.ndarray]:
+    """A map of the centre crop ([n, n], any n) -> (map [height, width] of the original image, seen [height,
+    width]): undoes the square resize to image_size and the centre crop, pixel centre to pixel centre, with
+    bilinear interpolation (edge values repeated up to the crop's border). NaN where seen is False."""
+    n = amap.shape[-1]
+    top = ds.center_crop_box(image_size, crop_size)[0]
+
+    def crop_coords(length):  # original pixel centres -> crop coordinates in pixels
+        return (np.arange(length) + 0.5) * image_size / length - top
+
+    def weights(c):  # crop coordinates -> (index, weight of index + 1) into the map, clamped to its ends
+        u = np.clip(c * n / crop_size - 0.5, 0, n - 1)
+        i = np.minimum(np.floor(u).astype(np.int64), n - 2)
+        return i, (u - i).astype(np.float32)
+
+    cx, cy = crop_coords(width), crop_coords(height)
+    (ix, tx), (iy, ty) = weights(cx), weights(cy)
+    a = np.asarray(amap, dtype=np.float32)
+    cols = a[:, ix] * (1 - tx) + a[:, ix + 1] * tx  # [n, width]
+    full = cols[iy] * (1 - ty)[:, None] + cols[iy + 1] * ty[:, None]  # [height, width]
+    seen = ((cy >= 0) & (cy < crop_size))[:, None] & ((cx >= 0) & (cx < crop_size))[None, :]
+    full[~seen] = np.nan
+    return full, seen
+
+
+# ----------------------------------------------------------------------------------------------- the detector
+
+def as_rgb(image) -> Image.Image:
+    """A path, a PIL image or a numpy array (H x W grey, H x W x 3 RGB or x 4 RGBA; uint8, uint16, or float
+    in [0, 1] or 0..255) -> 8-bit RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        return ds.load_image(os.fspath(image))
+    if isinstance(image, np.ndarray):
+        a = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        if a.dtype == bool:
+            a = a.astype(np.uint8) * 255
+        elif a.ndim == 3 and a.dtype in (np.uint16, np.float32, np.float64):  # colour PIL cannot take as it is
+            scale = 255 / 65535 if a.dtype == np.uint16 else 255.0 if np.nanmax(a) <= 1 else 1.0
+            a = np.clip(np.nan_to_num(a) * scale + 0.5, 0, 255).astype(np.uint8)
+        try:
+            image = Image.fromarray(a)
+        except TypeError:
+            raise UserError(f"cannot use an array of shape {image.shape} and type {image.dtype} as an image; "
+                            f"pass H x W or H x W x 3 (RGB) uint8") from None
+    if not isinstance(image, Image.Image):
+        raise UserError(f"cannot use a {type(image).__name__} as an image; pass a path, a PIL image or a "
+                        f"numpy array")
+    return ds.to_rgb(image)
+
+
+def run_files(checkpoint: str, seg_checkpoint: str | None) -> tuple[str, str | None]:
+    """(model.pth, the segmentation network or None): --seg_checkpoint, else the run folder's
+    Seg_model_7999.pth or Seg_model_last.pth when there is one (a CRR run)."""
+    path = models.checkpoint_file(checkpoint)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}; pass a run folder or a model.pth as --checkpoint")
+    if seg_checkpoint is None:
+        run_dir = os.path.dirname(os.path.abspath(path))
+        found = [p for p in (os.path.join(run_dir, f"Seg_model_{n}.pth") for n in ("7999", "last"))
+                 if os.path.isfile(p)]
+        seg_checkpoint = found[0] if found else None
+    return path, seg_checkpoint
+
+
+def load_calibration(model_path: str, fused: bool, path: str | None = None) -> tuple[dict | None, str]:
+    """(thresholds.json's content, its path): `path`, else the run folder's thresholds.json, or for a map
+    without the segmentation network its thresholds_recon.json (CRR Stage I) when there is one. None when
+    the run folder has none."""
+    if path is not None:
+        return th.load(path), path
+    run_dir = os.path.dirname(os.path.abspath(model_path))
+    recon = os.path.join(run_dir, "thresholds_recon.json")
+    path = recon if not fused and os.path.isfile(recon) else os.path.join(run_dir, "thresholds.json")
+    return (th.load(path) if os.path.isfile(path) else None), path
+
+
+def load_mapper(path: str, seg_path: str | None, device: torch.device, overrides: dict,
+                calibration: dict | None) -> tuple[AnomalyMapper, dict]:
+    """The model and, for CRR, the segmentation network, as an AnomalyMapper on `device`, with the run's
+    settings unless `overrides` (not None) give others. max_ratio and fusion_alpha: the overrides, else those
+    the thresholds were calibrated with, else the defaults. Returns it and the model's settings."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    saved = calibration["settings"] if calibration else {}
+    scoring = {k: given.pop(k, saved.get(k, default)) for k, default in SCORING_DEFAULTS.items()}
+    check_max_ratio(scoring["max_ratio"])
+    args = argparse.Namespace(explicit=list(given), **given)
+    model = models.load_trained(path, args, models.PAPER_SETTINGS["crr" if seg_path else "dinomaly"]).to(device)
+    segnet = None
+    if seg_path:
+        segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(device).eval()
+        log.info(f"loaded {seg_path}; map: {scoring['fusion_alpha']} * reconstruction + "
+                 f"{1 - scoring['fusion_alpha']:.4g} * segmentation")
+    used = {k: getattr(args, k) for k in models.PAPER_SETTINGS["dinomaly"]}
+    return AnomalyMapper(model, segnet, scoring["fusion_alpha"], scoring["max_ratio"]), used
+
+
+class Detector:
+    """A trained run, ready to score images. See the module docstring; the keyword arguments are the flags.
+
+    threshold: the image threshold (default: thresholds.json's, of `class_name` or of all classes);
+    thresholds: a thresholds.json other than the run folder's. The masks use the calibrated pixel threshold
+    (the image threshold where there is none); pictures the colour scale of thresholds.color_range."""
+
+    def __init__(self, checkpoint: str, *, seg_checkpoint: str | None = None, thresholds: str | None = None,
+                 threshold: float | None = None, class_name: str | None = None, device: str | None = None,
+                 max_ratio: float | None = None, fusion_alpha: float | None = None, image_size: int | None = None,
+                 crop_size: int | None = None, test_mask: str | None = None, mask_ratio: float | None = None):
+        if threshold is not None and not (np.isfinite(threshold) and threshold > 0):
+            raise UserError(f"--threshold {threshold} must be a positive number (scores are >= 0)")
+        self.device = resolve_device(device)
+        model_path, seg_path = run_files(checkpoint, seg_checkpoint)
+        calibration, calib_path = load_calibration(model_path, seg_path is not None, thresholds)
+        overrides = dict(image_size=image_size, crop_size=crop_size, test_mask=test_mask, mask_ratio=mask_ratio,
+                         max_ratio=max_ratio, fusion_alpha=fusion_alpha)
+        self.mapper, self.settings = load_mapper(model_path, seg_path, self.device, overrides, calibration)
+        self.image_size, self.crop_size = self.settings["image_size"], self.settings["crop_size"]
+        if self.mapper.model.mask_ratio > 0 and self.mapper.model.mask_in_eval:
+            torch.manual_seed(1)  # CRR's test-time masking is random: seeded as evaluation seeds it
+            log.info("CRR test-time masking is on (the run's setting): scores vary slightly between calls; "
+                     "test_mask='off' makes them deterministic")
+        self._set_thresholds(calibration, calib_path, class_name, threshold)
+
+    def _set_thresholds(self, calibration: dict | None, path: str, class_name: str | None,
+                        threshold: float | None):
+        if calibration is None:
+            if class_name is not None:
+                raise UserError(f"--class_name needs the run's thresholds, but {path} does not exist; evaluate "
+                                f"the model first or pass --thresholds")
+            if threshold is None:
+                raise UserError(f"no thresholds file {path}: evaluate the model first (evaluation writes "
+                                f"thresholds.json into its run folder; pass it as --thresholds), or pass --threshold")
+            entry, where = None, "--threshold"
+        else:
+            entry = th.select(calibration, class_name, path)
+            where = f"{path} ({'all classes' if class_name is None else 'class ' + class_name})"
+            self._check_settings(calibration["settings"], path)
+        calibrated = entry["image"]["threshold"] if entry else None
+        if threshold is None and calibrated is None:
+            raise UserError(f"{where} has no image threshold (its test set lacked normal or anomalous images); "
+                            f"pass --threshold")
+        self.threshold = float(threshold if threshold is not None else calibrated)
+        self.threshold_source = "--threshold" if threshold is not None else where
+        pixel = entry["pixel"]["threshold"] if entry else None
+        self.pixel_threshold = float(pixel if pixel is not None else self.threshold)
+        normal_px = entry["pixel"]["normal_values"] if entry else {}
+        self.color_range = tuple(th.color_range(normal_px.get("p50") or 0.0, self.threshold, normal_px.get("p999")))
+        self.normal_min = entry["image"]["normal_scores"]["min"] if entry else None
+        log.info(f"threshold {self.threshold:.6g} from {self.threshold_source}; masks: map >= "
+                 f"{self.pixel_threshold:.6g}{'' if pixel is not None else ' (no calibrated pixel threshold)'}")
+
+    def _check_settings(self, saved: dict, path: str):
+        used = dict(map="reconstruction" if self.mapper.segnet is None else "fused",
+                    max_ratio=self.mapper.max_ratio, fusion_alpha=self.mapper.fusion_alpha)
+        for key, value in used.items():
+            if key in saved and saved[key] != value and not (key == "fusion_alpha" and used["map"] != "fused"):
+                log.warning(f"warning: the thresholds in {path} were calibrated with {key} {saved[key]}, "
+                            f"these scores use {value}")
+
+    def prepare(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """An image (see as_rgb) -> (normalised crop [3, crop, crop], its (width, height))."""
+        rgb = as_rgb(image)
+        return ds.transform(rgb, self.image_size, self.crop_size), rgb.size
+
+    @torch.no_grad()
+    def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
+        """Normalised crops [B, 3, crop, crop] and their images' (width, height) -> one Prediction each."""
+        amaps, scores = self.mapper(batch.to(self.device))
+        out = []
+        for amap, score, (w, h) in zip(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes):
+            full, seen = uncrop(amap, w, h, self.image_size, self.crop_size)
+            out.append(Prediction(score=score, is_anomalous=score >= self.threshold, threshold=self.threshold,
+                                  normalized_score=th.normalize(score, self.threshold, self.normal_min),
+                                  anomaly_map=full, mask=seen & (np.nan_to_num(full) >= self.pixel_threshold),
+                                  seen=seen))
+        return out
+
+    def predict(self, images: list) -> list[Prediction]:
+        """Several images in one batch."""
+        prepared = [self.prepare(im) for im in images]
+        return self.predict_prepared(torch.stack([p[0] for p in prepared]), [p[1] for p in prepared])
+
+    def __call__(self, image) -> Prediction:
+        return self.predict([image])[0]
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
+class ImageFiles(Dataset):
+    """Image files -> (index, crop tensor or None, original RGB array or None, error message or None)."""
+
+    def __init__(self, paths: list[str], detector: Detector):
+        self.paths, self.image_size, self.crop_size = paths, detector.image_size, detector.crop_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            rgb = ds.load_image(self.paths[i])
+        except UserError as e:
+            return i, None, None, str(e)
+        return i, ds.transform(rgb, self.image_size, self.crop_size), np.asarray(rgb), None
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """One PNG name per image: its path below the images' common folder without the extension, '/' as '_'
+    (so its stem when all are in one folder); with the extension ('.' as '_') where only that tells two
+    apart; unique case-insensitively (for case-insensitive file systems)."""
+    absolute = [os.path.abspath(p) for p in paths]
+    common = os.path.commonpath([os.path.dirname(a) for a in absolute])
+    rel = [os.path.relpath(a, common).replace(os.sep, "_") for a in absolute]
+    stems = [os.path.splitext(r)[0] for r in rel]
+    counts = Counter(s.lower() for s in stems)
+    names, used = [], set()
+    for r, stem in zip(rel, stems):
+        name = base = stem if counts[stem.lower()] == 1 else r.replace(".", "_")
+        k = 2
+        while name.lower() in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
+def write_outputs(out: str, name: str, rgb: np.ndarray, p: Prediction, detector: Detector) -> tuple[str, str]:
+    """overlays/<name>.png and masks/<name>.png; returns their paths relative to `out`."""
+    verdict = "ANOMALOUS" if p.is_anomalous else "normal"
+    caption = f"{verdict}  score {p.score:.4g} {'>=' if p.is_anomalous else '<'} {p.threshold:.4g}"
+    picture = overlay_picture(rgb, p.anomaly_map, p.seen, p.mask, detector.color_range, caption, p.is_anomalous,
+                              {"threshold": p.threshold, "mask thr": detector.pixel_threshold})
+    files = (os.path.join("overlays", name + ".png"), os.path.join("masks", name + ".png"))
+    try:
+        write_png(os.path.join(out, files[0]), picture)
+        Image.fromarray(p.mask.astype(np.uint8) * 255).save(os.path.join(out, files[1]))
+    except OSError as e:
+        raise UserError(f"cannot write into {out} ({e}); pass a writable --out") from None
+    return files
+
+
+def predict(args):
+    detector = Detector(args.checkpoint, seg_checkpoint=args.seg_checkpoint, thresholds=args.thresholds,
+                        threshold=args.threshold, class_name=args.class_name, device=args.device,
+                        max_ratio=args.max_ratio, fusion_alpha=args.fusion_alpha, image_size=args.image_size,
+                        crop_size=args.crop_size, test_mask=args.test_mask, mask_ratio=args.mask_ratio)
+    paths = ds.find_images(args.input, skip_dir=args.out)
+    if not paths:
+        raise UserError(f"every image given is inside --out {args.out}; pass other --input or --out")
+    names = output_names(paths)
+    try:
+        for sub in ("overlays", "masks"):
+            os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {args.out} ({e.strerror}); pass another --out") from None
+    loader = DataLoader(ImageFiles(paths, detector), batch_size=args.batch_size, num_workers=args.num_workers,
+                        collate_fn=list)
+    rows, skipped = [], 0
+    with tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True) as bar:
+        for batch in loader:
+            for i, _, _, error in [b for b in batch if b[3] is not None]:
+                log.warning(f"skipped {paths[i]}: {error}")
+                skipped += 1
+            good = [b for b in batch if b[3] is None]
+            if good:
+                preds = detector.predict_prepared(torch.stack([b[1] for b in good]),
+                                                  [(b[2].shape[1], b[2].shape[0]) for b in good])
+                for (i, _, rgb, _), p in zip(good, preds):
+                    files = write_outputs(args.out, names[i], rgb, p, detector)
+                    rows.append([paths[i], repr(p.score), "anomalous" if p.is_anomalous else "normal",
+                                 repr(p.threshold), *files] + ([repr(p.normalized_score)] if args.normalize else []))
+            bar.update(len(batch))
+    if not rows:
+        raise UserError(f"none of the {len(paths)} images could be read (see the lines above); check --input")
+    header = ["image_path", "score", "decision", "threshold", "overlay", "mask"]
+    with open(os.path.join(args.out, "predictions.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([header + (["normalized_score"] if args.normalize else []), *rows])
+    n_bad = sum(r[2] == "anomalous" for r in rows)
+    log.info(f"predicted {len(rows)} image{'s' * (len(rows) != 1)} ({n_bad} anomalous, {len(rows) - n_bad} normal; threshold "
+             f"{detector.threshold:.6g} from {detector.threshold_source}), skipped {skipped} unreadable; "
+             f"predictions.csv, overlays/ and masks/ in {args.out}")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(__doc__)
+    p.add_argument("--checkpoint", required=True, help="a run folder or its model.pth (ours or official)")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="image files, folders (searched recursively) or glob patterns (quoted)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float,
+                   help="image threshold: anomalous when score >= this (default: the run's thresholds.json)")
+    p.add_argument("--class_name", help="use this class's calibrated thresholds instead of all classes'")
+    p.add_argument("--thresholds", help="a thresholds.json other than the run folder's")
+    p.add_argument("--normalize", action="store_true",
+                   help="add normalized_score: 0 at the lowest normal test score, 0.5 at the threshold, clipped "
+                        "to [0, 1]")
+    p.add_argument("--seg_checkpoint",
+                   help="CRR segmentation network (default: the run folder's Seg_model_7999.pth or _last.pth)")
+    p.add_argument("--batch_size", type=int_at_least(1), default=8)
+    p.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
+                   help="image reading processes")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    over = p.add_argument_group("overrides (default: the run's)")
+    over.add_argument("--image_size", type=int_at_least(14))
+    over.add_argument("--crop_size", type=int_at_least(14))
+    over.add_argument("--test_mask", choices=["on", "off"], help="CRR bottleneck masking at test time")
+    over.add_argument("--mask_ratio", type=float_in(0, 1, high_open=True))
+    over.add_argument("--max_ratio", type=float_in(0, 1), help="image score = mean of this top share of the map")
+    over.add_argument("--fusion_alpha", type=float_in(0, 1), help="CRR: a * reconstruction + (1 - a) * segmentation")
+    return p
+
+
+def main(argv=None):
+    run_main(predict, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()

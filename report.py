@@ -1,0 +1,139 @@
+"""What evaluation shows a person about each class, on the class's fixed colour scale (thresholds.json):
+
+- `heatmaps<tag>/<class>/<image>.png`: image | ground truth | map of the first N anomalous test images;
+- `curves<tag>/<class>.png`: image- and pixel-level ROC and precision-recall curves, with the F1-max
+  operating points (the calibrated thresholds) marked;
+- `gallery<tag>/<class>.png`: the GALLERY_SIZE highest-scored normal and lowest-scored anomalous test
+  images with their maps: the false alarms and missed defects, or the closest calls.
+"""
+import os
+
+import cv2
+import numpy as np
+import torch
+
+from visualize import heatmap_panel, text_band
+
+GALLERY_SIZE = 4
+
+
+def image_name(path: str) -> str:
+    """A heatmap's file stem: the image's folder and name, e.g. 'scratch_001'."""
+    return os.path.splitext("_".join(os.path.normpath(path).split(os.sep)[-2:]))[0]
+
+
+class ClassReport:
+    """Fed each evaluation batch of one class; keeps only what its pictures need (the first `n_heatmaps`
+    anomalous images and the gallery candidates), then draws them with `save`."""
+
+    def __init__(self, n_heatmaps: int, gallery_size: int = GALLERY_SIZE):
+        self.n_heatmaps, self.gallery_size = n_heatmaps, gallery_size
+        self.labels, self.scores = [], []
+        self.heatmaps, self.normal, self.anomalous = [], [], []  # lists of (score, path, img, gt, amap)
+
+    def add(self, img: torch.Tensor, gt: torch.Tensor, amap: torch.Tensor, score: torch.Tensor,
+            label: torch.Tensor, paths: list[str]):
+        """One batch: images [B,3,c,c], ground truth [B,256,256], maps [B,256,256], scores [B], labels [B]."""
+        for i, (s, lab) in enumerate(zip(score.tolist(), label.tolist())):
+            item = (s, paths[i], img[i].clone(), gt[i].clone(), amap[i].clone())
+            self.labels.append(lab)
+            self.scores.append(s)
+            if lab == 1 and len(self.heatmaps) < self.n_heatmaps:
+                self.heatmaps.append(item)
+            (self.anomalous if lab == 1 else self.normal).append(item)
+        self.normal = sorted(self.normal, key=lambda t: -t[0])[: self.gallery_size]
+        self.anomalous = sorted(self.anomalous, key=lambda t: t[0])[: self.gallery_size]
+
+    @classmethod
+    def merge(cls, reports: list["ClassReport"]) -> "ClassReport":
+        """One report from those of the processes that shared a class (under torchrun): the heatmaps of the
+        first anomalous images by path, the gallery over all."""
+        if len(reports) == 1:
+            return reports[0]
+        out = cls(reports[0].n_heatmaps, reports[0].gallery_size)
+        for r in reports:
+            out.labels += r.labels
+            out.scores += r.scores
+        out.heatmaps = sorted((h for r in reports for h in r.heatmaps), key=lambda t: t[1])[: out.n_heatmaps]
+        out.normal = sorted((t for r in reports for t in r.normal), key=lambda t: -t[0])[: out.gallery_size]
+        out.anomalous = sorted((t for r in reports for t in r.anomalous), key=lambda t: t[0])[: out.gallery_size]
+        return out
+
+    def save(self, run_dir: str, tag: str, name: str, entry: dict, pixels: tuple[np.ndarray, np.ndarray]):
+        """Write the class's heatmaps, curves and gallery. entry: its thresholds.json entry; pixels: (map
+        values, anomalous flags), a sample for the pixel-level curves."""
+        color_range = entry["color_range"] or (0.0, max(self.scores) or 1.0)
+        marks = {name: entry[level]["threshold"] for name, level in (("image thr", "image"), ("pixel thr", "pixel"))
+                 if entry[level]["threshold"] is not None}
+        if self.heatmaps:
+            os.makedirs(os.path.join(run_dir, f"heatmaps{tag}", name), exist_ok=True)
+        for s, path, img, gt, amap in self.heatmaps:
+            panel = heatmap_panel(img, gt, amap, color_range, f"{image_name(path)}  score {s:.4g}", marks)
+            write_png(os.path.join(run_dir, f"heatmaps{tag}", name, image_name(path) + ".png"), panel)
+        plot_curves(os.path.join(run_dir, f"curves{tag}", name + ".png"), name, np.array(self.labels),
+                    np.array(self.scores), *pixels, entry)
+        self.save_gallery(os.path.join(run_dir, f"gallery{tag}", name + ".png"), name, entry, color_range, marks)
+
+    def save_gallery(self, path: str, name: str, entry: dict, color_range, marks: dict):
+        threshold = entry["image"]["threshold"]
+        sections = ((f"{name}: highest-scored normal images", self.normal, ("correct", "FALSE ALARM")),
+                    (f"{name}: lowest-scored anomalous images", self.anomalous, ("MISSED", "detected")))
+        parts = []
+        for title, items, (below, above) in sections:
+            if items:
+                parts.append(title)
+            for s, p, img, gt, amap in items:
+                verdict = "" if threshold is None else \
+                    f"  {above} (>= {threshold:.4g})" if s >= threshold else f"  {below} (< {threshold:.4g})"
+                parts.append(heatmap_panel(img, gt, amap, color_range, f"{image_name(p)}  score {s:.4g}{verdict}",
+                                           marks))
+        if parts:
+            width = max(p.shape[1] for p in parts if not isinstance(p, str))
+            write_png(path, np.concatenate([
+                text_band(width, 40, p, scale=0.7, thick=2) if isinstance(p, str) else
+                np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in parts]))
+
+
+def write_png(path: str, rgb: np.ndarray):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not cv2.imwrite(path, np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 3]):
+        raise OSError(f"cannot write {path}")
+
+
+def plot_curves(path: str, name: str, labels: np.ndarray, scores: np.ndarray, px_values: np.ndarray,
+                px_flags: np.ndarray, entry: dict):
+    """ROC (left) and precision-recall (right) curves of the image scores and the pixel values, each with
+    its F1-max threshold marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.6))
+    for level, y, s, threshold, color in (("image", labels, scores, entry["image"]["threshold"], "C0"),
+                                          ("pixel", px_flags, px_values, entry["pixel"]["threshold"], "C1")):
+        y = np.asarray(y).astype(bool)
+        if y.all() or not y.any():
+            continue
+        fpr, tpr, _ = roc_curve(y, s)
+        precision, recall, _ = precision_recall_curve(y, s)
+        ax_roc.plot(fpr, tpr, color=color, label=f"{level} (AUROC {auc(fpr, tpr):.3f})")
+        ax_pr.plot(recall, precision, color=color, label=f"{level} (AP {average_precision_score(y, s):.3f})")
+        if threshold is not None:
+            pred = s >= threshold
+            tp = np.count_nonzero(pred & y)
+            ax_roc.plot(np.count_nonzero(pred & ~y) / np.count_nonzero(~y), tp / np.count_nonzero(y), "o",
+                        color=color, label=f"{level} threshold {threshold:.4g}")
+            ax_pr.plot(tp / np.count_nonzero(y), tp / max(np.count_nonzero(pred), 1), "o", color=color,
+                       label=f"{level} F1-max {entry[level]['f1']:.3f}")
+    ax_roc.plot([0, 1], [0, 1], ":", color="grey")
+    for ax, (xl, yl) in ((ax_roc, ("false positive rate", "true positive rate")), (ax_pr, ("recall", "precision"))):
+        ax.set(xlabel=xl, ylabel=yl, xlim=(0, 1), ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right" if ax is ax_roc else "lower left", fontsize=8)
+    ax_roc.set_title(f"{name}: ROC")
+    ax_pr.set_title(f"{name}: precision-recall")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

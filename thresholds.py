@@ -1,0 +1,175 @@
+"""Decision thresholds calibrated by evaluation, stored as thresholds.json in the run folder.
+
+Per class, and once for all classes together ("all"):
+- "image": the F1-max threshold of the image scores (an image is anomalous when score >= threshold; among
+  equally good thresholds the lowest, as scikit-learn's precision_recall_curve + argmax gives), its F1, the
+  counts, and the normal images' score range (min, 99th percentile, max);
+- "pixel": the F1-max threshold of the anomaly-map values against the ground-truth masks (for the predicted
+  masks), its F1, and the normal images' map values (median, 99.9th percentile, max);
+- "color_range": the fixed colour scale of the pictures (see color_range): from the median of the normal
+  images' map values (blue: a typical good pixel) with the image threshold in the middle (green-yellow; an
+  image is anomalous when its hottest 1 % reaches it on average) to red, twice as far above a good pixel.
+
+A threshold is null where it cannot be calibrated (a class without anomalous or without normal images, or
+without masks). Pixel statistics come from a seeded uniform subsample of at most PIXEL_SAMPLE map values per
+class (exact for up to 32 maps of 256 x 256); the "all" entry pools the classes' subsamples.
+"""
+import json
+import os
+
+import numpy as np
+
+from errors import UserError
+
+PIXEL_SAMPLE = 1 << 21  # map values kept per class: 32 maps of 256 x 256
+
+
+def f1max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float | None, float | None]:
+    """(threshold, F1) maximising F1 of `scores >= threshold` against binary `labels`; (None, None) when
+    one class is absent. Ties between thresholds go to the lowest."""
+    y = np.asarray(labels).ravel().astype(bool)
+    s = np.asarray(scores).ravel()
+    n_pos = int(np.count_nonzero(y))
+    if n_pos == 0 or n_pos == y.size:
+        return None, None
+    order = np.argsort(s, kind="stable")[::-1]
+    s, y = s[order], y[order]
+    ends = np.flatnonzero(np.append(s[1:] != s[:-1], True))  # last index of each run of equal scores
+    tp = np.cumsum(y, dtype=np.int64)[ends]
+    precision, recall = tp / (ends + 1), tp / n_pos
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(tp)), where=tp > 0)
+    best = len(f1) - 1 - int(np.argmax(f1[::-1]))  # the last maximum: the lowest threshold
+    return float(s[ends[best]]), float(f1[best])
+
+
+class PixelSample:
+    """A uniform subsample of one class's map values, fed batch by batch: each pixel of the image with index i
+    is kept with probability `rate` = min(1, max_pixels / total_pixels), drawn from a generator seeded with
+    (seed, i), so the sample depends neither on the batches nor on how the images are split across processes.
+    Keeps (values, anomalous per the mask, from a normal image, i.e. one whose mask is empty)."""
+
+    def __init__(self, total_pixels: int, max_pixels: int = PIXEL_SAMPLE, seed: int = 0):
+        self.rate, self.seed = min(1.0, max_pixels / max(total_pixels, 1)), seed
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, maps: np.ndarray, masks: np.ndarray, indices: list[int]):
+        """maps float [B, H, W], masks bool [B, H, W], the images' indices in their class [B]."""
+        for amap, mask, i in zip(maps, masks, indices):
+            values, flags = np.asarray(amap, np.float32).ravel(), np.asarray(mask, bool).ravel()
+            if self.rate < 1:
+                keep = np.random.default_rng([self.seed, i]).random(values.size) < self.rate
+                values, flags = values[keep], flags[keep]
+            self.parts.append((values, flags, np.full(values.size, not mask.any())))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.parts:
+            return np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, bool)
+        return tuple(np.concatenate(p) for p in zip(*self.parts))
+
+    @classmethod
+    def merge(cls, samples: list["PixelSample"]) -> "PixelSample":
+        out = cls(1)
+        out.parts = [p for s in samples for p in s.parts]
+        return out
+
+
+def _stats(values: np.ndarray, percentiles: dict[str, float]) -> dict:
+    if values.size == 0:
+        return {name: None for name in ("min", *percentiles, "max")}
+    out = {"min": float(values.min())}
+    out.update({name: float(np.percentile(values, q)) for name, q in percentiles.items()})
+    out["max"] = float(values.max())
+    return out
+
+
+def summarize(labels: np.ndarray, scores: np.ndarray, px_values: np.ndarray, px_flags: np.ndarray,
+              px_normal: np.ndarray) -> dict:
+    """One thresholds.json entry from image labels and scores and a pixel sample (see PixelSample)."""
+    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    threshold, f1 = f1max_threshold(labels, scores)
+    px_threshold, px_f1 = f1max_threshold(px_flags, px_values) if px_flags.any() else (None, None)
+    normal_px = px_values[px_normal] if px_normal.any() else px_values[~px_flags]
+    px_stats = _stats(normal_px, {"p50": 50, "p999": 99.9})
+    return {
+        "image": {"threshold": threshold, "f1": f1, "n_normal": int((~labels).sum()),
+                  "n_anomalous": int(labels.sum()), "normal_scores": _stats(scores[~labels], {"p99": 99})},
+        "pixel": {"threshold": px_threshold, "f1": px_f1, "n_sampled": int(px_values.size),
+                  "normal_values": px_stats},
+        "color_range": color_range(px_stats["p50"], threshold, px_stats["p999"]),
+    }
+
+
+def color_range(lo: float | None, threshold: float | None, high: float | None) -> list[float] | None:
+    """The colour scale [lo, lo + 2 * (threshold - lo)]: the threshold in the middle, as normalize puts it at
+    0.5. Without a threshold above lo: [lo, high] (e.g. the normal 99.9th percentile). None without lo."""
+    if lo is None:
+        return None
+    hi = lo + 2 * (threshold - lo) if threshold is not None and threshold > lo else high
+    return [lo, hi if hi is not None and hi > lo else lo + max(abs(lo), 1.0) * 1e-6]
+
+
+class Calibration:
+    """Collects each class's calibration during evaluation and writes thresholds.json.
+
+    settings: how the scores were made (map kind, max_ratio, ...), stored so that prediction can check that
+    it scores the same way."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+        self.classes: dict[str, dict] = {}
+        self.samples: dict[str, tuple] = {}  # class -> (labels, scores, px_values, px_flags, px_normal)
+
+    def add(self, name: str, labels: np.ndarray, scores: np.ndarray, px_values: np.ndarray, px_flags: np.ndarray,
+            px_normal: np.ndarray) -> dict:
+        """Calibrate one class: labels and scores [N] and a PixelSample's arrays. Returns its entry."""
+        self.samples[name] = (np.asarray(labels), np.asarray(scores), px_values, px_flags, px_normal)
+        self.classes[name] = summarize(*self.samples[name])
+        return self.classes[name]
+
+    def pooled(self) -> dict:
+        """The entry for all classes together."""
+        parts = list(zip(*self.samples.values()))
+        values, flags, normal = (np.concatenate(p) for p in parts[2:])
+        if values.size > PIXEL_SAMPLE:
+            idx = np.sort(np.random.default_rng(0).choice(values.size, PIXEL_SAMPLE, replace=False))
+            values, flags, normal = values[idx], flags[idx], normal[idx]
+        return summarize(np.concatenate(parts[0]), np.concatenate(parts[1]), values, flags, normal)
+
+    def save(self, path: str):
+        data = {"settings": self.settings, "all": self.pooled(), "classes": self.classes}
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+
+
+def load(path: str) -> dict:
+    """A thresholds.json, checked enough that a damaged file is a one-line error."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the thresholds file {path} ({e}); evaluate the model again or pass "
+                        f"--threshold") from None
+    if not isinstance(data, dict) or not isinstance(data.get("all"), dict) or \
+            not isinstance(data.get("classes"), dict):
+        raise UserError(f"{path} is not a thresholds file (no 'all' and 'classes' entries); evaluate the model "
+                        f"again or pass --threshold")
+    return data
+
+
+def select(data: dict, class_name: str | None, path: str) -> dict:
+    """The entry of `class_name`, or the all-classes entry when None."""
+    if class_name is None:
+        return data["all"]
+    if class_name not in data["classes"]:
+        raise UserError(f"unknown --class_name {class_name}; {path} has {', '.join(data['classes']) or 'none'}")
+    return data["classes"][class_name]
+
+
+def normalize(score: float, threshold: float, normal_min: float | None) -> float:
+    """A score mapped linearly so that the lowest normal test score becomes 0 and the threshold 0.5, clipped
+    to [0, 1] (0 stands in for the normal minimum when there is none, or when it is not below the threshold).
+    0.5 and above is anomalous, exactly as score >= threshold."""
+    lo = normal_min if normal_min is not None and normal_min < threshold else 0.0
+    return min(max(0.5 * (score - lo) / (threshold - lo), 0.0), 1.0)
