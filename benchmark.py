@@ -10,7 +10,8 @@ and the CRR Stage II step; `infer` times anomaly_map.AnomalyMapper (images/s, ms
 modes in one process and print the ratio fast / reference:
 - reference: fp32, eager, every image decoded and resized by PIL at every step, no pinned memory, the loss read
   back every step and CRR Stage I in two forward passes, as the reference code runs;
-- fast: --precision (bf16), --compile (inductor), --cache (memory: decoded images kept), pinned memory.
+- fast: --precision (bf16), --compile (inductor), --cache (memory: decoded images kept), pinned memory,
+  cuDNN benchmark mode.
 Achieved TFLOP/s use the FLOPs of one step counted once per setting with torch.utils.flop_counter (the same in
 both modes). Peak GPU memory is torch.cuda.max_memory_allocated per mode; peak host memory is the process's
 (and the loader workers') maximum resident size so far.
@@ -62,12 +63,14 @@ class Mode:
     pin_memory: bool = False
     sync_every_step: bool = True  # read the loss back every step (.item()), as the reference code does
     crr_one_pass: bool = False  # CRR Stage I: clean and synthetic images in one forward pass
+    cudnn_benchmark: bool = False  # cuDNN picks its fastest convolutions (the scripts' --cudnn benchmark)
 
 
 def modes(args) -> list[Mode]:
     cuda = args.device.type == "cuda"
     return [Mode("reference"),
-            Mode("fast", args.precision, args.compile, args.cache, cuda, sync_every_step=False, crr_one_pass=True)]
+            Mode("fast", args.precision, args.compile, args.cache, cuda, sync_every_step=False, crr_one_pass=True,
+                 cudnn_benchmark=True)]
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -178,6 +181,8 @@ def train_step(name: str, args, mode: Mode, samples: list[ds.Sample]):
     """(step function, loader) of the Dinomaly ("dinomaly"), CRR Stage I ("crr_stage1") or Stage II
     ("crr_stage2") step in `mode`, as engine.py trains them."""
     device = args.device
+    speed.configure(mode.precision)
+    torch.backends.cudnn.benchmark = mode.cudnn_benchmark
 
     def to(x):
         return x.to(device, non_blocking=mode.pin_memory)
@@ -280,6 +285,7 @@ def bench_infer(args) -> dict:
         model = models.build_model(args.encoder, "random")
         model.load_state_dict(state)
         mapper = AnomalyMapper(model.to(args.device).eval(), precision=mode.precision)
+        torch.backends.cudnn.benchmark = mode.cudnn_benchmark
         speed.maybe_compile(model, mode.compile != "none", mode.compile)
 
         @torch.no_grad()
