@@ -10,13 +10,15 @@ and the CRR Stage II step; `infer` times anomaly_map.AnomalyMapper (images/s, ms
 modes in one process and print the ratio fast / reference:
 - reference: fp32, eager, every image decoded and resized by PIL at every step, no pinned memory, the loss read
   back every step and CRR Stage I in two forward passes, as the reference code runs;
-- fast: --precision (bf16), --compile (inductor), --cache (memory: decoded images kept), pinned memory.
+- fast: --precision (bf16), --compile (inductor), --cache (memory: decoded images kept), pinned memory,
+  cuDNN benchmark mode.
 Achieved TFLOP/s use the FLOPs of one step counted once per setting with torch.utils.flop_counter (the same in
 both modes). Peak GPU memory is torch.cuda.max_memory_allocated per mode; peak host memory is the process's
 (and the loader workers') maximum resident size so far.
 
 `data` times the loader alone (images/s per worker count) for the plain transform, the image cache and CRR
-synthesis. `metrics` times the seven metrics of one synthetic class of N maps, as the evaluation computes them.
+synthesis. `metrics` times the seven metrics of one synthetic class of N maps (utils.synthetic_class) fed
+batch by batch to utils.ClassAccumulator, and their peak memory.
 
 Without --data_path, a dataset is generated (prepare_data/make_demo_data.py, Real-IAD layout, JPEG images of
 --source_size px) in a temporary folder. Weights are random: speed does not depend on them.
@@ -33,7 +35,6 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -62,12 +63,14 @@ class Mode:
     pin_memory: bool = False
     sync_every_step: bool = True  # read the loss back every step (.item()), as the reference code does
     crr_one_pass: bool = False  # CRR Stage I: clean and synthetic images in one forward pass
+    cudnn_benchmark: bool = False  # cuDNN picks its fastest convolutions (the scripts' --cudnn benchmark)
 
 
 def modes(args) -> list[Mode]:
     cuda = args.device.type == "cuda"
     return [Mode("reference"),
-            Mode("fast", args.precision, args.compile, args.cache, cuda, sync_every_step=False, crr_one_pass=True)]
+            Mode("fast", args.precision, args.compile, args.cache, cuda, sync_every_step=False, crr_one_pass=True,
+                 cudnn_benchmark=True)]
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -178,6 +181,8 @@ def train_step(name: str, args, mode: Mode, samples: list[ds.Sample]):
     """(step function, loader) of the Dinomaly ("dinomaly"), CRR Stage I ("crr_stage1") or Stage II
     ("crr_stage2") step in `mode`, as engine.py trains them."""
     device = args.device
+    speed.configure(mode.precision)
+    torch.backends.cudnn.benchmark = mode.cudnn_benchmark
 
     def to(x):
         return x.to(device, non_blocking=mode.pin_memory)
@@ -248,7 +253,7 @@ def bench_train(args) -> dict:
                      **peak_memory(args.device))
             rows.append(r)
             print(f"{name} {mode.name}: {r['iters_per_s']:.3g} it/s", file=sys.stderr)
-            del step, batches  # the next setting's peak memory without this one's model
+            step = batches = None  # the next setting's peak memory without this one's model
     ratios = speed_ratios(rows, "step", "iters_per_s")
     print_table(rows, [("step", "step", ""), ("mode", "mode", ""), ("iters_per_s", "it/s", ".3g"),
                        ("images_per_s", "img/s", ".4g"), ("ms_per_iter", "ms/it", ".4g"),
@@ -280,6 +285,7 @@ def bench_infer(args) -> dict:
         model = models.build_model(args.encoder, "random")
         model.load_state_dict(state)
         mapper = AnomalyMapper(model.to(args.device).eval(), precision=mode.precision)
+        torch.backends.cudnn.benchmark = mode.cudnn_benchmark
         speed.maybe_compile(model, mode.compile != "none", mode.compile)
 
         @torch.no_grad()
@@ -293,7 +299,8 @@ def bench_infer(args) -> dict:
         r.update(mode=mode.name, task="anomaly map", images_per_s=r["iters_per_s"] * args.batch_size,
                  ms_per_image=r["ms_per_iter"] / args.batch_size, tflop_per_batch=flops / 1e12,
                  tflops=flops * r["iters_per_s"] / 1e12, **peak_memory(args.device))
-        del r["data_wait"], model, mapper, step  # and the next mode's peak memory without this model
+        del r["data_wait"]
+        model = mapper = None  # the next mode's peak memory without this model
         rows.append(r)
     ratios = speed_ratios(rows, "task", "images_per_s")
     print_table(rows, [("mode", "mode", ""), ("images_per_s", "img/s", ".4g"), ("ms_per_image", "ms/img", ".3g"),
@@ -327,41 +334,27 @@ def bench_data(args) -> dict:
 
 # ----------------------------------------------------------------------------------------------- metrics
 
-def synthetic_class(n_maps: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One class of a test set: (labels [N], scores [N], masks bool [N,H,W], maps float32 [N,H,W]). Half the
-    images have one elliptic defect (about 1 % of the pixels) where the map is higher on average."""
-    rng = np.random.default_rng(seed)
-    labels = (np.arange(n_maps) % 2).astype(np.int64)
-    maps = rng.random((n_maps, size, size), dtype=np.float32)
-    masks = np.zeros((n_maps, size, size), bool)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in np.flatnonzero(labels):
-        cy, cx = rng.uniform(0.2, 0.8, 2) * size
-        ry, rx = rng.uniform(0.04, 0.08, 2) * size
-        masks[i] = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        maps[i][masks[i]] += 0.5
-    scores = maps.reshape(n_maps, -1).max(axis=1)
-    return labels, scores, masks, maps
-
-
-def class_metrics(cls, aupro: str) -> dict:
-    """The seven metrics of one class, through the evaluation's code."""
-    labels, scores, masks, maps = cls
-    return utils.class_metrics(labels, scores, masks, maps, aupro=aupro)
-
-
 def bench_metrics(args) -> dict:
-    cls = synthetic_class(args.maps, args.size, args.seed)
+    """The seven metrics of utils.synthetic_class(maps, size, seed) fed batch by batch to utils.ClassAccumulator,
+    as a streaming evaluation does; the time and memory of generating the maps are not counted."""
     tracemalloc.start()
+    acc = utils.ClassAccumulator(args.aupro)  # its tables count in the peak memory
+    seconds, input_bytes = 0.0, 0
+    for batch in utils.synthetic_class(args.maps, args.size, args.seed, batch_size=args.batch_size):
+        tracemalloc.reset_peak()
+        start = time.perf_counter()
+        acc.add(*batch[:4], has_mask=batch[4])
+        seconds += time.perf_counter() - start
+        input_bytes += sum(a.nbytes for a in batch)
     start = time.perf_counter()
-    metrics = class_metrics(cls, args.aupro)
-    seconds = time.perf_counter() - start
-    peak = tracemalloc.get_traced_memory()[1]
+    metrics = acc.compute()
+    seconds += time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]  # the tables, one batch of maps, and the largest add or compute
     tracemalloc.stop()
     row = dict(maps=args.maps, size=args.size, aupro=args.aupro, seconds=seconds, peak_traced_mb=peak / 2 ** 20,
-               input_mb=sum(a.nbytes for a in cls) / 2 ** 20, **peak_memory(torch.device("cpu")), **metrics)
+               input_mb=input_bytes / 2 ** 20, **peak_memory(torch.device("cpu")), **metrics)
     print_table([row], [("maps", "maps", "d"), ("size", "size", "d"), ("aupro", "AUPRO", ""),
-                        ("seconds", "seconds", ".3g"), ("input_mb", "input MB", ".0f"),
+                        ("seconds", "seconds", ".3g"), ("input_mb", "maps MB", ".0f"),
                         ("peak_traced_mb", "peak MB (metrics)", ".0f"), ("peak_host_mb", "peak MB (process)", ".0f")])
     print(utils.format_metrics("synthetic class", metrics))
     return dict(results=[row])
@@ -387,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--size", type=int, default=256, help="map side")
             c.add_argument("--aupro", choices=["exact", "dinomaly"], default="dinomaly")
             c.add_argument("--seed", type=int, default=0)
+            c.add_argument("--batch_size", type=int, default=32, help="maps per ClassAccumulator.add")
             continue
         c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         c.add_argument("--batch_size", type=int, default=32 if name == "infer" else 16)

@@ -97,8 +97,8 @@ class ImageCache:
 
 
 def create_file(path: str, nbytes: int):
-    """Create the cache file (sparse, zero-filled) unless it exists with the right size; atomic, so processes
-    starting together end up with the same file."""
+    """Create the cache file (zero-filled, its blocks reserved so that a full disk cannot interrupt the run
+    later) unless it exists with the right size; atomic, so processes starting together use the same file."""
     if os.path.isfile(path) and os.path.getsize(path) == nbytes:
         return
     free = shutil.disk_usage(os.path.dirname(path)).free
@@ -107,19 +107,34 @@ def create_file(path: str, nbytes: int):
                         f"{free / 1e9:.1f} GB free; pass another --cache_dir or --cache_images none")
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
-        f.truncate(nbytes)
+        os.posix_fallocate(f.fileno(), 0, nbytes)
     try:
         os.link(tmp, path)  # fails if another process made it first: then theirs is used
     except FileExistsError:
         if os.path.getsize(path) != nbytes:
             os.replace(tmp, path)
+    except OSError:  # a file system without hard links
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux: MemAvailable, which counts the reclaimable page
+    cache; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def check_memory(nbytes: int):
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = available_memory()
     if nbytes > 0.8 * available:
         raise UserError(f"the image cache needs {nbytes / 1e9:.1f} GB of memory but {available / 1e9:.1f} GB "
                         f"is free; use --cache_images disk or none")

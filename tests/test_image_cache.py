@@ -8,6 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import dataset as ds
+import image_cache
+from errors import UserError
 from image_cache import ImageCache, build_cache
 from prepare_data.make_demo_data import make_demo_data
 
@@ -71,3 +73,10 @@ def test_cache_errors(samples):
         pickle.dumps(cache)
     assert not cache.get(paths[0]).flags.writeable
     assert build_cache("none", paths, 64, None) is None
+
+
+def test_a_cache_larger_than_the_free_memory_is_refused(samples, monkeypatch):
+    monkeypatch.setattr(image_cache, "available_memory", lambda: 10 ** 6)
+    with pytest.raises(UserError, match="needs 0.0 GB of memory.*use --cache_images disk or none"):
+        ImageCache([s.image_path for s in samples[0]], 256, "memory")
+    assert 0 < image_cache.available_memory()
