@@ -170,7 +170,7 @@ class Run:
         """Every setting of this job in its config file (config.json for training); `model_settings` are what
         a later job needs to rebuild the trained model (see models.saved_settings)."""
         if self.is_main:
-            config = {k: v for k, v in vars(self.args).items()}
+            config = dict(vars(self.args))
             if model_settings is not None:
                 config["model"] = model_settings
             with open(self.path(self.config_name), "w") as f:
