@@ -398,8 +398,7 @@ def train_and_evaluate(args, crr: bool):
         ds.check_sizes(args.image_size, args.crop_size)
         run = Run(args, "config.json")
         state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth"])
-        train_set = synthetic_train_set(args) if crr else \
-            train_dataset(args)
+        train_set = synthetic_train_set(args) if crr else train_dataset(args)
         preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths if crr else ())
         masking = dict(mask_ratio=args.mask_ratio, mask_in_eval=args.test_mask == "on") if crr else {}
         model = fresh_model(run, dropout=args.dropout, attn_eps=args.attn_eps, **masking)
