@@ -59,10 +59,11 @@ class Sample:
 
 
 def _open(path: str, what: str, where: str) -> Image.Image:
-    """Image.open + load, with one-line UserErrors for a missing or unreadable file."""
+    """Image.open + load (the file is closed afterwards), with one-line UserErrors for a missing or unreadable
+    file."""
     try:
-        img = Image.open(path)
-        img.load()
+        with Image.open(path) as img:
+            img.load()
     except FileNotFoundError:
         raise UserError(f"{what} not found: {path}; check {where}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
