@@ -254,12 +254,18 @@ def bench_train(args) -> dict:
             rows.append(r)
             print(f"{name} {mode.name}: {r['iters_per_s']:.3g} it/s", file=sys.stderr)
             step = batches = None  # the next setting's peak memory without this one's model
-    ratios = speed_ratios(rows, "step", "iters_per_s")
-    print_table(rows, [("step", "step", ""), ("mode", "mode", ""), ("iters_per_s", "it/s", ".3g"),
-                       ("images_per_s", "img/s", ".4g"), ("ms_per_iter", "ms/it", ".4g"),
-                       ("tflop_per_step", "TFLOP/it", ".3g"), ("tflops", "TFLOP/s", ".3g"),
-                       ("data_wait", "data wait", ".1%"), ("peak_gpu_mb", "GPU MB", ".0f"),
-                       ("peak_host_mb", "host MB", ".0f")])
+    return report(rows, "step", "iters_per_s",
+                  [("step", "step", ""), ("mode", "mode", ""), ("iters_per_s", "it/s", ".3g"),
+                   ("images_per_s", "img/s", ".4g"), ("ms_per_iter", "ms/it", ".4g"),
+                   ("tflop_per_step", "TFLOP/it", ".3g"), ("tflops", "TFLOP/s", ".3g"),
+                   ("data_wait", "data wait", ".1%"), ("peak_gpu_mb", "GPU MB", ".0f"),
+                   ("peak_host_mb", "host MB", ".0f")])
+
+
+def report(rows: list[dict], key: str, value: str, columns: list[tuple[str, str, str]]) -> dict:
+    """Print the rows as a table and the fast/reference ratios of `value` per `key`; the JSON result."""
+    ratios = speed_ratios(rows, key, value)
+    print_table(rows, columns)
     print_ratios(ratios)
     return dict(results=rows, ratios=ratios)
 
@@ -302,12 +308,9 @@ def bench_infer(args) -> dict:
         del r["data_wait"]
         model = mapper = None  # the next mode's peak memory without this model
         rows.append(r)
-    ratios = speed_ratios(rows, "task", "images_per_s")
-    print_table(rows, [("mode", "mode", ""), ("images_per_s", "img/s", ".4g"), ("ms_per_image", "ms/img", ".3g"),
-                       ("tflops", "TFLOP/s", ".3g"), ("peak_gpu_mb", "GPU MB", ".0f"),
-                       ("peak_host_mb", "host MB", ".0f")])
-    print_ratios(ratios)
-    return dict(results=rows, ratios=ratios)
+    return report(rows, "task", "images_per_s",
+                  [("mode", "mode", ""), ("images_per_s", "img/s", ".4g"), ("ms_per_image", "ms/img", ".3g"),
+                   ("tflops", "TFLOP/s", ".3g"), ("peak_gpu_mb", "GPU MB", ".0f"), ("peak_host_mb", "host MB", ".0f")])
 
 
 # ----------------------------------------------------------------------------------------------- data

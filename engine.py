@@ -259,10 +259,11 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
         results[name] = ClassAccumulator.merge([p[0] for p in parts], aupro=aupro).compute()
         log.info(format_metrics(name, results[name]))
         rows = [row for _, row in sorted(r for p in parts for r in p[1])]  # in the dataset's order
+        labels, scores = np.array([r[2] for r in rows]), np.array([r[3] for r in rows])
         pixels = PixelSample.merge([p[2] for p in parts])
-        entry = calibration.add(name, np.array([r[2] for r in rows]), np.array([r[3] for r in rows]),
-                                *pixels.arrays())
-        ClassReport.merge([p[3] for p in parts]).save(run.dir, tag, name, entry, pixels.arrays()[:2])
+        entry = calibration.add(name, labels, scores, *pixels.arrays())
+        ClassReport.merge([p[3] for p in parts]).save(run.dir, tag, name, entry, labels, scores,
+                                                      pixels.arrays()[:2])
         score_rows += rows
     if not run.is_main:
         return results
@@ -304,11 +305,6 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, samples: list[ds.Sample], na
 
 # ----------------------------------------------------------------------------------------------- data and models
 
-def check_data_path(args):
-    if not os.path.isdir(args.data_path):
-        raise UserError(f"dataset folder not found: {args.data_path}; pass --data_path")
-
-
 def test_samples(args, class_name: str) -> list[ds.Sample]:
     samples, missing = ds.class_samples(args.dataset, args.data_path, class_name, "test", args.realiad_resolution,
                                         args.json_dir)
@@ -325,7 +321,6 @@ def train_dataset(args) -> ds.TrainDataset:
 
 
 def train_samples(args) -> list[ds.Sample]:
-    check_data_path(args)
     return [s for c in ds.class_names(args.dataset, args.classes)
             for s in ds.class_samples(args.dataset, args.data_path, c, "train", args.realiad_resolution,
                                       args.json_dir)[0]]

@@ -28,7 +28,6 @@ class ClassReport:
 
     def __init__(self, n_heatmaps: int, gallery_size: int = GALLERY_SIZE):
         self.n_heatmaps, self.gallery_size = n_heatmaps, gallery_size
-        self.labels, self.scores = [], []
         self.heatmaps, self.normal, self.anomalous = [], [], []  # lists of (score, path, img, gt, amap)
 
     def add(self, img: torch.Tensor, gt: torch.Tensor, amap: torch.Tensor, score: torch.Tensor,
@@ -36,8 +35,6 @@ class ClassReport:
         """One batch: images [B,3,c,c], ground truth [B,256,256], maps [B,256,256], scores [B], labels [B]."""
         for i, (s, lab) in enumerate(zip(score.tolist(), label.tolist())):
             item = (s, paths[i], img[i].clone(), gt[i].clone(), amap[i].clone())
-            self.labels.append(lab)
-            self.scores.append(s)
             if lab == 1 and len(self.heatmaps) < self.n_heatmaps:
                 self.heatmaps.append(item)
             (self.anomalous if lab == 1 else self.normal).append(item)
@@ -51,18 +48,16 @@ class ClassReport:
         if len(reports) == 1:
             return reports[0]
         out = cls(reports[0].n_heatmaps, reports[0].gallery_size)
-        for r in reports:
-            out.labels += r.labels
-            out.scores += r.scores
         out.heatmaps = sorted((h for r in reports for h in r.heatmaps), key=lambda t: t[1])[: out.n_heatmaps]
         out.normal = sorted((t for r in reports for t in r.normal), key=lambda t: -t[0])[: out.gallery_size]
         out.anomalous = sorted((t for r in reports for t in r.anomalous), key=lambda t: t[0])[: out.gallery_size]
         return out
 
-    def save(self, run_dir: str, tag: str, name: str, entry: dict, pixels: tuple[np.ndarray, np.ndarray]):
-        """Write the class's heatmaps, curves and gallery. entry: its thresholds.json entry; pixels: (map
-        values, anomalous flags), a sample for the pixel-level curves."""
-        color_range = entry["color_range"] or (0.0, max(self.scores) or 1.0)
+    def save(self, run_dir: str, tag: str, name: str, entry: dict, labels: np.ndarray, scores: np.ndarray,
+             pixels: tuple[np.ndarray, np.ndarray]):
+        """Write the class's heatmaps, curves and gallery. entry: its thresholds.json entry; labels, scores: all
+        its test images'; pixels: (map values, anomalous flags), a sample for the pixel-level curves."""
+        color_range = entry["color_range"] or (0.0, float(scores.max()) or 1.0)
         marks = {name: entry[level]["threshold"] for name, level in (("image thr", "image"), ("pixel thr", "pixel"))
                  if entry[level]["threshold"] is not None}
         if self.heatmaps:
@@ -70,8 +65,8 @@ class ClassReport:
         for s, path, img, gt, amap in self.heatmaps:
             panel = heatmap_panel(img, gt, amap, color_range, f"{image_name(path)}  score {s:.4g}", marks)
             write_png(os.path.join(run_dir, f"heatmaps{tag}", name, image_name(path) + ".png"), panel)
-        plot_curves(os.path.join(run_dir, f"curves{tag}", name + ".png"), name, np.array(self.labels),
-                    np.array(self.scores), *pixels, entry)
+        plot_curves(os.path.join(run_dir, f"curves{tag}", name + ".png"), name, labels, scores, *pixels,
+                    entry)
         self.save_gallery(os.path.join(run_dir, f"gallery{tag}", name + ".png"), name, entry, color_range, marks)
 
     def save_gallery(self, path: str, name: str, entry: dict, color_range, marks: dict):

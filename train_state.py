@@ -22,7 +22,6 @@ import threading
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
 from errors import UserError
@@ -142,12 +141,7 @@ def set_rng_state(state: dict, device: torch.device):
 
 def rng_states(run: Run) -> list[dict]:
     """The RNG states of all processes, by rank."""
-    own = rng_state(run.device)
-    if not dist.is_initialized():
-        return [own]
-    states = [None] * run.world_size
-    dist.all_gather_object(states, own)
-    return states
+    return run.gather(rng_state(run.device))
 
 
 # ----------------------------------------------------------------------------------------------- data order
