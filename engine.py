@@ -434,9 +434,7 @@ def crr_test_main(args):
     run = Run(args, "config_test.json")
     model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
     run.save_config()
-    seg_path = args.seg_checkpoint or run.path("Seg_model_7999.pth")
-    if args.seg_checkpoint is None and not os.path.isfile(seg_path):  # a shorter Stage II leaves only _last
-        seg_path = run.path("Seg_model_last.pth")
+    seg_path = args.seg_checkpoint or models.segmentation_file(run.dir) or run.path("Seg_model_7999.pth")
     segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(run.device).eval()
     log.info(f"loaded {seg_path}")
     preflight.check_data(args)

@@ -118,10 +118,7 @@ def run_files(checkpoint: str, seg_checkpoint: str | None) -> tuple[str, str | N
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}; pass a run folder or a model.pth as --checkpoint")
     if seg_checkpoint is None:
-        run_dir = os.path.dirname(os.path.abspath(path))
-        found = [p for p in (os.path.join(run_dir, f"Seg_model_{n}.pth") for n in ("7999", "last"))
-                 if os.path.isfile(p)]
-        seg_checkpoint = found[0] if found else None
+        seg_checkpoint = models.segmentation_file(os.path.dirname(os.path.abspath(path)))
     return path, seg_checkpoint
 
 

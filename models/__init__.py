@@ -161,6 +161,13 @@ def checkpoint_file(path: str) -> str:
     return path
 
 
+def segmentation_file(run_dir: str) -> str | None:
+    """A CRR run folder's segmentation network: Seg_model_7999.pth (the full Stage II), else Seg_model_last.pth
+    (a shorter one); None when there is neither."""
+    found = [p for p in (os.path.join(run_dir, f"Seg_model_{n}.pth") for n in ("7999", "last")) if os.path.isfile(p)]
+    return found[0] if found else None
+
+
 def saved_settings(checkpoint: str) -> dict:
     """The settings a model was trained with (encoder, image_size, crop_size, mask_ratio, test_mask, attn_eps,
     ...): the "model" section of the config.json beside the checkpoint; {} without one (an official file)."""
@@ -220,5 +227,5 @@ def load_segmentation_net(path: str, embed_dim: int) -> SegmentationNet:
 
 
 __all__ = ["ENCODERS", "EncoderConfig", "DinoV2Encoder", "ViTill", "SegmentationNet", "segmentation_input",
-           "encoder_config", "build_model", "load_model", "checkpoint_file", "saved_settings", "load_trained", "load_segmentation_net", "load_encoder_weights",
+           "encoder_config", "build_model", "load_model", "checkpoint_file", "segmentation_file", "saved_settings", "load_trained", "load_segmentation_net", "load_encoder_weights",
            "default_encoder_weights", "load_file", "read_state_dict", "architecture_from_state_dict"]
