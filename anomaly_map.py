@@ -91,10 +91,10 @@ class AnomalyMapper(nn.Module):
         self.model, self.segnet = speed.maybe_compile(model, compile), speed.maybe_compile(segnet, compile)
         self.fusion_alpha, self.max_ratio, self.precision = fusion_alpha, max_ratio, precision
 
-    def raw_map(self, img: torch.Tensor) -> torch.Tensor:
-        """The map before smoothing: [B, 1, 256, 256]."""
+    def raw_map(self, img: torch.Tensor, mask_seeds: list[int] | None = None) -> torch.Tensor:
+        """The map before smoothing: [B, 1, 256, 256]. `mask_seeds`: see ViTill.bottleneck_mask."""
         with speed.autocast(img.device, self.precision):
-            en, de = self.model(img)
+            en, de = self.model(img, mask_seeds)
             seg = None if self.segnet is None else self.segnet(segmentation_input(en, de))
         en, de = [e.float() for e in en], [d.float() for d in de]
         if seg is None:
@@ -104,6 +104,6 @@ class AnomalyMapper(nn.Module):
         seg = torch.softmax(seg.float(), dim=1)[:, 1:]
         return self.fusion_alpha * recon + (1 - self.fusion_alpha) * seg
 
-    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        amap = gaussian_smooth(self.raw_map(img))
+    def forward(self, img: torch.Tensor, mask_seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = gaussian_smooth(self.raw_map(img, mask_seeds))
         return amap, top_ratio_score(amap, self.max_ratio)

@@ -6,12 +6,16 @@
     python benchmark.py metrics [--maps 2000 --size 256]
 
 `train` times the Dinomaly step, the CRR Stage I step (anomaly synthesis included, through the real loader)
-and the CRR Stage II step; `infer` times anomaly_map.AnomalyMapper (images/s, ms/image). Both run each in two
-modes in one process and print the ratio fast / reference:
-- reference: fp32, eager, every image decoded and resized by PIL at every step, no pinned memory, the loss read
-  back every step and CRR Stage I in two forward passes, as the reference code runs;
+and the CRR Stage II step, with engine.py's losses and optimisers; `infer` times anomaly_map.AnomalyMapper
+(images/s, ms/image) for the Dinomaly map and CRR's fused map. Both run each in two modes in one process and
+print the ratio fast / reference:
+- reference: fp32, eager, every image decoded and resized by PIL at every step, no pinned memory, the reference
+  code's training step (the loss read back every step), CRR Stage I in two forward passes, the frozen CRR
+  model's masks drawn on the CPU: as the reference code runs (except that Stage I's training masks are drawn
+  on the device as in our training; the released code draws them on the CPU too, which is slower still);
 - fast: --precision (bf16), --compile (inductor), --cache (memory: decoded images kept), pinned memory,
-  cuDNN benchmark mode.
+  cuDNN benchmark mode, the frozen CRR model's masks drawn on the device (--mask_rng device), and
+  engine.train_step, the step our training loop runs (its non-finite check reads one flag back per step).
 Achieved TFLOP/s use the FLOPs of one step counted once per setting with torch.utils.flop_counter (the same in
 both modes). Peak GPU memory is torch.cuda.max_memory_allocated per mode; peak host memory is the process's
 (and the loader workers') maximum resident size so far.
@@ -44,10 +48,10 @@ import models
 import speed
 import utils
 from anomaly_map import AnomalyMapper
-from engine import CLIP_NORM, HM_FACTOR, repair_loss, segmentation_loss
+from engine import (CLIP_NORM, HM_FACTOR, SEG_LR, reconstruction_optimizer, repair_loss, segmentation_loss,
+                    train_step)
 from image_cache import ImageCache
 from loss import global_cosine_hm
-from optimizers import StableAdamW
 from prepare_data.make_demo_data import CLASSES as DEMO_CLASSES, make_demo_data
 from synthesis import SyntheticAnomalyDataset
 
@@ -61,16 +65,17 @@ class Mode:
     compile: str = "none"  # a torch.compile backend, or "none"
     cache: str = "none"  # image cache: none, memory or disk
     pin_memory: bool = False
-    sync_every_step: bool = True  # read the loss back every step (.item()), as the reference code does
+    engine_step: bool = False  # engine.train_step, else the reference code's step (the loss read back each step)
     crr_one_pass: bool = False  # CRR Stage I: clean and synthetic images in one forward pass
     cudnn_benchmark: bool = False  # cuDNN picks its fastest convolutions (the scripts' --cudnn benchmark)
+    mask_rng: str = "cpu"  # where the frozen CRR model's masks are drawn (the scripts' --mask_rng)
 
 
 def modes(args) -> list[Mode]:
     cuda = args.device.type == "cuda"
     return [Mode("reference"),
-            Mode("fast", args.precision, args.compile, args.cache, cuda, sync_every_step=False, crr_one_pass=True,
-                 cudnn_benchmark=True)]
+            Mode("fast", args.precision, args.compile, args.cache, cuda, engine_step=True, crr_one_pass=True,
+                 cudnn_benchmark=True, mask_rng="device")]
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -177,24 +182,16 @@ def reconstruction_model(args, mode: Mode, **kwargs) -> models.ViTill:
     return speed.maybe_compile(model, mode.compile != "none", mode.compile)
 
 
-def train_step(name: str, args, mode: Mode, samples: list[ds.Sample]):
+def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
     """(step function, loader) of the Dinomaly ("dinomaly"), CRR Stage I ("crr_stage1") or Stage II
-    ("crr_stage2") step in `mode`, as engine.py trains them."""
+    ("crr_stage2") step in `mode`, with engine.py's losses and optimisers. The fast mode runs engine.train_step,
+    the training loop's step; the reference mode the reference code's (backward, clip, step, loss.item())."""
     device = args.device
     speed.configure(mode.precision)
     torch.backends.cudnn.benchmark = mode.cudnn_benchmark
 
     def to(x):
         return x.to(device, non_blocking=mode.pin_memory)
-
-    def optimise(loss, optimizer, clip_params=None):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_params is not None:
-            torch.nn.utils.clip_grad_norm_(clip_params, max_norm=CLIP_NORM)
-        optimizer.step()
-        if mode.sync_every_step:
-            loss.item()
 
     if name == "dinomaly":
         data = ds.TrainDataset(samples, args.image_size, args.crop_size, image_cache(samples, args, mode.cache))
@@ -203,37 +200,49 @@ def train_step(name: str, args, mode: Mode, samples: list[ds.Sample]):
         data = SyntheticAnomalyDataset(samples, args.image_size, args.crop_size, None, seed=0)
         model = reconstruction_model(args, mode, dropout=0.2, mask_ratio=0.4).train()
     batches = loader(data, args, args.num_workers, mode.pin_memory)
-    params = model.trainable_parameters()
-    optimizer = StableAdamW(params)
+    params, clip = model.trainable_parameters(), CLIP_NORM
+    optimizer = reconstruction_optimizer(params)
 
-    def dinomaly_step(img):
+    def dinomaly_loss(img, it):
         with speed.autocast(device, mode.precision):
             en, de = model(to(img))
-            loss = global_cosine_hm(en, de, p=HM_P, factor=HM_FACTOR)
-        optimise(loss, optimizer, params)
+            return global_cosine_hm(en, de, p=HM_P, factor=HM_FACTOR)
 
-    def crr_step(batch):
+    def crr_loss(batch, it):
         img, aug = to(batch[0]), to(batch[1])
         with speed.autocast(device, mode.precision):
             if mode.crr_one_pass:
-                loss = repair_loss(model, img, aug, HM_P)
-            else:
-                en, de = model(img)
-                _, de_aug = model(aug)
-                loss = global_cosine_hm(en, de, p=HM_P, factor=HM_FACTOR) + \
-                    global_cosine_hm(en, de_aug, p=HM_P, factor=HM_FACTOR)
-        optimise(loss, optimizer, params)
+                return repair_loss(model, img, aug, HM_P)
+            en, de = model(img)
+            _, de_aug = model(aug)
+            return global_cosine_hm(en, de, p=HM_P, factor=HM_FACTOR) + \
+                global_cosine_hm(en, de_aug, p=HM_P, factor=HM_FACTOR)
 
+    def stage2_loss(batch, it):
+        return segmentation_loss(model, segnet, to(batch[1]), to(batch[2]), mode.precision)
+
+    loss_fn = {"dinomaly": dinomaly_loss, "crr_stage1": crr_loss, "crr_stage2": stage2_loss}[name]
     if name == "crr_stage2":  # the frozen Stage-I model keeps its test-time masking, as CRR's code does
         model.eval().requires_grad_(False).mask_in_eval = True
+        model.mask_rng = mode.mask_rng
         segnet = models.SegmentationNet(base_width=2 * model.encoder.cfg.embed_dim // 8).to(device).train()
         speed.maybe_compile(segnet, mode.compile != "none", mode.compile)
-        optimizer = torch.optim.Adam(segnet.parameters(), lr=1e-4)
+        params, clip = list(segnet.parameters()), None
+        optimizer = torch.optim.Adam(params, lr=SEG_LR)
 
-    def stage2_step(batch):
-        optimise(segmentation_loss(model, segnet, to(batch[1]), to(batch[2]), mode.precision), optimizer)
+    def reference_step(batch):
+        loss = loss_fn(batch, 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm=clip)
+        optimizer.step()
+        loss.item()
 
-    return {"dinomaly": dinomaly_step, "crr_stage1": crr_step, "crr_stage2": stage2_step}[name], batches
+    def engine_step(batch):
+        train_step(batch, 0, loss_fn, params, optimizer, None, clip, False)
+
+    return engine_step if mode.engine_step else reference_step, batches
 
 
 def bench_train(args) -> dict:
@@ -241,7 +250,7 @@ def bench_train(args) -> dict:
     rows, flops = [], {}
     for mode in modes(args):
         for name in args.steps:
-            step, batches = train_step(name, args, mode, samples)
+            step, batches = step_and_loader(name, args, mode, samples)
             batches = cycle(batches)
             if name not in flops:  # once per setting, eager fp32 (the reference mode comes first)
                 batch = next(batches)
@@ -283,34 +292,45 @@ def print_ratios(ratios: dict):
 # ----------------------------------------------------------------------------------------------- infer
 
 def bench_infer(args) -> dict:
+    """The Dinomaly map ("dinomaly") and CRR's fused map with its test-time masking ("crr_test") of a fixed batch,
+    the scores read back to the host as in evaluation."""
     torch.manual_seed(0)
     state = models.build_model(args.encoder, "random").state_dict()
     x = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=args.device)
-    rows, flops = [], None
+    seeds = list(range(args.batch_size))
+    rows, flops = [], {}
     for mode in modes(args):
-        model = models.build_model(args.encoder, "random")
-        model.load_state_dict(state)
-        mapper = AnomalyMapper(model.to(args.device).eval(), precision=mode.precision)
-        torch.backends.cudnn.benchmark = mode.cudnn_benchmark
-        speed.maybe_compile(model, mode.compile != "none", mode.compile)
+        for task in args.tasks:
+            crr = task == "crr_test"
+            model = models.build_model(args.encoder, "random", mask_ratio=0.4 if crr else 0.0, mask_in_eval=crr)
+            model.load_state_dict(state)
+            model.mask_rng = mode.mask_rng
+            segnet = models.SegmentationNet(base_width=2 * model.encoder.cfg.embed_dim // 8) if crr else None
+            mapper = AnomalyMapper(model.to(args.device).eval(), segnet and segnet.to(args.device).eval(),
+                                   precision=mode.precision)
+            torch.backends.cudnn.benchmark = mode.cudnn_benchmark
+            speed.maybe_compile(model, mode.compile != "none", mode.compile)
+            speed.maybe_compile(segnet, mode.compile != "none", mode.compile)
 
-        @torch.no_grad()
-        def step(img):
-            mapper(img)[1].cpu()  # the scores come back to the host, as in evaluation
+            @torch.no_grad()
+            def step(img):
+                mapper(img, seeds)[1].cpu()
 
-        if flops is None:
-            flops = count_flops(lambda: step(x))
-        reset_peak(args.device)
-        r = time_steps(step, iter(lambda: x, None), args.device, args.warmup, args.iters)
-        r.update(mode=mode.name, task="anomaly map", images_per_s=r["iters_per_s"] * args.batch_size,
-                 ms_per_image=r["ms_per_iter"] / args.batch_size, tflop_per_batch=flops / 1e12,
-                 tflops=flops * r["iters_per_s"] / 1e12, **peak_memory(args.device))
-        del r["data_wait"]
-        model = mapper = None  # the next mode's peak memory without this model
-        rows.append(r)
+            if task not in flops:
+                flops[task] = count_flops(lambda: step(x))
+            reset_peak(args.device)
+            r = time_steps(step, iter(lambda: x, None), args.device, args.warmup, args.iters)
+            r.update(mode=mode.name, task=task, images_per_s=r["iters_per_s"] * args.batch_size,
+                     ms_per_image=r["ms_per_iter"] / args.batch_size, tflop_per_batch=flops[task] / 1e12,
+                     tflops=flops[task] * r["iters_per_s"] / 1e12, **peak_memory(args.device))
+            del r["data_wait"]
+            print(f"{task} {mode.name}: {r['ms_per_image']:.3g} ms/img", file=sys.stderr)
+            model = segnet = mapper = None  # the next setting's peak memory without this model
+            rows.append(r)
     return report(rows, "task", "images_per_s",
-                  [("mode", "mode", ""), ("images_per_s", "img/s", ".4g"), ("ms_per_image", "ms/img", ".3g"),
-                   ("tflops", "TFLOP/s", ".3g"), ("peak_gpu_mb", "GPU MB", ".0f"), ("peak_host_mb", "host MB", ".0f")])
+                  [("task", "task", ""), ("mode", "mode", ""), ("images_per_s", "img/s", ".4g"),
+                   ("ms_per_image", "ms/img", ".3g"), ("tflops", "TFLOP/s", ".3g"), ("peak_gpu_mb", "GPU MB", ".0f"),
+                   ("peak_host_mb", "host MB", ".0f")])
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -406,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--source_size", type=int, default=1024, help="generated images' side (Real-IAD: 1024)")
             c.add_argument("--n_train", type=int, default=32, help="generated training images per class (3 classes)")
             c.add_argument("--num_workers", type=int, default=min(16, os.cpu_count() or 1))
+        if name == "infer":
+            c.add_argument("--tasks", nargs="+", default=["dinomaly", "crr_test"], choices=["dinomaly", "crr_test"])
         if name == "train":
             c.add_argument("--steps", nargs="+", default=["dinomaly", "crr_stage1", "crr_stage2"],
                            choices=["dinomaly", "crr_stage1", "crr_stage2"])

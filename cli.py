@@ -84,6 +84,11 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
         model.add_argument("--test_mask", choices=["on", "off"], default="on" if trains_recon else None,
                            help="bottleneck masking of the frozen model in eval mode (on = the released code, "
                                 "seeded)" + from_run)
+        model.add_argument("--mask_rng", choices=["cpu", "device"], default="cpu",
+                           help="where the frozen model's masks are drawn in evaluation and Stage II: cpu (the "
+                                "released code's random stream, reproduced by --seed; slow next to a GPU) or device "
+                                "(on the GPU; in evaluation each image's mask is seeded by --seed, its class and its "
+                                "index, so the metrics do not depend on the batch size or the number of processes)")
     if job == "crr_test":
         model.add_argument("--seg_checkpoint",
                            help="segmentation network (default: <run>/Seg_model_7999.pth, else Seg_model_last.pth)")

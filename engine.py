@@ -6,6 +6,7 @@
 - `crr_test_main`: CRR test, the fused map.
 """
 import csv
+import hashlib
 import os
 import time
 
@@ -152,8 +153,7 @@ def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, rep
     training `state` when given."""
     args = run.args
     params = model.trainable_parameters()
-    optimizer = StableAdamW([{"params": params}], lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, amsgrad=True,
-                            eps=ADAM_EPS)
+    optimizer = reconstruction_optimizer(params)
     schedule = WarmCosineSchedule(LR, LR_FINAL, args.total_iters, warmup_iters=WARMUP_ITERS)
     net = ddp_wrap(run, model)
     model.train()
@@ -177,6 +177,11 @@ def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, rep
     train_loop(run, loader, args.total_iters, loss_fn, params, optimizer, schedule, clip=CLIP_NORM, start=start,
                save_state=save_state)
     log.info(f"saved {run.path('model.pth')}")
+
+
+def reconstruction_optimizer(params: list) -> StableAdamW:
+    return StableAdamW([{"params": params}], lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, amsgrad=True,
+                       eps=ADAM_EPS)
 
 
 def repair_loss(net, img: torch.Tensor, aug_img: torch.Tensor, p: float) -> torch.Tensor:
@@ -289,13 +294,15 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, samples: list[ds.Sample], na
     acc, pixels, report = ClassAccumulator(aupro), PixelSample(len(samples) * MAP_SIZE ** 2), \
         ClassReport(args.save_heatmaps)
     rows, done = [], 0
+    seeded_masks = getattr(args, "mask_rng", "cpu") == "device"
     with torch.no_grad():
         for img, mask, label, has_mask, paths in tqdm(loader, desc=f"eval {name}", leave=False, dynamic_ncols=True,
                                                       disable=not run.is_main):
-            amap, score = mapper(img.to(run.device))  # [B, 1, 256, 256], [B]
-            amap, score, gt = amap[:, 0].cpu(), score.cpu(), binarize_gt(mask, MAP_SIZE, gt_mode)[:, 0]
             ids = index[done:done + len(paths)]
             done += len(paths)
+            seeds = mask_seeds(args.seed, name, ids) if seeded_masks else None
+            amap, score = mapper(img.to(run.device), seeds)  # [B, 1, 256, 256], [B]
+            amap, score, gt = amap[:, 0].cpu(), score.cpu(), binarize_gt(mask, MAP_SIZE, gt_mode)[:, 0]
             acc.add(label, score, amap, gt, has_mask)
             pixels.add(amap[has_mask].numpy(), gt[has_mask].numpy(), [i for i, h in zip(ids, has_mask) if h])
             report.add(img, gt, amap, score, label, paths)
@@ -356,10 +363,8 @@ def model_settings(args, dropout: float | None = None) -> dict:
 
 
 def trained_model(run: Run, path: str, fallback: dict) -> models.ViTill:
-    """A trained reconstruction model in eval mode on the run's device, with the saved run's settings; the
-    precision and compilation of --precision and --compile."""
-    speed.configure(run.args.precision)
-    return speed.maybe_compile(models.load_trained(path, run.args, fallback).to(run.device), run.args.compile)
+    """A trained reconstruction model in eval mode on the run's device, with the saved run's settings."""
+    return prepared(run, models.load_trained(path, run.args, fallback))
 
 
 def fresh_model(run: Run, **kwargs) -> models.ViTill:
@@ -370,8 +375,21 @@ def fresh_model(run: Run, **kwargs) -> models.ViTill:
     if weights == "random":
         log.warning("warning: the encoder has random weights (--encoder_weights random): a smoke run only")
     log.info(f"trainable parameters: {sum(p.numel() for p in model.trainable_parameters()):,}")
-    speed.configure(args.precision)
-    return speed.maybe_compile(model.to(run.device), args.compile)
+    return prepared(run, model)
+
+
+def prepared(run: Run, model: models.ViTill) -> models.ViTill:
+    """`model` on the run's device with --mask_rng (CRR), --precision and --compile applied."""
+    model.mask_rng = getattr(run.args, "mask_rng", "cpu")
+    speed.configure(run.args.precision)
+    return speed.maybe_compile(model.to(run.device), run.args.compile)
+
+
+def mask_seeds(seed: int, class_name: str, indices: list[int]) -> list[int]:
+    """Per-image seeds of CRR's test-time masks drawn on the device (--mask_rng device): a hash of the run's seed,
+    the class and the image's index in it, so an image's mask does not depend on its batch or process."""
+    return [int.from_bytes(hashlib.blake2b(f"{seed}/{class_name}/{i}".encode(), digest_size=8).digest(), "little")
+            for i in indices]
 
 
 # ----------------------------------------------------------------------------------------------- the jobs

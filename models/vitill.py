@@ -25,6 +25,7 @@ class ViTill(nn.Module):
         self.groups = [list(range(g * 4, g * 4 + 4)) for g in range(len(encoder_cfg.taps) // 4)]
         self.mask_ratio = mask_ratio  # CRR: probability of zeroing each scalar of the bottleneck input
         self.mask_in_eval = mask_in_eval  # CRR's released test keeps the masking on in eval mode
+        self.mask_rng = "cpu"  # where eval-mode masks are drawn: "cpu" (the released code) or "device"
         self.bottleneck.apply(init_weights)
         self.decoder.apply(init_weights)
 
@@ -36,21 +37,32 @@ class ViTill(nn.Module):
         self.encoder.eval()  # frozen, and it has no dropout: eval keeps it deterministic either way
         return self
 
-    def bottleneck_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """CRR's element-wise mask: 0 with probability mask_ratio. In eval mode it is drawn from the CPU
-        generator as the released test does, so a seeded run reproduces its masks; in training on x's device."""
-        if self.training:
-            return (torch.rand_like(x) <= 1 - self.mask_ratio).to(x.dtype)
-        return (torch.rand(x.shape) <= 1 - self.mask_ratio).to(x.device, x.dtype)
+    def bottleneck_mask(self, x: torch.Tensor, mask_seeds: list[int] | None = None) -> torch.Tensor:
+        """CRR's element-wise mask: 0 with probability mask_ratio. In training it is drawn on x's device. In eval
+        mode it is drawn from the CPU generator as the released code does (mask_rng "cpu"), so a seeded run
+        reproduces its masks; with mask_rng "device" on x's device instead, each image's from a generator
+        seeded with its entry of `mask_seeds` when given (then an image's mask does not depend on its batch)."""
+        keep = 1 - self.mask_ratio
+        if self.training or self.mask_rng == "device" and mask_seeds is None:
+            return (torch.rand_like(x) <= keep).to(x.dtype)
+        if self.mask_rng == "device":
+            if len(mask_seeds) != x.shape[0]:
+                raise ValueError(f"{len(mask_seeds)} mask seeds for a batch of {x.shape[0]}")
+            gens = [torch.Generator(x.device).manual_seed(s) for s in mask_seeds]
+            u = torch.stack([torch.rand(x.shape[1:], generator=g, device=x.device) for g in gens])
+            return (u <= keep).to(x.dtype)
+        return (torch.rand(x.shape) <= keep).to(x.device, x.dtype)
 
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """[B, 3, H, W] -> (en, de): two lists (one map per group) of [B, D, H/14, W/14]."""
+    def forward(self, x: torch.Tensor, mask_seeds: list[int] | None = None) -> tuple[list[torch.Tensor],
+                                                                                       list[torch.Tensor]]:
+        """[B, 3, H, W] -> (en, de): two lists (one map per group) of [B, D, H/14, W/14]. `mask_seeds`: one
+        seed per image for eval-mode masks drawn on the device (see bottleneck_mask)."""
         grid_h, grid_w = x.shape[-2] // self.encoder.cfg.patch_size, x.shape[-1] // self.encoder.cfg.patch_size
         with torch.no_grad():
             taps = self.encoder(x)  # 8 x [B, T, D]
         x = mean_of(taps)
         if self.mask_ratio > 0 and (self.training or self.mask_in_eval):
-            x = x * self.bottleneck_mask(x)
+            x = x * self.bottleneck_mask(x, mask_seeds)
         x = self.bottleneck(x)
         outs = []
         for blk in self.decoder:

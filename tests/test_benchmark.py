@@ -43,10 +43,13 @@ def test_train(tmp_path):
 
 def test_infer(tmp_path):
     out = run(tmp_path, "infer", *SMALL, *MODEL)
-    assert [r["mode"] for r in out["results"]] == ["reference", "fast"]
+    assert [(r["task"], r["mode"]) for r in out["results"]] == [(t, m) for m in ("reference", "fast")
+                                                                for t in ("dinomaly", "crr_test")]
     for r in out["results"]:
         positive(r, ["images_per_s", "ms_per_image", "tflops", "peak_host_mb"])
-    assert out["ratios"]["anomaly map"] > 0
+    by = {(r["task"], r["mode"]): r for r in out["results"]}
+    assert by["crr_test", "fast"]["tflop_per_batch"] > by["dinomaly", "fast"]["tflop_per_batch"]  # + segmentation
+    assert set(out["ratios"]) == {"dinomaly", "crr_test"} and min(out["ratios"].values()) > 0
 
 
 def test_data(tmp_path):
