@@ -13,15 +13,15 @@ print the ratio fast / reference:
   code's training step (the loss read back every step), CRR Stage I in two forward passes, the frozen CRR
   model's masks drawn on the CPU: as the reference code runs (except that Stage I's training masks are drawn
   on the device as in our training; the released code draws them on the CPU too, which is slower still);
-- fast: --precision (bf16), --compile (inductor), --cache (memory: decoded images kept), pinned memory,
+- fast: --precision (bf16), --compile (inductor), --cache (memory: decoded images, CRR's too), pinned memory,
   cuDNN benchmark mode, the frozen CRR model's masks drawn on the device (--mask_rng device), and
   engine.train_step, the step our training loop runs (its non-finite check reads one flag back per step).
 Achieved TFLOP/s use the FLOPs of one step counted once per setting with torch.utils.flop_counter (the same in
 both modes). Peak GPU memory is torch.cuda.max_memory_allocated per mode; peak host memory is the process's
 (and the loader workers') maximum resident size so far.
 
-`data` times the loader alone (images/s per worker count) for the plain transform, the image cache and CRR
-synthesis. `metrics` times the seven metrics of one synthetic class of N maps (utils.synthetic_class) fed
+`data` times the loader alone (images/s per worker count) for the plain transform and CRR synthesis, each
+without and with the image cache. `metrics` times the seven metrics of one synthetic class of N maps (utils.synthetic_class) fed
 batch by batch to utils.ClassAccumulator, and their peak memory.
 
 Without --data_path, a dataset is generated (prepare_data/make_demo_data.py, Real-IAD layout, JPEG images of
@@ -53,7 +53,7 @@ from engine import (CLIP_NORM, HM_FACTOR, SEG_LR, reconstruction_optimizer, repa
 from image_cache import ImageCache
 from loss import global_cosine_hm
 from prepare_data.make_demo_data import CLASSES as DEMO_CLASSES, make_demo_data
-from synthesis import SyntheticAnomalyDataset
+from synthesis import SyntheticAnomalyDataset, synthesis_caches
 
 HM_P = 0.9  # the hard-mining share after the ramp: the steady state of a long run
 
@@ -163,7 +163,18 @@ def image_cache(samples: list[ds.Sample], args, mode: str) -> ImageCache | None:
     """A filled cache of the training images ("none" -> None): the steady state of a run past its first epoch."""
     if mode == "none":
         return None
-    cache = ImageCache([s.image_path for s in samples], args.image_size, mode, args.cache_dir)
+    return filled(ImageCache([s.image_path for s in samples], args.image_size, mode, args.cache_dir))
+
+
+def synthetic_data(samples: list[ds.Sample], args, mode: str) -> SyntheticAnomalyDataset:
+    """CRR's training data (no textures) with filled caches of --cache_images `mode`."""
+    caches = synthesis_caches(mode, samples, None, args.image_size, args.cache_dir)
+    for c in caches.values():
+        filled(c)
+    return SyntheticAnomalyDataset(samples, args.image_size, args.crop_size, None, seed=0, caches=caches)
+
+
+def filled(cache: ImageCache) -> ImageCache:
     for p in cache.paths:
         cache.get(p)
     return cache
@@ -197,7 +208,7 @@ def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
         data = ds.TrainDataset(samples, args.image_size, args.crop_size, image_cache(samples, args, mode.cache))
         model = reconstruction_model(args, mode, dropout=0.2).train()
     else:
-        data = SyntheticAnomalyDataset(samples, args.image_size, args.crop_size, None, seed=0)
+        data = synthetic_data(samples, args, mode.cache)
         model = reconstruction_model(args, mode, dropout=0.2, mask_ratio=0.4).train()
     batches = loader(data, args, args.num_workers, mode.pin_memory)
     params, clip = model.trainable_parameters(), CLIP_NORM
@@ -338,10 +349,11 @@ def bench_infer(args) -> dict:
 def bench_data(args) -> dict:
     samples = training_samples(args)
     datasets = {"plain": ds.TrainDataset(samples, args.image_size, args.crop_size),
-                "synthesis": SyntheticAnomalyDataset(samples, args.image_size, args.crop_size, None, seed=0)}
+                "synthesis": synthetic_data(samples, args, "none")}
     if args.cache != "none":
         cache = image_cache(samples, args, args.cache)
         datasets[f"cache ({args.cache})"] = ds.TrainDataset(samples, args.image_size, args.crop_size, cache)
+        datasets[f"synthesis, cache ({args.cache})"] = synthetic_data(samples, args, args.cache)
     rows = []
     for workers in args.workers:
         for name, data in datasets.items():

@@ -116,13 +116,12 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
                       help="fp32; tf32 (TF32 tensor-core matmuls); bf16 (bfloat16 autocast of the forward pass and "
                            "the loss; float32 weights, maps and scores)")
     fast.add_argument("--compile", action="store_true", help="torch.compile the network blocks (slow first steps)")
-    if job != "crr_stage2":
-        fast.add_argument("--cache_images", choices=CACHE_MODES, default="none",
-                          help="keep decoded, resized images (identical tensors): memory (training images, shared "
-                               "by the loader workers) or disk (a memory-mapped file in --cache_dir, kept for later "
-                               "runs: training and test images)" +
-                               ("; CRR's synthetic training images are not cached yet" if crr else ""))
-        fast.add_argument("--cache_dir", help="folder of disk image caches (default: <save_dir>/image_cache)")
+    fast.add_argument("--cache_images", choices=CACHE_MODES, default="none",
+                      help="keep decoded, resized images (identical tensors): memory (training images, shared by "
+                           "the loader workers) or disk (memory-mapped files in --cache_dir, kept for later runs: "
+                           "training and test images)" +
+                           ("; CRR also keeps its object masks and textures" if crr else ""))
+    fast.add_argument("--cache_dir", help="folder of disk image caches (default: <save_dir>/image_cache)")
 
     if evaluates:
         ev = p.add_argument_group("evaluation")

@@ -335,24 +335,30 @@ def train_samples(args) -> list[ds.Sample]:
 
 def image_cache(args, samples: list[ds.Sample], modes=("memory", "disk")):
     """The --cache_images cache of these samples' images when its mode is one of `modes` (test images are read
-    once per run: only a disk cache, kept for later runs, gains), else None. Disk caches go to --cache_dir,
-    by default <save_dir>/image_cache."""
+    once per run: only a disk cache, kept for later runs, gains), else None."""
     mode = getattr(args, "cache_images", "none")
-    folder = getattr(args, "cache_dir", None) or os.path.join(args.save_dir, "image_cache")
-    return build_cache(mode, [s.image_path for s in samples], args.image_size, folder) if mode in modes else None
+    return build_cache(mode, [s.image_path for s in samples], args.image_size, cache_folder(args)) \
+        if mode in modes else None
+
+
+def cache_folder(args) -> str:
+    """Where disk caches go: --cache_dir, by default <save_dir>/image_cache."""
+    return getattr(args, "cache_dir", None) or os.path.join(args.save_dir, "image_cache")
 
 
 def synthetic_train_set(args):
     """CRR's training images, each with a synthetic anomaly: textures from --anomaly_source_path (DTD), object
-    masks from --foreground_path or, for Real-IAD, from where the released code looks for them."""
-    from synthesis import SyntheticAnomalyDataset, list_textures
+    masks from --foreground_path or, for Real-IAD, from where the released code looks for them; images, masks and
+    textures kept decoded with --cache_images."""
+    from synthesis import SyntheticAnomalyDataset, list_textures, synthesis_caches
     textures = list_textures(args.anomaly_source_path)
     samples = train_samples(args)
     if args.dataset == "realiad" or args.foreground_path:
         found = ds.attach_foreground(samples, args.foreground_path)
         log.info(f"foreground masks found for {found} of {len(samples)} training images")
     log.info(f"texture images for anomaly synthesis: {len(textures or [])}")
-    return SyntheticAnomalyDataset(samples, args.image_size, args.crop_size, textures, args.seed)
+    caches = synthesis_caches(args.cache_images, samples, textures, args.image_size, cache_folder(args))
+    return SyntheticAnomalyDataset(samples, args.image_size, args.crop_size, textures, args.seed, caches)
 
 
 def model_settings(args, dropout: float | None = None) -> dict:

@@ -1,13 +1,14 @@
 """A cache of decoded, resized images, so that a training step does not wait for JPEG/PNG decoding.
 
-`ImageCache(paths, size, mode, folder).get(path)` returns the image at `path` exactly as
-`dataset.resize(dataset.load_image(path), size)` gives it, as uint8 [size, size, 3]; the crop and the
-normalisation that follow are unchanged, so cached and uncached tensors are bit-identical. Each image is
-decoded on its first use and kept in one shared array:
+`ImageCache(paths, size, mode, folder, reader).get(path)` returns exactly what `reader.read(path, size)` gives:
+by default (PIL_RGB) `dataset.resize(dataset.load_image(path), size)` as uint8 [size, size, 3]; CRR's synthesis
+adds readers of its own (OpenCV resizes, grey object masks). What follows (crop, normalisation, synthesis) is
+unchanged, so cached and uncached tensors are bit-identical. Each image is decoded on its first use and kept in
+one shared array:
 
 - "memory": an anonymous shared memory map, shared by the DataLoader workers forked after it was made
   (size x size x 3 bytes per image: 0.6 MB at 448 px, 2.2 GB for MVTec AD's 3,629 training images).
-- "disk": a file `<folder>/images_<size>_<key>.u8` mapped into memory. It outlives the run, so a later run on
+- "disk": a file `<folder>/<reader name>_<size>_<key>.u8` mapped into memory. It outlives the run, so a later run on
   the same images (same paths, sizes and modification times: the key) starts with them decoded; the page
   cache shares it between workers and between the processes of a torchrun job.
 """
@@ -15,6 +16,8 @@ import hashlib
 import mmap
 import os
 import shutil
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -23,6 +26,24 @@ from errors import UserError
 
 MODES = ("none", "memory", "disk")
 _ALIGN = 4096  # the pixels start on a page boundary after the per-image "filled" flags
+
+
+@dataclass(frozen=True)
+class Reader:
+    """How a file becomes a cached uint8 array: read(path, size) -> [size, size, 3] (channels 3) or [size, size]
+    (channels 1). `name` starts the disk cache's file name. `read` must be a module-level function (workers
+    started by spawn receive it by name)."""
+    name: str
+    channels: int
+    read: Callable[[str, int], np.ndarray]
+
+
+def pil_rgb(path: str, size: int) -> np.ndarray:
+    """The training and test transform's resize: RGB, PIL bilinear (antialiased) to size x size."""
+    return np.asarray(resize(load_image(path), size))
+
+
+PIL_RGB = Reader("images", 3, pil_rgb)
 
 
 def cache_key(paths: list[str], size: int) -> str:
@@ -37,27 +58,29 @@ def cache_key(paths: list[str], size: int) -> str:
 class ImageCache:
     """Decoded uint8 images [size, size, 3] of a fixed list of files, filled on first use (see the module)."""
 
-    def __init__(self, paths: list[str], size: int, mode: str = "memory", folder: str | None = None):
+    def __init__(self, paths: list[str], size: int, mode: str = "memory", folder: str | None = None,
+                 reader: Reader = PIL_RGB):
         if mode not in ("memory", "disk"):
             raise ValueError(f"unknown image cache mode {mode!r} (expected 'memory' or 'disk')")
-        self.paths, self.size, self.mode = list(dict.fromkeys(paths)), int(size), mode
+        self.paths, self.size, self.mode, self.reader = list(dict.fromkeys(paths)), int(size), mode, reader
         self.index = {p: i for i, p in enumerate(self.paths)}
         self.offset = -(-len(self.paths) // _ALIGN) * _ALIGN
-        self.nbytes = self.offset + len(self.paths) * self.size * self.size * 3
+        self.shape = (self.size, self.size, 3) if reader.channels == 3 else (self.size, self.size)
+        self.nbytes = self.offset + len(self.paths) * int(np.prod(self.shape))
         self.file = None
         if mode == "memory":
             check_memory(self.nbytes)
             self._map(mmap.mmap(-1, self.nbytes))
         else:
             os.makedirs(folder, exist_ok=True)
-            self.file = os.path.join(folder, f"images_{self.size}_{cache_key(self.paths, self.size)}.u8")
+            self.file = os.path.join(folder, f"{reader.name}_{self.size}_{cache_key(self.paths, self.size)}.u8")
             create_file(self.file, self.nbytes)
             self._open_file()
 
     def _map(self, buffer: mmap.mmap):
         self.buffer = buffer
         self.filled = np.frombuffer(buffer, np.uint8, len(self.paths))
-        self.pixels = np.frombuffer(buffer, np.uint8, offset=self.offset).reshape(-1, self.size, self.size, 3)
+        self.pixels = np.frombuffer(buffer, np.uint8, offset=self.offset).reshape(-1, *self.shape)
 
     def _open_file(self):
         with open(self.file, "r+b") as f:
@@ -70,12 +93,12 @@ class ImageCache:
         return int(np.count_nonzero(self.filled))
 
     def get(self, path: str) -> np.ndarray:
-        """The resized image at `path`: uint8 [size, size, 3], read-only."""
+        """The resized image at `path` as the reader gives it (uint8 [size, size, 3] or [size, size]), read-only."""
         i = self.index.get(path)
         if i is None:
             raise KeyError(f"{path} is not one of the {len(self.paths)} images of this cache")
         if not self.filled[i]:
-            self.pixels[i] = np.asarray(resize(load_image(path), self.size))
+            self.pixels[i] = self.reader.read(path, self.size)
             self.filled[i] = 1
         out = self.pixels[i]
         out.flags.writeable = False
@@ -140,8 +163,9 @@ def check_memory(nbytes: int):
                         f"is free; use --cache_images disk or none")
 
 
-def build_cache(mode: str, paths: list[str], size: int, folder: str | None) -> ImageCache | None:
+def build_cache(mode: str, paths: list[str], size: int, folder: str | None,
+                reader: Reader = PIL_RGB) -> ImageCache | None:
     """The cache for --cache_images `mode` ("none" -> None); `folder` holds disk caches."""
     if mode not in MODES:
         raise ValueError(f"unknown image cache mode {mode!r} (expected one of {', '.join(MODES)})")
-    return None if mode == "none" else ImageCache(paths, size, mode, folder)
+    return None if mode == "none" else ImageCache(paths, size, mode, folder, reader)

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from dataset import image_to_tensor, load_image, mask_to_tensor, resize
 from errors import UserError
+from image_cache import PIL_RGB, Reader, build_cache
 
 log = logging.getLogger("anomaly")
 
@@ -71,10 +72,42 @@ def load_texture(path: str, size: int) -> np.ndarray:
 def load_foreground(path: str, size: int) -> np.ndarray:
     """An object mask as float32 [size, size] in [0, 1]: read as grey by OpenCV, resized with cv2.resize
     (bilinear), divided by 255 and never binarised, so soft edges stay soft."""
+    return foreground_grey(path, size).astype(np.float32) / 255.0
+
+
+def foreground_grey(path: str, size: int) -> np.ndarray:
+    """An object mask as uint8 [size, size]: read as grey by OpenCV, resized with cv2.resize (bilinear)."""
     grey = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
     if grey is None:
         raise UserError(f"cannot read foreground mask {path}; replace the file")
-    return cv2.resize(grey, (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+    return cv2.resize(grey, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def cv2_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 RGB of any size -> [size, size, 3] by cv2.resize (bilinear, no antialiasing): the synthesis' base."""
+    return cv2.resize(np.ascontiguousarray(image, dtype=np.uint8), (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def cv2_rgb(path: str, size: int) -> np.ndarray:
+    """A training image as the synthesis' base: read as RGB (dataset.load_image), cv2-resized."""
+    return cv2_resize(np.asarray(load_image(path)), size)
+
+
+# What --cache_images keeps for the synthesis, besides the clean images (image_cache.PIL_RGB)
+CV2_RGB = Reader("images_cv2", 3, cv2_rgb)
+FOREGROUND = Reader("foreground", 1, foreground_grey)
+TEXTURE = Reader("textures", 3, load_texture)
+
+
+def synthesis_caches(mode: str, samples, texture_paths: list[str] | None, size: int, folder: str | None) -> dict:
+    """The --cache_images caches of CRR's training data ({} for "none"): "clean" (PIL-resized images), "base"
+    (cv2-resized images), "foreground" (object masks) and "texture" (DTD textures) where there are any."""
+    if mode == "none":
+        return {}
+    foregrounds = [s.foreground_path for s in samples if s.foreground_path]
+    parts = {"clean": ([s.image_path for s in samples], PIL_RGB), "base": ([s.image_path for s in samples], CV2_RGB),
+             "foreground": (foregrounds, FOREGROUND), "texture": (texture_paths or [], TEXTURE)}
+    return {k: build_cache(mode, paths, size, folder, reader) for k, (paths, reader) in parts.items() if paths}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -365,24 +398,28 @@ class AnomalySynthesizer:
     """Synthesises one anomaly per call.
 
     `__call__(image, rng, foreground=None) -> Synthesis`: image uint8 RGB of any size, resized with
-    cv2.resize (bilinear) to `size`; foreground float32 [size, size] in [0, 1] (None: all ones).
+    cv2.resize (bilinear) to `size`, then `synthesize`. `synthesize(base, rng, foreground=None)`: base the
+    resized image, uint8 [size, size, 3]; foreground float32 [size, size] in [0, 1] (None: all ones).
     Draws, in order: Perlin resolution, Perlin tries, the source (a texture with probability 0.5 when
     there are textures, else the image), 3 augmenters and their parameters, the grid shuffle (self source
-    only), beta ~ U(0.2, 0.8).
+    only), beta ~ U(0.2, 0.8). `texture_cache`: an ImageCache of the textures (reader TEXTURE), or None.
     """
 
-    def __init__(self, texture_paths: list[str] | None = None, size: int = 448):
+    def __init__(self, texture_paths: list[str] | None = None, size: int = 448, texture_cache=None):
         self.texture_paths = list(texture_paths or [])
         self.size = int(size)
+        self.texture_cache = texture_cache
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator, foreground=None) -> Synthesis:
-        base = cv2.resize(np.ascontiguousarray(image, dtype=np.uint8), (self.size, self.size),
-                          interpolation=cv2.INTER_LINEAR)
+        return self.synthesize(cv2_resize(image, self.size), rng, foreground)
+
+    def synthesize(self, base: np.ndarray, rng: np.random.Generator, foreground=None) -> Synthesis:
         res = perlin_resolution(rng)
         mask = perlin_mask(self.size, res, rng, foreground)
         if self.texture_paths and rng.random() < 0.5:
             name = self.texture_paths[int(rng.integers(len(self.texture_paths)))]
-            source, augmenters = random_augment(load_texture(name, self.size), rng)
+            texture = self.texture_cache.get(name) if self.texture_cache else load_texture(name, self.size)
+            source, augmenters = random_augment(texture, rng)
         else:
             name = "self"
             source, augmenters = random_augment(base, rng)
@@ -398,18 +435,22 @@ class SyntheticAnomalyDataset(Dataset):
     synthetic image (made at image_size from a cv2 resize, see AnomalySynthesizer), cropped and normalised
     the same way. aug_mask: (M * 255) truncated to uint8, cropped, / 255 (soft where the foreground is).
     A sample's `foreground_path` (see dataset.attach_foreground) gives F; without one F is all ones.
+    `caches` (see synthesis_caches): the decoded, resized images, masks and textures; the tensors are the same.
 
     The anomaly of index i depends only on (seed, epoch, i) via `np.random.default_rng([seed, epoch, i])`,
     so it is the same whatever worker loads it. Call `set_epoch(e)` before each pass (with DataLoader
     workers that are re-created per epoch, i.e. persistent_workers=False, the workers see the new epoch).
     """
 
-    def __init__(self, samples, image_size: int = 448, crop_size: int = 392, texture_paths=None, seed: int = 1):
+    def __init__(self, samples, image_size: int = 448, crop_size: int = 392, texture_paths=None, seed: int = 1,
+                 caches: dict | None = None):
         self.samples = samples
         self.image_size, self.crop_size = int(image_size), int(crop_size)
         self.seed = int(seed)
         self.epoch = 0
-        self.synthesizer = AnomalySynthesizer(texture_paths, size=self.image_size)
+        self.caches = caches or {}
+        self.synthesizer = AnomalySynthesizer(texture_paths, size=self.image_size,
+                                              texture_cache=self.caches.get("texture"))
 
     def set_epoch(self, epoch: int):
         self.epoch = int(epoch)
@@ -417,13 +458,25 @@ class SyntheticAnomalyDataset(Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def images(self, path: str) -> tuple[Image.Image, np.ndarray]:
+        """(the clean image PIL-resized, the synthesis' cv2-resized base), decoding the file once."""
+        if "clean" in self.caches:
+            return Image.fromarray(self.caches["clean"].get(path)), self.caches["base"].get(path)
+        img = load_image(path)
+        return resize(img, self.image_size), cv2_resize(np.asarray(img), self.image_size)
+
+    def foreground(self, path: str | None) -> np.ndarray | None:
+        if not path:
+            return None
+        if "foreground" in self.caches:
+            return self.caches["foreground"].get(path).astype(np.float32) / 255.0
+        return load_foreground(path, self.image_size)
+
     def __getitem__(self, i):
         s = self.samples[i]
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-        img = load_image(s.image_path)
-        fg = load_foreground(s.foreground_path, self.image_size) if s.foreground_path else None
-        syn = self.synthesizer(np.asarray(img), rng, fg)
+        clean, base = self.images(s.image_path)
+        syn = self.synthesizer.synthesize(base, rng, self.foreground(s.foreground_path))
         mask = Image.fromarray((syn.mask * 255.0).astype(np.uint8))
-        return (image_to_tensor(resize(img, self.image_size), self.crop_size),
-                image_to_tensor(Image.fromarray(syn.image), self.crop_size),
+        return (image_to_tensor(clean, self.crop_size), image_to_tensor(Image.fromarray(syn.image), self.crop_size),
                 mask_to_tensor(mask, self.crop_size))

@@ -55,8 +55,8 @@ def test_infer(tmp_path):
 def test_data(tmp_path):
     out = run(tmp_path, "data", *SMALL, *DATA, "--workers", "0", "1")
     rows = out["results"]
-    assert {(r["transform"], r["workers"]) for r in rows} == {(t, w) for t in ("plain", "cache (memory)", "synthesis")
-                                                              for w in (0, 1)}
+    assert {(r["transform"], r["workers"]) for r in rows} == \
+        {(t, w) for t in ("plain", "cache (memory)", "synthesis", "synthesis, cache (memory)") for w in (0, 1)}
     for r in rows:
         positive(r, ["images_per_s", "peak_host_mb"])
 

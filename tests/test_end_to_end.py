@@ -122,8 +122,11 @@ def test_crr_three_stages(demo, tmp_path):
     stage1 = file_hash(run / "model.pth")
     later = common[:6] + RUN  # Stage II and test take sizes, mask ratio and attention epsilon from Stage I
     run_script(crr_realiad_stage2, crr_stage2_main, "crr_stage2", [*later, "--total_iters", "2", "--batch_size", "2",
-                                                                     "--anomaly_source_path", "none"])
+                                                                     "--anomaly_source_path", "none",
+                                                                     "--cache_images", "disk"])
     assert (run / "Seg_model_last.pth").exists() and file_hash(run / "model.pth") == stage1
+    assert sorted(f.rsplit("_", 2)[0] for f in os.listdir(tmp_path / "image_cache")) == \
+        ["foreground", "images", "images_cv2"]  # the clean and the synthesis' images, the object masks
     run_script(crr_realiad_test, crr_test_main, "crr_test", [*later, "--save_heatmaps", "1"])
     for name in ("config_stage2.json", "config_test.json"):
         config = json.loads((run / name).read_text())

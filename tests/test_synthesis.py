@@ -561,6 +561,37 @@ def test_dataset_same_in_worker_processes(tmp_path):
         assert torch.equal(aug[0], direct[i])
 
 
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_cached_synthetic_samples_are_bit_identical(tmp_path, texture_dir, mode):
+    samples = _samples(tmp_path, n=4, fg_values=128)
+    samples[3] = Sample(samples[3].image_path, 0, None, "toy", None)  # one image without an object mask
+    textures = S.list_textures(texture_dir)
+    caches = S.synthesis_caches(mode, samples, textures, 64, str(tmp_path / "cache"))
+    assert set(caches) == {"clean", "base", "foreground", "texture"} and len(caches["foreground"]) == 3
+    plain = S.SyntheticAnomalyDataset(samples, 64, 56, textures, seed=2)
+    cached = S.SyntheticAnomalyDataset(samples, 64, 56, textures, seed=2, caches=caches)
+    for epoch in range(6):  # the first pass fills the caches, the next ones read them
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(samples)):
+            for a, b in zip(plain[i], cached[i]):
+                assert torch.equal(a, b)
+    assert all(c.filled_count() > 0 for c in caches.values())  # textures were pasted from the cache too
+    np.testing.assert_array_equal(caches["foreground"].get(samples[0].foreground_path),
+                                  cv2.resize(cv2.imread(samples[0].foreground_path, cv2.IMREAD_GRAYSCALE), (64, 64)))
+    cached.set_epoch(0)
+    loader = torch.utils.data.DataLoader(cached, batch_size=2, num_workers=2, multiprocessing_context="fork")
+    plain.set_epoch(0)
+    for k, batch in enumerate(loader):  # workers read (and would fill) the same shared caches
+        for j in range(2):
+            for a, b in zip(batch, plain[2 * k + j]):
+                assert torch.equal(a[j], b)
+    if mode == "disk":
+        names = sorted(f.split("_")[0] + ("_cv2" if "_cv2_" in f else "") for f in os.listdir(tmp_path / "cache"))
+        assert names == ["foreground", "images", "images_cv2", "textures"]
+    assert S.synthesis_caches("none", samples, textures, 64, None) == {}
+
+
 # ---------------------------------------------------------------------------------------------- show_synthesis
 
 def _show_synthesis():
