@@ -70,29 +70,50 @@ def _group(keys: np.ndarray, values: tuple[np.ndarray, ...] = ()) -> tuple[np.nd
 
 
 def _table(neg_keys: np.ndarray, pos_keys: np.ndarray, pos_weights: np.ndarray | None = None) -> dict:
-    """Table of normal and anomalous elements' keys (and the anomalous elements' int64 weights)."""
-    nk, nc, _ = _group(neg_keys)
+    """Table of normal and anomalous elements' keys (and the anomalous elements' int64 weights): all keys
+    grouped in one sort, the anomalous ones (usually far fewer) grouped apart and placed at their keys."""
+    keys, total, _ = _group(np.concatenate([neg_keys, pos_keys]))
     pk, pc, sums = _group(pos_keys, () if pos_weights is None else (pos_weights,))
-    neg = {"keys": nk, "neg": nc, "pos": np.zeros_like(nc)}
-    pos = {"keys": pk, "neg": np.zeros_like(pc), "pos": pc}
+    at = np.searchsorted(keys, pk)  # every anomalous key is among all keys
+    out = {"keys": keys, "neg": total, "pos": np.zeros_like(total)}
+    out["pos"][at] = pc
+    out["neg"] -= out["pos"]
     if pos_weights is not None:
-        neg["weight"], pos["weight"] = np.zeros_like(nc), sums[0]
-    return _merge_tables([neg, pos])
+        out["weight"] = np.zeros_like(total)
+        out["weight"][at] = sums[0]
+    return out
 
 
 def _merge_tables(tables: list[dict]) -> dict:
-    """The table of the union of the tables' elements (same fields in all)."""
-    fields = [f for f in tables[0] if f != "keys"]
-    tables = [t for t in tables if t["keys"].size] or tables[:1]
-    if len(tables) == 1:
-        return tables[0]
-    keys = np.sort(np.concatenate([t["keys"] for t in tables]), kind="stable")  # merges the sorted runs
-    keys = keys[_run_starts(keys)]
-    out = {"keys": keys, **{f: np.zeros(keys.size, np.int64) for f in fields}}
-    for t in tables:
-        i = np.searchsorted(keys, t["keys"])  # distinct within a table: no index repeats
-        for f in fields:
-            out[f][i] += t[f]
+    """The table of the union of the tables' elements (same fields in all): the smaller tables are merged into
+    the largest one by one."""
+    tables = sorted((t for t in tables if t["keys"].size), key=lambda t: -t["keys"].size) or tables[:1]
+    out = tables[0]
+    for t in tables[1:]:
+        out = _merge_into(out, t)
+    return out
+
+
+def _merge_into(big: dict, small: dict) -> dict:
+    """Two tables merged in O(len(big) + len(small) log len(big)): the small table's keys missing from the big
+    one are inserted in order, then its counts are added at their keys' positions."""
+    idx = np.searchsorted(big["keys"], small["keys"])
+    hit = idx < big["keys"].size
+    hit[hit] = big["keys"][idx[hit]] == small["keys"][hit]
+    ins = idx[~hit]  # a new key goes before big's key at this index
+    # final positions: the j-th new key at ins[j] + j; a present key at its index plus the new keys before it
+    at = np.empty(idx.size, np.intp)
+    at[~hit] = new_at = ins + np.arange(ins.size)
+    at[hit] = idx[hit] + np.searchsorted(ins, idx[hit], side="right")
+    old = np.ones(big["keys"].size + ins.size, bool)
+    old[new_at] = False
+    out = {}
+    for f, v in big.items():
+        out[f] = np.empty(old.size, v.dtype)
+        out[f][old] = v
+        out[f][new_at] = small["keys"][~hit] if f == "keys" else 0
+        if f != "keys":
+            out[f][at] += small[f]
     return out
 
 

@@ -389,6 +389,24 @@ def test_shards_merge_to_the_single_process_state(bits):
         assert utils.ClassAccumulator.merge(states).compute() == accumulate([data], "dinomaly", bits).compute()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_tables_vs_counting(seed):
+    """Tables of random sizes and overlaps (keys at both ends, repeated, absent) merge to the per-key sums."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(0, 60, rng.integers(1, 5))
+    elements = [(rng.integers(0, 40, n).astype(np.uint64), rng.integers(0, 2, n).astype(bool),
+                 rng.integers(1, 100, n)) for n in sizes]
+    tables = [utils._table(k[~p], k[p], w[p]) for k, p, w in elements]
+    merged = utils._merge_tables(tables)
+    keys, pos, weights = (np.concatenate([e[i] for e in elements]) for i in range(3))
+    distinct = np.unique(keys)
+    np.testing.assert_array_equal(merged["keys"], distinct)
+    for f, counted in (("neg", np.bincount(keys[~pos].astype(int), minlength=40)),
+                       ("pos", np.bincount(keys[pos].astype(int), minlength=40)),
+                       ("weight", np.bincount(keys[pos].astype(int), weights[pos], minlength=40).astype(int))):
+        np.testing.assert_array_equal(merged[f], counted[distinct.astype(int)], err_msg=f)
+
+
 def test_merge_and_add_refuse_mismatches():
     data = small_class(0)
     with pytest.raises(ValueError):
