@@ -133,15 +133,17 @@ def perlin_noise_2d(shape: tuple[int, int], res: tuple[int, int], rng: np.random
     hp, wp = -(-h // ry) * ry, -(-w // rx) * rx
 
     angles = rng.uniform(0.0, 2.0 * math.pi, size=(ry + 1, rx + 1))
-    grad = np.stack([np.cos(angles), np.sin(angles)], axis=-1)  # [ry+1, rx+1, (d_axis0, d_axis1)]
+    grad_y, grad_x = np.cos(angles), np.sin(angles)  # the gradients' components along axis 0 and axis 1
     ys, xs = np.arange(h) * (ry / hp), np.arange(w) * (rx / wp)
     iy, ix = np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64)
     fy, fx = (ys - iy)[:, None], (xs - ix)[None, :]
 
     def corner(dy: int, dx: int) -> np.ndarray:
         """Dot product of the gradient at lattice corner (+dy, +dx) with the offset from that corner."""
-        g = grad[iy + dy][:, ix + dx]
-        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+        out = grad_y[iy + dy][:, ix + dx]
+        out *= fy - dy
+        out += grad_x[iy + dy][:, ix + dx] * (fx - dx)
+        return out
 
     n00, n10, n01, n11 = corner(0, 0), corner(1, 0), corner(0, 1), corner(1, 1)
     uy, ux = _fade(fy), _fade(fx)
