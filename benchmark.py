@@ -211,8 +211,6 @@ def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
         data = synthetic_data(samples, args, mode.cache)
         model = reconstruction_model(args, mode, dropout=0.2, mask_ratio=0.4).train()
     batches = loader(data, args, args.num_workers, mode.pin_memory)
-    params, clip = model.trainable_parameters(), CLIP_NORM
-    optimizer = reconstruction_optimizer(params)
 
     def dinomaly_loss(img, it):
         with speed.autocast(device, mode.precision):
@@ -236,10 +234,13 @@ def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
     if name == "crr_stage2":  # the frozen Stage-I model keeps its test-time masking, as CRR's code does
         model.eval().requires_grad_(False).mask_in_eval = True
         model.mask_rng = mode.mask_rng
-        segnet = models.SegmentationNet(base_width=2 * model.encoder.cfg.embed_dim // 8).to(device).train()
+        segnet = models.segmentation_net(model.encoder.cfg.embed_dim).to(device).train()
         speed.maybe_compile(segnet, mode.compile != "none", mode.compile)
         params, clip = list(segnet.parameters()), None
         optimizer = torch.optim.Adam(params, lr=SEG_LR)
+    else:
+        params, clip = model.trainable_parameters(), CLIP_NORM
+        optimizer = reconstruction_optimizer(params)
 
     def reference_step(batch):
         loss = loss_fn(batch, 0)
@@ -316,7 +317,7 @@ def bench_infer(args) -> dict:
             model = models.build_model(args.encoder, "random", mask_ratio=0.4 if crr else 0.0, mask_in_eval=crr)
             model.load_state_dict(state)
             model.mask_rng = mode.mask_rng
-            segnet = models.SegmentationNet(base_width=2 * model.encoder.cfg.embed_dim // 8) if crr else None
+            segnet = models.segmentation_net(model.encoder.cfg.embed_dim) if crr else None
             mapper = AnomalyMapper(model.to(args.device).eval(), segnet and segnet.to(args.device).eval(),
                                    precision=mode.precision)
             torch.backends.cudnn.benchmark = mode.cudnn_benchmark

@@ -87,8 +87,9 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
         model.add_argument("--mask_rng", choices=["cpu", "device"], default="cpu",
                            help="where the frozen model's masks are drawn in evaluation and Stage II: cpu (the "
                                 "released code's random stream, reproduced by --seed; slow next to a GPU) or device "
-                                "(on the GPU; in evaluation each image's mask is seeded by --seed, its class and its "
-                                "index, so the metrics do not depend on the batch size or the number of processes)")
+                                "(on the model's device, the GPU; in evaluation each image's mask is seeded by --seed, "
+                                "its class and its index, so the metrics do not depend on the batch size or the "
+                                "number of processes)")
     if job == "crr_test":
         model.add_argument("--seg_checkpoint",
                            help="segmentation network (default: <run>/Seg_model_7999.pth, else Seg_model_last.pth)")
@@ -120,7 +121,7 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
                       help="keep decoded, resized images (identical tensors): memory (training images, shared by "
                            "the loader workers) or disk (memory-mapped files in --cache_dir, kept for later runs: "
                            "training and test images)" +
-                           ("; CRR also keeps its object masks and textures" if crr else ""))
+                           ("; CRR training also keeps its object masks and textures" if crr and trains else ""))
     fast.add_argument("--cache_dir", help="folder of disk image caches (default: <save_dir>/image_cache)")
 
     if evaluates:

@@ -200,7 +200,7 @@ def train_segmentation(run: Run, model: models.ViTill, loader: DataLoader,
     """CRR Stage II: the segmentation network learns the synthetic masks from the frozen model's third output.
     Continues from the training `state` when given."""
     args = run.args
-    segnet = models.SegmentationNet(base_width=2 * model.encoder.cfg.embed_dim // 8).to(run.device)
+    segnet = models.segmentation_net(model.encoder.cfg.embed_dim).to(run.device)
     speed.maybe_compile(segnet, args.compile)
     log.info(f"segmentation network parameters: {sum(p.numel() for p in segnet.parameters()):,}")
     net = ddp_wrap(run, segnet)
@@ -257,6 +257,11 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
                                    fusion_alpha=mapper.fusion_alpha, max_ratio=mapper.max_ratio))
     if run.world_size > 1:
         log.info(f"evaluation shared by {run.world_size} processes")
+        model = mapper.model
+        if model.mask_ratio > 0 and model.mask_in_eval and model.mask_rng == "cpu":
+            log.warning("warning: CRR's test-time masks come from each process's CPU random stream (--mask_rng cpu), "
+                        "so the metrics depend on the number of processes; --mask_rng device gives those of one "
+                        "process")
     for name in ds.class_names(args.dataset, args.classes):
         parts = run.gather(evaluate_shard(run, mapper, test_samples(args, name), name, aupro, gt_mode))
         if not run.is_main:
@@ -294,7 +299,7 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, samples: list[ds.Sample], na
     acc, pixels, report = ClassAccumulator(aupro), PixelSample(len(samples) * MAP_SIZE ** 2), \
         ClassReport(args.save_heatmaps)
     rows, done = [], 0
-    seeded_masks = getattr(args, "mask_rng", "cpu") == "device"
+    seeded_masks = mapper.model.mask_rng == "device"
     with torch.no_grad():
         for img, mask, label, has_mask, paths in tqdm(loader, desc=f"eval {name}", leave=False, dynamic_ncols=True,
                                                       disable=not run.is_main):

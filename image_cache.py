@@ -56,7 +56,8 @@ def cache_key(paths: list[str], size: int) -> str:
 
 
 class ImageCache:
-    """Decoded uint8 images [size, size, 3] of a fixed list of files, filled on first use (see the module)."""
+    """Decoded, resized uint8 images of a fixed list of files as `reader` makes them, filled on first use (see
+    the module)."""
 
     def __init__(self, paths: list[str], size: int, mode: str = "memory", folder: str | None = None,
                  reader: Reader = PIL_RGB):
@@ -66,7 +67,7 @@ class ImageCache:
         self.index = {p: i for i, p in enumerate(self.paths)}
         self.offset = -(-len(self.paths) // _ALIGN) * _ALIGN
         self.shape = (self.size, self.size, 3) if reader.channels == 3 else (self.size, self.size)
-        self.nbytes = self.offset + len(self.paths) * int(np.prod(self.shape))
+        self.nbytes = cache_bytes(len(self.paths), self.size, reader.channels)
         self.file = None
         if mode == "memory":
             check_memory(self.nbytes)
@@ -94,21 +95,34 @@ class ImageCache:
 
     def get(self, path: str) -> np.ndarray:
         """The resized image at `path` as the reader gives it (uint8 [size, size, 3] or [size, size]), read-only."""
-        i = self.index.get(path)
-        if i is None:
-            raise KeyError(f"{path} is not one of the {len(self.paths)} images of this cache")
+        i = self._position(path)
         if not self.filled[i]:
-            self.pixels[i] = self.reader.read(path, self.size)
-            self.filled[i] = 1
+            self.put(path, self.reader.read(path, self.size))
         out = self.pixels[i]
         out.flags.writeable = False
         return out
 
+    def has(self, path: str) -> bool:
+        """Whether the image at `path` is in the cache already."""
+        return bool(self.filled[self._position(path)])
+
+    def put(self, path: str, pixels: np.ndarray):
+        """Store what `reader.read(path, size)` gives, read by the caller."""
+        i = self._position(path)
+        self.pixels[i] = pixels
+        self.filled[i] = 1
+
+    def _position(self, path: str) -> int:
+        i = self.index.get(path)
+        if i is None:
+            raise KeyError(f"{path} is not one of the {len(self.paths)} images of this cache")
+        return i
+
     def __getstate__(self):
         """Disk caches travel to spawned worker processes as their file name; memory caches cannot."""
         if self.mode == "memory":
-            raise TypeError("an in-memory image cache is shared only with loader workers started by fork; "
-                            "use the disk cache (--cache_images disk) with other start methods")
+            raise UserError("an in-memory image cache is shared only with loader workers started by fork; "
+                            "use --cache_images disk with other start methods")
         state = self.__dict__.copy()
         for k in ("buffer", "filled", "pixels"):
             del state[k]
@@ -143,6 +157,11 @@ def create_file(path: str, nbytes: int):
             os.remove(tmp)
 
 
+def cache_bytes(images: int, size: int, channels: int) -> int:
+    """Bytes of a cache of `images` images: their "filled" flags (whole pages), then the pixels."""
+    return -(-images // _ALIGN) * _ALIGN + images * size * size * channels
+
+
 def available_memory() -> int:
     """Bytes of memory available to new allocations (Linux: MemAvailable, which counts the reclaimable page
     cache; elsewhere the free pages)."""
@@ -169,3 +188,12 @@ def build_cache(mode: str, paths: list[str], size: int, folder: str | None,
     if mode not in MODES:
         raise ValueError(f"unknown image cache mode {mode!r} (expected one of {', '.join(MODES)})")
     return None if mode == "none" else ImageCache(paths, size, mode, folder, reader)
+
+
+def build_caches(mode: str, parts: dict[str, tuple[list[str], Reader]], size: int, folder: str | None) -> dict:
+    """{name: cache} for --cache_images `mode` of several file lists (none for "none" or an empty list); in
+    memory their total size is checked against the free memory first."""
+    parts = {k: (paths, reader) for k, (paths, reader) in parts.items() if paths and mode != "none"}
+    if mode == "memory":
+        check_memory(sum(cache_bytes(len(set(paths)), size, r.channels) for paths, r in parts.values()))
+    return {k: build_cache(mode, paths, size, folder, reader) for k, (paths, reader) in parts.items()}

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from dataset import image_to_tensor, load_image, mask_to_tensor, resize
 from errors import UserError
-from image_cache import PIL_RGB, Reader, build_cache
+from image_cache import PIL_RGB, Reader, build_caches
 
 log = logging.getLogger("anomaly")
 
@@ -69,10 +69,12 @@ def load_texture(path: str, size: int) -> np.ndarray:
     return cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (size, size), interpolation=cv2.INTER_LINEAR)
 
 
-def load_foreground(path: str, size: int) -> np.ndarray:
+def load_foreground(path: str, size: int, cache=None) -> np.ndarray:
     """An object mask as float32 [size, size] in [0, 1]: read as grey by OpenCV, resized with cv2.resize
-    (bilinear), divided by 255 and never binarised, so soft edges stay soft."""
-    return foreground_grey(path, size).astype(np.float32) / 255.0
+    (bilinear), divided by 255 and never binarised, so soft edges stay soft. `cache`: an ImageCache of
+    FOREGROUND masks, or None."""
+    grey = cache.get(path) if cache is not None else foreground_grey(path, size)
+    return grey.astype(np.float32) / 255.0
 
 
 def foreground_grey(path: str, size: int) -> np.ndarray:
@@ -102,12 +104,10 @@ TEXTURE = Reader("textures", 3, load_texture)
 def synthesis_caches(mode: str, samples, texture_paths: list[str] | None, size: int, folder: str | None) -> dict:
     """The --cache_images caches of CRR's training data ({} for "none"): "clean" (PIL-resized images), "base"
     (cv2-resized images), "foreground" (object masks) and "texture" (DTD textures) where there are any."""
-    if mode == "none":
-        return {}
-    foregrounds = [s.foreground_path for s in samples if s.foreground_path]
-    parts = {"clean": ([s.image_path for s in samples], PIL_RGB), "base": ([s.image_path for s in samples], CV2_RGB),
-             "foreground": (foregrounds, FOREGROUND), "texture": (texture_paths or [], TEXTURE)}
-    return {k: build_cache(mode, paths, size, folder, reader) for k, (paths, reader) in parts.items() if paths}
+    images = [s.image_path for s in samples]
+    return build_caches(mode, {"clean": (images, PIL_RGB), "base": (images, CV2_RGB),
+                               "foreground": ([s.foreground_path for s in samples if s.foreground_path], FOREGROUND),
+                               "texture": (texture_paths or [], TEXTURE)}, size, folder)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -461,24 +461,25 @@ class SyntheticAnomalyDataset(Dataset):
         return len(self.samples)
 
     def images(self, path: str) -> tuple[Image.Image, np.ndarray]:
-        """(the clean image PIL-resized, the synthesis' cv2-resized base), decoding the file once."""
-        if "clean" in self.caches:
-            return Image.fromarray(self.caches["clean"].get(path)), self.caches["base"].get(path)
+        """(the clean image PIL-resized, the synthesis' cv2-resized base), the file decoded once for both (and
+        both stored when cached)."""
+        clean, base = self.caches.get("clean"), self.caches.get("base")
+        if clean is not None and clean.has(path) and base.has(path):
+            return Image.fromarray(clean.get(path)), base.get(path)
         img = load_image(path)
-        return resize(img, self.image_size), cv2_resize(np.asarray(img), self.image_size)
-
-    def foreground(self, path: str | None) -> np.ndarray | None:
-        if not path:
-            return None
-        if "foreground" in self.caches:
-            return self.caches["foreground"].get(path).astype(np.float32) / 255.0
-        return load_foreground(path, self.image_size)
+        resized, cv2_base = resize(img, self.image_size), cv2_resize(np.asarray(img), self.image_size)
+        if clean is not None:
+            clean.put(path, np.asarray(resized))
+            base.put(path, cv2_base)
+        return resized, cv2_base
 
     def __getitem__(self, i):
         s = self.samples[i]
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
         clean, base = self.images(s.image_path)
-        syn = self.synthesizer.synthesize(base, rng, self.foreground(s.foreground_path))
+        fg = load_foreground(s.foreground_path, self.image_size, self.caches.get("foreground")) \
+            if s.foreground_path else None
+        syn = self.synthesizer.synthesize(base, rng, fg)
         mask = Image.fromarray((syn.mask * 255.0).astype(np.uint8))
         return (image_to_tensor(clean, self.crop_size), image_to_tensor(Image.fromarray(syn.image), self.crop_size),
                 mask_to_tensor(mask, self.crop_size))

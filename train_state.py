@@ -35,7 +35,7 @@ FORMAT = "dinomaly training state"
 # data order. Others (e.g. --attn_eps) may change; the change is logged.
 FIXED = ("dataset", "classes", "realiad_resolution", "json_dir", "encoder", "image_size", "crop_size",
          "batch_size", "total_iters", "seed")
-LOGGED = ("dropout", "attn_eps", "mask_ratio", "test_mask", "mask_rng")
+LOGGED = ("dropout", "attn_eps", "mask_ratio", "test_mask")
 
 
 # ----------------------------------------------------------------------------------------------- run folder

@@ -215,17 +215,24 @@ def load_trained(path: str, args, fallback: dict) -> ViTill:
     return model.eval()
 
 
+def segmentation_net(embed_dim: int) -> SegmentationNet:
+    """CRR's segmentation network for an encoder of width embed_dim (its input: 2 groups x embed_dim channels;
+    base width 2 * embed_dim / 8)."""
+    return SegmentationNet(base_width=2 * embed_dim // 8)
+
+
 def load_segmentation_net(path: str, embed_dim: int) -> SegmentationNet:
     sd = read_state_dict(path, "segmentation checkpoint")
     if not is_segmentation_state_dict(sd):
         kind = "a reconstruction model; pass it as --checkpoint" if "bottleneck.0.fc1.weight" in sd else \
             "a DINOv2 backbone" if is_backbone_state_dict(sd) else "not a segmentation network"
         raise UserError(f"{path} is {kind}; --seg_checkpoint takes a Stage-II Seg_model_*.pth")
-    net = SegmentationNet(base_width=2 * embed_dim // 8)
+    net = segmentation_net(embed_dim)
     load_strict(net, sd, path, "segmentation checkpoint")
     return net
 
 
 __all__ = ["ENCODERS", "EncoderConfig", "DinoV2Encoder", "ViTill", "SegmentationNet", "segmentation_input",
-           "encoder_config", "build_model", "load_model", "checkpoint_file", "segmentation_file", "saved_settings", "load_trained", "load_segmentation_net", "load_encoder_weights",
+           "encoder_config", "build_model", "load_model", "checkpoint_file", "segmentation_file", "saved_settings",
+           "load_trained", "segmentation_net", "load_segmentation_net", "load_encoder_weights",
            "default_encoder_weights", "load_file", "read_state_dict", "architecture_from_state_dict"]

@@ -42,6 +42,8 @@ class ViTill(nn.Module):
         mode it is drawn from the CPU generator as the released code does (mask_rng "cpu"), so a seeded run
         reproduces its masks; with mask_rng "device" on x's device instead, each image's from a generator
         seeded with its entry of `mask_seeds` when given (then an image's mask does not depend on its batch)."""
+        if self.mask_rng not in ("cpu", "device"):
+            raise ValueError(f"unknown mask_rng {self.mask_rng!r} (expected 'cpu' or 'device')")
         keep = 1 - self.mask_ratio
         if self.training or self.mask_rng == "device" and mask_seeds is None:
             return (torch.rand_like(x) <= keep).to(x.dtype)

@@ -202,7 +202,7 @@ def test_files_that_are_not_checkpoints(tmp_path):
 def test_checkpoints_of_the_wrong_kind(tmp_path, tiny_encoder):
     cfg = models.encoder_config(TINY)
     torch.save(ViTill(cfg).state_dict(), tmp_path / "model.pth")
-    seg = models.SegmentationNet(base_width=2 * cfg.embed_dim // 8)
+    seg = models.segmentation_net(cfg.embed_dim)
     torch.save(seg.state_dict(), tmp_path / "Seg_model_last.pth")
     torch.save(dict(format="dinomaly training state", iteration=3, optimizer={}, module={}),
                tmp_path / "train_state.pth")

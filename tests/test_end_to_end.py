@@ -137,13 +137,20 @@ def test_crr_three_stages(demo, tmp_path):
     assert len(recon_maps) == len(test_maps) == 1
     seg = torch.load(run / "Seg_model_last.pth", weights_only=True)
     assert seg["up1.1.weight"].shape[0] == 2 * 32  # 8w with w = 2D/8, D = 32
-    for name, mask in [("t1", "on"), ("t2", "on"), ("t3", "off"), ("t4", "off")]:
+    runs = [("t1", "on", "cpu"), ("t2", "on", "cpu"), ("t3", "off", "cpu"), ("t4", "off", "cpu"), ("t5", "on", "device")]
+    for name, mask, rng in runs:
         run_script(crr_realiad_test, crr_test_main, "crr_test",
                    [*later, "--save_name", name, "--checkpoint", str(run / "model.pth"),
-                    "--seg_checkpoint", str(run / "Seg_model_last.pth"), "--test_mask", mask])
-    scores = {n: [float(r[3]) for r in read_csv(tmp_path / n / "scores.csv")[1:]] for n in ("t1", "t2", "t3", "t4")}
+                    "--seg_checkpoint", str(run / "Seg_model_last.pth"), "--test_mask", mask, "--mask_rng", rng,
+                    *(["--batch_size", "5"] if name == "t5" else [])])
+    scores = {n: [float(r[3]) for r in read_csv(tmp_path / n / "scores.csv")[1:]] for n, _, _ in runs}
     assert scores["t1"] == scores["t2"] and scores["t3"] == scores["t4"]  # seeded, and deterministic without masking
-    assert scores["t1"] != scores["t3"]
+    assert scores["t1"] != scores["t3"] and scores["t5"] not in (scores["t1"], scores["t3"])
+    # per-image seeds: an image's score does not depend on its batch
+    run_script(crr_realiad_test, crr_test_main, "crr_test",
+               [*later, "--save_name", "t5", "--checkpoint", str(run / "model.pth"), "--seg_checkpoint",
+                str(run / "Seg_model_last.pth"), "--mask_rng", "device", "--batch_size", "2"])
+    assert [float(r[3]) for r in read_csv(tmp_path / "t5" / "scores.csv")[1:]] == scores["t5"]
     assert read_csv(tmp_path / "t1" / "metrics.csv")[0] == METRICS_HEADER
     assert file_hash(run / "model.pth") == stage1
 

@@ -69,7 +69,7 @@ def test_cache_errors(samples):
     cache = ImageCache(paths, 64, "memory")
     with pytest.raises(KeyError, match="not one of the"):
         cache.get("elsewhere.png")
-    with pytest.raises(TypeError, match="--cache_images disk"):
+    with pytest.raises(UserError, match="--cache_images disk"):
         pickle.dumps(cache)
     assert not cache.get(paths[0]).flags.writeable
     assert build_cache("none", paths, 64, None) is None
@@ -80,3 +80,12 @@ def test_a_cache_larger_than_the_free_memory_is_refused(samples, monkeypatch):
     with pytest.raises(UserError, match="needs 0.0 GB of memory.*use --cache_images disk or none"):
         ImageCache([s.image_path for s in samples[0]], 256, "memory")
     assert 0 < image_cache.available_memory()
+    # several caches that each fit but not together
+    paths = [s.image_path for s in samples[0]]
+    one = image_cache.cache_bytes(len(paths), 64, 3)
+    monkeypatch.setattr(image_cache, "available_memory", lambda: int(one / 0.8) + 1)
+    parts = {"a": (paths, image_cache.PIL_RGB), "b": (paths, image_cache.PIL_RGB)}
+    assert len(image_cache.build_caches("memory", {"a": parts["a"]}, 64, None)) == 1
+    with pytest.raises(UserError, match="memory"):
+        image_cache.build_caches("memory", parts, 64, None)
+    assert image_cache.build_caches("none", parts, 64, None) == {}

@@ -249,6 +249,14 @@ def test_eval_masks_cpu_stream_or_seeded_per_image(tiny_encoder):
     torch.testing.assert_close(a, (torch.rand_like(x) <= 0.6).float(), rtol=0, atol=0)
 
 
+def test_mask_seeds_per_seed_class_and_image():
+    import engine
+    seeds = engine.mask_seeds(1, "nut", [0, 1, 2]) + engine.mask_seeds(1, "weave", [0, 1]) + \
+        engine.mask_seeds(2, "nut", [0])
+    assert len(set(seeds)) == 6 and all(0 <= s < 2 ** 64 for s in seeds)
+    assert engine.mask_seeds(1, "nut", [2, 0]) == [seeds[2], seeds[0]]  # a function of the image, not the batch
+
+
 def test_segmentation_input_formula():
     torch.manual_seed(0)
     en = [torch.randn(2, 5, 3, 3) for _ in range(2)]

@@ -21,6 +21,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import synthesis as S  # noqa: E402
+import dataset as ds  # noqa: E402
 from dataset import Sample  # noqa: E402
 from errors import UserError  # noqa: E402
 
@@ -562,7 +563,7 @@ def test_dataset_same_in_worker_processes(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["memory", "disk"])
-def test_cached_synthetic_samples_are_bit_identical(tmp_path, texture_dir, mode):
+def test_cached_synthetic_samples_are_bit_identical(tmp_path, texture_dir, mode, monkeypatch):
     samples = _samples(tmp_path, n=4, fg_values=128)
     samples[3] = Sample(samples[3].image_path, 0, None, "toy", None)  # one image without an object mask
     textures = S.list_textures(texture_dir)
@@ -570,6 +571,8 @@ def test_cached_synthetic_samples_are_bit_identical(tmp_path, texture_dir, mode)
     assert set(caches) == {"clean", "base", "foreground", "texture"} and len(caches["foreground"]) == 3
     plain = S.SyntheticAnomalyDataset(samples, 64, 56, textures, seed=2)
     cached = S.SyntheticAnomalyDataset(samples, 64, 56, textures, seed=2, caches=caches)
+    decoded = []
+    monkeypatch.setattr(S, "load_image", lambda p: decoded.append(p) or ds.load_image(p))
     for epoch in range(6):  # the first pass fills the caches, the next ones read them
         plain.set_epoch(epoch)
         cached.set_epoch(epoch)
@@ -577,6 +580,7 @@ def test_cached_synthetic_samples_are_bit_identical(tmp_path, texture_dir, mode)
             for a, b in zip(plain[i], cached[i]):
                 assert torch.equal(a, b)
     assert all(c.filled_count() > 0 for c in caches.values())  # textures were pasted from the cache too
+    assert len(decoded) == 6 * 4 + 4  # the uncached dataset every time, the cached one once per image
     np.testing.assert_array_equal(caches["foreground"].get(samples[0].foreground_path),
                                   cv2.resize(cv2.imread(samples[0].foreground_path, cv2.IMREAD_GRAYSCALE), (64, 64)))
     cached.set_epoch(0)
