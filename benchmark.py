@@ -135,6 +135,30 @@ def time_steps(step, batches, device: torch.device, warmup: int, iters: int) -> 
     return dict(iters_per_s=iters / seconds, ms_per_iter=1000 * seconds / iters, data_wait=wait.share())
 
 
+def profile_ops(step, batches, device: torch.device, steps: int, top: int = 15) -> list[dict]:
+    """torch.profiler over `steps` more steps: the `top` operators by self time on the device (on the CPU when
+    the device is the CPU), with calls per step, ms per step and share of the profiled time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(next(batches))
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(getattr(e, attr) for e in events)
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [dict(op=e.key, calls_per_step=e.count / steps, ms_per_step=getattr(e, attr) / 1000 / steps,
+                 share=getattr(e, attr) / total) for e in events[:top]]
+
+
+def print_profile(title: str, ops: list[dict]):
+    print(f"profile, {title}:")
+    print_table(ops, [("op", "operator", ""), ("calls_per_step", "calls", ".0f"), ("ms_per_step", "ms/step", ".3g"),
+                      ("share", "share", ".1%")])
+
+
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]):
     """columns: (key, heading, format)."""
     cells = [[h for _, h, _ in columns]]
@@ -272,6 +296,8 @@ def bench_train(args) -> dict:
             r.update(step=name, mode=mode.name, images_per_s=r["iters_per_s"] * args.batch_size,
                      tflop_per_step=flops[name] / 1e12, tflops=flops[name] * r["iters_per_s"] / 1e12,
                      **peak_memory(args.device))
+            if args.profile:
+                r["profile"] = profile_ops(step, batches, args.device, args.profile)
             rows.append(r)
             print(f"{name} {mode.name}: {r['iters_per_s']:.3g} it/s", file=sys.stderr)
             step = batches = None  # the next setting's peak memory without this one's model
@@ -284,8 +310,12 @@ def bench_train(args) -> dict:
 
 
 def report(rows: list[dict], key: str, value: str, columns: list[tuple[str, str, str]]) -> dict:
-    """Print the rows as a table and the fast/reference ratios of `value` per `key`; the JSON result."""
+    """Print the rows as a table (and their profiles) and the fast/reference ratios of `value` per `key`; the
+    JSON result."""
     ratios = speed_ratios(rows, key, value)
+    for r in rows:
+        if "profile" in r:
+            print_profile(f"{r[key]}, {r['mode']} mode", r["profile"])
     print_table(rows, columns)
     print_ratios(ratios)
     return dict(results=rows, ratios=ratios)
@@ -335,6 +365,8 @@ def bench_infer(args) -> dict:
             r.update(mode=mode.name, task=task, images_per_s=r["iters_per_s"] * args.batch_size,
                      ms_per_image=r["ms_per_iter"] / args.batch_size, tflop_per_batch=flops[task] / 1e12,
                      tflops=flops[task] * r["iters_per_s"] / 1e12, **peak_memory(args.device))
+            if args.profile:
+                r["profile"] = profile_ops(step, iter(lambda: x, None), args.device, args.profile)
             del r["data_wait"]
             print(f"{task} {mode.name}: {r['ms_per_image']:.3g} ms/img", file=sys.stderr)
             model = segnet = mapper = None  # the next setting's peak memory without this model
@@ -439,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--source_size", type=int, default=1024, help="generated images' side (Real-IAD: 1024)")
             c.add_argument("--n_train", type=int, default=32, help="generated training images per class (3 classes)")
             c.add_argument("--num_workers", type=int, default=min(16, os.cpu_count() or 1))
+        if name in ("train", "infer"):
+            c.add_argument("--profile", type=int, default=0, metavar="N",
+                           help="after the timing, profile N more steps of each setting (torch.profiler) and print "
+                                "the operators that take the most time")
         if name == "infer":
             c.add_argument("--tasks", nargs="+", default=["dinomaly", "crr_test"], choices=["dinomaly", "crr_test"])
         if name == "train":

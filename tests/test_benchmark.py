@@ -27,7 +27,7 @@ def positive(row: dict, keys: list[str]):
 
 
 def test_train(tmp_path):
-    out = run(tmp_path, "train", *SMALL, *MODEL, *DATA)
+    out = run(tmp_path, "train", *SMALL, *MODEL, *DATA, "--profile", "1")
     rows = out["results"]
     assert [(r["step"], r["mode"]) for r in rows] == [(s, m) for m in ("reference", "fast")
                                                       for s in ("dinomaly", "crr_stage1", "crr_stage2")]
@@ -39,6 +39,11 @@ def test_train(tmp_path):
     assert by["crr_stage1", "fast"]["tflop_per_step"] == by["crr_stage1", "reference"]["tflop_per_step"]
     assert by["crr_stage1", "fast"]["tflop_per_step"] == pytest.approx(2 * by["dinomaly", "fast"]["tflop_per_step"])
     assert out["settings"]["precision"] == "bf16"
+    for r in rows:  # --profile: the operators taking the most time, the matrix products among them
+        ops = r["profile"]
+        assert 0 < len(ops) <= 15 and {"aten::mm", "aten::addmm"} & {o["op"] for o in ops}
+        shares = [o["share"] for o in ops]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
 
 
 def test_infer(tmp_path):
