@@ -115,8 +115,6 @@ def run_files(checkpoint: str, seg_checkpoint: str | None) -> tuple[str, str | N
     """(model.pth, the segmentation network or None): --seg_checkpoint, else the run folder's
     Seg_model_7999.pth or Seg_model_last.pth when there is one (a CRR run)."""
     path = models.checkpoint_file(checkpoint)
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}; pass a run folder or a model.pth as --checkpoint")
     if seg_checkpoint is None:
         seg_checkpoint = models.segmentation_file(os.path.dirname(os.path.abspath(path)))
     return path, seg_checkpoint

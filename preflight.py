@@ -95,5 +95,5 @@ def check_data(args, train: list[ds.Sample] | None = None, textures: list[str] =
         (w, h), (iw, ih) = m.size, sizes[m.sample.image_path]
         raise UserError(f"mask {m.path}{listed_in(args, m)} is {w}x{h} px, but its image {m.sample.image_path} is "
                         f"{iw}x{ih}; {others(wrong, len(masks), 'masks', 'differ from their image')}; fix the masks")
-    log.info(f"input check: {len(done)} image and mask files open, {len(masks)} masks match their images "
-             f"({time.time() - start:.1f}s)")
+    matched = f", {len(masks)} masks match their images" if masks else ""
+    log.info(f"input check: {len(done)} image and mask files open{matched} ({time.time() - start:.1f}s)")

@@ -153,11 +153,14 @@ def load_model(path: str, encoder: str | None = None, **kwargs) -> ViTill:
 
 
 def checkpoint_file(path: str) -> str:
-    """A run folder's model.pth, or the file itself."""
+    """A run folder's model.pth, or the file itself; a one-line UserError when there is none."""
     if os.path.isdir(path):
         path = os.path.join(path, "model.pth")
         if not os.path.isfile(path):
-            raise UserError(f"no model.pth in the run folder {os.path.dirname(path)}; has its training finished?")
+            raise UserError(f"no model.pth in the run folder {os.path.dirname(path)}; has its training finished? "
+                            f"(or check --save_dir and --save_name)")
+    elif not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}; pass a run folder or a model.pth as --checkpoint")
     return path
 
 

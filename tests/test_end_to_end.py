@@ -165,6 +165,8 @@ def run_cli(*args):
     (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--classes", "nut", "--device", "cpu"],
      "backbones/weights/dinov2_vitb14_reg4_pretrain.pth"),
     (["crr_realiad_test.py", "--data_path", "{realiad}", "--save_dir", "{tmp}", "--device", "cpu"], "model.pth"),
+    (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--eval_only", "--checkpoint", "{tmp}/nope", "--device", "cpu"],
+     "checkpoint not found: {tmp}/nope; pass a run folder or a model.pth as --checkpoint"),
     (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--classes", "nut", "--crop_size", "100",
       "--encoder_weights", "random", "--device", "cpu"], "multiple of the patch size"),
     (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--total_iters", "0"], "--total_iters: 0 is less than 1"),
@@ -176,6 +178,7 @@ def run_cli(*args):
 ])
 def test_user_errors_exit_2_with_one_line(argv, expected, demo, tmp_path):
     argv = [a.format(mvtec=demo["mvtec"], realiad=demo["realiad"], tmp=tmp_path) for a in argv]
+    expected = expected.format(tmp=tmp_path)
     if "--save_dir" not in argv:
         argv += ["--save_dir", str(tmp_path)]
     r = run_cli(*argv)
