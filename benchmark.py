@@ -21,8 +21,8 @@ both modes). Peak GPU memory is torch.cuda.max_memory_allocated per mode; peak h
 (and the loader workers') maximum resident size so far.
 
 `data` times the loader alone (images/s per worker count) for the plain transform and CRR synthesis, each
-without and with the image cache. `metrics` times the seven metrics of one synthetic class of N maps (utils.synthetic_class) fed
-batch by batch to utils.ClassAccumulator, and their peak memory.
+without and with the image cache. `metrics` times the seven metrics of one synthetic class of N maps
+(utils.synthetic_class) fed batch by batch to utils.ClassAccumulator, and their peak memory.
 
 Without --data_path, a dataset is generated (prepare_data/make_demo_data.py, Real-IAD layout, JPEG images of
 --source_size px) in a temporary folder. Weights are random: speed does not depend on them.

@@ -420,7 +420,7 @@ class AnomalySynthesizer:
         mask = perlin_mask(self.size, res, rng, foreground)
         if self.texture_paths and rng.random() < 0.5:
             name = self.texture_paths[int(rng.integers(len(self.texture_paths)))]
-            texture = self.texture_cache.get(name) if self.texture_cache else load_texture(name, self.size)
+            texture = self.texture_cache.get(name) if self.texture_cache is not None else load_texture(name, self.size)
             source, augmenters = random_augment(texture, rng)
         else:
             name = "self"

@@ -137,7 +137,8 @@ def test_crr_three_stages(demo, tmp_path):
     assert len(recon_maps) == len(test_maps) == 1
     seg = torch.load(run / "Seg_model_last.pth", weights_only=True)
     assert seg["up1.1.weight"].shape[0] == 2 * 32  # 8w with w = 2D/8, D = 32
-    runs = [("t1", "on", "cpu"), ("t2", "on", "cpu"), ("t3", "off", "cpu"), ("t4", "off", "cpu"), ("t5", "on", "device")]
+    runs = [("t1", "on", "cpu"), ("t2", "on", "cpu"), ("t3", "off", "cpu"), ("t4", "off", "cpu"),
+            ("t5", "on", "device")]
     for name, mask, rng in runs:
         run_script(crr_realiad_test, crr_test_main, "crr_test",
                    [*later, "--save_name", name, "--checkpoint", str(run / "model.pth"),
@@ -165,7 +166,8 @@ def run_cli(*args):
     (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--classes", "nut", "--device", "cpu"],
      "backbones/weights/dinov2_vitb14_reg4_pretrain.pth"),
     (["crr_realiad_test.py", "--data_path", "{realiad}", "--save_dir", "{tmp}", "--device", "cpu"], "model.pth"),
-    (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--eval_only", "--checkpoint", "{tmp}/nope", "--device", "cpu"],
+    (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--eval_only", "--checkpoint", "{tmp}/nope",
+      "--device", "cpu"],
      "checkpoint not found: {tmp}/nope; pass a run folder or a model.pth as --checkpoint"),
     (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--classes", "nut", "--crop_size", "100",
       "--encoder_weights", "random", "--device", "cpu"], "multiple of the patch size"),
