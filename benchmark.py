@@ -136,8 +136,9 @@ def time_steps(step, batches, device: torch.device, warmup: int, iters: int) -> 
 
 
 def profile_ops(step, batches, device: torch.device, steps: int, top: int = 15) -> list[dict]:
-    """torch.profiler over `steps` more steps: the `top` operators by self time on the device (on the CPU when
-    the device is the CPU), with calls per step, ms per step and share of the profiled time."""
+    """torch.profiler over `steps` more steps: on a GPU the `top` kernels by time on the GPU (the kernels alone:
+    an operator's self time on the device repeats its kernels' time), on the CPU the `top` operators by self
+    time; with calls per step, ms per step and share of the profiled time."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -145,11 +146,14 @@ def profile_ops(step, batches, device: torch.device, steps: int, top: int = 15) 
         for _ in range(steps):
             step(next(batches))
         sync(device)
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    if device.type == "cuda":
+        attr, kind = "self_device_time_total", torch.autograd.DeviceType.CUDA
+    else:
+        attr, kind = "self_cpu_time_total", torch.autograd.DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind and getattr(e, attr) > 0]
     total = sum(getattr(e, attr) for e in events)
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    return [dict(op=e.key, calls_per_step=e.count / steps, ms_per_step=getattr(e, attr) / 1000 / steps,
+    return [dict(op=e.key[:80], calls_per_step=e.count / steps, ms_per_step=getattr(e, attr) / 1000 / steps,
                  share=getattr(e, attr) / total) for e in events[:top]]
 
 
@@ -299,6 +303,7 @@ def bench_train(args) -> dict:
             if args.profile:
                 r["profile"] = profile_ops(step, batches, args.device, args.profile)
             rows.append(r)
+            write_report(args, dict(results=rows, partial=True))
             print(f"{name} {mode.name}: {r['iters_per_s']:.3g} it/s", file=sys.stderr)
             step = batches = None  # the next setting's peak memory without this one's model
     return report(rows, "step", "iters_per_s",
@@ -371,6 +376,7 @@ def bench_infer(args) -> dict:
             print(f"{task} {mode.name}: {r['ms_per_image']:.3g} ms/img", file=sys.stderr)
             model = segnet = mapper = None  # the next setting's peak memory without this model
             rows.append(r)
+            write_report(args, dict(results=rows, partial=True))
     return report(rows, "task", "images_per_s",
                   [("task", "task", ""), ("mode", "mode", ""), ("images_per_s", "img/s", ".4g"),
                    ("ms_per_image", "ms/img", ".3g"), ("tflops", "TFLOP/s", ".3g"), ("peak_gpu_mb", "GPU MB", ".0f"),
@@ -394,6 +400,7 @@ def bench_data(args) -> dict:
             r = time_steps(lambda b: None, batches, torch.device("cpu"), args.warmup, args.iters)
             rows.append(dict(transform=name, workers=workers, images_per_s=r["iters_per_s"] * args.batch_size,
                              **peak_memory(torch.device("cpu"))))
+            write_report(args, dict(results=rows, partial=True))
             print(f"{name} {workers} workers: {rows[-1]['images_per_s']:.4g} img/s", file=sys.stderr)
     print_table(rows, [("transform", "transform", ""), ("workers", "workers", "d"),
                        ("images_per_s", "img/s", ".4g"), ("peak_host_workers_mb", "worker MB", ".0f")])
@@ -492,12 +499,17 @@ def main(argv: list[str] | None = None) -> dict:
     with contextlib.ExitStack() as stack:
         if getattr(args, "cache_dir", "") is None:
             args.cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="benchmark_cache_"))
-        where = (torch.cuda.get_device_name(args.device) if getattr(args, "device", None) is not None
-                 and args.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads")
-        print(f"{args.command}: {where}, torch {torch.__version__}")
-        result = COMMANDS[args.command](args)
-    settings = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
-    report = dict(command=args.command, device=where, torch=torch.__version__, settings=settings, **result)
+        args.where = (torch.cuda.get_device_name(args.device) if getattr(args, "device", None) is not None
+                      and args.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads")
+        print(f"{args.command}: {args.where}, torch {torch.__version__}")
+        return write_report(args, COMMANDS[args.command](args))
+
+
+def write_report(args, result: dict) -> dict:
+    """The report (command, device, settings, results) written to --json. The subcommands write it after each
+    setting too, marked "partial", so a run cut short keeps what it measured."""
+    settings = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items() if k != "where"}
+    report = dict(command=args.command, device=args.where, torch=torch.__version__, settings=settings, **result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

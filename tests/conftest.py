@@ -2,12 +2,18 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import models  # noqa: E402
 from models.encoder import EncoderConfig  # noqa: E402
+
+# The devices a test runs on where it takes `device`: the CPU always, and CUDA where there is a GPU (run just those
+# with `pytest -k cuda`).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="needs a CUDA device"))]
 
 # A tiny DINOv2-shaped encoder for fast tests: 8 blocks so that the 8 taps form the two groups of 4.
 TINY = "dinov2reg_vit_tiny_test"

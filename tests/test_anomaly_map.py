@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import anomaly_map
+import models
 
 # The 1-D weights of the 5x5, sigma-4 smoothing kernel, computed by hand: exp(-x^2 / 32), x = -2..2, normalised.
 KERNEL_WEIGHTS = np.array([0.187627, 0.206068, 0.212609, 0.206068, 0.187627])
@@ -114,3 +115,23 @@ def test_binarize_gt_crr_bilinear():
     expected[..., 1] = True
     expected[0, 0, 0, 0] = True
     assert torch.equal(anomaly_map.binarize_gt(mask, 4, mode="dinomaly"), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("crr", [False, True])
+def test_maps_on_cuda_equal_the_cpu_maps(crr, tiny_encoder, monkeypatch):
+    """fp32 on the GPU (TF32 off for cuDNN too) gives the CPU's maps and scores: the Dinomaly map, and CRR's fused
+    map with test-time masks from the CPU generator (mask_rng "cpu"), the same masks on both devices."""
+    torch.manual_seed(0)
+    model = models.build_model(tiny_encoder, "random", mask_ratio=0.4 if crr else 0.0, mask_in_eval=crr).eval()
+    segnet = models.segmentation_net(model.encoder.cfg.embed_dim).eval() if crr else None
+    x = torch.randn(3, 3, 56, 56)
+    results = []
+    for device in ("cpu", "cuda"):
+        mapper = anomaly_map.AnomalyMapper(model.to(device), segnet and segnet.to(device))
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # after the mapper set the fp32 defaults
+        torch.manual_seed(1)
+        with torch.no_grad():
+            results.append([t.cpu() for t in mapper(x.to(device))])
+    for on_cpu, on_cuda in zip(*results):
+        torch.testing.assert_close(on_cuda, on_cpu, rtol=1e-4, atol=1e-5)

@@ -8,11 +8,15 @@ import pytest
 import benchmark
 import utils
 
-from conftest import TINY
+from conftest import DEVICES, TINY
 
 DATA = ["--source_size", "64", "--n_train", "2", "--num_workers", "0"]
 SMALL = ["--batch_size", "2", "--image_size", "64", "--crop_size", "56", "--warmup", "0", "--iters", "1"]
-MODEL = ["--encoder", TINY, "--device", "cpu", "--compile", "none"]  # inductor's codegen is slow on a CPU
+
+
+def model_flags(device: str) -> list[str]:
+    """The tiny encoder on `device`; compiled by inductor on a GPU only (its codegen is slow on a CPU)."""
+    return ["--encoder", TINY, "--device", device, "--compile", "inductor" if device == "cuda" else "none"]
 
 
 def run(tmp_path, *argv) -> dict:
@@ -26,28 +30,30 @@ def positive(row: dict, keys: list[str]):
         assert row[k] > 0, k
 
 
-def test_train(tmp_path):
-    out = run(tmp_path, "train", *SMALL, *MODEL, *DATA, "--profile", "1")
+@pytest.mark.parametrize("device", DEVICES)
+def test_train(tmp_path, device):
+    out = run(tmp_path, "train", *SMALL, *model_flags(device), *DATA, "--profile", "1")
     rows = out["results"]
     assert [(r["step"], r["mode"]) for r in rows] == [(s, m) for m in ("reference", "fast")
                                                       for s in ("dinomaly", "crr_stage1", "crr_stage2")]
     for r in rows:
         positive(r, ["iters_per_s", "images_per_s", "ms_per_iter", "tflop_per_step", "tflops", "peak_host_mb"])
-        assert 0 <= r["data_wait"] <= 1 and r["peak_gpu_mb"] is None  # on the CPU
+        assert 0 <= r["data_wait"] <= 1 and (r["peak_gpu_mb"] is None) == (device == "cpu")
     assert set(out["ratios"]) == {"dinomaly", "crr_stage1", "crr_stage2"} and min(out["ratios"].values()) > 0
     by = {(r["step"], r["mode"]): r for r in rows}
     assert by["crr_stage1", "fast"]["tflop_per_step"] == by["crr_stage1", "reference"]["tflop_per_step"]
     assert by["crr_stage1", "fast"]["tflop_per_step"] == pytest.approx(2 * by["dinomaly", "fast"]["tflop_per_step"])
     assert out["settings"]["precision"] == "bf16"
-    for r in rows:  # --profile: the operators taking the most time, the matrix products among them
+    for r in rows:  # --profile: the operators (GPU: kernels) taking the most time, on the CPU matrix products
         ops = r["profile"]
-        assert 0 < len(ops) <= 15 and {"aten::mm", "aten::addmm"} & {o["op"] for o in ops}
+        assert 0 < len(ops) <= 15 and (device == "cuda" or {"aten::mm", "aten::addmm"} & {o["op"] for o in ops})
         shares = [o["share"] for o in ops]
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
 
 
-def test_infer(tmp_path):
-    out = run(tmp_path, "infer", *SMALL, *MODEL)
+@pytest.mark.parametrize("device", DEVICES)
+def test_infer(tmp_path, device):
+    out = run(tmp_path, "infer", *SMALL, *model_flags(device))
     assert [(r["task"], r["mode"]) for r in out["results"]] == [(t, m) for m in ("reference", "fast")
                                                                 for t in ("dinomaly", "crr_test")]
     for r in out["results"]:
@@ -74,3 +80,23 @@ def test_metrics(tmp_path):
     labels, scores, maps, masks, _ = (np.concatenate(a) for a in zip(*utils.synthetic_class(6, 32, 0)))
     expected = utils.class_metrics(labels, scores, masks, maps)
     assert {k: row[k] for k in utils.METRIC_NAMES} == pytest.approx(expected, abs=0, nan_ok=True)
+
+
+def test_a_run_cut_short_keeps_the_settings_measured(tmp_path, monkeypatch):
+    timed = benchmark.time_steps
+
+    def stopped_in_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return timed(*args, **kwargs)
+
+    calls = []
+    monkeypatch.setattr(benchmark, "time_steps", stopped_in_the_second)
+    path = tmp_path / "out.json"
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(["data", *SMALL, *DATA, "--workers", "0", "--cache", "none", "--json", str(path)])
+    out = json.loads(path.read_text())
+    assert out["partial"] and [r["transform"] for r in out["results"]] == ["plain"]
+    assert out["command"] == "data" and out["settings"]["workers"] == [0]
+    assert "partial" not in run(tmp_path, "data", *SMALL, *DATA, "--workers", "0", "--cache", "none")

@@ -139,13 +139,15 @@ def test_crr_three_stages(demo, tmp_path):
     assert seg["up1.1.weight"].shape[0] == 2 * 32  # 8w with w = 2D/8, D = 32
     runs = [("t1", "on", "cpu"), ("t2", "on", "cpu"), ("t3", "off", "cpu"), ("t4", "off", "cpu"),
             ("t5", "on", "device")]
-    for name, mask, rng in runs:
+    for name, mask, rng in runs:  # t2: the run folder alone, its segmentation network found beside model.pth
+        files = ["--checkpoint", str(run)] if name == "t2" else \
+            ["--checkpoint", str(run / "model.pth"), "--seg_checkpoint", str(run / "Seg_model_last.pth")]
         run_script(crr_realiad_test, crr_test_main, "crr_test",
-                   [*later, "--save_name", name, "--checkpoint", str(run / "model.pth"),
-                    "--seg_checkpoint", str(run / "Seg_model_last.pth"), "--test_mask", mask, "--mask_rng", rng,
+                   [*later, "--save_name", name, *files, "--test_mask", mask, "--mask_rng", rng,
                     *(["--batch_size", "5"] if name == "t5" else [])])
     scores = {n: [float(r[3]) for r in read_csv(tmp_path / n / "scores.csv")[1:]] for n, _, _ in runs}
     assert scores["t1"] == scores["t2"] and scores["t3"] == scores["t4"]  # seeded, and deterministic without masking
+    assert f"loaded {run / 'Seg_model_last.pth'}" in (tmp_path / "t2" / "log.txt").read_text()
     assert scores["t1"] != scores["t3"] and scores["t5"] not in (scores["t1"], scores["t3"])
     # per-image seeds: an image's score does not depend on its batch
     run_script(crr_realiad_test, crr_test_main, "crr_test",
@@ -154,6 +156,34 @@ def test_crr_three_stages(demo, tmp_path):
     assert [float(r[3]) for r in read_csv(tmp_path / "t5" / "scores.csv")[1:]] == scores["t5"]
     assert read_csv(tmp_path / "t1" / "metrics.csv")[0] == METRICS_HEADER
     assert file_hash(run / "model.pth") == stage1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_cuda_with_the_fast_options(demo, dinomaly_run, tmp_path):
+    """The paths only a GPU takes: bf16 autocast on CUDA, inductor-compiled blocks, loader processes into pinned
+    memory, memory caches, CRR masks drawn on the GPU; and a CPU-trained run evaluated on the GPU."""
+    gpu = ["--device", "cuda", "--num_workers", "2"]
+    fast = [*gpu, "--precision", "bf16", "--compile", "--cache_images", "memory", "--mask_rng", "device"]
+    common = ["--data_path", demo["realiad"], "--save_dir", str(tmp_path), "--save_name", "crr", *SMALL]
+    run_script(crr_realiad_stage1, crr_stage1_main, "crr_stage1",
+               [*common, *fast, "--encoder", TINY, "--total_iters", "2", "--batch_size", "4",
+                "--anomaly_source_path", "none"])
+    run_script(crr_realiad_stage2, crr_stage2_main, "crr_stage2",
+               [*common[:6], *RUN, *fast, "--total_iters", "2", "--batch_size", "2", "--anomaly_source_path", "none"])
+    scores = {}
+    for batch in ("5", "2"):  # fp32: an image's mask and score do not depend on its batch on the GPU either
+        run_script(crr_realiad_test, crr_test_main, "crr_test",
+                   [*common[:4], "--save_name", f"test{batch}", *RUN, *gpu, "--checkpoint", str(tmp_path / "crr"),
+                    "--mask_rng", "device", "--batch_size", batch])
+        scores[batch] = [float(r[3]) for r in read_csv(tmp_path / f"test{batch}" / "scores.csv")[1:]]
+    assert len(scores["5"]) == 14 and scores["5"] == pytest.approx(scores["2"], rel=1e-4)
+    assert "Mean: I-AUROC" in (tmp_path / "crr" / "log.txt").read_text()
+    # the CPU-trained Dinomaly run on the GPU (fp32; cuDNN's default TF32 convolutions: close, not equal)
+    run_script(dinomaly_mvtec_uni, dinomaly_main, "dinomaly",
+               ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(dinomaly_run), "--save_dir",
+                str(tmp_path), "--save_name", "dinomaly", *RUN, *gpu])
+    on_cpu, on_gpu = (read_csv(folder / "scores.csv")[1:] for folder in (dinomaly_run, tmp_path / "dinomaly"))
+    assert [float(r[3]) for r in on_gpu] == pytest.approx([float(r[3]) for r in on_cpu], abs=5e-3)
 
 
 def run_cli(*args):

@@ -13,7 +13,7 @@ from models.segnet import SegmentationNet, segmentation_input
 from models.vitill import ViTill
 from errors import UserError
 
-from conftest import TINY, TINY_CFG
+from conftest import DEVICES, TINY, TINY_CFG
 
 
 def naive_linear_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads):
@@ -222,23 +222,25 @@ def test_masking_ratio_and_modes(tiny_encoder):
     del b
 
 
-def test_eval_masks_cpu_stream_or_seeded_per_image(tiny_encoder):
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_masks_cpu_stream_or_seeded_per_image(tiny_encoder, device):
     model = ViTill(models.encoder_config(TINY), mask_ratio=0.4, mask_in_eval=True).eval()
-    x = torch.ones(3, 21, 32)
+    x = torch.ones(3, 21, 32, device=device)
     # "cpu" (default): the released code's draw, torch.rand((B, N, C)) on the CPU generator, kept where <= 1 - ratio
     torch.manual_seed(5)
     kept = model.bottleneck_mask(x, mask_seeds=[1, 2, 3])  # seeds are ignored
     torch.manual_seed(5)
-    torch.testing.assert_close(kept, (torch.rand(3, 21, 32) <= 0.6).float(), rtol=0, atol=0)
+    torch.testing.assert_close(kept, (torch.rand(3, 21, 32) <= 0.6).float().to(device), rtol=0, atol=0)
     # "device": each image's mask from its own seed, whatever else is in the batch
     model.mask_rng = "device"
     together = model.bottleneck_mask(x, mask_seeds=[7, 8, 9])
     alone = torch.cat([model.bottleneck_mask(x[:1], mask_seeds=[s]) for s in (7, 8, 9)])
     torch.testing.assert_close(together, alone, rtol=0, atol=0)
-    g = torch.Generator().manual_seed(8)
-    torch.testing.assert_close(together[1], (torch.rand(21, 32, generator=g) <= 0.6).float(), rtol=0, atol=0)
+    g = torch.Generator(device).manual_seed(8)
+    torch.testing.assert_close(together[1], (torch.rand(21, 32, generator=g, device=device) <= 0.6).float(), rtol=0,
+                               atol=0)
     assert not torch.equal(together[0], together[1])
-    big = model.bottleneck_mask(torch.ones(2, 400, 50), mask_seeds=[1, 2])
+    big = model.bottleneck_mask(torch.ones(2, 400, 50, device=device), mask_seeds=[1, 2])
     assert abs(1 - big.mean().item() - 0.4) < 0.01
     with pytest.raises(ValueError, match="2 mask seeds for a batch of 3"):
         model.bottleneck_mask(x, mask_seeds=[1, 2])

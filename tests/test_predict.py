@@ -27,7 +27,7 @@ from prepare_data.make_demo_data import make_demo_data
 from run import main as run_main
 from visualize import colorize, overlay_picture
 
-from conftest import ROOT, TINY, TINY_CFG
+from conftest import DEVICES, ROOT, TINY, TINY_CFG
 
 SIZE, CROP = 64, 56
 
@@ -207,10 +207,12 @@ def model_of(run):
     return models.load_model(str(run / "model.pth"), encoder=TINY).eval()
 
 
-def test_predict_scores_decisions_and_pictures(run, inputs, tmp_path, capsys):
+@pytest.mark.parametrize("device", DEVICES)
+def test_predict_scores_decisions_and_pictures(run, inputs, tmp_path, capsys, device):
     out = tmp_path / "out"
-    code = call(predict, ["--checkpoint", run, "--input", inputs, "--out", out, "--device", "cpu", "--num_workers",
-                          "0", "--batch_size", "3", "--normalize"])
+    workers = "2" if device == "cuda" else "0"  # on a GPU through loader processes and pinned memory
+    code = call(predict, ["--checkpoint", run, "--input", inputs, "--out", out, "--device", device, "--num_workers",
+                          workers, "--batch_size", "3", "--normalize"])
     captured = capsys.readouterr()
     assert code == 0
     assert "skipped" in captured.err and "broken.png" in captured.err and "notes.txt" not in captured.err
@@ -218,22 +220,22 @@ def test_predict_scores_decisions_and_pictures(run, inputs, tmp_path, capsys):
     rows = read_csv(out / "predictions.csv")
     assert len(rows) == 3 + 4 + 3 and f"predicted {len(rows)} images" in summary and "skipped 1" in summary
     calibrated = json.loads((run / "thresholds.json").read_text())["all"]
-    mapper = AnomalyMapper(model_of(run))
+    mapper = AnomalyMapper(model_of(run).to(device))
     for r in rows:
         score, threshold = float(r["score"]), float(r["threshold"])
         assert threshold == calibrated["image"]["threshold"]
         assert r["decision"] == ("anomalous" if score >= threshold else "normal")
         assert (float(r["normalized_score"]) >= 0.5) == (r["decision"] == "anomalous")
         with torch.no_grad():
-            amap, want = mapper(ds.load_tensor(r["image_path"], SIZE, CROP)[None])
-        assert score == pytest.approx(want.item(), abs=1e-6)
+            amap, want = mapper(ds.load_tensor(r["image_path"], SIZE, CROP)[None].to(device))
+        assert score == pytest.approx(want.item(), abs=1e-6 if device == "cpu" else 1e-5)  # GPU: other GEMM tiles
         with Image.open(r["image_path"]) as im, Image.open(out / r["mask"]) as mask, \
                 Image.open(out / r["overlay"]) as overlay:
             size = im.size
             m = np.asarray(mask)
             assert mask.size == size and set(np.unique(m)) <= {0, 255}
             assert overlay.width >= size[0] and overlay.height >= size[1]
-        full, seen = predict.uncrop(amap[0, 0].numpy(), *size, SIZE, CROP)
+        full, seen = predict.uncrop(amap[0, 0].cpu().numpy(), *size, SIZE, CROP)
         np.testing.assert_array_equal(m > 0, seen & (np.nan_to_num(full) >= calibrated["pixel"]["threshold"]))
     assert {os.path.basename(r["image_path"]) for r in rows} >= {"grey.png", "rgba.png", "deep.png"}
 

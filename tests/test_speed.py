@@ -16,7 +16,7 @@ from optimizers import StableAdamW
 from run import main as run_main
 from prepare_data.make_demo_data import make_demo_data
 
-from conftest import TINY
+from conftest import DEVICES, TINY
 
 # bf16 against fp32 on random weights (3 seeds, batch 4, 56 px): measured at most 6e-3 on the smoothed maps (values
 # 0.2..1.4) and 2.4e-3 on the scores with the tiny encoder (1.1e-3 and 6e-4 with ViT-S); asserted with a margin.
@@ -29,12 +29,13 @@ def fp32_afterwards():
     speed.configure("fp32")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_reduced_precision_maps_stay_close_to_fp32(precision):
+def test_reduced_precision_maps_stay_close_to_fp32(precision, device):
     for seed in range(3):
         torch.manual_seed(seed)
-        model = models.build_model(TINY, "random").eval()
-        x = torch.randn(4, 3, 56, 56)
+        model = models.build_model(TINY, "random").to(device).eval()
+        x = torch.randn(4, 3, 56, 56, device=device)
         with torch.no_grad():
             ref_map, ref_score = AnomalyMapper(model)(x)
             amap, score = AnomalyMapper(model, precision=precision)(x)
@@ -61,16 +62,18 @@ def train_step(model: models.ViTill, x: torch.Tensor, precision: str = "fp32") -
     return loss
 
 
-def test_compiled_blocks_keep_hard_mining_gradients_and_state_dict_names():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_blocks_keep_hard_mining_gradients_and_state_dict_names(device):
     torch.manual_seed(0)
-    eager = models.build_model(TINY, "random", dropout=0.0).train()
-    compiled = models.build_model(TINY, "random", dropout=0.0)
+    eager = models.build_model(TINY, "random", dropout=0.0).to(device).train()
+    compiled = models.build_model(TINY, "random", dropout=0.0).to(device)
     compiled.load_state_dict(eager.state_dict())
-    speed.maybe_compile(compiled.train(), True, backend="aot_eager")  # inductor's codegen is slow on a CPU
+    backend = "inductor" if device == "cuda" else "aot_eager"  # inductor's codegen is slow on a CPU
+    speed.maybe_compile(compiled.train(), True, backend=backend)
     blocks = [*compiled.decoder, *compiled.encoder.blocks, compiled.bottleneck]
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
     assert list(compiled.state_dict()) == list(eager.state_dict())
-    x = torch.randn(2, 3, 56, 56)
+    x = torch.randn(2, 3, 56, 56, device=device)
     torch.testing.assert_close(train_step(compiled, x), train_step(eager, x))
     for a, b in zip(compiled.trainable_parameters(), eager.trainable_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
@@ -82,10 +85,11 @@ def test_compiled_blocks_keep_hard_mining_gradients_and_state_dict_names():
     assert not torch.allclose(eager.decoder[0].mlp.fc2.weight.grad, compiled.decoder[0].mlp.fc2.weight.grad)
 
 
-def test_bf16_training_step_keeps_float32_parameters_and_gradients():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_training_step_keeps_float32_parameters_and_gradients(device):
     torch.manual_seed(0)
-    model = models.build_model(TINY, "random").train()
-    loss = train_step(model, torch.randn(2, 3, 56, 56), "bf16")
+    model = models.build_model(TINY, "random").to(device).train()
+    loss = train_step(model, torch.randn(2, 3, 56, 56, device=device), "bf16")
     assert torch.isfinite(loss)
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.trainable_parameters())
 
@@ -130,14 +134,17 @@ def test_data_wait_share_counts_the_time_in_next(monkeypatch):
     assert wait.share() == 0.0
 
 
-def test_training_with_the_speed_options_logs_the_data_wait(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_with_the_speed_options_logs_the_data_wait(tmp_path, device):
     data = make_demo_data(str(tmp_path / "data"), size=64, seed=0, n_train=4, n_test_good=1, n_test_bad=2)
     cache_dir = tmp_path / "cache"
+    # on a GPU also compiled, with loader processes feeding pinned memory
+    gpu = ["--compile", "--num_workers", "2"] if device == "cuda" else ["--num_workers", "0"]
     run_main(dinomaly_main, build_parser("", dinomaly_mvtec_uni.DEFAULTS, "dinomaly"),
              ["--data_path", data["mvtec"], "--classes", "nut", "--encoder", TINY, "--encoder_weights", "random",
               "--image_size", "64", "--crop_size", "56", "--total_iters", "2", "--batch_size", "2", "--log_every", "1",
-              "--num_workers", "0", "--device", "cpu", "--save_dir", str(tmp_path), "--save_name", "run",
-              "--precision", "bf16", "--cache_images", "disk", "--cache_dir", str(cache_dir)])
+              "--device", device, "--save_dir", str(tmp_path), "--save_name", "run", "--precision", "bf16",
+              "--cache_images", "disk", "--cache_dir", str(cache_dir), *gpu])
     log_text = (tmp_path / "run" / "log.txt").read_text()
     assert "iter [2/2]" in log_text and "data wait " in log_text and "Mean: I-AUROC" in log_text
     assert len(os.listdir(cache_dir)) == 2  # the training images and the test images of "nut"
