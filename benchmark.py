@@ -11,8 +11,10 @@ and the CRR Stage II step, with engine.py's losses and optimisers; `infer` times
 print the ratio fast / reference:
 - reference: fp32, eager, every image decoded and resized by PIL at every step, no pinned memory, the reference
   code's training step (the loss read back every step), CRR Stage I in two forward passes, the frozen CRR
-  model's masks drawn on the CPU: as the reference code runs (except that Stage I's training masks are drawn
-  on the device as in our training; the released code draws them on the CPU too, which is slower still);
+  model's masks drawn on the CPU: as the reference code runs, except in two ways that flatter it: Stage I's
+  training masks are drawn on the device as in our training (the released code draws them on the CPU too), and
+  the optimiser is ours (foreach operators; the released StableAdamW steps tensor by tensor and reads each
+  tensor's clip factor back to the CPU);
 - fast: --precision (bf16), --compile (inductor), --cache (memory: decoded images, CRR's too), pinned memory,
   cuDNN benchmark mode, the frozen CRR model's masks drawn on the device (--mask_rng device), and
   engine.train_step, the step our training loop runs (its non-finite check reads one flag back per step).

@@ -38,7 +38,7 @@ class StableAdamW(torch.optim.Optimizer):
 
     def _update(self, group: dict, params: list[torch.Tensor], step: int):
         """One step of `params` (all at step `step`): the per-tensor arithmetic of StableAdamW, batched over
-        tensors with torch._foreach_* ops (the same element-wise operations, so the same results)."""
+        tensors with torch._foreach_* ops (on a GPU a few kernels for all tensors instead of some per tensor)."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         grads = [p.grad for p in params]
         m = [self.state[p]["exp_avg"] for p in params]
@@ -55,10 +55,12 @@ class StableAdamW(torch.optim.Optimizer):
         denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, math.sqrt(1 - beta2 ** step))
         torch._foreach_add_(denom, eps)
-        ratio = torch._foreach_div(grads, denom)
-        torch._foreach_pow_(ratio, 2)
-        for d, r in zip(denom, ratio):  # scaled down by max(1, RMS(g / denom)), per tensor
-            d.mul_(torch.clamp(r.mean().sqrt(), min=1.0))
+        # the step scaled down by max(1, RMS(g / denom)) per tensor, the RMS as ||g / denom||_2 / sqrt(numel);
+        # read on the device (no sync), one multiply per tensor at the end
+        rms = torch._foreach_norm(torch._foreach_div(grads, denom))
+        torch._foreach_div_(rms, [math.sqrt(g.numel()) for g in grads])
+        torch._foreach_clamp_min_(rms, 1.0)
+        torch._foreach_mul_(denom, rms)
         torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - beta1 ** step))
 
 

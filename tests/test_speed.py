@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dinomaly_mvtec_uni
 import models
@@ -113,6 +114,38 @@ def test_stable_adamw_per_tensor_steps_in_one_group():
     assert opt.state[together[1]]["step"] == 3 and opt.state[together[0]]["step"] == 4
     for a, b in zip(together, alone):
         assert torch.equal(a, b)
+
+
+def optimizer_ops(n_tensors: int) -> int:
+    """PyTorch operators StableAdamW's second step calls for `n_tensors` parameters (each one a kernel launch or a
+    few on a GPU; a foreach operator covers all tensors)."""
+    params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(n_tensors)]
+    opt = StableAdamW(params, lr=1e-2)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p) * 100  # large enough that the RMS clip acts
+        if opt.state:
+            with OpCounter() as ops:
+                opt.step()
+        else:
+            opt.step()
+    return ops.count
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_stable_adamw_step_does_not_launch_per_tensor_operators():
+    """The per-tensor RMS clip runs as foreach operators: a step calls as many PyTorch operators for 40 tensors as
+    for 4 (a Python loop over the tensors adds four per tensor: mean, sqrt, clamp, multiply)."""
+    assert optimizer_ops(40) == optimizer_ops(4) < 30
 
 
 def test_data_wait_share_counts_the_time_in_next(monkeypatch):
