@@ -81,7 +81,10 @@ class AnomalyMapper(nn.Module):
     `fusion_alpha * reconstruction + (1 - fusion_alpha) * segmentation`.
 
     `precision` ("fp32", "tf32" or "bf16", see speed.py) applies to the networks; the map, its smoothing and
-    the score are computed in float32. `compile` compiles the networks' blocks in place (speed.maybe_compile).
+    the score are computed in float32 (on a GPU cuDNN's convolutions, the patch embedding and the smoothing, use
+    TF32 as PyTorch's defaults have it, as for the reference code). Constructing a mapper sets the process-wide
+    matmul precision for `precision` (speed.configure). `compile` compiles the networks' blocks in place
+    (speed.maybe_compile).
     """
 
     def __init__(self, model: ViTill, segnet: SegmentationNet | None = None, fusion_alpha: float = 0.7,

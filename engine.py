@@ -200,7 +200,7 @@ def train_segmentation(run: Run, model: models.ViTill, loader: DataLoader,
     """CRR Stage II: the segmentation network learns the synthetic masks from the frozen model's third output.
     Continues from the training `state` when given."""
     args = run.args
-    segnet = models.segmentation_net(model.encoder.cfg.embed_dim).to(run.device)
+    segnet = synced_batchnorm(run, models.segmentation_net(model.encoder.cfg.embed_dim)).to(run.device)
     speed.maybe_compile(segnet, args.compile)
     log.info(f"segmentation network parameters: {sum(p.numel() for p in segnet.parameters()):,}")
     net = ddp_wrap(run, segnet)
@@ -227,6 +227,18 @@ def train_segmentation(run: Run, model: models.ViTill, loader: DataLoader,
     train_loop(run, loader, args.total_iters, loss_fn, list(segnet.parameters()), optimizer, on_iter_end=save,
                start=start, save_state=save_state)
     return segnet
+
+
+def synced_batchnorm(run: Run, net: torch.nn.Module) -> torch.nn.Module:
+    """Under torchrun on GPUs, BatchNorm layers that normalise over the whole batch, as on one GPU (SyncBatchNorm;
+    the state dict keeps its names). On CPUs (no SyncBatchNorm there) each process uses its own share."""
+    if run.world_size == 1:
+        return net
+    if run.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    log.warning("warning: BatchNorm statistics per process (SyncBatchNorm needs CUDA); one process would use "
+                "the whole batch")
+    return net
 
 
 def segmentation_loss(model: models.ViTill, net, aug_img: torch.Tensor, aug_mask: torch.Tensor,

@@ -176,9 +176,13 @@ def available_memory() -> int:
 
 
 def check_memory(nbytes: int):
-    available = available_memory()
-    if nbytes > 0.8 * available:
-        raise UserError(f"the image cache needs {nbytes / 1e9:.1f} GB of memory but {available / 1e9:.1f} GB "
+    """`nbytes` for each process of this machine (torchrun's LOCAL_WORLD_SIZE: each keeps its own memory cache)
+    against 80 % of the available memory; a UserError when they would not fit."""
+    copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    available, total = available_memory(), nbytes * copies
+    if total > 0.8 * available:
+        each = f" ({copies} processes, one copy each)" if copies > 1 else ""
+        raise UserError(f"the image cache needs {total / 1e9:.1f} GB of memory{each} but {available / 1e9:.1f} GB "
                         f"is free; use --cache_images disk or none")
 
 

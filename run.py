@@ -155,13 +155,13 @@ class Run:
     def _device(self, requested: str | None) -> torch.device:
         if self.world_size == 1:
             return resolve_device(requested)
-        backend = "nccl" if torch.cuda.is_available() and requested != "cpu" else "gloo"
-        dist.init_process_group(backend)
-        if backend == "gloo":
+        if not torch.cuda.is_available() or requested == "cpu":
+            dist.init_process_group("gloo")
             return torch.device("cpu")
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)  # before the process group, which binds to the current device
+        dist.init_process_group("nccl", device_id=device)
+        return device
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -190,7 +190,8 @@ class Run:
 
 
 def resolve_device(requested: str | None) -> torch.device:
-    """--device, or cuda when available, else the CPU with a warning."""
+    """--device, or cuda when available, else the CPU with a warning. A CUDA device given by its index becomes
+    the process's current device."""
     if requested is None:
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -202,6 +203,11 @@ def resolve_device(requested: str | None) -> torch.device:
         raise UserError(f"unknown --device {requested}; use cuda, cuda:N or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {requested} asked for, but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA devices "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        torch.cuda.set_device(device)  # the current device too (the loader's pinned-memory thread uses it)
     return device
 
 

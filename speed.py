@@ -1,7 +1,9 @@
 """Speed options: numeric precision, torch.compile, and the data-wait meter of the training loop.
 
 Precision (`--precision`):
-- fp32 (default): float32 everywhere with PyTorch's default settings, as the reference code runs.
+- fp32 (default): float32 everywhere with PyTorch's default settings, as the reference code runs (these let
+  cuDNN convolutions use TF32 on NVIDIA Ampere and later: the patch embedding, the smoothing, CRR's
+  segmentation network).
 - tf32: float32 matmuls and convolutions on TF32 tensor cores (NVIDIA Ampere and later; no effect on a CPU).
 - bf16: torch.autocast to bfloat16 around the forward pass and the loss, plus TF32 for what autocast keeps
   in float32. Parameters, gradients, optimiser state, anomaly maps and scores stay float32.

@@ -46,10 +46,15 @@ def start(run: Run, state_name: str, results: list[str]) -> dict | None:
     silently: without --resume or --overwrite the job stops; --overwrite deletes them first."""
     args, path = run.args, run.path(state_name)
     if args.resume:
-        if not os.path.isfile(path):
+        visible = run.gather(os.path.isfile(path))  # every process decides alike (multi-node: each its own disk)
+        if not any(visible):
             raise UserError(f"nothing to resume: {run.dir} has no {state_name}; run without --resume to start")
+        if not all(visible):
+            raise UserError(f"{run.path(state_name)} is missing for {visible.count(False)} of {len(visible)} "
+                            f"processes; --resume on several machines needs a --save_dir that all of them share")
         return load(path)
     found = sorted({os.path.basename(p) for pattern in [*results, state_name] for p in glob.glob(run.path(pattern))})
+    found = run.gather(found)[0]  # the main process's folder decides for all
     if found and not args.overwrite:
         raise UserError(f"{run.dir} already holds {', '.join(found)}; pass --resume to continue its training, "
                         f"--overwrite to start afresh (deleting them), or another --save_name")

@@ -216,3 +216,17 @@ def test_checkpoints_of_the_wrong_kind(tmp_path, tiny_encoder):
         models.load_segmentation_net(str(tmp_path / "model.pth"), cfg.embed_dim)
     with pytest.raises(UserError, match="is a segmentation network"):
         models.load_model(str(tmp_path / "Seg_model_last.pth"))
+
+
+def test_a_cuda_device_by_index_is_checked_and_made_current(monkeypatch):
+    """--device cuda:N must exist and becomes the current device (else pinned-memory threads open a context on
+    cuda:0); plain cuda leaves the current device alone. CUDA is faked: only the bookkeeping is tested."""
+    from run import resolve_device
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and made_current == [torch.device("cuda", 1)]
+    assert resolve_device("cuda") == torch.device("cuda") and len(made_current) == 1
+    with pytest.raises(UserError, match=r"--device cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)"):
+        resolve_device("cuda:2")

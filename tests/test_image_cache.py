@@ -89,3 +89,7 @@ def test_a_cache_larger_than_the_free_memory_is_refused(samples, monkeypatch):
     with pytest.raises(UserError, match="memory"):
         image_cache.build_caches("memory", parts, 64, None)
     assert image_cache.build_caches("none", parts, 64, None) == {}
+    # under torchrun each process of the machine keeps its own copy: one that fits once, not twice
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"\(2 processes, one copy each\)"):
+        image_cache.build_caches("memory", {"a": parts["a"]}, 64, None)

@@ -199,3 +199,40 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(demo, tmp_path, monkeyp
     log_text = (tmp_path / "nan" / "log.txt").read_text()
     assert "iter [2/20], loss: " in log_text and "skipped (non-finite loss): 1\n" in log_text
     assert "iter [5/20], loss: n/a" in log_text
+
+
+class MachinesRun:
+    """A Run of two processes on two machines with their own disks: this process (the main one or not) sees
+    `folder`, the other process's view of the same question is other(this process's answer)."""
+
+    def __init__(self, folder, other, resume=False, overwrite=False, is_main=True):
+        from argparse import Namespace
+        self.args, self.dir, self.other = Namespace(resume=resume, overwrite=overwrite), str(folder), other
+        self.is_main, self.barriers = is_main, 0
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def gather(self, obj):
+        return [obj, self.other(obj)] if self.is_main else [self.other(obj), obj]
+
+    def barrier(self):
+        self.barriers += 1
+
+
+def test_resume_and_overwrite_decide_alike_on_every_machine(tmp_path):
+    import train_state
+    from errors import UserError
+    (tmp_path / "model.pth").write_bytes(b"x")
+    # the other machine's folder has no state: every process is told, none waits for the others
+    (tmp_path / train_state.RECONSTRUCTION).write_bytes(b"x")
+    with pytest.raises(UserError, match="missing for 1 of 2 processes; --resume on several machines needs a"):
+        train_state.start(MachinesRun(tmp_path, lambda visible: False, resume=True), train_state.RECONSTRUCTION,
+                          ["model.pth"])
+    # --overwrite: the main process's folder decides (the other sees nothing), both take part in the barrier
+    run = MachinesRun(tmp_path, lambda found: [], overwrite=True)
+    assert train_state.start(run, train_state.RECONSTRUCTION, ["model.pth"]) is None
+    assert run.barriers == 1 and not os.listdir(tmp_path)
+    # the other machine's process, its own folder empty, joins that barrier too (and deletes nothing)
+    run = MachinesRun(tmp_path, lambda found: ["model.pth"], overwrite=True, is_main=False)
+    assert train_state.start(run, train_state.RECONSTRUCTION, ["model.pth"]) is None and run.barriers == 1

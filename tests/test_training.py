@@ -130,3 +130,22 @@ def test_repair_loss_in_one_pass_equals_two_passes(tiny_encoder):
     torch.testing.assert_close(loss, ref)
     for g, p in zip(one_pass, model.trainable_parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_stage2_batchnorm_synced_under_torchrun_on_gpus():
+    """Several GPU processes: SyncBatchNorm (the batch statistics of the whole batch, as on one GPU) under the
+    same state-dict names; one process, or CPU processes (SyncBatchNorm needs CUDA): BatchNorm as it is."""
+    from types import SimpleNamespace
+
+    import engine
+    net = models.segmentation_net(32)
+    names = list(net.state_dict())
+    kinds = {}
+    for world, device in ((1, "cuda"), (2, "cpu"), (2, "cuda")):
+        run = SimpleNamespace(world_size=world, device=torch.device(device))
+        converted = engine.synced_batchnorm(run, models.segmentation_net(32))
+        assert list(converted.state_dict()) == names
+        norms = (m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+        kinds[world, device] = {type(m) for m in norms}
+    assert kinds[1, "cuda"] == kinds[2, "cpu"] == {torch.nn.BatchNorm2d}
+    assert kinds[2, "cuda"] == {torch.nn.SyncBatchNorm}
