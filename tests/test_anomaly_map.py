@@ -135,3 +135,20 @@ def test_maps_on_cuda_equal_the_cpu_maps(crr, tiny_encoder, monkeypatch):
             results.append([t.cpu() for t in mapper(x.to(device))])
     for on_cpu, on_cuda in zip(*results):
         torch.testing.assert_close(on_cuda, on_cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_hands_each_batch_over_with_its_own_maps(tiny_encoder):
+    """engine.mapped_batches (the evaluation loop's one-batch-ahead pipeline): every batch comes back with the
+    map and score of its own images, in order, and the seeds are asked for image by image."""
+    import engine
+    torch.manual_seed(0)
+    mapper = anomaly_map.AnomalyMapper(models.build_model(tiny_encoder, "random").eval())
+    batches = [(torch.randn(n, 3, 56, 56), f"batch {i}") for i, n in enumerate((2, 2, 1))]
+    asked = []
+    with torch.no_grad():
+        out = list(engine.mapped_batches(mapper, batches, torch.device("cpu"), lambda i, n: asked.append((i, n))))
+        expected = [mapper(img) for img, _ in batches]
+    assert [b[1] for b, _, _ in out] == ["batch 0", "batch 1", "batch 2"] and asked == [(0, 2), (2, 2), (4, 1)]
+    for (_, amap, score), (want_map, want_score) in zip(out, expected):
+        torch.testing.assert_close(amap, want_map[:, 0], rtol=0, atol=0)
+        torch.testing.assert_close(score, want_score, rtol=0, atol=0)
