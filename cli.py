@@ -92,8 +92,8 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
                                 "number of processes)")
     if job == "crr_test":
         model.add_argument("--seg_checkpoint",
-                           help="segmentation network (default: Seg_model_7999.pth, else Seg_model_last.pth, beside the "
-                                "model)")
+                           help="segmentation network (default: Seg_model_7999.pth, else Seg_model_last.pth, "
+                                "beside the model, else in the run folder)")
         model.add_argument("--fusion_alpha", type=float_in(0, 1), default=0.7,
                            help="fused map = a * reconstruction + (1 - a) * segmentation")
 

@@ -505,7 +505,8 @@ def crr_test_main(args):
     model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
     run.save_config()
     folder = os.path.dirname(models.checkpoint_file(args.checkpoint or run.dir))  # Stage II's beside Stage I's
-    seg_path = args.seg_checkpoint or models.segmentation_file(folder) or os.path.join(folder, "Seg_model_7999.pth")
+    seg_path = args.seg_checkpoint or models.segmentation_file(folder) or models.segmentation_file(run.dir) or \
+        os.path.join(folder, "Seg_model_7999.pth")
     segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(run.device).eval()
     log.info(f"loaded {seg_path}")
     preflight.check_data(args)
