@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from anomaly_map import AnomalyMapper
+from anomaly_map import MAP_SIZE, AnomalyMapper
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from errors import UserError
 from models.encoder import interpolate_patch_pos_embed
@@ -80,11 +80,21 @@ def max_difference(model: nn.Module, path: str, crop_size: int, batch: int = 2) 
     return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
 
 
-def add_metadata(path: str, metadata: dict):
+OUTPUT_SHAPES = {"anomaly_map": ["batch", 1, MAP_SIZE, MAP_SIZE], "score": ["batch"]}
+
+
+def annotate(path: str, metadata: dict):
+    """Store `metadata` (JSON values) in the ONNX file, and declare the outputs' shapes (OUTPUT_SHAPES): the
+    exporter's shape inference names some fixed dimensions as dynamic ones."""
     import onnx
     proto = onnx.load(path)
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
+    for output in proto.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        for size in OUTPUT_SHAPES[output.name]:
+            dims.add(**({"dim_param": size} if isinstance(size, str) else {"dim_value": size}))
     onnx.save(proto, path)
 
 
@@ -104,11 +114,13 @@ def export(args):
         raise UserError(f"folder not found: {out_dir}; create it or pass another --out")
     export_onnx(model, crop, args.out)
     entry = calibration["all"] if calibration else None
-    add_metadata(args.out, dict(image_size=settings["image_size"], crop_size=crop, max_ratio=mapper.max_ratio,
-                                map="reconstruction" if seg_path is None else "fused",
-                                threshold=entry["image"]["threshold"] if entry else None,
-                                pixel_threshold=entry["pixel"]["threshold"] if entry else None,
-                                color_range=entry["color_range"] if entry else None))
+    classes = {name: dict(threshold=c["image"]["threshold"], pixel_threshold=c["pixel"]["threshold"])
+               for name, c in (calibration or {}).get("classes", {}).items()}
+    annotate(args.out, dict(image_size=settings["image_size"], crop_size=crop, max_ratio=mapper.max_ratio,
+                            map="reconstruction" if seg_path is None else "fused",
+                            threshold=entry["image"]["threshold"] if entry else None,
+                            pixel_threshold=entry["pixel"]["threshold"] if entry else None,
+                            color_range=entry["color_range"] if entry else None, class_thresholds=classes))
     diff = max_difference(model, args.out, crop, args.check_batch)
     log.info(f"wrote {args.out}: image [B, 3, {crop}, {crop}] RGB in [0, 1] -> anomaly_map [B, 1, 256, 256], "
              f"score [B]; onnxruntime vs PyTorch on {args.check_batch} random images: max difference {diff:.2g}")

@@ -400,10 +400,17 @@ def test_onnx_export_matches_pytorch(which, run, crr_run, tmp_path):
     assert got_map.shape == (3, 1, 256, 256) and got_score.shape == (3,)
     np.testing.assert_allclose(got_map, want_map.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(got_score, want_score.numpy(), atol=1e-4, rtol=0)
-    meta = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
+    proto = onnx.load(str(path))
+    declared = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    assert declared == {"anomaly_map": ["batch", 1, 256, 256], "score": ["batch"]}
+    meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
     assert meta["crop_size"] == CROP and meta["image_size"] == SIZE
     if which == "dinomaly":
-        assert meta["threshold"] == json.loads((run / "thresholds.json").read_text())["all"]["image"]["threshold"]
+        calibration = json.loads((run / "thresholds.json").read_text())
+        assert meta["threshold"] == calibration["all"]["image"]["threshold"]
+        assert len(meta["class_thresholds"]) == 2 and meta["class_thresholds"] == {
+            c: dict(threshold=e["image"]["threshold"], pixel_threshold=e["pixel"]["threshold"])
+            for c, e in calibration["classes"].items()}
     else:
         assert meta["map"] == "fused" and meta["threshold"] is None
 
