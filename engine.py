@@ -310,16 +310,16 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, samples: list[ds.Sample], na
                         pin_memory=run.device.type == "cuda")
     acc, pixels, report = ClassAccumulator(aupro), PixelSample(len(samples) * MAP_SIZE ** 2), \
         ClassReport(args.save_heatmaps)
-    rows, done = [], 0
+    rows = []
 
     def seeds(first: int, n: int) -> list[int] | None:  # the test-time mask seeds of images first .. first + n - 1
         return mask_seeds(args.seed, name, index[first:first + n]) if mapper.model.mask_rng == "device" else None
 
     batches = tqdm(loader, desc=f"eval {name}", leave=False, dynamic_ncols=True, disable=not run.is_main)
     with torch.no_grad():
-        for (img, mask, label, has_mask, paths), amap, score in mapped_batches(mapper, batches, run.device, seeds):
-            ids = index[done:done + len(paths)]
-            done += len(paths)
+        for first, (img, mask, label, has_mask, paths), amap, score in mapped_batches(mapper, batches, run.device,
+                                                                                      seeds):
+            ids = index[first:first + len(paths)]
             gt = binarize_gt(mask, MAP_SIZE, gt_mode)[:, 0]
             acc.add(label, score, amap, gt, has_mask)
             pixels.add(amap[has_mask].numpy(), gt[has_mask].numpy(), [i for i, h in zip(ids, has_mask) if h])
@@ -329,15 +329,14 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, samples: list[ds.Sample], na
 
 
 def mapped_batches(mapper: AnomalyMapper, batches, device: torch.device, seeds):
-    """(batch, map [B, 256, 256], score [B]) on the CPU for each batch (images first); seeds(first, n) gives the
-    test-time mask seeds of the n images from the first-th on. A batch's map is queued on the device, and its copy
-    to the CPU after it, before the previous batch is handed over: on a GPU the next batch is computed while the
-    caller accumulates metrics on the CPU. The results are those of one batch at a time."""
-    pending, done = None, 0
+    """(index of the batch's first image, batch, map [B, 256, 256], score [B]) on the CPU for each batch (images
+    first); seeds(first, n) gives the test-time mask seeds of the n images from the first-th on. A batch's map is
+    queued on the device, and its copy to the CPU after it, before the previous batch is handed over: on a GPU the
+    next batch is computed while the caller accumulates metrics on the CPU. The results are those of one batch at
+    a time."""
+    pending, first = None, 0
     for batch in batches:
-        n = len(batch[0])
-        amap, score = mapper(batch[0].to(device, non_blocking=True), seeds(done, n))
-        done += n
+        amap, score = mapper(batch[0].to(device, non_blocking=True), seeds(first, len(batch[0])))
         copied = None
         if device.type == "cuda":
             copied = torch.cuda.Event()
@@ -345,15 +344,16 @@ def mapped_batches(mapper: AnomalyMapper, batches, device: torch.device, seeds):
             copied.record()
         if pending is not None:
             yield handed_over(*pending)
-        pending = batch, amap[:, 0], score, copied
+        pending = first, batch, amap[:, 0], score, copied
+        first += len(batch[0])
     if pending is not None:
         yield handed_over(*pending)
 
 
-def handed_over(batch, amap: torch.Tensor, score: torch.Tensor, copied):
+def handed_over(first: int, batch, amap: torch.Tensor, score: torch.Tensor, copied):
     if copied is not None:
         copied.synchronize()  # the copies to the CPU have landed
-    return batch, amap.cpu(), score.cpu()
+    return first, batch, amap.cpu(), score.cpu()
 
 
 # ----------------------------------------------------------------------------------------------- data and models

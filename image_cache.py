@@ -65,7 +65,7 @@ class ImageCache:
             raise ValueError(f"unknown image cache mode {mode!r} (expected 'memory' or 'disk')")
         self.paths, self.size, self.mode, self.reader = list(dict.fromkeys(paths)), int(size), mode, reader
         self.index = {p: i for i, p in enumerate(self.paths)}
-        self.offset = -(-len(self.paths) // _ALIGN) * _ALIGN
+        self.offset = flag_bytes(len(self.paths))
         self.shape = (self.size, self.size, 3) if reader.channels == 3 else (self.size, self.size)
         self.nbytes = cache_bytes(len(self.paths), self.size, reader.channels)
         self.file = None
@@ -157,9 +157,14 @@ def create_file(path: str, nbytes: int):
             os.remove(tmp)
 
 
+def flag_bytes(images: int) -> int:
+    """Bytes of the "filled" flags of `images` images, in whole pages: where the pixels start."""
+    return -(-images // _ALIGN) * _ALIGN
+
+
 def cache_bytes(images: int, size: int, channels: int) -> int:
-    """Bytes of a cache of `images` images: their "filled" flags (whole pages), then the pixels."""
-    return -(-images // _ALIGN) * _ALIGN + images * size * size * channels
+    """Bytes of a cache of `images` images: their "filled" flags, then the pixels."""
+    return flag_bytes(images) + images * size * size * channels
 
 
 def available_memory() -> int:

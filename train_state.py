@@ -50,7 +50,7 @@ def start(run: Run, state_name: str, results: list[str]) -> dict | None:
         if not any(visible):
             raise UserError(f"nothing to resume: {run.dir} has no {state_name}; run without --resume to start")
         if not all(visible):
-            raise UserError(f"{run.path(state_name)} is missing for {visible.count(False)} of {len(visible)} "
+            raise UserError(f"{path} is missing for {visible.count(False)} of {len(visible)} "
                             f"processes; --resume on several machines needs a --save_dir that all of them share")
         return load(path)
     found = sorted({os.path.basename(p) for pattern in [*results, state_name] for p in glob.glob(run.path(pattern))})

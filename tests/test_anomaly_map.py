@@ -148,7 +148,8 @@ def test_evaluation_hands_each_batch_over_with_its_own_maps(tiny_encoder):
     with torch.no_grad():
         out = list(engine.mapped_batches(mapper, batches, torch.device("cpu"), lambda i, n: asked.append((i, n))))
         expected = [mapper(img) for img, _ in batches]
-    assert [b[1] for b, _, _ in out] == ["batch 0", "batch 1", "batch 2"] and asked == [(0, 2), (2, 2), (4, 1)]
-    for (_, amap, score), (want_map, want_score) in zip(out, expected):
+    assert [b[1] for _, b, _, _ in out] == ["batch 0", "batch 1", "batch 2"] and asked == [(0, 2), (2, 2), (4, 1)]
+    assert [first for first, _, _, _ in out] == [0, 2, 4]
+    for (_, _, amap, score), (want_map, want_score) in zip(out, expected):
         torch.testing.assert_close(amap, want_map[:, 0], rtol=0, atol=0)
         torch.testing.assert_close(score, want_score, rtol=0, atol=0)
