@@ -44,9 +44,14 @@ def test_train(tmp_path, device):
     assert by["crr_stage1", "fast"]["tflop_per_step"] == by["crr_stage1", "reference"]["tflop_per_step"]
     assert by["crr_stage1", "fast"]["tflop_per_step"] == pytest.approx(2 * by["dinomaly", "fast"]["tflop_per_step"])
     assert out["settings"]["precision"] == "bf16"
-    for r in rows:  # --profile: the operators (GPU: kernels) taking the most time, on the CPU matrix products
+    # --profile: the operators (GPU: kernels) taking the most time; on the CPU the step's own heavy operator
+    # family leads (the ViT's matrix products, Stage II's convolutions), whatever the timing noise
+    matmul, conv = ("aten::mm", "aten::addmm", "aten::bmm"), ("aten::mkldnn_convolution", "aten::convolution_backward")
+    heavy = {"dinomaly": matmul, "crr_stage1": matmul, "crr_stage2": conv}
+    for r in rows:
         ops = r["profile"]
-        assert 0 < len(ops) <= 15 and (device == "cuda" or {"aten::mm", "aten::addmm"} & {o["op"] for o in ops})
+        assert 0 < len(ops) <= 15
+        assert device == "cuda" or {o["op"] for o in ops} & set(heavy[r["step"]]), (r["step"], ops)
         shares = [o["share"] for o in ops]
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
 
