@@ -188,9 +188,11 @@ class Detector:
                 raise UserError(f"no thresholds file {path}: evaluate the model first (evaluation writes "
                                 f"thresholds.json into its run folder; pass it as --thresholds), or pass --threshold")
             entry, where = None, "--threshold"
+            self.classes = []
         else:
             entry = th.select(calibration, class_name, path)
             where = f"{path} ({'all classes' if class_name is None else 'class ' + class_name})"
+            self.classes = list(calibration["classes"])
             self._check_settings(calibration["settings"], path)
         calibrated = entry["image"]["threshold"] if entry else None
         if threshold is None and calibrated is None:
@@ -304,6 +306,10 @@ def predict(args):
     if not paths:
         raise UserError(f"every image given is inside --out {args.out}; pass other --input or --out")
     names = output_names(paths)
+    guess = class_folder(paths, detector.classes)
+    if args.class_name is None and args.threshold is None and guess is not None:
+        log.info(f"the images all lie in a folder named {guess}, a class of this run: --class_name {guess} "
+                 f"decides with that class's threshold (recommended) instead of all classes'")
     try:
         for sub in ("overlays", "masks"):
             os.makedirs(os.path.join(args.out, sub), exist_ok=True)
@@ -335,6 +341,12 @@ def predict(args):
     log.info(f"predicted {len(rows)} image{'s' * (len(rows) != 1)} ({n_bad} anomalous, {len(rows) - n_bad} normal; threshold "
              f"{detector.threshold:.6g} from {detector.threshold_source}), skipped {skipped} unreadable; "
              f"predictions.csv, overlays/ and masks/ in {args.out}")
+
+
+def class_folder(paths: list[str], classes: list[str]) -> str | None:
+    """The one calibrated class that names a folder above every path, if there is exactly one."""
+    found = [c for c in classes if all(c in os.path.normpath(p).split(os.sep)[:-1] for p in paths)]
+    return found[0] if len(found) == 1 else None
 
 
 def build_parser() -> ArgumentParser:

@@ -240,7 +240,7 @@ def test_predict_scores_decisions_and_pictures(run, inputs, tmp_path, capsys, de
     assert {os.path.basename(r["image_path"]) for r in rows} >= {"grey.png", "rgba.png", "deep.png"}
 
 
-def test_class_threshold_and_explicit_threshold(run, inputs, tmp_path):
+def test_class_threshold_and_explicit_threshold(run, inputs, tmp_path, capsys):
     data = json.loads((run / "thresholds.json").read_text())
     base = ["--checkpoint", run / "model.pth", "--input", inputs / "nut" / "good", "--device", "cpu",
             "--num_workers", "0"]
@@ -251,6 +251,19 @@ def test_class_threshold_and_explicit_threshold(run, inputs, tmp_path):
     rows = read_csv(tmp_path / "b" / "predictions.csv")
     assert all(float(r["threshold"]) == 1.1 and r["decision"] == ("anomalous" if float(r["score"]) >= 1.1 else
                                                                   "normal") for r in rows)
+    assert "--class_name" not in capsys.readouterr().out
+    # images all under a folder named like a calibrated class, no class given: the log suggests that class
+    assert call(predict, [*base, "--out", tmp_path / "c"]) == 0
+    assert "a class of this run: --class_name nut decides with that class's threshold" in capsys.readouterr().out
+
+
+def test_class_folder_needs_one_class_above_every_image():
+    classes = ["nut", "weave"]
+    assert predict.class_folder(["d/nut/test/a.png", "d/nut/test/good/b.png"], classes) == "nut"
+    assert predict.class_folder(["d/nut/a.png", "d/weave/b.png"], classes) is None  # two classes
+    assert predict.class_folder(["d/nut/a.png", "d/b.png"], classes) is None  # one image outside
+    assert predict.class_folder(["d/nut.png", "d/nutty/b.png"], classes) is None  # file names, other folders
+    assert predict.class_folder(["nut/weave/a.png"], classes) is None  # ambiguous
 
 
 @pytest.mark.parametrize("case,expected", [
