@@ -93,6 +93,7 @@ def main(fn, parser: ArgumentParser, argv: list[str] | None = None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        setup_logging(None)  # closes the run's log.txt: later messages in this process do not go into it
     if code:
         sys.exit(code)
 

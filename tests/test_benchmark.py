@@ -4,14 +4,24 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import benchmark
+import speed
 import utils
 
 from conftest import DEVICES, TINY
 
 DATA = ["--source_size", "64", "--n_train", "2", "--num_workers", "0"]
 SMALL = ["--batch_size", "2", "--image_size", "64", "--crop_size", "56", "--warmup", "0", "--iters", "1"]
+
+
+@pytest.fixture(autouse=True)
+def default_backends():
+    """The benchmark sets process-wide TF32 and cuDNN modes for its fast mode; later tests get the defaults."""
+    yield
+    speed.configure("fp32")
+    torch.backends.cudnn.benchmark = False
 
 
 def model_flags(device: str) -> list[str]:
