@@ -345,7 +345,7 @@ def predict(args):
 
 def class_folder(paths: list[str], classes: list[str]) -> str | None:
     """The one calibrated class that names a folder above every path, if there is exactly one."""
-    found = [c for c in classes if all(c in os.path.normpath(p).split(os.sep)[:-1] for p in paths)]
+    found = [c for c in classes if all(c in os.path.abspath(p).split(os.sep)[:-1] for p in paths)]
     return found[0] if len(found) == 1 else None
 
 

@@ -257,13 +257,16 @@ def test_class_threshold_and_explicit_threshold(run, inputs, tmp_path, capsys):
     assert "a class of this run: --class_name nut decides with that class's threshold" in capsys.readouterr().out
 
 
-def test_class_folder_needs_one_class_above_every_image():
+def test_class_folder_needs_one_class_above_every_image(tmp_path, monkeypatch):
     classes = ["nut", "weave"]
     assert predict.class_folder(["d/nut/test/a.png", "d/nut/test/good/b.png"], classes) == "nut"
     assert predict.class_folder(["d/nut/a.png", "d/weave/b.png"], classes) is None  # two classes
     assert predict.class_folder(["d/nut/a.png", "d/b.png"], classes) is None  # one image outside
     assert predict.class_folder(["d/nut.png", "d/nutty/b.png"], classes) is None  # file names, other folders
     assert predict.class_folder(["nut/weave/a.png"], classes) is None  # ambiguous
+    os.makedirs(tmp_path / "weave" / "test")
+    monkeypatch.chdir(tmp_path / "weave" / "test")
+    assert predict.class_folder(["a.png", "./good/b.png"], classes) == "weave"  # the folder above the cwd
 
 
 @pytest.mark.parametrize("case,expected", [
