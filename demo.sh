@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The demo on a CPU in a few minutes: creates or reuses .venv, writes a small synthetic dataset to demo_data/,
 # trains on it with a randomly initialised ViT-S at 112 px, prints the metric table and runs predict.py on the
-# weave test images.
+# weave test images (both modes).
 #   bash demo.sh        Dinomaly (dinomaly_mvtec_uni.py) on the MVTec-layout copy
 #   bash demo.sh crr    CRR Stage I -> Stage II -> test on the Real-IAD-layout copy
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
+predict_weave() {  # the trained run $1 on the weave test images, with the weave threshold
+    .venv/bin/python predict.py --checkpoint "$1" --input demo_data/mvtec_demo/weave/test --class_name weave \
+        --out "$1/predictions" --num_workers 1
+    echo "results, thresholds and pictures: $1/; predictions for new images: $1/predictions/"
+}
 .venv/bin/python prepare_data/make_demo_data.py --out demo_data
 DATA=(--classes weave woodgrain nut --batch_size 8 --num_workers 1)
 MODEL=(--encoder dinov2reg_vit_small_14 --encoder_weights random --image_size 128 --crop_size 112 --log_every 25)
@@ -17,11 +22,9 @@ if [ "${1:-dinomaly}" = crr ]; then
     .venv/bin/python crr_realiad_stage2.py "${RUN[@]}" --overwrite --anomaly_source_path none --total_iters 20 --batch_size 2 \
         --log_every 5  # a 256-px conv net: slow on a CPU
     .venv/bin/python crr_realiad_test.py "${RUN[@]}" --save_heatmaps 2
-    echo "results and heatmaps: saved_results/demo_crr/"
+    predict_weave saved_results/demo_crr
 else
     .venv/bin/python dinomaly_mvtec_uni.py --data_path demo_data/mvtec_demo --save_name demo --overwrite "${DATA[@]}" \
         "${MODEL[@]}" --total_iters 150 --save_heatmaps 2
-    .venv/bin/python predict.py --checkpoint saved_results/demo --input demo_data/mvtec_demo/weave/test \
-        --class_name weave --out saved_results/demo/predictions --num_workers 1
-    echo "results, thresholds and pictures: saved_results/demo/; predictions for new images: saved_results/demo/predictions/"
+    predict_weave saved_results/demo
 fi

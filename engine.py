@@ -6,7 +6,6 @@
 - `crr_test_main`: CRR test, the fused map.
 """
 import csv
-import hashlib
 import os
 import time
 
@@ -266,11 +265,12 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
     args = run.args
     results, score_rows = {}, []
     calibration = Calibration(dict(map="reconstruction" if mapper.segnet is None else "fused",
-                                   fusion_alpha=mapper.fusion_alpha, max_ratio=mapper.max_ratio))
+                                   fusion_alpha=mapper.fusion_alpha, max_ratio=mapper.max_ratio,
+                                   test_mask=mapper.model.test_mask))
     if run.world_size > 1:
         log.info(f"evaluation shared by {run.world_size} processes")
         model = mapper.model
-        if model.mask_ratio > 0 and model.mask_in_eval and model.mask_rng == "cpu":
+        if model.test_mask == "on" and model.mask_rng == "cpu":
             log.warning("warning: CRR's test-time masks come from each process's CPU random stream (--mask_rng cpu), "
                         "so the metrics depend on the number of processes; --mask_rng device gives those of one "
                         "process")
@@ -440,8 +440,7 @@ def prepared(run: Run, model: models.ViTill) -> models.ViTill:
 def mask_seeds(seed: int, class_name: str, indices: list[int]) -> list[int]:
     """Per-image seeds of CRR's test-time masks drawn on the device (--mask_rng device): a hash of the run's seed,
     the class and the image's index in it, so an image's mask does not depend on its batch or process."""
-    return [int.from_bytes(hashlib.blake2b(f"{seed}/{class_name}/{i}".encode(), digest_size=8).digest(), "little")
-            for i in indices]
+    return [models.mask_seed(f"{seed}/{class_name}/{i}".encode()) for i in indices]
 
 
 # ----------------------------------------------------------------------------------------------- the jobs
@@ -505,8 +504,13 @@ def crr_test_main(args):
     model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
     run.save_config()
     folder = os.path.dirname(models.checkpoint_file(args.checkpoint or run.dir))  # Stage II's beside Stage I's
-    seg_path = args.seg_checkpoint or models.segmentation_file(folder) or models.segmentation_file(run.dir) or \
-        os.path.join(folder, "Seg_model_7999.pth")
+    seg_path = args.seg_checkpoint or models.segmentation_file(folder) or models.segmentation_file(run.dir)
+    if seg_path is None:
+        where = " or ".join(dict.fromkeys([folder, run.dir]))
+        kind = " (this model was trained without bottleneck masking: a Dinomaly model, not CRR's Stage I?)" \
+            if model.mask_ratio == 0 else ""
+        raise UserError(f"no segmentation network (Seg_model_7999.pth or Seg_model_last.pth) in {where}{kind}; "
+                        f"run crr_realiad_stage2.py on this run first, or pass --seg_checkpoint")
     segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(run.device).eval()
     log.info(f"loaded {seg_path}")
     preflight.check_data(args)

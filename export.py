@@ -7,9 +7,11 @@ Input `image`: float32 [B, 3, crop, crop], RGB in [0, 1], already resized to ima
 (not normalised: the ImageNet normalisation is inside the graph). Outputs `anomaly_map` [B, 1, 256, 256] (the
 smoothed map) and `score` [B] (mean of its top max_ratio share). The batch size is dynamic. A CRR run (with
 Seg_model_*.pth) exports the fused map, with the test-time bottleneck masking off: it is random, and a
-deployed model should give the same answer twice. The run's sizes and calibrated thresholds are written into
-the model's metadata (image_size, crop_size, threshold, pixel_threshold, color_range). After writing, the file
-is checked with onnxruntime against PyTorch on random images.
+deployed model should give the same answer twice. The run's sizes and calibrated thresholds (its
+thresholds.json, or --thresholds FILE: for a CRR run, one from an evaluation with --test_mask off matches the
+exported map) are written into the model's metadata (image_size, crop_size, threshold, pixel_threshold,
+class_thresholds, color_range). After writing, the file is checked with onnxruntime against PyTorch on random
+images.
 """
 import copy
 import json
@@ -53,7 +55,7 @@ def for_export(mapper: AnomalyMapper, crop_size: int) -> AnomalyMapper:
     pos = encoder.pos_embed.data
     encoder.pos_embed = nn.Parameter(torch.cat([pos[:, :1], interpolate_patch_pos_embed(pos[:, 1:], grid, grid)],
                                                dim=1), requires_grad=False)
-    if mapper.model.mask_ratio > 0 and mapper.model.mask_in_eval:
+    if mapper.model.test_mask == "on":
         log.info("CRR test-time masking is random: exported with masking off")
         mapper.model.mask_in_eval = False
     return mapper
@@ -105,7 +107,11 @@ def export(args):
     except ImportError:
         raise UserError(MISSING) from None
     model_path, seg_path = run_files(args.checkpoint, args.seg_checkpoint)
-    calibration, _ = load_calibration(model_path, seg_path is not None)
+    calibration, calib_path = load_calibration(model_path, seg_path is not None, args.thresholds)
+    if calibration and calibration["settings"].get("test_mask") == "on":
+        log.warning(f"warning: the thresholds in {calib_path} were fitted with test-time masking on, the exported "
+                    f"map has it off: evaluate the run with --test_mask off into another --save_name and pass its "
+                    f"thresholds.json as --thresholds")
     mapper, settings = load_mapper(model_path, seg_path, torch.device("cpu"), {}, calibration)
     crop = settings["crop_size"]
     model = ExportedMapper(for_export(mapper, crop)).eval()
@@ -134,6 +140,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--seg_checkpoint",
                    help="CRR segmentation network (default: the run folder's Seg_model_7999.pth or _last.pth)")
+    p.add_argument("--thresholds", help="the thresholds.json to store (default: the run folder's)")
     p.add_argument("--check_batch", type=int_at_least(1), default=2,
                    help="random images to compare onnxruntime with PyTorch on (a batch: checks the dynamic axis)")
     return p

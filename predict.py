@@ -172,10 +172,13 @@ class Detector:
                          max_ratio=max_ratio, fusion_alpha=fusion_alpha)
         self.mapper, self.settings = load_mapper(model_path, seg_path, self.device, overrides, calibration)
         self.image_size, self.crop_size = self.settings["image_size"], self.settings["crop_size"]
-        if self.mapper.model.mask_ratio > 0 and self.mapper.model.mask_in_eval:
-            torch.manual_seed(1)  # CRR's test-time masking is random: seeded as evaluation seeds it
-            log.info("CRR test-time masking is on (the run's setting): scores vary slightly between calls; "
-                     "test_mask='off' makes them deterministic")
+        self.masked = self.mapper.model.test_mask == "on"
+        if self.masked:  # CRR's test-time masking is random: each image's mask is seeded with a hash of its pixels
+            self.mapper.model.mask_rng = "device"
+            log.info("CRR test-time masking is on (the run's setting): each image gets a random mask seeded by its "
+                     "pixels, so an image always gets the same score (on one kind of device), whatever its batch "
+                     "(evaluation drew other masks: its scores differ a little); --test_mask off (Python: "
+                     "test_mask='off') turns the masking off")
         self._set_thresholds(calibration, calib_path, class_name, threshold)
 
     def _set_thresholds(self, calibration: dict | None, path: str, class_name: str | None,
@@ -210,7 +213,8 @@ class Detector:
 
     def _check_settings(self, saved: dict, path: str):
         used = dict(map="reconstruction" if self.mapper.segnet is None else "fused",
-                    max_ratio=self.mapper.max_ratio, fusion_alpha=self.mapper.fusion_alpha)
+                    max_ratio=self.mapper.max_ratio, fusion_alpha=self.mapper.fusion_alpha,
+                    test_mask=self.mapper.model.test_mask)
         for key, value in used.items():
             if key in saved and saved[key] != value and not (key == "fusion_alpha" and used["map"] != "fused"):
                 log.warning(f"warning: the thresholds in {path} were calibrated with {key} {saved[key]}, "
@@ -224,7 +228,8 @@ class Detector:
     @torch.no_grad()
     def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
         """Normalised crops [B, 3, crop, crop] and their images' (width, height) -> one Prediction each."""
-        amaps, scores = self.mapper(batch.to(self.device))
+        seeds = [models.mask_seed(x.numpy().tobytes()) for x in batch.cpu()] if self.masked else None
+        amaps, scores = self.mapper(batch.to(self.device), seeds)
         out = []
         for amap, score, (w, h) in zip(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes):
             full, seen = uncrop(amap, w, h, self.image_size, self.crop_size)

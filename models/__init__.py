@@ -12,7 +12,7 @@ from dataset import check_sizes
 from errors import UserError
 from .encoder import ENCODERS, DinoV2Encoder, EncoderConfig
 from .segnet import SegmentationNet, segmentation_input
-from .vitill import ViTill
+from .vitill import ViTill, mask_seed
 
 log = logging.getLogger("anomaly")
 META_URL = "https://dl.fbaipublicfiles.com/dinov2/{stem}/{file}"
@@ -235,7 +235,7 @@ def load_segmentation_net(path: str, embed_dim: int) -> SegmentationNet:
     return net
 
 
-__all__ = ["ENCODERS", "EncoderConfig", "DinoV2Encoder", "ViTill", "SegmentationNet", "segmentation_input",
+__all__ = ["ENCODERS", "EncoderConfig", "DinoV2Encoder", "ViTill", "mask_seed", "SegmentationNet", "segmentation_input",
            "encoder_config", "build_model", "load_model", "checkpoint_file", "segmentation_file", "saved_settings",
            "load_trained", "segmentation_net", "load_segmentation_net", "load_encoder_weights",
            "default_encoder_weights", "load_file", "read_state_dict", "architecture_from_state_dict"]

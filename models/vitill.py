@@ -2,11 +2,19 @@
 
 The state dict is the official one: `encoder.*` (Meta's names), `bottleneck.0.*`, `decoder.{i}.*`.
 """
+import hashlib
+
 import torch
 import torch.nn as nn
 
 from .decoder import BottleneckMLP, decoder_block
 from .encoder import DinoV2Encoder, EncoderConfig
+
+
+def mask_seed(key: bytes) -> int:
+    """A seed for one image's test-time mask (mask_rng "device"): a 64-bit hash of `key`, the same key giving the
+    same mask."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
 def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -36,6 +44,11 @@ class ViTill(nn.Module):
         super().train(mode)
         self.encoder.eval()  # frozen, and it has no dropout: eval keeps it deterministic either way
         return self
+
+    @property
+    def test_mask(self) -> str:
+        """"on" when eval-mode forward passes mask the bottleneck input (CRR's test), else "off"."""
+        return "on" if self.mask_ratio > 0 and self.mask_in_eval else "off"
 
     def bottleneck_mask(self, x: torch.Tensor, mask_seeds: list[int] | None = None) -> torch.Tensor:
         """CRR's element-wise mask: 0 with probability mask_ratio. In training it is drawn on x's device. In eval

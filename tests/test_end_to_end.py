@@ -111,7 +111,7 @@ def test_eval_only_reproduces_scores_and_handles_missing_ground_truth(dinomaly_r
     assert row[1] != "" and row[4:] == ["", "", "", "", ""]
 
 
-def test_crr_three_stages(demo, tmp_path):
+def test_crr_three_stages(demo, dinomaly_run, tmp_path, capsys):
     common = ["--data_path", demo["realiad"], "--save_dir", str(tmp_path), "--save_name", "crr", *SMALL]
     run_script(crr_realiad_stage1, crr_stage1_main, "crr_stage1",
                [*common, "--encoder", TINY, "--total_iters", "2", "--batch_size", "4", "--mask_ratio", "0.25",
@@ -156,6 +156,15 @@ def test_crr_three_stages(demo, tmp_path):
     assert [float(r[3]) for r in read_csv(tmp_path / "t5" / "scores.csv")[1:]] == scores["t5"]
     assert read_csv(tmp_path / "t1" / "metrics.csv")[0] == METRICS_HEADER
     assert file_hash(run / "model.pth") == stage1
+    # a Dinomaly model (no bottleneck masking, no segmentation network beside it) given to the CRR test
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_script(crr_realiad_test, crr_test_main, "crr_test", [*later, "--save_name", "dino", "--checkpoint",
+                                                                 str(dinomaly_run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert f"no segmentation network (Seg_model_7999.pth or Seg_model_last.pth) in {dinomaly_run} or " in err[0]
+    assert "a Dinomaly model, not CRR's Stage I?" in err[0] and "run crr_realiad_stage2.py" in err[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

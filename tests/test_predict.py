@@ -139,7 +139,7 @@ def test_f1max_threshold_against_scikit_learn():
 def test_thresholds_json_matches_brute_force_over_the_run(run):
     data = json.loads((run / "thresholds.json").read_text())
     rows = read_csv(run / "scores.csv")
-    assert data["settings"] == {"map": "reconstruction", "fusion_alpha": 0.7, "max_ratio": 0.01}
+    assert data["settings"] == {"map": "reconstruction", "fusion_alpha": 0.7, "max_ratio": 0.01, "test_mask": "off"}
     for name, entry in [*data["classes"].items(), ("all", data["all"])]:
         mine = [r for r in rows if name in ("all", r["class"])]
         labels = np.array([int(r["label"]) for r in mine])
@@ -324,7 +324,7 @@ def test_detector_on_arrays_images_and_files_agrees(run, inputs):
     assert batch[0].score == pytest.approx(from_file.score, abs=1e-6) and batch[1].score == batch[0].score
 
 
-def test_crr_run_adds_the_segmentation_network(crr_run, inputs):
+def test_crr_run_adds_the_segmentation_network(crr_run, inputs, monkeypatch):
     detector = predict.Detector(str(crr_run), threshold=1.0, device="cpu", test_mask="off")
     assert detector.mapper.segnet is not None and detector.mapper.fusion_alpha == 0.7
     assert detector.settings["mask_ratio"] == 0.25 and detector.settings["crop_size"] == CROP
@@ -334,9 +334,19 @@ def test_crr_run_adds_the_segmentation_network(crr_run, inputs):
     with torch.no_grad():
         want = AnomalyMapper(model, segnet)(ds.load_tensor(path, SIZE, CROP)[None])[1].item()
     assert detector(path).score == pytest.approx(want, abs=1e-6)
-    # the run's test-time masking (on) is random: seeded, so two detectors agree
-    first, second = (predict.Detector(str(crr_run), threshold=1.0, device="cpu")(path).score for _ in range(2))
-    assert first == second != pytest.approx(want, abs=1e-6)
+    # the run's test-time masking (on) is random; each image's mask seeded by its pixels: the same score from
+    # two detectors, alone or in a batch at any position, and unlike the unmasked one
+    first, second = (predict.Detector(str(crr_run), threshold=1.0, device="cpu") for _ in range(2))
+    alone = first(path).score
+    other = str(inputs / "nut" / "cut" / "000.png")
+    seen = []
+    draw = second.mapper.model.bottleneck_mask
+    monkeypatch.setattr(second.mapper.model, "bottleneck_mask", lambda x, seeds: seen.append(seeds) or draw(x, seeds))
+    batch = [p.score for p in second.predict([other, path, other, path])]
+    assert alone == second(path).score == batch[1] == batch[3] != pytest.approx(want, abs=1e-6)
+    assert batch[0] == batch[2] == first(other).score
+    h = {p: models.mask_seed(second.prepare(p)[0].numpy().tobytes()) for p in (path, other)}
+    assert seen == [[h[other], h[path], h[other], h[path]], [h[path]]] and h[path] != h[other]
 
 
 def test_find_images_patterns_duplicates_and_output_folder(inputs, tmp_path):
@@ -429,6 +439,26 @@ def test_onnx_export_matches_pytorch(which, run, crr_run, tmp_path):
             for c, e in calibration["classes"].items()}
     else:
         assert meta["map"] == "fused" and meta["threshold"] is None
+
+
+def test_thresholds_fitted_with_other_masking_are_flagged(run, crr_run, tmp_path, capsys):
+    # CRR thresholds from an evaluation with test-time masking on; the export (masking off) and a detector with
+    # --test_mask off warn, and --thresholds stores the given file's thresholds
+    data = json.loads((run / "thresholds.json").read_text())
+    for mask in ("on", "off"):
+        data["settings"] = dict(data["settings"], map="fused", test_mask=mask)
+        (tmp_path / f"{mask}.json").write_text(json.dumps(data))
+        capsys.readouterr()
+        assert call(export, ["--checkpoint", crr_run, "--out", tmp_path / "m.onnx", "--thresholds",
+                             tmp_path / f"{mask}.json"]) == 0
+        warned = "fitted with test-time masking on, the exported map has it off" in capsys.readouterr().err
+        assert warned == (mask == "on")
+        predict.Detector(str(crr_run), thresholds=str(tmp_path / f"{mask}.json"), device="cpu", test_mask="off")
+        warned = "calibrated with test_mask on, these scores use off" in capsys.readouterr().err
+        assert warned == (mask == "on")
+    import onnx
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert meta["threshold"] == data["all"]["image"]["threshold"]
 
 
 def test_export_without_onnxruntime_says_what_to_install(run, tmp_path, capsys, monkeypatch):
