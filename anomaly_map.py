@@ -94,6 +94,14 @@ class AnomalyMapper(nn.Module):
         self.model, self.segnet = speed.maybe_compile(model, compile), speed.maybe_compile(segnet, compile)
         self.fusion_alpha, self.max_ratio, self.precision = fusion_alpha, max_ratio, precision
 
+    def settings(self) -> dict:
+        """How this mapper makes its scores, as thresholds.json records them: the map, fusion_alpha, max_ratio,
+        and the test-time bottleneck masking with its ratio."""
+        masked = self.model.test_mask == "on"
+        return dict(map="reconstruction" if self.segnet is None else "fused", fusion_alpha=self.fusion_alpha,
+                    max_ratio=self.max_ratio, test_mask=self.model.test_mask,
+                    mask_ratio=self.model.mask_ratio if masked else 0.0)
+
     def raw_map(self, img: torch.Tensor, mask_seeds: list[int] | None = None) -> torch.Tensor:
         """The map before smoothing: [B, 1, 256, 256]. `mask_seeds`: see ViTill.bottleneck_mask."""
         with speed.autocast(img.device, self.precision):

@@ -264,9 +264,7 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
     thresholds<tag>.json and the pictures (report.py). Returns {class: metrics} (empty on the other processes)."""
     args = run.args
     results, score_rows = {}, []
-    calibration = Calibration(dict(map="reconstruction" if mapper.segnet is None else "fused",
-                                   fusion_alpha=mapper.fusion_alpha, max_ratio=mapper.max_ratio,
-                                   test_mask=mapper.model.test_mask))
+    calibration = Calibration(mapper.settings())
     if run.world_size > 1:
         log.info(f"evaluation shared by {run.world_size} processes")
         model = mapper.model
@@ -503,12 +501,13 @@ def crr_test_main(args):
     run = Run(args, "config_test.json")
     model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
     run.save_config()
-    folder = os.path.dirname(models.checkpoint_file(args.checkpoint or run.dir))  # Stage II's beside Stage I's
+    checkpoint = models.checkpoint_file(args.checkpoint or run.dir)
+    folder = os.path.dirname(checkpoint)  # Stage II's network beside Stage I's model
     seg_path = args.seg_checkpoint or models.segmentation_file(folder) or models.segmentation_file(run.dir)
     if seg_path is None:
-        where = " or ".join(dict.fromkeys([folder, run.dir]))
+        where = " or ".join(dict.fromkeys(os.path.normpath(f) for f in (folder, run.dir)))
         kind = " (this model was trained without bottleneck masking: a Dinomaly model, not CRR's Stage I?)" \
-            if model.mask_ratio == 0 else ""
+            if models.saved_settings(checkpoint).get("mask_ratio") == 0 else ""
         raise UserError(f"no segmentation network (Seg_model_7999.pth or Seg_model_last.pth) in {where}{kind}; "
                         f"run crr_realiad_stage2.py on this run first, or pass --seg_checkpoint")
     segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(run.device).eval()

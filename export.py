@@ -26,7 +26,7 @@ from anomaly_map import MAP_SIZE, AnomalyMapper
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from errors import UserError
 from models.encoder import interpolate_patch_pos_embed
-from predict import load_calibration, load_mapper, run_files
+from predict import check_settings, load_calibration, load_mapper, run_files
 from run import ArgumentParser, int_at_least, log, main as run_main
 
 OPSET = 17
@@ -108,13 +108,12 @@ def export(args):
         raise UserError(MISSING) from None
     model_path, seg_path = run_files(args.checkpoint, args.seg_checkpoint)
     calibration, calib_path = load_calibration(model_path, seg_path is not None, args.thresholds)
-    if calibration and calibration["settings"].get("test_mask") == "on":
-        log.warning(f"warning: the thresholds in {calib_path} were fitted with test-time masking on, the exported "
-                    f"map has it off: evaluate the run with --test_mask off into another --save_name and pass its "
-                    f"thresholds.json as --thresholds")
     mapper, settings = load_mapper(model_path, seg_path, torch.device("cpu"), {}, calibration)
     crop = settings["crop_size"]
-    model = ExportedMapper(for_export(mapper, crop)).eval()
+    exported = for_export(mapper, crop)
+    if calibration:
+        check_settings(exported, calibration, calib_path, model_path)
+    model = ExportedMapper(exported).eval()
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"folder not found: {out_dir}; create it or pass another --out")

@@ -152,6 +152,23 @@ def load_mapper(path: str, seg_path: str | None, device: torch.device, overrides
     return AnomalyMapper(model, segnet, scoring["fusion_alpha"], scoring["max_ratio"]), used
 
 
+def check_settings(mapper: AnomalyMapper, calibration: dict, path: str, model_path: str):
+    """One warning line naming the settings (AnomalyMapper.settings) that the thresholds in `path` were
+    calibrated with and `mapper` does not use. Files written before test_mask was recorded: the run's own
+    test_mask (its config.json) stands in."""
+    saved = dict(calibration["settings"])
+    saved.setdefault("test_mask", models.saved_settings(model_path).get("test_mask"))
+    used = mapper.settings()
+    relevant = dict(fusion_alpha=used["map"] == "fused", mask_ratio=saved["test_mask"] == used["test_mask"])
+    other = [k for k, v in used.items() if saved.get(k) not in (None, v) and relevant.get(k, True)]
+    if other:
+        log.warning(f"warning: the thresholds in {path} were calibrated with "
+                    f"{', '.join(f'{k} {saved[k]}' for k in other)}, these scores use "
+                    f"{', '.join(f'{k} {used[k]}' for k in other)}: to match, evaluate the run so "
+                    f"(crr_realiad_test.py, or the training script's --eval_only) into another --save_name and pass "
+                    f"its thresholds file as --thresholds")
+
+
 class Detector:
     """A trained run, ready to score images. See the module docstring; the keyword arguments are the flags.
 
@@ -166,19 +183,18 @@ class Detector:
         if threshold is not None and not (np.isfinite(threshold) and threshold > 0):
             raise UserError(f"--threshold {threshold} must be a positive number (scores are >= 0)")
         self.device = resolve_device(device)
-        model_path, seg_path = run_files(checkpoint, seg_checkpoint)
-        calibration, calib_path = load_calibration(model_path, seg_path is not None, thresholds)
+        self.model_path, seg_path = run_files(checkpoint, seg_checkpoint)
+        calibration, calib_path = load_calibration(self.model_path, seg_path is not None, thresholds)
         overrides = dict(image_size=image_size, crop_size=crop_size, test_mask=test_mask, mask_ratio=mask_ratio,
                          max_ratio=max_ratio, fusion_alpha=fusion_alpha)
-        self.mapper, self.settings = load_mapper(model_path, seg_path, self.device, overrides, calibration)
+        self.mapper, self.settings = load_mapper(self.model_path, seg_path, self.device, overrides, calibration)
         self.image_size, self.crop_size = self.settings["image_size"], self.settings["crop_size"]
         self.masked = self.mapper.model.test_mask == "on"
         if self.masked:  # CRR's test-time masking is random: each image's mask is seeded with a hash of its pixels
             self.mapper.model.mask_rng = "device"
-            log.info("CRR test-time masking is on (the run's setting): each image gets a random mask seeded by its "
-                     "pixels, so an image always gets the same score (on one kind of device), whatever its batch "
-                     "(evaluation drew other masks: its scores differ a little); --test_mask off (Python: "
-                     "test_mask='off') turns the masking off")
+            log.info("CRR test-time masking is on (the run's setting): each image's random mask is seeded by its "
+                     "pixels, the same whatever its batch (evaluation drew other masks: scores differ from its "
+                     "scores.csv by up to several percent); --test_mask off (Python: test_mask='off') turns it off")
         self._set_thresholds(calibration, calib_path, class_name, threshold)
 
     def _set_thresholds(self, calibration: dict | None, path: str, class_name: str | None,
@@ -196,7 +212,7 @@ class Detector:
             entry = th.select(calibration, class_name, path)
             where = f"{path} ({'all classes' if class_name is None else 'class ' + class_name})"
             self.classes = list(calibration["classes"])
-            self._check_settings(calibration["settings"], path)
+            check_settings(self.mapper, calibration, path, self.model_path)
         calibrated = entry["image"]["threshold"] if entry else None
         if threshold is None and calibrated is None:
             raise UserError(f"{where} has no image threshold (its test set lacked normal or anomalous images); "
@@ -210,15 +226,6 @@ class Detector:
         self.normal_min = entry["image"]["normal_scores"]["min"] if entry else None
         log.info(f"threshold {self.threshold:.6g} from {self.threshold_source}; masks: map >= "
                  f"{self.pixel_threshold:.6g}{'' if pixel is not None else ' (no calibrated pixel threshold)'}")
-
-    def _check_settings(self, saved: dict, path: str):
-        used = dict(map="reconstruction" if self.mapper.segnet is None else "fused",
-                    max_ratio=self.mapper.max_ratio, fusion_alpha=self.mapper.fusion_alpha,
-                    test_mask=self.mapper.model.test_mask)
-        for key, value in used.items():
-            if key in saved and saved[key] != value and not (key == "fusion_alpha" and used["map"] != "fused"):
-                log.warning(f"warning: the thresholds in {path} were calibrated with {key} {saved[key]}, "
-                            f"these scores use {value}")
 
     def prepare(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
         """An image (see as_rgb) -> (normalised crop [3, crop, crop], its (width, height))."""
@@ -343,15 +350,16 @@ def predict(args):
     with open(os.path.join(args.out, "predictions.csv"), "w", newline="") as f:
         csv.writer(f).writerows([header + (["normalized_score"] if args.normalize else []), *rows])
     n_bad = sum(r[2] == "anomalous" for r in rows)
-    log.info(f"predicted {len(rows)} image{'s' * (len(rows) != 1)} ({n_bad} anomalous, {len(rows) - n_bad} normal; threshold "
-             f"{detector.threshold:.6g} from {detector.threshold_source}), skipped {skipped} unreadable; "
+    log.info(f"predicted {len(rows)} image{'s' * (len(rows) != 1)} ({n_bad} anomalous, {len(rows) - n_bad} normal; "
+             f"threshold {detector.threshold:.6g} from {detector.threshold_source}), skipped {skipped} unreadable; "
              f"predictions.csv, overlays/ and masks/ in {args.out}")
 
 
 def class_folder(paths: list[str], classes: list[str]) -> str | None:
-    """The one calibrated class that names a folder above every path, if there is exactly one."""
+    """The one calibrated class that names a folder above every path, if there is exactly one (and the run
+    has several: one class's threshold is the all-classes one)."""
     found = [c for c in classes if all(c in os.path.abspath(p).split(os.sep)[:-1] for p in paths)]
-    return found[0] if len(found) == 1 else None
+    return found[0] if len(found) == 1 and len(classes) > 1 else None
 
 
 def build_parser() -> ArgumentParser:

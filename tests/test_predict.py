@@ -139,7 +139,8 @@ def test_f1max_threshold_against_scikit_learn():
 def test_thresholds_json_matches_brute_force_over_the_run(run):
     data = json.loads((run / "thresholds.json").read_text())
     rows = read_csv(run / "scores.csv")
-    assert data["settings"] == {"map": "reconstruction", "fusion_alpha": 0.7, "max_ratio": 0.01, "test_mask": "off"}
+    assert data["settings"] == {"map": "reconstruction", "fusion_alpha": 0.7, "max_ratio": 0.01, "test_mask": "off",
+                                "mask_ratio": 0.0}
     for name, entry in [*data["classes"].items(), ("all", data["all"])]:
         mine = [r for r in rows if name in ("all", r["class"])]
         labels = np.array([int(r["label"]) for r in mine])
@@ -264,6 +265,7 @@ def test_class_folder_needs_one_class_above_every_image(tmp_path, monkeypatch):
     assert predict.class_folder(["d/nut/a.png", "d/b.png"], classes) is None  # one image outside
     assert predict.class_folder(["d/nut.png", "d/nutty/b.png"], classes) is None  # file names, other folders
     assert predict.class_folder(["nut/weave/a.png"], classes) is None  # ambiguous
+    assert predict.class_folder(["d/nut/a.png"], ["nut"]) is None  # a one-class run: its threshold is the class's
     os.makedirs(tmp_path / "weave" / "test")
     monkeypatch.chdir(tmp_path / "weave" / "test")
     assert predict.class_folder(["a.png", "./good/b.png"], classes) == "weave"  # the folder above the cwd
@@ -442,20 +444,25 @@ def test_onnx_export_matches_pytorch(which, run, crr_run, tmp_path):
 
 
 def test_thresholds_fitted_with_other_masking_are_flagged(run, crr_run, tmp_path, capsys):
-    # CRR thresholds from an evaluation with test-time masking on; the export (masking off) and a detector with
-    # --test_mask off warn, and --thresholds stores the given file's thresholds
+    # CRR thresholds from evaluations with test-time masking on (0.25, the run's), on at another ratio, off, and
+    # from before test_mask was recorded (the run's config.json says on). The export (masking off) and a detector
+    # with --test_mask off warn where the masking differs; the run's own masking where the ratio differs; and
+    # --thresholds stores the given file's thresholds
     data = json.loads((run / "thresholds.json").read_text())
-    for mask in ("on", "off"):
-        data["settings"] = dict(data["settings"], map="fused", test_mask=mask)
-        (tmp_path / f"{mask}.json").write_text(json.dumps(data))
+    cases = {"on": dict(test_mask="on", mask_ratio=0.25), "on_0.4": dict(test_mask="on", mask_ratio=0.4),
+             "off": dict(test_mask="off", mask_ratio=0.0), "old": {}}
+    for name, masking in cases.items():
+        data["settings"] = dict(map="fused", fusion_alpha=0.7, max_ratio=0.01, **masking)
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
         capsys.readouterr()
         assert call(export, ["--checkpoint", crr_run, "--out", tmp_path / "m.onnx", "--thresholds",
-                             tmp_path / f"{mask}.json"]) == 0
-        warned = "fitted with test-time masking on, the exported map has it off" in capsys.readouterr().err
-        assert warned == (mask == "on")
-        predict.Detector(str(crr_run), thresholds=str(tmp_path / f"{mask}.json"), device="cpu", test_mask="off")
-        warned = "calibrated with test_mask on, these scores use off" in capsys.readouterr().err
-        assert warned == (mask == "on")
+                             tmp_path / f"{name}.json"]) == 0
+        err = capsys.readouterr().err
+        assert ("calibrated with test_mask on, these scores use test_mask off: to match" in err) == (name != "off")
+        predict.Detector(str(crr_run), thresholds=str(tmp_path / f"{name}.json"), device="cpu")  # masking on
+        err = capsys.readouterr().err
+        assert ("calibrated with mask_ratio 0.4, these scores use mask_ratio 0.25:" in err) == (name == "on_0.4")
+        assert ("calibrated with test_mask off, these scores use test_mask on:" in err) == (name == "off")
     import onnx
     meta = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert meta["threshold"] == data["all"]["image"]["threshold"]
