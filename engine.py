@@ -74,7 +74,7 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
     it, losses, skipped, bad_in_row = start, [], 0, 0
     begin, data_wait = time.time(), speed.DataWait()
     with train_state.StopRequest(again_interrupts=run.world_size == 1) as stop, \
-            tqdm(initial=start, total=total_iters, desc="train", disable=not run.is_main, dynamic_ncols=True) as bar:
+            tqdm(initial=start, total=total_iters, desc="train", disable=progress_off(run), dynamic_ncols=True) as bar:
         while it < total_iters:
             epoch, done_in_epoch = divmod(it, per_epoch)
             loader.sampler.set_epoch(epoch, skip=done_in_epoch * loader.batch_size)
@@ -130,6 +130,12 @@ def train_step(batch, it: int, loss_fn, params: list, optimizer, schedule, clip,
     if not bad:
         optimizer.step()
     return loss.detach(), not bad, bool(stopping)
+
+
+def progress_off(run: Run) -> bool | None:
+    """tqdm's `disable`: progress bars on the first process, and only on a terminal (None), so that output
+    sent to a file holds the log lines alone."""
+    return None if run.is_main else True
 
 
 def log_progress(it: int, total_iters: int, losses: list, skipped: int, optimizer, wait: float, seconds: float):
@@ -313,7 +319,7 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, samples: list[ds.Sample], na
     def seeds(first: int, n: int) -> list[int] | None:  # the test-time mask seeds of images first .. first + n - 1
         return mask_seeds(args.seed, name, index[first:first + n]) if mapper.model.mask_rng == "device" else None
 
-    batches = tqdm(loader, desc=f"eval {name}", leave=False, dynamic_ncols=True, disable=not run.is_main)
+    batches = tqdm(loader, desc=f"eval {name}", leave=False, dynamic_ncols=True, disable=progress_off(run))
     with torch.no_grad():
         for first, (img, mask, label, has_mask, paths), amap, score in mapped_batches(mapper, batches, run.device,
                                                                                       seeds):

@@ -330,7 +330,7 @@ def predict(args):
     loader = DataLoader(ImageFiles(paths, detector), batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=list)
     rows, skipped = [], 0
-    with tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True) as bar:
+    with tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
         for batch in loader:
             for i, _, _, error in [b for b in batch if b[3] is not None]:
                 log.warning(f"skipped {paths[i]}: {error}")

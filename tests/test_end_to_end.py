@@ -117,6 +117,7 @@ def test_crr_three_stages(demo, dinomaly_run, tmp_path, capsys):
                [*common, "--encoder", TINY, "--total_iters", "2", "--batch_size", "4", "--mask_ratio", "0.25",
                 "--attn_eps", "1e-6", "--save_heatmaps", "1", "--anomaly_source_path", "none"])
     run = tmp_path / "crr"
+    assert "\r" not in capsys.readouterr().err  # training and evaluation: no progress bars, not a terminal
     assert {"model.pth", "config.json", "metrics_recon.csv", "scores_recon.csv"} <= set(os.listdir(run))
     assert "foreground masks found for 16 of 16 training images" in (run / "log.txt").read_text()  # default path
     stage1 = file_hash(run / "model.pth")

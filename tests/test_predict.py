@@ -217,6 +217,7 @@ def test_predict_scores_decisions_and_pictures(run, inputs, tmp_path, capsys, de
     captured = capsys.readouterr()
     assert code == 0
     assert "skipped" in captured.err and "broken.png" in captured.err and "notes.txt" not in captured.err
+    assert "\r" not in captured.err  # no progress bar when the output is not a terminal
     summary = captured.out.strip().splitlines()[-1]
     rows = read_csv(out / "predictions.csv")
     assert len(rows) == 3 + 4 + 3 and f"predicted {len(rows)} images" in summary and "skipped 1" in summary
