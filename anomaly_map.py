@@ -94,7 +94,7 @@ class AnomalyMapper(nn.Module):
         self.model, self.segnet = speed.maybe_compile(model, compile), speed.maybe_compile(segnet, compile)
         self.fusion_alpha, self.max_ratio, self.precision = fusion_alpha, max_ratio, precision
 
-    def settings(self) -> dict:
+    def scoring_settings(self) -> dict:
         """How this mapper makes its scores, as thresholds.json records them: the map, fusion_alpha, max_ratio,
         and the test-time bottleneck masking with its ratio."""
         masked = self.model.test_mask == "on"

@@ -270,7 +270,7 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
     thresholds<tag>.json and the pictures (report.py). Returns {class: metrics} (empty on the other processes)."""
     args = run.args
     results, score_rows = {}, []
-    calibration = Calibration(mapper.settings())
+    calibration = Calibration(mapper.scoring_settings())
     if run.world_size > 1:
         log.info(f"evaluation shared by {run.world_size} processes")
         model = mapper.model

@@ -235,7 +235,8 @@ def load_segmentation_net(path: str, embed_dim: int) -> SegmentationNet:
     return net
 
 
-__all__ = ["ENCODERS", "EncoderConfig", "DinoV2Encoder", "ViTill", "mask_seed", "SegmentationNet", "segmentation_input",
-           "encoder_config", "build_model", "load_model", "checkpoint_file", "segmentation_file", "saved_settings",
-           "load_trained", "segmentation_net", "load_segmentation_net", "load_encoder_weights",
-           "default_encoder_weights", "load_file", "read_state_dict", "architecture_from_state_dict"]
+__all__ = ["ENCODERS", "EncoderConfig", "DinoV2Encoder", "ViTill", "mask_seed", "SegmentationNet",
+           "segmentation_input", "encoder_config", "build_model", "load_model", "checkpoint_file",
+           "segmentation_file", "saved_settings", "load_trained", "segmentation_net", "load_segmentation_net",
+           "load_encoder_weights", "default_encoder_weights", "load_file", "read_state_dict",
+           "architecture_from_state_dict"]
