@@ -33,6 +33,26 @@ def bilinear_align_corners_matrix(n_in, n_out):
     return m
 
 
+def bilinear_half_pixel_matrix(n_in, n_out):
+    """Bilinear with align_corners=False (pixel centres at i + 0.5; sources left of the first centre clamp)."""
+    m = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        src = max((o + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(np.floor(src)), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        m[o, i0] += 1 - (src - i0)
+        m[o, i1] += src - i0
+    return m
+
+
+def cosine_distance_maps(en, de):
+    """Per group 1 - cos along channels, float64: [B, h, w] each."""
+    out = []
+    for e, d in zip(en, de):
+        e, d = e.double().numpy(), d.double().numpy()
+        out.append(1 - (e * d).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(d, axis=1)))
+    return out
+
 
 def test_gaussian_smooth_kernel_and_naive_convolution():
     impulse = torch.zeros(1, 1, 9, 9, dtype=torch.float64)
@@ -72,6 +92,32 @@ def test_reconstruction_map_random_vs_numpy():
         cos = (e * d).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(d, axis=1))  # [B,5,5]
         ref = ref + np.einsum("oi,bij,pj->bop", interp, 1 - cos, interp) / 2
     np.testing.assert_allclose(out[:, 0], ref, atol=1e-5)
+
+
+def test_mapper_raw_maps_follow_the_formulas(tiny_encoder):
+    """AnomalyMapper.raw_map against float64 references built from the model's features. Dinomaly: per group
+    1 - cos, bilinear (align_corners=True) to the crop, mean, then bilinear (align_corners=False) to 256. CRR:
+    alpha * (the same distances straight to 256, align_corners=True) + (1 - alpha) * softmax channel 1 of the
+    segmentation network."""
+    torch.manual_seed(0)
+    model = models.build_model(tiny_encoder, "random").eval()
+    segnet = models.segmentation_net(model.encoder.cfg.embed_dim).eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        en, de = model(x)
+        seg = torch.softmax(segnet(models.segmentation_input(en, de)), dim=1)[:, 1].double().numpy()
+        dinomaly = anomaly_map.AnomalyMapper(model).raw_map(x)[:, 0].numpy()
+        fused = {a: anomaly_map.AnomalyMapper(model, segnet, fusion_alpha=a).raw_map(x)[:, 0].numpy()
+                 for a in (0.0, 0.7, 1.0)}
+    dist = cosine_distance_maps(en, de)
+    to_crop, to_256 = bilinear_align_corners_matrix(4, 56), bilinear_half_pixel_matrix(56, 256)
+    at_crop = np.mean([np.einsum("oi,bij,pj->bop", to_crop, m, to_crop) for m in dist], axis=0)
+    np.testing.assert_allclose(dinomaly, np.einsum("oi,bij,pj->bop", to_256, at_crop, to_256), atol=1e-5)
+    straight = bilinear_align_corners_matrix(4, 256)
+    recon = np.mean([np.einsum("oi,bij,pj->bop", straight, m, straight) for m in dist], axis=0)
+    for a, got in fused.items():
+        np.testing.assert_allclose(got, a * recon + (1 - a) * seg, atol=1e-5)
+    assert np.abs(recon - seg).max() > 0.1  # the two parts differ, so the weights are seen
 
 
 def test_top_ratio_score():

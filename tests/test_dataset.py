@@ -399,6 +399,14 @@ def test_load_mask_keeps_grey_values_until_after_the_resize(tmp_path):
 # Transforms
 
 
+def test_center_crop_box_matches_torchvision_for_odd_margins():
+    T = pytest.importorskip("torchvision.transforms")
+    ramp = Image.fromarray((np.arange(101)[None, :] + 101 * np.arange(101)[:, None]).astype(np.int32))  # unique
+    for crop in (98, 95, 94, 56):  # margins 3, 6, 7, 45: the odd ones round a half
+        want = np.asarray(T.CenterCrop(crop)(ramp))
+        np.testing.assert_array_equal(np.asarray(ramp.crop(ds.center_crop_box(101, crop))), want)
+
+
 def test_test_dataset_matches_torchvision(tmp_path):
     T = pytest.importorskip("torchvision.transforms")
     rng = np.random.default_rng(3)

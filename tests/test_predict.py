@@ -105,6 +105,9 @@ def test_uncrop_puts_the_crop_corner_where_resize_and_crop_took_it():
     assert np.isnan(full[~seen]).all() and not np.isnan(full[seen]).any()
     const, _ = predict.uncrop(np.full((256, 256), 0.25, np.float32), 100, 80, 64, 56)
     np.testing.assert_allclose(const[seen], 0.25, rtol=1e-6)
+    # a 256-px image, no resize, no crop: the map is the image's, pixel for pixel
+    ident, seen = predict.uncrop(amap + np.arange(256, dtype=np.float32)[None] / 256, 256, 256, 256, 256)
+    assert seen.all() and np.array_equal(ident, amap + np.arange(256, dtype=np.float32)[None] / 256)
 
 
 def test_uncrop_inverts_the_real_input_transform():
@@ -134,6 +137,8 @@ def test_f1max_threshold_against_scikit_learn():
         want_t, want_f1 = brute_force_threshold(labels, scores)
         assert t == want_t and f1 == pytest.approx(want_f1, abs=1e-12)
     assert th.f1max_threshold(np.zeros(5), np.arange(5.0)) == (None, None)
+    # two thresholds with the same F1 (2/3 at 4 and at 1): the lower one, which flags every anomaly
+    assert th.f1max_threshold(np.array([1, 0, 0, 1]), np.array([4.0, 3, 2, 1])) == (1.0, pytest.approx(2 / 3))
 
 
 def test_thresholds_json_matches_brute_force_over_the_run(run):
@@ -165,6 +170,7 @@ def test_pixel_threshold_exact_and_subsampled():
     assert entry["pixel"]["threshold"] == brute_force_threshold(masks.ravel(), maps.ravel())[0]
     # normal pixels: those of the three images with empty masks
     assert entry["pixel"]["normal_values"]["p50"] == pytest.approx(np.median(maps[:3]), abs=1e-6)
+    assert entry["pixel"]["normal_values"]["p999"] == pytest.approx(np.percentile(maps[:3], 99.9), abs=1e-6)
     # a subsample: about 500 of 1536 pixels, the same however the images are batched or split across processes
     whole = th.PixelSample(maps.size, max_pixels=500)
     whole.add(maps, masks, range(6))
@@ -178,6 +184,14 @@ def test_pixel_threshold_exact_and_subsampled():
     shards[0].add(maps[0::2], masks[0::2], [0, 2, 4])
     shards[1].add(maps[1::2], masks[1::2], [1, 3, 5])
     np.testing.assert_array_equal(np.sort(th.PixelSample.merge(shards).arrays()[0]), np.sort(values))
+
+
+def test_color_range_puts_the_threshold_in_the_middle():
+    assert th.color_range(0.5, 0.7, 0.9) == pytest.approx([0.5, 0.9])  # 0.5 + 2 * (0.7 - 0.5)
+    assert th.color_range(0.5, 0.3, 0.9) == [0.5, 0.9]  # threshold below lo: up to the normal 99.9th percentile
+    assert th.color_range(0.5, None, 0.8) == [0.5, 0.8] and th.color_range(None, 0.7, 0.9) is None
+    lo, hi = th.color_range(0.5, None, None)
+    assert lo == 0.5 and 0.5 < hi < 0.5 + 1e-5  # never an empty scale
 
 
 def test_normalize_maps_threshold_to_half():
@@ -321,6 +335,8 @@ def test_detector_on_arrays_images_and_files_agrees(run, inputs):
     assert from_file.anomaly_map.shape == from_file.mask.shape == rgb.shape[:2]
     np.testing.assert_array_equal(from_file.anomaly_map, from_array.anomaly_map)
     assert from_file.is_anomalous == (from_file.score >= detector.threshold)
+    at = predict.Detector(str(run), device="cpu", threshold=from_file.score)(path)
+    assert at.score == from_file.score and at.is_anomalous  # anomalous at score == threshold
     grey = np.asarray(Image.open(inputs / "grey.png"))
     assert detector(grey).score == detector(np.repeat(grey[..., None], 3, axis=2)).score
     batch = detector.predict([path, rgb])

@@ -469,6 +469,30 @@ def test_synthesizer_sources(monkeypatch, texture_dir):
     assert {S.AnomalySynthesizer(None, size=64)(colourful(), rng(s)).source for s in range(10)} == {"self"}
 
 
+def test_synthesizer_takes_a_texture_when_its_draw_is_below_one_half(monkeypatch, texture_dir):
+    # the source draw itself: the released code takes a DTD texture when rng.random() < 0.5, else the image
+    class Draws:  # the source draw as given; the texture index and beta at their lowest
+        def __init__(self, u):
+            self.u = u
+
+        def random(self):
+            return self.u
+
+        def integers(self, n):
+            return 0
+
+        def uniform(self, lo, hi):
+            return lo
+
+    monkeypatch.setattr(S, "perlin_resolution", lambda r: (1, 1))
+    monkeypatch.setattr(S, "perlin_mask", lambda size, res, r, fg: np.zeros((size, size), np.float32))
+    monkeypatch.setattr(S, "random_augment", lambda img, r: (img, ()))
+    monkeypatch.setattr(S, "grid_shuffle", lambda img, r: img)
+    synth = S.AnomalySynthesizer(S.list_textures(texture_dir), size=64)
+    assert [synth(colourful(), Draws(u)).source != "self" for u in (0.0, 0.4999, 0.5, 0.9)] == [True, True, False,
+                                                                                                 False]
+
+
 def test_synthesizer_reproducible():
     synth = S.AnomalySynthesizer(None, size=64)
     a, b, c = synth(colourful(), rng(4)), synth(colourful(), rng(4)), synth(colourful(), rng(5))

@@ -49,6 +49,25 @@ def test_hard_mining_ramp_and_full_batch_count():
     torch.testing.assert_close(g, de[0].grad)
 
 
+def test_loss_is_the_mean_over_groups():
+    # two groups: the loss is the mean of the groups' float64 batch-mean global cosine distances, and each
+    # group's gradient is half of its own loss's
+    g = torch.Generator().manual_seed(3)
+    en = [torch.randn(3, 8, 4, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    de = [torch.randn(3, 8, 4, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+
+    def distance(e, d):
+        e, d = e.reshape(3, -1), d.reshape(3, -1)
+        return (1 - (e * d).sum(1) / (e.norm(dim=1) * d.norm(dim=1))).mean()
+
+    loss = global_cosine_hm(en, [d * 1 for d in de], p=0.0)
+    assert loss.item() == pytest.approx((distance(en[0], de[0]) + distance(en[1], de[1])).item() / 2, rel=1e-12)
+    loss.backward()
+    for e, d in zip(en, de):
+        want, = torch.autograd.grad(distance(e, d) / 2, d)
+        torch.testing.assert_close(d.grad, want)
+
+
 def test_stable_adamw_steps_by_hand():
     """Three steps in float64 against the StableAdamW formulas: step 1 plain, step 2 clipped by the RMS (a 10x larger
     gradient), step 3 with AMSGrad's running maximum above the current second moment (a tiny gradient)."""
