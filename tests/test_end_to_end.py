@@ -1,5 +1,6 @@
 """Tiny end-to-end runs of the user scripts on generated data: run-folder files, reloading, CRR's three stages,
 and the exit status of user errors."""
+import argparse
 import csv
 import hashlib
 import json
@@ -8,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -17,8 +19,11 @@ from sklearn.metrics import roc_auc_score
 import crr_realiad_stage1
 import crr_realiad_stage2
 import crr_realiad_test
+import dataset as ds
 import dinomaly_mvtec_uni
+import engine
 import models
+from anomaly_map import AnomalyMapper
 from cli import build_parser
 from engine import crr_stage1_main, crr_stage2_main, crr_test_main, dinomaly_main
 from run import main as run_main
@@ -296,3 +301,24 @@ def test_cudnn_mode_of_each_reference_script(module, job, mode, tmp_path):
     Run(args, "config.json")
     assert torch.backends.cudnn.deterministic == (mode == "deterministic")
     assert torch.backends.cudnn.benchmark == (mode == "benchmark")
+
+
+def test_each_process_samples_pixels_at_the_rate_of_the_whole_class(demo, monkeypatch, tmp_path):
+    """evaluate_shard as process 1 of 2 (faked): it maps images 1, 3, 5, ... and draws its share of the
+    calibration's pixel sample at the rate of the whole class, so the merged sample is one process's."""
+    totals = []
+
+    class Recorded(engine.PixelSample):
+        def __init__(self, total_pixels, *rest, **kw):
+            totals.append(total_pixels)
+            super().__init__(total_pixels, *rest, **kw)
+
+    monkeypatch.setattr(engine, "PixelSample", Recorded)
+    samples = ds.mvtec_samples(demo["mvtec"], "nut", "test")
+    args = argparse.Namespace(image_size=64, crop_size=56, batch_size=3, num_workers=0, save_heatmaps=0, seed=1,
+                              save_dir=str(tmp_path))
+    run = types.SimpleNamespace(args=args, rank=1, world_size=2, device=torch.device("cpu"), is_main=False)
+    mapper = AnomalyMapper(models.build_model(TINY, "random").eval())
+    _, rows, _, _ = engine.evaluate_shard(run, mapper, samples, "nut", "dinomaly", "dinomaly")
+    assert [i for i, _ in rows] == list(range(1, len(samples), 2)) and len(samples) > 2
+    assert totals == [len(samples) * 256 ** 2]
