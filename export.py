@@ -121,8 +121,9 @@ def export(args):
     entry = calibration["all"] if calibration else None
     classes = {name: dict(threshold=c["image"]["threshold"], pixel_threshold=c["pixel"]["threshold"])
                for name, c in (calibration or {}).get("classes", {}).items()}
-    annotate(args.out, dict(image_size=settings["image_size"], crop_size=crop, max_ratio=mapper.max_ratio,
-                            map="reconstruction" if seg_path is None else "fused",
+    scoring = exported.scoring_settings()
+    annotate(args.out, dict(image_size=settings["image_size"], crop_size=crop, max_ratio=scoring["max_ratio"],
+                            map=scoring["map"],
                             threshold=entry["image"]["threshold"] if entry else None,
                             pixel_threshold=entry["pixel"]["threshold"] if entry else None,
                             color_range=entry["color_range"] if entry else None, class_thresholds=classes))

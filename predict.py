@@ -157,7 +157,8 @@ def check_settings(mapper: AnomalyMapper, calibration: dict, path: str, model_pa
     calibrated with and `mapper` does not use. Files written before test_mask was recorded: the run's own
     test_mask (its config.json) stands in."""
     saved = dict(calibration["settings"])
-    saved.setdefault("test_mask", models.saved_settings(model_path).get("test_mask"))
+    if "test_mask" not in saved:
+        saved["test_mask"] = models.saved_settings(model_path).get("test_mask")
     used = mapper.scoring_settings()
     relevant = dict(fusion_alpha=used["map"] == "fused", mask_ratio=saved["test_mask"] == used["test_mask"])
     other = [k for k, v in used.items() if saved.get(k) not in (None, v) and relevant.get(k, True)]
