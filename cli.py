@@ -1,8 +1,9 @@
 """The command line of the five scripts: every flag, its default and its validation, by job.
 
-A script passes its dataset's defaults (data path, run name, iterations, batch, dropout, AUPRO variant, ground
-truth rule) and its job: "dinomaly", "crr_stage1", "crr_stage2" or "crr_test". Each job offers only the flags
-it uses.
+A script passes its defaults (data path, run name, iterations, batch, dropout, AUPRO variant, ground truth rule),
+optionally per --dataset (`dataset_defaults`: the values that depend on the dataset, filled in where not given),
+and its job: "dinomaly", "dinomaly2", "crr_stage1", "crr_stage2" or "crr_test". Each job offers only the flags it
+uses.
 """
 import os
 
@@ -10,15 +11,24 @@ import dataset as ds
 import models
 import speed
 from image_cache import MODES as CACHE_MODES
+from models.vitill import GROUPINGS
 from run import ArgumentParser, float_in, int_at_least
 
-JOBS = ("dinomaly", "crr_stage1", "crr_stage2", "crr_test")
+JOBS = ("dinomaly", "dinomaly2", "crr_stage1", "crr_stage2", "crr_test")
 
 
-def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
+def dataset_defaults(datasets: dict[str, tuple[str, int, int]], save_name: str) -> dict[str, dict]:
+    """build_parser's dataset_defaults from {dataset: (data path, image size, crop size)} and a run-name pattern
+    with {dataset}."""
+    return {name: dict(data_path=path, image_size=size, crop_size=crop, save_name=save_name.format(dataset=name))
+            for name, (path, size, crop) in datasets.items()}
+
+
+def build_parser(description: str, defaults: dict, job: str,
+                 dataset_defaults: dict[str, dict] | None = None) -> ArgumentParser:
     if job not in JOBS:
         raise ValueError(f"unknown job {job!r}")
-    trains_recon = job in ("dinomaly", "crr_stage1")
+    trains_recon = job in ("dinomaly", "dinomaly2", "crr_stage1")
     trains = trains_recon or job == "crr_stage2"
     evaluates = job != "crr_stage2"
     crr = job.startswith("crr")
@@ -90,6 +100,15 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
                                 "(on the model's device, the GPU; in evaluation each image's mask is seeded by --seed, "
                                 "its class and its index, so the metrics do not depend on the batch size or the "
                                 "number of processes)")
+    if job == "dinomaly2":
+        model.add_argument("--lc", type=int, choices=sorted(GROUPINGS), default=2,
+                           help="groups of the 8 taps compared (loose constraint): 0 layer to layer, 1 one group, 2 two "
+                                "groups of 4, 3 three, 4 four, 11 the last tap, 12 taps 4 and 8, 14 taps 2, 4, 6, 8")
+        model.add_argument("--cr", type=int, choices=[0, 1], default=1,
+                           help="context-aware recentering of the encoder targets: LN(patch tokens - CLS) (1), or the "
+                                "raw tokens as Dinomaly (0)")
+        model.add_argument("--la", type=int, choices=[0, 1], default=1,
+                           help="decoder attention: linear (1), or softmax (0)")
     if job == "crr_test":
         model.add_argument("--seg_checkpoint",
                            help="segmentation network (default: Seg_model_7999.pth, else Seg_model_last.pth, "
@@ -100,6 +119,15 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
     if trains:
         train = p.add_argument_group("training")
         train.add_argument("--total_iters", type=int_at_least(1), help="training iterations")
+        if job == "dinomaly2":
+            train.add_argument("--shot", type=int_at_least(1),
+                               help="few-shot: train on this many images per class (chosen with --seed as the "
+                                    "preview code does), with strong augmentation (default: all images)")
+            train.add_argument("--bottleneck_in_lr", type=float_in(0, 1), default=2e-4,
+                               help="learning rate of the first bottleneck layer (D -> 256); the rest use 2e-3")
+            train.add_argument("--lr_decay_ratio", type=float_in(0, 1), default=1.0,
+                               help="the learning rate after warm-up falls on a cosine to this share of its start "
+                                    "(1: constant)")
         train.add_argument("--log_every", type=int_at_least(1), default=100,
                            help="log the mean loss every N iterations")
         train.add_argument("--save_every", type=int_at_least(1), default=1000,
@@ -137,4 +165,5 @@ def build_parser(description: str, defaults: dict, job: str) -> ArgumentParser:
                         help="write image | ground truth | anomaly map PNGs for the first N anomalous test images "
                              "of each class")
     p.set_defaults(**defaults)
+    p.dataset_defaults = dataset_defaults or {}
     return p

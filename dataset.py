@@ -40,7 +40,15 @@ REALIAD_CLASSES = [
     "usb_adaptor", "u_block", "vcpill", "wooden_beads", "woodstick", "zipper",
 ]
 
-DATASETS = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALIAD_CLASSES}  # name -> standard classes
+MPDD_CLASSES = ["bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"]
+BTAD_CLASSES = ["01", "02", "03"]
+MIAD_CLASSES = ["catenary_dropper", "electrical_insulator", "metal_welding", "nut_and_bolt", "photovoltaic_module",
+                "wind_turbine", "witness_mark"]
+UNIMEDICAL_CLASSES = ["BraTS2021", "LIVER", "RESC"]
+
+# name -> standard classes; every dataset but realiad is read in the MVTec layout
+DATASETS = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALIAD_CLASSES, "mpdd": MPDD_CLASSES,
+            "btad": BTAD_CLASSES, "miad": MIAD_CLASSES, "unimedical": UNIMEDICAL_CLASSES}
 
 # Image and mask files are recognised by extension, case-insensitively; the order is the mask search order.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

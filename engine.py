@@ -1,6 +1,7 @@
-"""The engine: the one training loop, the one evaluation loop, and the recipes of the four jobs.
+"""The engine: the one training loop, the one evaluation loop, and the recipes of the five jobs.
 
 - `dinomaly_main`: train Dinomaly on all classes (or load `--checkpoint` with `--eval_only`), then evaluate.
+- `dinomaly2_main`: the same with Dinomaly2's model and recipe (2D, few-shot with --shot, multi-view datasets).
 - `crr_stage1_main`: CRR Stage I, reconstruction + repair of synthetic anomalies, then evaluate.
 - `crr_stage2_main`: CRR Stage II, the segmentation network on the frozen Stage-I model.
 - `crr_test_main`: CRR test, the fused map.
@@ -8,6 +9,7 @@
 import csv
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import dataset as ds
+import fewshot
 import models
 import preflight
 import speed
@@ -25,15 +28,33 @@ from anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt, check_max_ratio
 from errors import UserError
 from image_cache import build_cache
 from loss import focal_loss, global_cosine_hm, hard_mining_factor
-from optimizers import StableAdamW, WarmCosineSchedule
+from optimizers import StableAdamW, WarmCosineSchedule, WarmupRatioSchedule
 from report import ClassReport
 from run import Run, log, save_atomic, seed_everything
 from thresholds import Calibration, PixelSample
 from utils import METRIC_NAMES, ClassAccumulator, format_metrics, nanmean, write_metrics_csv
 
 # ----------------------------------------------------------------------------------------------- the recipes
-# Reconstruction training (Dinomaly, CRR Stage I): StableAdamW, warm-up then cosine, clipping, hard mining.
-LR, LR_FINAL, WARMUP_ITERS = 2e-3, 2e-4, 100
+# Reconstruction training (Dinomaly, CRR Stage I, Dinomaly2): StableAdamW, warm-up then cosine, clipping, hard mining.
+# The model each method trains is described by its settings (models.PAPER_SETTINGS); how it trains, here.
+
+
+@dataclass(frozen=True)
+class Recipe:
+    lr: float  # the bottleneck's and the decoder's learning rate (Dinomaly2: --bottleneck_in_lr for its first layer)
+    amsgrad: bool
+    # "cosine": linspace(0, lr) over WARMUP_ITERS, then a cosine to LR_FINAL (Dinomaly's WarmCosineScheduler);
+    # "ratio": each group's lr0 * it / WARMUP_ITERS, then a cosine to lr0 * --lr_decay_ratio (Dinomaly2's
+    # WarmupCosineScheduler; ratio 1: constant)
+    schedule: str
+
+
+RECIPES = {
+    "dinomaly": Recipe(lr=2e-3, amsgrad=True, schedule="cosine"),
+    "crr": Recipe(lr=2e-3, amsgrad=True, schedule="cosine"),
+    "dinomaly2": Recipe(lr=2e-3, amsgrad=False, schedule="ratio"),
+}
+LR_FINAL, WARMUP_ITERS = 2e-4, 100
 BETAS, WEIGHT_DECAY, ADAM_EPS = (0.9, 0.999), 1e-4, 1e-10
 CLIP_NORM = 0.1
 HM_MAX_P, HM_RAMP_ITERS, HM_FACTOR = 0.9, 1000, 0.1  # share of easy positions, iterations to reach it, their weight
@@ -63,7 +84,7 @@ def train_loader(run: Run, dataset, batch_size: int) -> DataLoader:
 
 
 def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: list, optimizer,
-               schedule: WarmCosineSchedule | None = None, clip: float | None = None, on_iter_end=None,
+               schedule: WarmCosineSchedule | WarmupRatioSchedule | None = None, clip: float | None = None, on_iter_end=None,
                start: int = 0, save_state=None):
     """The one training loop, from iteration `start`: per step forward + loss (loss_fn(batch, it)) -> zero_grad ->
     backward -> clip -> step (train_step), skipped when the loss is not finite; the learning rate of iteration
@@ -141,7 +162,7 @@ def progress_off(run: Run) -> bool | None:
 def log_progress(it: int, total_iters: int, losses: list, skipped: int, optimizer, wait: float, seconds: float):
     mean_loss = f"{torch.stack(losses).mean().item():.4f}" if losses else "n/a"
     note = f", skipped (non-finite loss): {skipped}" if skipped else ""
-    log.info(f"iter [{it}/{total_iters}], loss: {mean_loss}, lr: {optimizer.param_groups[0]['lr']:.3g}, "
+    log.info(f"iter [{it}/{total_iters}], loss: {mean_loss}, lr: {optimizer.param_groups[-1]['lr']:.3g}, "
              f"data wait {wait:.0%}, {seconds:.0f}s{note}")
 
 
@@ -152,14 +173,15 @@ def ddp_wrap(run: Run, module: torch.nn.Module) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
-def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, repair: bool, state: dict | None):
-    """Dinomaly training; with `repair`, CRR Stage I: batches are (img, aug_img, mask) and the loss adds the
-    hard-mined distance between the clean encoder features and the decoding of aug_img. Continues from the
-    training `state` when given."""
+def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, method: str, state: dict | None):
+    """Dinomaly or Dinomaly2 training; CRR Stage I (method "crr"): batches are (img, aug_img, mask) and the loss
+    adds the hard-mined distance between the clean encoder features and the decoding of aug_img. Continues from
+    the training `state` when given."""
     args = run.args
+    repair = method == "crr"
     params = model.trainable_parameters()
-    optimizer = reconstruction_optimizer(params)
-    schedule = WarmCosineSchedule(LR, LR_FINAL, args.total_iters, warmup_iters=WARMUP_ITERS)
+    optimizer = reconstruction_optimizer(model, method, getattr(args, "bottleneck_in_lr", None))
+    schedule = reconstruction_schedule(method, args.total_iters, getattr(args, "lr_decay_ratio", 1.0))
     net = ddp_wrap(run, model)
     model.train()
 
@@ -184,9 +206,25 @@ def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, rep
     log.info(f"saved {run.path('model.pth')}")
 
 
-def reconstruction_optimizer(params: list) -> StableAdamW:
-    return StableAdamW([{"params": params}], lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, amsgrad=True,
+def reconstruction_optimizer(model: models.ViTill, method: str, bottleneck_in_lr: float | None = None) -> StableAdamW:
+    """StableAdamW over the bottleneck and the decoder: one parameter group (Dinomaly, CRR), or, with
+    `bottleneck_in_lr`, three as Dinomaly2's: the first bottleneck layer at that rate, the rest of the bottleneck,
+    the decoder."""
+    recipe = RECIPES[method]
+    if bottleneck_in_lr is None:
+        groups = [{"params": model.trainable_parameters()}]
+    else:
+        groups = [{"params": list(model.bottleneck[0].parameters()), "lr": bottleneck_in_lr},
+                  {"params": list(model.bottleneck[1:].parameters())}, {"params": list(model.decoder.parameters())}]
+    return StableAdamW(groups, lr=recipe.lr, betas=BETAS, weight_decay=WEIGHT_DECAY, amsgrad=recipe.amsgrad,
                        eps=ADAM_EPS)
+
+
+def reconstruction_schedule(method: str, total_iters: int, final_ratio: float = 1.0):
+    recipe = RECIPES[method]
+    if recipe.schedule == "cosine":
+        return WarmCosineSchedule(recipe.lr, LR_FINAL, total_iters, warmup_iters=WARMUP_ITERS)
+    return WarmupRatioSchedule(total_iters, WARMUP_ITERS, final_ratio)
 
 
 def repair_loss(net, img: torch.Tensor, aug_img: torch.Tensor, p: float) -> torch.Tensor:
@@ -371,10 +409,21 @@ def test_samples(args, class_name: str) -> list[ds.Sample]:
     return samples
 
 
-def train_dataset(args) -> ds.TrainDataset:
-    """Dinomaly's training images, through the image cache of --cache_images."""
+def train_dataset(run: Run):
+    """The reconstruction model's training images, through the image cache of --cache_images: all of them
+    (ds.TrainDataset), or with --shot K, K per class with Dinomaly2's strong augmentation (fewshot.py); the
+    chosen files are logged and listed in the run folder's shots.txt."""
+    args = run.args
     samples = train_samples(args)
-    return ds.TrainDataset(samples, args.image_size, args.crop_size, image_cache(args, samples))
+    shot = getattr(args, "shot", None)
+    if shot is None:
+        return ds.TrainDataset(samples, args.image_size, args.crop_size, image_cache(args, samples))
+    samples = fewshot.select_shots(samples, shot, args.seed)
+    log.info(f"{shot}-shot training set ({len(samples)} images): " + ", ".join(s.image_path for s in samples))
+    if run.is_main:
+        with open(run.path(fewshot.SHOTS_FILE), "w") as f:
+            f.writelines(f"{s.class_name}\t{s.image_path}\n" for s in samples)
+    return fewshot.AugmentedDataset(samples, args.image_size, args.crop_size, args.seed, image_cache(args, samples))
 
 
 def train_samples(args) -> list[ds.Sample]:
@@ -411,11 +460,11 @@ def synthetic_train_set(args):
     return SyntheticAnomalyDataset(samples, args.image_size, args.crop_size, textures, args.seed, caches)
 
 
-def model_settings(args, dropout: float | None = None) -> dict:
-    """What a later job needs to rebuild this run's model (written to config.json's "model" entry)."""
-    return dict(encoder=args.encoder, image_size=args.image_size, crop_size=args.crop_size,
-                mask_ratio=getattr(args, "mask_ratio", 0.0), test_mask=getattr(args, "test_mask", "off"),
-                attn_eps=args.attn_eps, dropout=dropout, decoder_depth=8)
+def model_settings(args, method: str) -> dict:
+    """What a later job needs to rebuild this run's model (config.json's "model" entry): the method's paper
+    settings (models.PAPER_SETTINGS) with this run's values of those the job offers as flags."""
+    settings = {k: getattr(args, k, v) for k, v in models.PAPER_SETTINGS[method].items()}
+    return dict(settings, method=method, dropout=args.dropout, decoder_depth=8)
 
 
 def trained_model(run: Run, path: str, fallback: dict) -> models.ViTill:
@@ -423,11 +472,13 @@ def trained_model(run: Run, path: str, fallback: dict) -> models.ViTill:
     return prepared(run, models.load_trained(path, run.args, fallback))
 
 
-def fresh_model(run: Run, **kwargs) -> models.ViTill:
+def fresh_model(run: Run, settings: dict) -> models.ViTill:
+    """A new model of the run's settings (model_settings), its encoder from --encoder_weights."""
     args = run.args
-    args.encoder = args.encoder or "dinov2reg_vit_base_14"
     weights = args.encoder_weights or models.default_encoder_weights(args.encoder)
-    model = models.build_model(args.encoder, weights, **kwargs)
+    model = models.build_model(args.encoder, weights, dropout=settings["dropout"],
+                               bottleneck_kind=models.BOTTLENECK_OF[settings["method"]],
+                               **models.model_options(settings))
     if weights == "random":
         log.warning("warning: the encoder has random weights (--encoder_weights random): a smoke run only")
     log.info(f"trainable parameters: {sum(p.numel() for p in model.trainable_parameters()):,}")
@@ -449,30 +500,38 @@ def mask_seeds(seed: int, class_name: str, indices: list[int]) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------- the jobs
 
-def train_and_evaluate(args, crr: bool):
-    """Dinomaly (crr False) or CRR Stage I (crr True: reconstruction + repair with bottleneck masking): train
-    one model on all classes unless --eval_only, save model.pth, evaluate the Dinomaly map."""
+def train_and_evaluate(args, method: str):
+    """Dinomaly, Dinomaly2 or CRR Stage I (method "crr": reconstruction + repair with bottleneck masking): train
+    one model on all classes unless --eval_only, save model.pth, evaluate the reconstruction map."""
     check_max_ratio(args.max_ratio)
+    if args.data_path is None:
+        raise UserError(f"this script has no default data folder for --dataset {args.dataset}; pass --data_path "
+                        f"(and --image_size and --crop_size)")
+    crr = method == "crr"
     if args.eval_only:
         if args.checkpoint is None:
             raise UserError("--eval_only needs --checkpoint (a run folder or model.pth)")
         if args.resume or args.overwrite:
             raise UserError("--resume and --overwrite are for training; --eval_only writes only metrics")
         run = Run(args, "config_eval.json")
-        model = trained_model(run, args.checkpoint, models.PAPER_SETTINGS["crr" if crr else "dinomaly"])
+        model = trained_model(run, args.checkpoint, models.PAPER_SETTINGS[method])
         preflight.check_data(args)
         run.save_config()
     else:
+        args.encoder = args.encoder or "dinov2reg_vit_base_14"
+        if args.image_size is None or args.crop_size is None:
+            raise UserError(f"this script has no default sizes for --dataset {args.dataset}; pass --image_size and "
+                            f"--crop_size")
         ds.check_sizes(args.image_size, args.crop_size)
         run = Run(args, "config.json")
         state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth"])
-        train_set = synthetic_train_set(args) if crr else train_dataset(args)
+        train_set = synthetic_train_set(args) if crr else train_dataset(run)
         preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths if crr else ())
-        masking = dict(mask_ratio=args.mask_ratio, mask_in_eval=args.test_mask == "on") if crr else {}
-        model = fresh_model(run, dropout=args.dropout, attn_eps=args.attn_eps, **masking)
+        settings = model_settings(args, method)
+        model = fresh_model(run, settings)
         loader = train_loader(run, train_set, args.batch_size)
-        run.save_config(model_settings(args, args.dropout))
-        train_reconstruction(run, model, loader, repair=crr, state=state)
+        run.save_config(settings)
+        train_reconstruction(run, model, loader, method, state=state)
     run.barrier()
     model.eval()
     seed_everything(args.seed)
@@ -481,11 +540,15 @@ def train_and_evaluate(args, crr: bool):
 
 
 def dinomaly_main(args):
-    train_and_evaluate(args, crr=False)
+    train_and_evaluate(args, "dinomaly")
+
+
+def dinomaly2_main(args):
+    train_and_evaluate(args, "dinomaly2")
 
 
 def crr_stage1_main(args):
-    train_and_evaluate(args, crr=True)
+    train_and_evaluate(args, "crr")
 
 
 def crr_stage2_main(args):

@@ -1,4 +1,4 @@
-"""StableAdamW and the warm-up cosine learning-rate schedule."""
+"""StableAdamW and the warm-up cosine learning-rate schedules (Dinomaly's and Dinomaly2's)."""
 import math
 
 import numpy as np
@@ -80,3 +80,26 @@ class WarmCosineSchedule:
     def apply(self, optimizer: torch.optim.Optimizer, it: int):
         for group in optimizer.param_groups:
             group["lr"] = self(it)
+
+
+class WarmupRatioSchedule:
+    """Dinomaly2's schedule, per parameter group from its initial rate lr0: lr0 * it / warmup for it < warmup, then
+    lr0 * (r + (1 - r) * (1 + cos(pi * (it - warmup) / (total - warmup))) / 2), r = final_ratio (1: constant).
+    Iteration 0 has rate 0. A group's lr0 is its rate when the schedule first sees it (kept in "initial_lr", which
+    the optimiser's state dict saves)."""
+
+    def __init__(self, total_iters: int, warmup_iters: int = 100, final_ratio: float = 1.0):
+        self.total, self.warmup, self.final_ratio = total_iters, warmup_iters, final_ratio
+
+    def __call__(self, it: int) -> float:
+        """The factor applied to each group's lr0 at iteration `it`."""
+        if it < self.warmup:
+            return it / self.warmup
+        progress = (it - self.warmup) / (self.total - self.warmup)
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.final_ratio + (1.0 - self.final_ratio) * coeff
+
+    def apply(self, optimizer: torch.optim.Optimizer, it: int):
+        factor = self(it)
+        for group in optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor

@@ -35,10 +35,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with visible defaults, no abbreviated flags, and one-line errors with exit status 2."""
+    """argparse with visible defaults, no abbreviated flags, and one-line errors with exit status 2.
+    `dataset_defaults` {dataset: {dest: value}}: values that depend on --dataset, set where the command line and
+    the defaults leave None."""
 
     def __init__(self, description: str | None = None):
         super().__init__(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+        self.dataset_defaults: dict[str, dict] = {}
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        for key, value in self.dataset_defaults.get(getattr(ns, "dataset", None), {}).items():
+            if getattr(ns, key, None) is None:
+                setattr(ns, key, value)
+        return ns
 
     def error(self, message):
         print(f"error: {message}; see {self.prog} --help", file=sys.stderr)

@@ -16,11 +16,18 @@ from .vitill import ViTill, mask_seed
 
 log = logging.getLogger("anomaly")
 META_URL = "https://dl.fbaipublicfiles.com/dinov2/{stem}/{file}"
-# The settings of a model saved without a config.json (an official checkpoint): the paper's.
+# The settings of a model saved without a config.json (an official checkpoint): the paper's. `lc`, `cr`, `la`:
+# Dinomaly2's tap grouping (models.vitill.GROUPINGS), context-aware recentering and linear attention (1) or
+# softmax (0), under the preview code's names.
 PAPER_SETTINGS = {
-    "dinomaly": dict(encoder=None, image_size=448, crop_size=392, mask_ratio=0.0, test_mask="off", attn_eps=0.0),
-    "crr": dict(encoder=None, image_size=448, crop_size=392, mask_ratio=0.4, test_mask="on", attn_eps=0.0),
+    "dinomaly": dict(method="dinomaly", encoder=None, image_size=448, crop_size=392, mask_ratio=0.0, test_mask="off",
+                     attn_eps=0.0, lc=2, cr=0, la=1),
+    "crr": dict(method="crr", encoder=None, image_size=448, crop_size=392, mask_ratio=0.4, test_mask="on",
+                attn_eps=0.0, lc=2, cr=0, la=1),
+    "dinomaly2": dict(method="dinomaly2", encoder=None, image_size=448, crop_size=392, mask_ratio=0.0,
+                      test_mask="off", attn_eps=1e-8, lc=2, cr=1, la=1),
 }
+BOTTLENECK_OF = {"dinomaly": "mlp", "crr": "mlp", "dinomaly2": "two_stage"}  # method -> decoder.bottleneck kind
 
 
 def encoder_config(name: str) -> EncoderConfig:
@@ -112,22 +119,34 @@ def is_segmentation_state_dict(sd: dict) -> bool:
     return "fin_out.0.weight" in sd
 
 
-def architecture_from_state_dict(sd: dict, path: str) -> tuple[str, int]:
-    """Encoder name and decoder depth of an official-layout reconstruction checkpoint, from its shapes."""
+def bottleneck_kind(sd: dict) -> str | None:
+    """"mlp" (Dinomaly, CRR) or "two_stage" (Dinomaly2) from a reconstruction checkpoint's keys; None if neither."""
+    if "bottleneck.0.fc1.weight" in sd:
+        return "mlp"
+    if "bottleneck.0.0.weight" in sd and "bottleneck.1.3.weight" in sd:
+        return "two_stage"
+    return None
+
+
+def architecture_from_state_dict(sd: dict, path: str) -> tuple[str, int, str]:
+    """Encoder name, decoder depth and bottleneck kind of an official-layout reconstruction checkpoint, from its
+    keys and shapes."""
     if is_backbone_state_dict(sd):
         raise UserError(f"{path} is a plain DINOv2 backbone file, not a trained model; pass it as "
                         f"--encoder_weights, or pass a trained model.pth as --checkpoint")
     if is_segmentation_state_dict(sd):
         raise UserError(f"{path} is a segmentation network (Seg_model_*.pth); pass it as --seg_checkpoint")
-    if "bottleneck.0.fc1.weight" not in sd or "encoder.cls_token" not in sd:
-        raise UserError(f"{path} is not a Dinomaly/CRR reconstruction checkpoint (no encoder.* / bottleneck.* keys)")
-    dim = sd["bottleneck.0.fc1.weight"].shape[1]
+    kind = bottleneck_kind(sd)
+    if kind is None or "encoder.cls_token" not in sd:
+        raise UserError(f"{path} is not a Dinomaly, Dinomaly2 or CRR reconstruction checkpoint (no encoder.* / "
+                        f"bottleneck.* keys)")
+    dim = sd["bottleneck.0.fc1.weight" if kind == "mlp" else "bottleneck.0.0.weight"].shape[1]
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))
     names = [n for n, c in ENCODERS.items() if c.embed_dim == dim and c.depth == depth]
     if not names:
         raise UserError(f"{path}: no known encoder has embed dim {dim} and {depth} blocks")
     decoder_depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder."))
-    return names[0], decoder_depth
+    return names[0], decoder_depth, kind
 
 
 def build_model(encoder: str, encoder_weights: str | None, **kwargs) -> ViTill:
@@ -140,16 +159,24 @@ def build_model(encoder: str, encoder_weights: str | None, **kwargs) -> ViTill:
     return model
 
 
-def load_model(path: str, encoder: str | None = None, **kwargs) -> ViTill:
-    """A reconstruction model from a checkpoint (ours or official). The architecture comes from `encoder`
-    (e.g. read from config.json) or, without it, from the tensor shapes."""
-    sd = read_state_dict(path, "checkpoint")
-    name, decoder_depth = architecture_from_state_dict(sd, path)
+def load_model(path: str, encoder: str | None = None, sd: dict | None = None, **kwargs) -> ViTill:
+    """A reconstruction model from a checkpoint (ours or official; `sd`: its state dict when already read). The
+    architecture comes from `encoder` (e.g. read from config.json) or, without it, from the tensor shapes; the
+    bottleneck from the keys."""
+    sd = read_state_dict(path, "checkpoint") if sd is None else sd
+    name, decoder_depth, kind = architecture_from_state_dict(sd, path)
     if encoder is not None and encoder != name:
         raise UserError(f"checkpoint {path} holds a {name} model, not {encoder}; fix --encoder or the checkpoint")
-    model = ViTill(encoder_config(name), decoder_depth=decoder_depth, **kwargs)
+    model = ViTill(encoder_config(name), decoder_depth=decoder_depth, bottleneck_kind=kind, **kwargs)
     load_strict(model, sd, path, "checkpoint")
     return model
+
+
+def model_options(settings: dict) -> dict:
+    """ViTill's keyword arguments for a run's model settings (see PAPER_SETTINGS)."""
+    return dict(mask_ratio=settings["mask_ratio"], mask_in_eval=settings["test_mask"] == "on",
+                attn_eps=settings["attn_eps"], lc=settings["lc"], recenter=bool(settings["cr"]),
+                linear_attention=bool(settings["la"]))
 
 
 def checkpoint_file(path: str) -> str:
@@ -205,16 +232,23 @@ def follow_saved_settings(args, saved: dict, fallback: dict) -> dict:
 
 def load_trained(path: str, args, fallback: dict) -> ViTill:
     """A trained reconstruction model (a run folder or a model.pth) in eval mode, built with its run's settings
-    (encoder, image and crop size, mask ratio, test masking, attention epsilon), which are written into args;
-    options given on the command line override them."""
+    (method, encoder, image and crop size, mask ratio, test masking, attention epsilon, Dinomaly2's lc/cr/la), which
+    are written into args; options given on the command line override them. A checkpoint without a config.json
+    gets `fallback`, or Dinomaly2's paper settings when its bottleneck is Dinomaly2's."""
     path = checkpoint_file(path)
-    s = follow_saved_settings(args, saved_settings(path), fallback)
+    saved = saved_settings(path)
+    sd = read_state_dict(path, "checkpoint")
+    if bottleneck_kind(sd) == "two_stage" and saved.get("method", "dinomaly2") == "dinomaly2":
+        fallback = PAPER_SETTINGS["dinomaly2"]
+    s = follow_saved_settings(args, saved, fallback)
     check_sizes(s["image_size"], s["crop_size"])
-    model = load_model(path, encoder=s["encoder"], mask_ratio=s["mask_ratio"], mask_in_eval=s["test_mask"] == "on",
-                       attn_eps=s["attn_eps"])
-    log.info(f"loaded {path} ({model.encoder.cfg.embed_dim}-d encoder, {len(model.decoder)} decoder blocks; "
-             f"{s['image_size']} -> {s['crop_size']} px, mask ratio {s['mask_ratio']}, test masking "
-             f"{s['test_mask']}, attention epsilon {s['attn_eps']})")
+    if bottleneck_kind(sd) not in (None, BOTTLENECK_OF.get(s["method"])):
+        raise UserError(f"checkpoint {path} has a {bottleneck_kind(sd)} bottleneck, but its run says method "
+                        f"{s['method']}; fix the run's config.json or pass the right checkpoint")
+    model = load_model(path, encoder=s["encoder"], sd=sd, **model_options(s))
+    log.info(f"loaded {path} ({s['method']}: {model.encoder.cfg.embed_dim}-d encoder, {len(model.decoder)} decoder "
+             f"blocks; {s['image_size']} -> {s['crop_size']} px, mask ratio {s['mask_ratio']}, test masking "
+             f"{s['test_mask']}, attention epsilon {s['attn_eps']}, lc {s['lc']}, cr {s['cr']}, la {s['la']})")
     return model.eval()
 
 
@@ -239,4 +273,4 @@ __all__ = ["ENCODERS", "EncoderConfig", "DinoV2Encoder", "ViTill", "mask_seed", 
            "segmentation_input", "encoder_config", "build_model", "load_model", "checkpoint_file",
            "segmentation_file", "saved_settings", "load_trained", "segmentation_net", "load_segmentation_net",
            "load_encoder_weights", "default_encoder_weights", "load_file", "read_state_dict",
-           "architecture_from_state_dict"]
+           "architecture_from_state_dict", "bottleneck_kind", "model_options", "PAPER_SETTINGS", "BOTTLENECK_OF"]

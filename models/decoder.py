@@ -1,10 +1,13 @@
-"""Dinomaly's bottleneck and decoder layers."""
+"""The bottlenecks and decoder layers: Dinomaly's (and CRR's) and Dinomaly2's."""
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
+
+BOTTLENECKS = ("mlp", "two_stage")
+TWO_STAGE_WIDTH = 256  # Dinomaly2's narrow first bottleneck layer
 
 
 class LinearAttention(nn.Module):
@@ -35,8 +38,11 @@ class LinearAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-def decoder_block(dim: int, num_heads: int, attn_eps: float = 0.0) -> Block:
-    """Pre-norm transformer block with linear attention, LayerNorm eps 1e-8, no LayerScale."""
+def decoder_block(dim: int, num_heads: int, attn_eps: float = 0.0, linear: bool = True) -> Block:
+    """Pre-norm transformer block, LayerNorm eps 1e-8, no LayerScale: linear attention (with `attn_eps` in its
+    denominator), or softmax attention (Dinomaly2's `--la 0` ablation; timm's, the same keys qkv and proj)."""
+    if not linear:
+        return Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-8))
     block = Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-8),
                   attn_layer=LinearAttention)
     block.attn.eps = attn_eps
@@ -55,3 +61,20 @@ class BottleneckMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(self.drop(x))))))
+
+
+def bottleneck(kind: str, dim: int, dropout: float) -> nn.Sequential:
+    """The noisy bottleneck between the encoder's fused taps and the decoder, in the official key layouts.
+
+    "mlp" (Dinomaly, CRR): `bottleneck.0.fc1/fc2`, BottleneckMLP(D, 4D).
+    "two_stage" (Dinomaly2): `bottleneck.0.0` Linear(D, 256) -> Dropout, then `bottleneck.1.0` Linear(256, 4D) ->
+    GELU -> Dropout -> `bottleneck.1.3` Linear(4D, D) -> Dropout; no dropout on its input.
+    """
+    if kind == "mlp":
+        return nn.Sequential(BottleneckMLP(dim, 4 * dim, dropout))
+    if kind == "two_stage":
+        return nn.Sequential(
+            nn.Sequential(nn.Linear(dim, TWO_STAGE_WIDTH), nn.Dropout(dropout)),
+            nn.Sequential(nn.Linear(TWO_STAGE_WIDTH, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim),
+                          nn.Dropout(dropout)))
+    raise ValueError(f"unknown bottleneck {kind!r} (expected 'mlp' or 'two_stage')")

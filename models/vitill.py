@@ -1,13 +1,16 @@
-"""ViTill, Dinomaly's reconstruction model, with CRR's optional bottleneck masking.
+"""ViTill, the reconstruction model of Dinomaly, CRR (optional bottleneck masking) and Dinomaly2 (two-stage
+bottleneck, context-aware recentering of the encoder targets, a choice of tap groups and attention).
 
-The state dict is the official one: `encoder.*` (Meta's names), `bottleneck.0.*`, `decoder.{i}.*`.
+The state dict is the official one: `encoder.*` (the publisher's names), `bottleneck.*` (decoder.bottleneck),
+`decoder.{i}.*`.
 """
 import hashlib
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .decoder import BottleneckMLP, decoder_block
+from .decoder import bottleneck, decoder_block
 from .encoder import DinoV2Encoder, EncoderConfig
 
 
@@ -21,16 +24,43 @@ def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors, dim=1).mean(dim=1)
 
 
+# Dinomaly2's `--lc` ("loose constraint"): which of the 8 taps (and of the 8 reversed decoder outputs) are averaged
+# into each compared group. 2 is Dinomaly's fixed choice and Dinomaly2's default.
+GROUPINGS = {
+    0: [[0], [1], [2], [3], [4], [5], [6], [7]],
+    1: [[0, 1, 2, 3, 4, 5, 6, 7]],
+    2: [[0, 1, 2, 3], [4, 5, 6, 7]],
+    3: [[0, 1, 2], [3, 4, 5], [6, 7]],
+    4: [[0, 1], [2, 3], [4, 5], [6, 7]],
+    11: [[7]],
+    12: [[3], [7]],
+    14: [[1], [3], [5], [7]],
+}
+RECENTER_EPS = 1e-8  # the layer norm of Dinomaly2's recentred targets
+
+
+def recentered(tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Dinomaly2's context-aware recentering of an encoder group [B, T, D]: each patch token minus the CLS token
+    (token 0) of the same group, then layer-normalised over the channels without affine parameters."""
+    x = tokens[:, num_prefix:] - tokens[:, :1]
+    return F.layer_norm(x, (x.shape[-1],), eps=RECENTER_EPS)
+
+
 class ViTill(nn.Module):
     def __init__(self, encoder_cfg: EncoderConfig, dropout: float = 0.2, decoder_depth: int = 8,
-                 mask_ratio: float = 0.0, mask_in_eval: bool = False, attn_eps: float = 0.0):
+                 mask_ratio: float = 0.0, mask_in_eval: bool = False, attn_eps: float = 0.0,
+                 bottleneck_kind: str = "mlp", recenter: bool = False, lc: int = 2, linear_attention: bool = True):
         super().__init__()
         d, heads = encoder_cfg.embed_dim, encoder_cfg.num_heads
+        if lc not in GROUPINGS:
+            raise ValueError(f"unknown tap grouping lc={lc} (expected one of {sorted(GROUPINGS)})")
         self.encoder = DinoV2Encoder(encoder_cfg)
         self.encoder.requires_grad_(False)
-        self.bottleneck = nn.Sequential(BottleneckMLP(d, 4 * d, dropout))
-        self.decoder = nn.ModuleList([decoder_block(d, heads, attn_eps) for _ in range(decoder_depth)])
-        self.groups = [list(range(g * 4, g * 4 + 4)) for g in range(len(encoder_cfg.taps) // 4)]
+        self.bottleneck = bottleneck(bottleneck_kind, d, dropout)
+        self.decoder = nn.ModuleList([decoder_block(d, heads, attn_eps, linear_attention)
+                                      for _ in range(decoder_depth)])
+        self.groups = GROUPINGS[lc]
+        self.recenter = recenter  # Dinomaly2: targets LN(patches - CLS) per group
         self.mask_ratio = mask_ratio  # CRR: probability of zeroing each scalar of the bottleneck input
         self.mask_in_eval = mask_in_eval  # CRR's released test keeps the masking on in eval mode
         self.mask_rng = "cpu"  # where eval-mode masks are drawn: "cpu" (the released code) or "device"
@@ -84,12 +114,13 @@ class ViTill(nn.Module):
             x = blk(x)
             outs.append(x)
         outs = outs[::-1]  # index 0 = last decoder block
-        en = [mean_of([taps[i] for i in g]) for g in self.groups]
-        de = [mean_of([outs[i] for i in g]) for g in self.groups]
         p = self.encoder.num_prefix_tokens
+        en = [mean_of([taps[i] for i in g]) for g in self.groups]
+        en = [recentered(e, p) if self.recenter else e[:, p:] for e in en]
+        de = [mean_of([outs[i] for i in g])[:, p:] for g in self.groups]
 
-        def to_map(t):  # [B, T, D] -> [B, D, h, w]
-            return t[:, p:].transpose(1, 2).reshape(t.shape[0], -1, grid_h, grid_w)
+        def to_map(t):  # patch tokens [B, N, D] -> [B, D, h, w]
+            return t.transpose(1, 2).reshape(t.shape[0], -1, grid_h, grid_w)
         return [to_map(t) for t in en], [to_map(t) for t in de]
 
 
