@@ -39,11 +39,11 @@ GROUPINGS = {
 RECENTER_EPS = 1e-8  # the layer norm of Dinomaly2's recentred targets
 
 
-def recentered(tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Dinomaly2's context-aware recentering of an encoder group [B, T, D]: each patch token minus the CLS token
-    (token 0) of the same group, then layer-normalised over the channels without affine parameters."""
-    x = tokens[:, num_prefix:] - tokens[:, :1]
-    return F.layer_norm(x, (x.shape[-1],), eps=RECENTER_EPS)
+def recentered(tokens: torch.Tensor, num_prefix: int, dim: int) -> torch.Tensor:
+    """Dinomaly2's context-aware recentering of an encoder group [B, T, dim]: each patch token minus the CLS token
+    (token 0) of the same group, then layer-normalised over the channels without affine parameters. (`dim` is
+    passed, not read from the shape, so that an ONNX export keeps it a constant.)"""
+    return F.layer_norm(tokens[:, num_prefix:] - tokens[:, :1], (dim,), eps=RECENTER_EPS)
 
 
 class ViTill(nn.Module):
@@ -116,7 +116,7 @@ class ViTill(nn.Module):
         outs = outs[::-1]  # index 0 = last decoder block
         p = self.encoder.num_prefix_tokens
         en = [mean_of([taps[i] for i in g]) for g in self.groups]
-        en = [recentered(e, p) if self.recenter else e[:, p:] for e in en]
+        en = [recentered(e, p, self.encoder.cfg.embed_dim) if self.recenter else e[:, p:] for e in en]
         de = [mean_of([outs[i] for i in g])[:, p:] for g in self.groups]
 
         def to_map(t):  # patch tokens [B, N, D] -> [B, D, h, w]
