@@ -300,3 +300,29 @@ def test_predict_and_export_follow_a_dinomaly2_run(d2_run, demo, tmp_path):
     got_map, got_score = session.run(["anomaly_map", "score"], {"image": x.numpy()})
     np.testing.assert_allclose(got_map, want_map.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(got_score, want_score.numpy(), atol=1e-4, rtol=0)
+
+
+def test_interrupted_fewshot_run_resumes_bit_exactly(demo, tmp_path, monkeypatch):
+    """Ctrl-C in epoch 1 of a few-shot run (3 batches an epoch) (strong augmentation per epoch, dropout, three parameter groups, the
+    warm-up schedule), then --resume: the weights of an uninterrupted run."""
+    monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
+    argv = ["--data_path", demo["mvtec"], "--total_iters", "5", "--shot", "3", "--save_dir", str(tmp_path),
+            "--save_every", "2", *SMALL[:-4], "--batch_size", "2", "--log_every", "1"]
+    run_script(dinomaly2_fewshot, [*argv, "--save_name", "whole"], "unused")
+    step = engine.train_step
+
+    def interrupted(batch, it, *args, **kwargs):
+        if it == 2:  # the flag is read with the next step: the state after iteration 4 is saved
+            os.kill(os.getpid(), __import__("signal").SIGINT)
+        return step(batch, it, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        run_script(dinomaly2_fewshot, [*argv, "--save_name", "cut"], "unused")
+    assert e.value.code == 130
+    monkeypatch.setattr(engine, "train_step", step)
+    assert torch.load(tmp_path / "cut" / "train_state.pth", weights_only=True)["iteration"] == 4
+    run_script(dinomaly2_fewshot, [*argv, "--save_name", "cut", "--resume"], "unused")
+    whole = torch.load(tmp_path / "whole" / "model.pth", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "model.pth", weights_only=True)
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)

@@ -235,6 +235,7 @@ def test_user_errors_exit_2_with_one_line(argv, expected, demo, tmp_path):
 
 
 @pytest.mark.parametrize("script,data,tag", [("dinomaly_mvtec_uni.py", "mvtec", ""),
+                                             ("dinomaly2_fewshot.py", "mvtec", ""),
                                              ("crr_realiad_stage1.py", "realiad", "_recon")])
 def test_torchrun_two_processes_on_cpu(script, data, tag, demo, tmp_path):
     # CRR evaluates with test-time masking; --mask_rng device seeds each image's mask, so sharding changes nothing
