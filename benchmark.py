@@ -217,16 +217,23 @@ def loader(dataset, args, workers: int, pin_memory: bool = False) -> DataLoader:
 
 # ----------------------------------------------------------------------------------------------- train
 
-def reconstruction_model(args, mode: Mode, **kwargs) -> models.ViTill:
+def method_model(encoder: str, method: str) -> models.ViTill:
+    """A random model of `method` ("dinomaly", "dinomaly2" or "crr") with the paper's settings and dropout."""
+    settings = models.PAPER_SETTINGS[method]
+    return models.build_model(encoder, "random", dropout=0.4 if method == "dinomaly2" else 0.2,
+                              bottleneck_kind=models.BOTTLENECK_OF[method], **models.model_options(settings))
+
+
+def reconstruction_model(args, mode: Mode, method: str) -> models.ViTill:
     torch.manual_seed(0)
-    model = models.build_model(args.encoder, "random", **kwargs).to(args.device)
+    model = method_model(args.encoder, method).to(args.device)
     return speed.maybe_compile(model, mode.compile != "none", mode.compile)
 
 
 def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
-    """(step function, loader) of the Dinomaly ("dinomaly"), CRR Stage I ("crr_stage1") or Stage II
-    ("crr_stage2") step in `mode`, with engine.py's losses and optimisers. The fast mode runs engine.train_step,
-    the training loop's step; the reference mode the reference code's (backward, clip, step, loss.item())."""
+    """(step function, loader) of the Dinomaly ("dinomaly"), Dinomaly2 ("dinomaly2"), CRR Stage I ("crr_stage1") or
+    Stage II ("crr_stage2") step in `mode`, with engine.py's losses and optimisers. The fast mode runs
+    engine.train_step, the training loop's step; the reference mode the reference code's (backward, clip, step, loss.item())."""
     device = args.device
     speed.configure(mode.precision)
     torch.backends.cudnn.benchmark = mode.cudnn_benchmark
@@ -234,12 +241,12 @@ def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
     def to(x):
         return x.to(device, non_blocking=mode.pin_memory)
 
-    if name == "dinomaly":
-        data = ds.TrainDataset(samples, args.image_size, args.crop_size, image_cache(samples, args, mode.cache))
-        model = reconstruction_model(args, mode, dropout=0.2).train()
-    else:
+    method = {"dinomaly": "dinomaly", "dinomaly2": "dinomaly2"}.get(name, "crr")
+    if method == "crr":
         data = synthetic_data(samples, args, mode.cache)
-        model = reconstruction_model(args, mode, dropout=0.2, mask_ratio=0.4).train()
+    else:
+        data = ds.TrainDataset(samples, args.image_size, args.crop_size, image_cache(samples, args, mode.cache))
+    model = reconstruction_model(args, mode, method).train()
     batches = loader(data, args, args.num_workers, mode.pin_memory)
 
     def dinomaly_loss(img, it):
@@ -260,7 +267,8 @@ def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
     def stage2_loss(batch, it):
         return segmentation_loss(model, segnet, to(batch[1]), to(batch[2]), mode.precision)
 
-    loss_fn = {"dinomaly": dinomaly_loss, "crr_stage1": crr_loss, "crr_stage2": stage2_loss}[name]
+    loss_fn = {"dinomaly": dinomaly_loss, "dinomaly2": dinomaly_loss, "crr_stage1": crr_loss,
+               "crr_stage2": stage2_loss}[name]
     if name == "crr_stage2":  # the frozen Stage-I model keeps its test-time masking, as CRR's code does
         model.eval().requires_grad_(False).mask_in_eval = True
         model.mask_rng = mode.mask_rng
@@ -270,7 +278,7 @@ def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
         optimizer = torch.optim.Adam(params, lr=SEG_LR)
     else:
         params, clip = model.trainable_parameters(), CLIP_NORM
-        optimizer = reconstruction_optimizer(params)
+        optimizer = reconstruction_optimizer(model, method, 2e-4 if method == "dinomaly2" else None)
 
     def reference_step(batch):
         loss = loss_fn(batch, 0)
@@ -341,18 +349,16 @@ def print_ratios(ratios: dict):
 # ----------------------------------------------------------------------------------------------- infer
 
 def bench_infer(args) -> dict:
-    """The Dinomaly map ("dinomaly") and CRR's fused map with its test-time masking ("crr_test") of a fixed batch,
-    the scores read back to the host as in evaluation."""
-    torch.manual_seed(0)
-    state = models.build_model(args.encoder, "random").state_dict()
+    """The Dinomaly map ("dinomaly"), Dinomaly2's ("dinomaly2") and CRR's fused map with its test-time masking
+    ("crr_test") of a fixed batch, the scores read back to the host as in evaluation."""
     x = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=args.device)
     seeds = list(range(args.batch_size))
     rows, flops = [], {}
     for mode in modes(args):
         for task in args.tasks:
             crr = task == "crr_test"
-            model = models.build_model(args.encoder, "random", mask_ratio=0.4 if crr else 0.0, mask_in_eval=crr)
-            model.load_state_dict(state)
+            torch.manual_seed(0)  # the same weights in both modes
+            model = method_model(args.encoder, "crr" if crr else task)
             model.mask_rng = mode.mask_rng
             segnet = models.segmentation_net(model.encoder.cfg.embed_dim) if crr else None
             mapper = AnomalyMapper(model.to(args.device).eval(), segnet and segnet.to(args.device).eval(),
@@ -485,10 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="after the timing, profile N more steps of each setting (torch.profiler) and print "
                                 "the operators that take the most time")
         if name == "infer":
-            c.add_argument("--tasks", nargs="+", default=["dinomaly", "crr_test"], choices=["dinomaly", "crr_test"])
+            c.add_argument("--tasks", nargs="+", default=["dinomaly", "dinomaly2", "crr_test"],
+                           choices=["dinomaly", "dinomaly2", "crr_test"])
         if name == "train":
-            c.add_argument("--steps", nargs="+", default=["dinomaly", "crr_stage1", "crr_stage2"],
-                           choices=["dinomaly", "crr_stage1", "crr_stage2"])
+            c.add_argument("--steps", nargs="+", default=["dinomaly", "dinomaly2", "crr_stage1", "crr_stage2"],
+                           choices=["dinomaly", "dinomaly2", "crr_stage1", "crr_stage2"])
         if name == "data":
             c.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16])
     return p

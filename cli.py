@@ -102,8 +102,8 @@ def build_parser(description: str, defaults: dict, job: str,
                                 "number of processes)")
     if job == "dinomaly2":
         model.add_argument("--lc", type=int, choices=sorted(GROUPINGS), default=2,
-                           help="groups of the 8 taps compared (loose constraint): 0 layer to layer, 1 one group, 2 two "
-                                "groups of 4, 3 three, 4 four, 11 the last tap, 12 taps 4 and 8, 14 taps 2, 4, 6, 8")
+                           help="groups of the 8 taps compared (loose constraint): 0 layer to layer, 1 one group, 2 "
+                                "two groups of 4, 3 three, 4 four, 11 the last tap, 12 taps 4 and 8, 14 taps 2, 4, 6, 8")
         model.add_argument("--cr", type=int, choices=[0, 1], default=1,
                            help="context-aware recentering of the encoder targets: LN(patch tokens - CLS) (1), or the "
                                 "raw tokens as Dinomaly (0)")

@@ -84,8 +84,8 @@ def train_loader(run: Run, dataset, batch_size: int) -> DataLoader:
 
 
 def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: list, optimizer,
-               schedule: WarmCosineSchedule | WarmupRatioSchedule | None = None, clip: float | None = None, on_iter_end=None,
-               start: int = 0, save_state=None):
+               schedule: WarmCosineSchedule | WarmupRatioSchedule | None = None, clip: float | None = None,
+               on_iter_end=None, start: int = 0, save_state=None):
     """The one training loop, from iteration `start`: per step forward + loss (loss_fn(batch, it)) -> zero_grad ->
     backward -> clip -> step (train_step), skipped when the loss is not finite; the learning rate of iteration
     `it` is schedule(it). Epoch e is read in the sampler's order for e, from the batch where `start` falls.

@@ -45,11 +45,12 @@ def test_train(tmp_path, device):
     out = run(tmp_path, "train", *SMALL, *model_flags(device), *DATA, "--profile", "1")
     rows = out["results"]
     assert [(r["step"], r["mode"]) for r in rows] == [(s, m) for m in ("reference", "fast")
-                                                      for s in ("dinomaly", "crr_stage1", "crr_stage2")]
+                                                      for s in ("dinomaly", "dinomaly2", "crr_stage1", "crr_stage2")]
     for r in rows:
         positive(r, ["iters_per_s", "images_per_s", "ms_per_iter", "tflop_per_step", "tflops", "peak_host_mb"])
         assert 0 <= r["data_wait"] <= 1 and (r["peak_gpu_mb"] is None) == (device == "cpu")
-    assert set(out["ratios"]) == {"dinomaly", "crr_stage1", "crr_stage2"} and min(out["ratios"].values()) > 0
+    assert set(out["ratios"]) == {"dinomaly", "dinomaly2", "crr_stage1", "crr_stage2"}
+    assert min(out["ratios"].values()) > 0
     by = {(r["step"], r["mode"]): r for r in rows}
     assert by["crr_stage1", "fast"]["tflop_per_step"] == by["crr_stage1", "reference"]["tflop_per_step"]
     assert by["crr_stage1", "fast"]["tflop_per_step"] == pytest.approx(2 * by["dinomaly", "fast"]["tflop_per_step"])
@@ -57,7 +58,7 @@ def test_train(tmp_path, device):
     # --profile: the operators (GPU: kernels) taking the most time; on the CPU the step's own heavy operator
     # family leads (the ViT's matrix products, Stage II's convolutions), whatever the timing noise
     matmul, conv = ("aten::mm", "aten::addmm", "aten::bmm"), ("aten::mkldnn_convolution", "aten::convolution_backward")
-    heavy = {"dinomaly": matmul, "crr_stage1": matmul, "crr_stage2": conv}
+    heavy = {"dinomaly": matmul, "dinomaly2": matmul, "crr_stage1": matmul, "crr_stage2": conv}
     for r in rows:
         ops = r["profile"]
         assert 0 < len(ops) <= 15
@@ -70,12 +71,12 @@ def test_train(tmp_path, device):
 def test_infer(tmp_path, device):
     out = run(tmp_path, "infer", *SMALL, *model_flags(device))
     assert [(r["task"], r["mode"]) for r in out["results"]] == [(t, m) for m in ("reference", "fast")
-                                                                for t in ("dinomaly", "crr_test")]
+                                                                for t in ("dinomaly", "dinomaly2", "crr_test")]
     for r in out["results"]:
         positive(r, ["images_per_s", "ms_per_image", "tflops", "peak_host_mb"])
     by = {(r["task"], r["mode"]): r for r in out["results"]}
     assert by["crr_test", "fast"]["tflop_per_batch"] > by["dinomaly", "fast"]["tflop_per_batch"]  # + segmentation
-    assert set(out["ratios"]) == {"dinomaly", "crr_test"} and min(out["ratios"].values()) > 0
+    assert set(out["ratios"]) == {"dinomaly", "dinomaly2", "crr_test"} and min(out["ratios"].values()) > 0
 
 
 def test_data(tmp_path):

@@ -303,8 +303,8 @@ def test_predict_and_export_follow_a_dinomaly2_run(d2_run, demo, tmp_path):
 
 
 def test_interrupted_fewshot_run_resumes_bit_exactly(demo, tmp_path, monkeypatch):
-    """Ctrl-C in epoch 1 of a few-shot run (3 batches an epoch) (strong augmentation per epoch, dropout, three parameter groups, the
-    warm-up schedule), then --resume: the weights of an uninterrupted run."""
+    """Ctrl-C in epoch 1 of a few-shot run (3 batches an epoch; strong augmentation per epoch, dropout, three
+    parameter groups, the warm-up schedule), then --resume: the weights of an uninterrupted run."""
     monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
     argv = ["--data_path", demo["mvtec"], "--total_iters", "5", "--shot", "3", "--save_dir", str(tmp_path),
             "--save_every", "2", *SMALL[:-4], "--batch_size", "2", "--log_every", "1"]
