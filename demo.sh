@@ -4,6 +4,8 @@
 # weave test images (both modes).
 #   bash demo.sh        Dinomaly (dinomaly_mvtec_uni.py) on the MVTec-layout copy
 #   bash demo.sh crr    CRR Stage I -> Stage II -> test on the Real-IAD-layout copy
+#   bash demo.sh dinomaly2           Dinomaly2 (dinomaly2_2d.py) on the MVTec-layout copy
+#   bash demo.sh dinomaly2_fewshot   Dinomaly2 few-shot (dinomaly2_fewshot.py, 4 images per class)
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 predict_weave() {  # the trained run $1 on the weave test images, with the weave threshold
@@ -23,6 +25,14 @@ if [ "${1:-dinomaly}" = crr ]; then
         --log_every 5  # a 256-px conv net: slow on a CPU
     .venv/bin/python crr_realiad_test.py "${RUN[@]}" --save_heatmaps 2
     predict_weave saved_results/demo_crr
+elif [ "${1:-dinomaly}" = dinomaly2 ]; then
+    .venv/bin/python dinomaly2_2d.py --data_path demo_data/mvtec_demo --save_name demo_dinomaly2 --overwrite \
+        "${DATA[@]}" "${MODEL[@]}" --total_iters 150 --save_heatmaps 2
+    predict_weave saved_results/demo_dinomaly2
+elif [ "${1:-dinomaly}" = dinomaly2_fewshot ]; then
+    .venv/bin/python dinomaly2_fewshot.py --data_path demo_data/mvtec_demo --save_name demo_fewshot --overwrite \
+        --shot 4 "${DATA[@]}" "${MODEL[@]}" --total_iters 150 --save_heatmaps 2
+    predict_weave saved_results/demo_fewshot
 else
     .venv/bin/python dinomaly_mvtec_uni.py --data_path demo_data/mvtec_demo --save_name demo --overwrite "${DATA[@]}" \
         "${MODEL[@]}" --total_iters 150 --save_heatmaps 2
