@@ -177,6 +177,12 @@ def test_strong_augmentation_is_the_preview_transform(tmp_path):
         torch.manual_seed(seed)
         random.seed(seed)
         torch.testing.assert_close(data[i], reference(Image.open(path).convert("RGB")), rtol=0, atol=0)
+    # the image cache (--cache_images) gives the same tensors
+    from image_cache import build_cache
+    for mode in ("memory", "disk"):
+        cache = build_cache(mode, [str(path)], 64, str(tmp_path / "cache"))
+        cached = fewshot.AugmentedDataset([Sample(str(path), 0, None, "x")] * 40, 64, 56, seed=3, cache=cache)
+        assert all(torch.equal(cached[i], data[i]) for i in (0, 7, 39))
     # items are a function of (seed, epoch, index): the same twice, another epoch another draw
     torch.testing.assert_close(data[5], data[5], rtol=0, atol=0)
     first = data[5]
