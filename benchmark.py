@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dataset as ds
 import models
+from errors import UserError
 import speed
 import utils
 from anomaly_map import AnomalyMapper
@@ -475,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fast mode's image cache (data: the cache measured)")
         c.add_argument("--cache_dir", help="folder of a disk cache (default: a temporary folder)")
         if name != "data":
-            c.add_argument("--encoder", default="dinov2reg_vit_base_14")
+            c.add_argument("--encoder", choices=list(models.ENCODERS), default=models.DEFAULT_ENCODER,
+                           help="random weights of this encoder's architecture (a crop that is a multiple of its "
+                                "patch size: 448 for the patch-16 encoders)")
             c.add_argument("--precision", choices=speed.PRECISIONS, default="bf16", help="fast mode's precision")
             c.add_argument("--compile", default="inductor",
                            help="fast mode's torch.compile backend (inductor, aot_eager, ...) or none")
@@ -505,6 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if hasattr(args, "device"):
         args.device = torch.device(args.device)
+    if hasattr(args, "encoder"):
+        ds.check_sizes(args.image_size, args.crop_size, models.encoder_config(args.encoder).patch_size)
     with contextlib.ExitStack() as stack:
         if getattr(args, "cache_dir", "") is None:
             args.cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="benchmark_cache_"))
@@ -526,4 +531,7 @@ def write_report(args, result: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -49,7 +49,8 @@ def build_parser(description: str, defaults: dict, job: str,
     data.add_argument("--image_size", type=int_at_least(14), default=448 if trains_recon else None,
                       help="images are resized to this square size" + from_run)
     data.add_argument("--crop_size", type=int_at_least(14), default=392 if trains_recon else None,
-                      help="then centre-cropped to this size, a multiple of the patch size 14" + from_run)
+                      help="then centre-cropped to this size, a multiple of the encoder's patch size (14 for DINOv2, 16 "
+                           "for DINOv3: e.g. 392 or 448, both a 28 x 28 grid)" + from_run)
     data.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
                       help="data loader worker processes")
     if crr and job != "crr_test":
@@ -77,8 +78,8 @@ def build_parser(description: str, defaults: dict, job: str,
                            help="encoder to train with (default dinov2reg_vit_base_14); with --eval_only the "
                                 "architecture comes from the checkpoint and this only checks it")
         model.add_argument("--encoder_weights",
-                           help="Meta DINOv2 weight file, or 'random' for a smoke run "
-                                "(default: backbones/weights/<Meta file name>)")
+                           help="the encoder's weight file as its publisher distributes it, or 'random' for a "
+                                "smoke run (default: backbones/weights/<publisher's file name>; see the README)")
         model.add_argument("--dropout", type=float_in(0, 1, high_open=True), help="bottleneck dropout rate")
         model.add_argument("--eval_only", action="store_true", help="skip training; evaluate --checkpoint")
     model.add_argument("--checkpoint",

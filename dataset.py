@@ -146,10 +146,13 @@ def mask_to_tensor(mask: Image.Image, crop_size: int) -> torch.Tensor:
     return torch.from_numpy(arr)[None]
 
 
-def check_sizes(image_size: int, crop_size: int):
-    """The crop must be a whole number of 14-px patches and fit in the resized image."""
-    if crop_size % 14:
-        raise UserError(f"--crop_size {crop_size} is not a multiple of the patch size 14")
+def check_sizes(image_size: int, crop_size: int, patch_size: int):
+    """The crop must be a whole number of the encoder's patches and fit in the resized image."""
+    if crop_size % patch_size:
+        low = crop_size // patch_size * patch_size
+        nearest = " or ".join(str(c) for c in (low, low + patch_size) if c > 0)
+        raise UserError(f"--crop_size {crop_size} is not a multiple of the encoder's patch size {patch_size}; "
+                        f"use {nearest} (with a --image_size at least that large)")
     if crop_size > image_size:
         raise UserError(f"--crop_size {crop_size} is larger than --image_size {image_size}")
 

@@ -518,11 +518,11 @@ def train_and_evaluate(args, method: str):
         preflight.check_data(args)
         run.save_config()
     else:
-        args.encoder = args.encoder or "dinov2reg_vit_base_14"
+        args.encoder = args.encoder or models.DEFAULT_ENCODER
         if args.image_size is None or args.crop_size is None:
             raise UserError(f"this script has no default sizes for --dataset {args.dataset}; pass --image_size and "
                             f"--crop_size")
-        ds.check_sizes(args.image_size, args.crop_size)
+        ds.check_sizes(args.image_size, args.crop_size, models.encoder_config(args.encoder).patch_size)
         run = Run(args, "config.json")
         state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth"])
         train_set = synthetic_train_set(args) if crr else train_dataset(run)

@@ -25,7 +25,6 @@ import torch.nn as nn
 from anomaly_map import MAP_SIZE, AnomalyMapper
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from errors import UserError
-from models.encoder import interpolate_patch_pos_embed
 from predict import check_settings, load_calibration, load_mapper, run_files
 from run import ArgumentParser, int_at_least, log, main as run_main
 
@@ -47,14 +46,12 @@ class ExportedMapper(nn.Module):
 
 
 def for_export(mapper: AnomalyMapper, crop_size: int) -> AnomalyMapper:
-    """A copy of the mapper that traces to a static graph: the position embedding already interpolated to the
-    crop's patch grid (the same values the model computes at run time), CRR's random masking off."""
+    """A copy of the mapper that traces to a static graph: a learned position embedding already interpolated to
+    the crop's patch grid (the same values the model computes at run time), CRR's random masking off."""
     mapper = copy.deepcopy(mapper).cpu().eval()
     encoder = mapper.model.encoder
     grid = crop_size // encoder.cfg.patch_size
-    pos = encoder.pos_embed.data
-    encoder.pos_embed = nn.Parameter(torch.cat([pos[:, :1], interpolate_patch_pos_embed(pos[:, 1:], grid, grid)],
-                                               dim=1), requires_grad=False)
+    encoder.fix_grid(grid, grid)
     if mapper.model.test_mask == "on":
         log.info("CRR test-time masking is random: exported with masking off")
         mapper.model.mask_in_eval = False

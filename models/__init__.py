@@ -1,4 +1,5 @@
-"""Networks and their checkpoints: build a model from an encoder name, a Meta weight file or a saved run."""
+"""Networks and their checkpoints: build a model from an encoder name, its publisher's weight file or a saved
+run."""
 import json
 import logging
 import os
@@ -10,12 +11,11 @@ import torch
 
 from dataset import check_sizes
 from errors import UserError
-from .encoder import ENCODERS, DinoV2Encoder, EncoderConfig
+from .encoder import DEFAULT_ENCODER, ENCODERS, EncoderConfig, build_encoder
 from .segnet import SegmentationNet, segmentation_input
 from .vitill import ViTill, mask_seed
 
 log = logging.getLogger("anomaly")
-META_URL = "https://dl.fbaipublicfiles.com/dinov2/{stem}/{file}"
 # The settings of a model saved without a config.json (an official checkpoint): the paper's. `lc`, `cr`, `la`:
 # Dinomaly2's tap grouping (models.vitill.GROUPINGS), context-aware recentering and linear attention (1) or
 # softmax (0), under the preview code's names.
@@ -58,14 +58,20 @@ def load_file(path: str, what: str):
         raise UserError(f"cannot read {what} {path}: {reason}") from None
 
 
+# Keys under which publishers wrap a state dict: MAE, DeiT and BEiT {'model': ...}, iBOT and MoCo v3
+# {'state_dict': ...}, DINO's training checkpoints {'teacher': ...}, DeepSpeed {'module': ...}.
+WRAPPERS = ("model", "state_dict", "teacher", "module")
+
+
 def read_state_dict(path: str, what: str) -> dict:
-    """A state dict of tensors (`module.` prefixes removed) with one-line errors for any other file."""
+    """A state dict of tensors (unwrapped from WRAPPERS, `module.` prefixes removed) with one-line errors for any
+    other file."""
     sd = load_file(path, what)
     if isinstance(sd, dict) and "iteration" in sd and "optimizer" in sd:
         raise UserError(f"{path} is a training state, not a {what}; continue its training with --resume, or pass "
                         f"the model the run saved beside it (model.pth, Seg_model_last.pth)")
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
+    while isinstance(sd, dict) and (wrapper := [k for k in WRAPPERS if isinstance(sd.get(k), dict)]):
+        sd = sd[wrapper[0]]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{what} {path} is not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in sd.items()}
@@ -91,24 +97,27 @@ def default_encoder_weights(name: str) -> str:
 
 
 def read_encoder_weights(path: str, cfg: EncoderConfig) -> dict:
-    """One of Meta's DINOv2-reg weight files, read and checked before any model is built."""
+    """The publisher's weight file of an encoder, read and unwrapped (the backbone's keys only), checked before any
+    model is built."""
     if not os.path.isfile(path):
-        url = META_URL.format(stem=cfg.weight_file.split("_reg4")[0], file=cfg.weight_file)
-        raise UserError(f"DINOv2 weight file not found: {path}; download {cfg.weight_file} from {url} "
+        raise UserError(f"encoder weight file not found: {path}; download {cfg.weight_file} from {cfg.url} "
                         f"and put it there, or pass --encoder_weights PATH (or 'random' for a smoke run)")
-    sd = read_state_dict(path, "DINOv2 weight file")
+    sd = read_state_dict(path, "encoder weight file")
     if any(k.startswith("encoder.") for k in sd):
-        raise UserError(f"{path} is a full reconstruction-model checkpoint, not a DINOv2 backbone; "
+        raise UserError(f"{path} is a full reconstruction-model checkpoint, not an encoder's weight file; "
                         f"pass it as --checkpoint")
     if is_segmentation_state_dict(sd):
-        raise UserError(f"{path} is a segmentation network (Seg_model_*.pth), not a DINOv2 backbone; "
+        raise UserError(f"{path} is a segmentation network (Seg_model_*.pth), not an encoder's weight file; "
                         f"pass it as --seg_checkpoint")
-    return sd
+    for prefix in cfg.unwrap:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    return {k: v for k, v in sd.items() if not k.startswith(cfg.extra_keys)}
 
 
-def load_encoder_weights(encoder: DinoV2Encoder, path: str):
-    """Load one of Meta's DINOv2-reg weight files into `encoder`, strictly."""
-    load_strict(encoder, read_encoder_weights(path, encoder.cfg), path, "DINOv2 weight file")
+def load_encoder_weights(encoder: torch.nn.Module, path: str):
+    """Load the publisher's weight file of `encoder` into it, strictly."""
+    load_strict(encoder, read_encoder_weights(path, encoder.cfg), path, "encoder weight file")
 
 
 def is_backbone_state_dict(sd: dict) -> bool:
@@ -128,11 +137,46 @@ def bottleneck_kind(sd: dict) -> str | None:
     return None
 
 
-def architecture_from_state_dict(sd: dict, path: str) -> tuple[str, int, str]:
+def encoder_from_state_dict(sd: dict, path: str, encoder: str | None = None) -> str:
+    """The encoder of a reconstruction checkpoint, from its `encoder.*` keys and shapes: DINOv3 (storage tokens;
+    size and SwiGLU from the shapes), DINOv2 (mask token; registers or not) or a plain ViT (DINO, MAE, DeiT, iBOT,
+    MoCo v3: patch size and position grid). Plain ViTs of one size share a layout: `encoder` (the run's
+    config.json or --encoder) names which; without it an ambiguous file is a one-line error."""
+    dim, depth = sd["encoder.cls_token"].shape[-1], 1 + max(int(k.split(".")[2]) for k in sd
+                                                           if k.startswith("encoder.blocks."))
+    if "encoder.storage_tokens" in sd:
+        family, swiglu = "dinov3", "encoder.blocks.0.mlp.w1.weight" in sd
+        fits = lambda c: c.swiglu == swiglu  # noqa: E731
+        kind = "DINOv3"
+    elif "encoder.mask_token" in sd:
+        family = "dinov2"
+        registers = sd["encoder.register_tokens"].shape[1] if "encoder.register_tokens" in sd else 0
+        fits = lambda c: c.num_register_tokens == registers  # noqa: E731
+        kind = f"DINOv2 ({registers} registers)"
+    else:
+        family, patch = "vit", sd["encoder.patch_embed.proj.weight"].shape[-1]
+        fits = lambda c: c.patch_size == patch  # noqa: E731
+        kind = f"ViT/{patch}"
+    names = [n for n, c in ENCODERS.items() if c.family == family and c.embed_dim == dim and c.depth == depth
+             and fits(c)]
+    if not names:
+        raise UserError(f"{path}: no known encoder is a {kind} with embed dim {dim} and {depth} blocks")
+    if encoder is not None:
+        if encoder not in names:
+            raise UserError(f"checkpoint {path} holds a {names[0] if len(names) == 1 else ' / '.join(names)} "
+                            f"model, not {encoder}; fix --encoder or the checkpoint")
+        return encoder
+    if len(names) > 1:
+        raise UserError(f"{path} fits several encoders ({', '.join(names)}) and has no config.json beside it; "
+                        f"pass --encoder NAME")
+    return names[0]
+
+
+def architecture_from_state_dict(sd: dict, path: str, encoder: str | None = None) -> tuple[str, int, str]:
     """Encoder name, decoder depth and bottleneck kind of an official-layout reconstruction checkpoint, from its
-    keys and shapes."""
+    keys and shapes (`encoder`: the name the run recorded, when known; see encoder_from_state_dict)."""
     if is_backbone_state_dict(sd):
-        raise UserError(f"{path} is a plain DINOv2 backbone file, not a trained model; pass it as "
+        raise UserError(f"{path} is a plain encoder weight file, not a trained model; pass it as "
                         f"--encoder_weights, or pass a trained model.pth as --checkpoint")
     if is_segmentation_state_dict(sd):
         raise UserError(f"{path} is a segmentation network (Seg_model_*.pth); pass it as --seg_checkpoint")
@@ -140,22 +184,19 @@ def architecture_from_state_dict(sd: dict, path: str) -> tuple[str, int, str]:
     if kind is None or "encoder.cls_token" not in sd:
         raise UserError(f"{path} is not a Dinomaly, Dinomaly2 or CRR reconstruction checkpoint (no encoder.* / "
                         f"bottleneck.* keys)")
-    dim = sd["bottleneck.0.fc1.weight" if kind == "mlp" else "bottleneck.0.0.weight"].shape[1]
-    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))
-    names = [n for n, c in ENCODERS.items() if c.embed_dim == dim and c.depth == depth]
-    if not names:
-        raise UserError(f"{path}: no known encoder has embed dim {dim} and {depth} blocks")
+    name = encoder_from_state_dict(sd, path, encoder)
     decoder_depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder."))
-    return names[0], decoder_depth, kind
+    return name, decoder_depth, kind
 
 
 def build_model(encoder: str, encoder_weights: str | None, **kwargs) -> ViTill:
-    """A fresh ViTill: encoder from Meta's file (None or 'random': random weights), trainable parts initialised."""
+    """A fresh ViTill: encoder from its publisher's file (None or 'random': random weights), trainable parts
+    initialised."""
     cfg = encoder_config(encoder)
     sd = None if encoder_weights in (None, "random") else read_encoder_weights(encoder_weights, cfg)
     model = ViTill(cfg, **kwargs)
     if sd is not None:
-        load_strict(model.encoder, sd, encoder_weights, "DINOv2 weight file")
+        load_strict(model.encoder, sd, encoder_weights, "encoder weight file")
     return model
 
 
@@ -164,9 +205,7 @@ def load_model(path: str, encoder: str | None = None, sd: dict | None = None, **
     architecture comes from `encoder` (e.g. read from config.json) or, without it, from the tensor shapes; the
     bottleneck from the keys."""
     sd = read_state_dict(path, "checkpoint") if sd is None else sd
-    name, decoder_depth, kind = architecture_from_state_dict(sd, path)
-    if encoder is not None and encoder != name:
-        raise UserError(f"checkpoint {path} holds a {name} model, not {encoder}; fix --encoder or the checkpoint")
+    name, decoder_depth, kind = architecture_from_state_dict(sd, path, encoder)
     model = ViTill(encoder_config(name), decoder_depth=decoder_depth, bottleneck_kind=kind, **kwargs)
     load_strict(model, sd, path, "checkpoint")
     return model
@@ -241,11 +280,11 @@ def load_trained(path: str, args, fallback: dict) -> ViTill:
     if bottleneck_kind(sd) == "two_stage" and saved.get("method", "dinomaly2") == "dinomaly2":
         fallback = PAPER_SETTINGS["dinomaly2"]
     s = follow_saved_settings(args, saved, fallback)
-    check_sizes(s["image_size"], s["crop_size"])
     if bottleneck_kind(sd) not in (None, BOTTLENECK_OF.get(s["method"])):
         raise UserError(f"checkpoint {path} has a {bottleneck_kind(sd)} bottleneck, but its run says method "
                         f"{s['method']}; fix the run's config.json or pass the right checkpoint")
     model = load_model(path, encoder=s["encoder"], sd=sd, **model_options(s))
+    check_sizes(s["image_size"], s["crop_size"], model.encoder.cfg.patch_size)
     log.info(f"loaded {path} ({s['method']}: {model.encoder.cfg.embed_dim}-d encoder, {len(model.decoder)} decoder "
              f"blocks; {s['image_size']} -> {s['crop_size']} px, mask ratio {s['mask_ratio']}, test masking "
              f"{s['test_mask']}, attention epsilon {s['attn_eps']}, lc {s['lc']}, cr {s['cr']}, la {s['la']})")
@@ -262,15 +301,16 @@ def load_segmentation_net(path: str, embed_dim: int) -> SegmentationNet:
     sd = read_state_dict(path, "segmentation checkpoint")
     if not is_segmentation_state_dict(sd):
         kind = "a reconstruction model; pass it as --checkpoint" if "bottleneck.0.fc1.weight" in sd else \
-            "a DINOv2 backbone" if is_backbone_state_dict(sd) else "not a segmentation network"
+            "an encoder's weight file" if is_backbone_state_dict(sd) else "not a segmentation network"
         raise UserError(f"{path} is {kind}; --seg_checkpoint takes a Stage-II Seg_model_*.pth")
     net = segmentation_net(embed_dim)
     load_strict(net, sd, path, "segmentation checkpoint")
     return net
 
 
-__all__ = ["ENCODERS", "EncoderConfig", "DinoV2Encoder", "ViTill", "mask_seed", "SegmentationNet",
-           "segmentation_input", "encoder_config", "build_model", "load_model", "checkpoint_file",
+__all__ = ["DEFAULT_ENCODER", "ENCODERS", "EncoderConfig", "build_encoder", "ViTill", "mask_seed",
+           "SegmentationNet", "segmentation_input", "encoder_config", "build_model", "load_model", "checkpoint_file",
            "segmentation_file", "saved_settings", "load_trained", "segmentation_net", "load_segmentation_net",
            "load_encoder_weights", "default_encoder_weights", "load_file", "read_state_dict",
-           "architecture_from_state_dict", "bottleneck_kind", "model_options", "PAPER_SETTINGS", "BOTTLENECK_OF"]
+           "architecture_from_state_dict", "encoder_from_state_dict", "read_encoder_weights", "bottleneck_kind",
+           "model_options", "PAPER_SETTINGS", "BOTTLENECK_OF"]

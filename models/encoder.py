@@ -1,18 +1,20 @@
-"""Frozen DINOv2 ViT with 4 register tokens, in Meta's key layout.
+"""The encoders `--encoder` accepts: their configuration (architecture, taps, prefix tokens, patch size, the
+publisher's weight file and address) and `build_encoder`.
 
-Built from timm's ViT `Block` and `PatchEmbed`, whose parameter names are Meta's, so Meta's weight files load
-strictly. The position embedding is interpolated the way the official code does it (offset 0.1, bicubic, no
-antialias), which timm's own resampling does not reproduce.
+Taps, as the references do it: 12-block models (S, S+, B) tap blocks 2..9, 24-block models (L) blocks 4, 6, ..,
+18 (the Dinomaly reference and the Dinomaly2 preview, by model size); the 32-block DINOv3 H+, for which no
+reference exists, taps blocks 5, 8, .., 26 (L's span stretched to 32 blocks: 8 taps 3 apart from about 1/6 of the
+depth to about 4/5). The first 4 taps form one group, the last 4 the other.
 """
-import math
 from dataclasses import dataclass
-from functools import partial
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import PatchEmbed, trunc_normal_
-from timm.models.vision_transformer import Block
+
+from .dinov3 import DinoV3Encoder
+from .vit import ViTEncoder
+
+DEFAULT_ENCODER = "dinov2reg_vit_base_14"  # the references' default
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -21,73 +23,93 @@ class EncoderConfig:
     num_heads: int
     depth: int
     taps: tuple[int, ...]  # 0-based indices of the blocks whose outputs feed the decoder
-    weight_file: str  # Meta's file name
+    weight_file: str  # the publisher's file name; the default path is backbones/weights/<weight_file>
     patch_size: int = 14
-    num_register_tokens: int = 4
-    pretrain_grid: int = 37  # 518 px / 14: the grid Meta's position embedding was built for
+    num_register_tokens: int = 4  # register (DINOv2-R) or storage (DINOv3) tokens after CLS
+    pretrain_grid: int = 37  # side of the patch grid a learned position embedding was trained for (518 px / 14)
+    family: str = "dinov2"  # "dinov2" (LayerScale, mask token), "vit" (DINO, MAE, DeiT, iBOT, MoCo v3), "dinov3"
+    url: str = ""  # where the publisher distributes weight_file
+    swiglu: bool = False  # DINOv3 S+ and H+: SwiGLU feed-forward
+    unwrap: tuple[str, ...] = ()  # the publisher's wrapping: prefixes stripped from the backbone's keys
+    extra_keys: tuple[str, ...] = ()  # prefixes of the publisher's non-backbone keys (heads), dropped
+    # The normalisation the encoder was trained with. The data pipeline normalises with ImageNet's mean and std
+    # for every encoder, as the Dinomaly reference does; recorded here, not applied.
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+SMALL_TAPS = (2, 3, 4, 5, 6, 7, 8, 9)
+LARGE_TAPS = (4, 6, 8, 10, 12, 14, 16, 18)
+HUGE_TAPS = (5, 8, 11, 14, 17, 20, 23, 26)
+SIZES = {"small": (384, 6, 12, SMALL_TAPS), "base": (768, 12, 12, SMALL_TAPS), "large": (1024, 16, 24, LARGE_TAPS)}
+ABBREVIATIONS = {"small": "s", "base": "b", "large": "l"}
+
+
+def dinov2(size: str, registers: bool) -> EncoderConfig:
+    stem = f"dinov2_vit{ABBREVIATIONS[size]}14"
+    file = f"{stem}_reg4_pretrain.pth" if registers else f"{stem}_pretrain.pth"
+    d, heads, depth, taps = SIZES[size]
+    return EncoderConfig(d, heads, depth, taps, file, num_register_tokens=4 if registers else 0,
+                         url=f"https://dl.fbaipublicfiles.com/dinov2/{stem}/{file}")
+
+
+DINOV3_HASHES = {"s": "08c60483", "splus": "4057cbaa", "b": "73cec8be", "l": "8aa4cbdd", "hplus": "7c1da9a5"}
+
+
+def dinov3(arch: str, d: int, heads: int, depth: int, taps: tuple[int, ...], swiglu: bool = False) -> EncoderConfig:
+    stem = "dinov3_vit" + arch.replace("plus", "16plus") if "plus" in arch else f"dinov3_vit{arch}16"
+    file = f"{stem}_pretrain_lvd1689m-{DINOV3_HASHES[arch]}.pth"
+    return EncoderConfig(d, heads, depth, taps, file, patch_size=16, family="dinov3", swiglu=swiglu,
+                         url=f"https://dl.fbaipublicfiles.com/dinov3/{stem}/{file}")
+
+
+def vit(size: str, patch: int, file: str, url: str, heads: int | None = None, **kwargs) -> EncoderConfig:
+    """DINO, MAE, DeiT, iBOT, MoCo v3: a plain ViT trained at 224 px (no registers, no LayerScale)."""
+    d, default_heads, depth, taps = SIZES[size]
+    return EncoderConfig(d, heads or default_heads, depth, taps, file, patch_size=patch, num_register_tokens=0,
+                         pretrain_grid=224 // patch, family="vit", url=url, **kwargs)
+
+
+def dino(size: str, patch: int) -> EncoderConfig:
+    stem = f"dino_deitsmall{patch}_pretrain" if size == "small" else f"dino_vitbase{patch}_pretrain"
+    return vit(size, patch, f"{stem}.pth", f"https://dl.fbaipublicfiles.com/dino/{stem}/{stem}.pth")
+
+
+def ibot(size: str) -> EncoderConfig:
+    # every size is published as checkpoint_teacher.pth: saved here under a name of its own
+    folder = f"vit{ABBREVIATIONS[size]}_16_rand_mask"
+    return vit(size, 16, f"ibot_{folder}_checkpoint_teacher.pth",
+               f"https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/{folder}/"
+               f"checkpoint_teacher.pth", unwrap=("backbone.",), extra_keys=("head.", "masked_embed"))
 
 
 ENCODERS = {
-    "dinov2reg_vit_small_14": EncoderConfig(384, 6, 12, (2, 3, 4, 5, 6, 7, 8, 9), "dinov2_vits14_reg4_pretrain.pth"),
-    "dinov2reg_vit_base_14": EncoderConfig(768, 12, 12, (2, 3, 4, 5, 6, 7, 8, 9), "dinov2_vitb14_reg4_pretrain.pth"),
-    "dinov2reg_vit_large_14": EncoderConfig(1024, 16, 24, (4, 6, 8, 10, 12, 14, 16, 18), "dinov2_vitl14_reg4_pretrain.pth"),
+    **{f"dinov2reg_vit_{s}_14": dinov2(s, registers=True) for s in SIZES},
+    **{f"dinov2_vit_{s}_14": dinov2(s, registers=False) for s in SIZES},
+    "dinov3_vit_small_16": dinov3("s", 384, 6, 12, SMALL_TAPS),
+    "dinov3_vit_small_plus_16": dinov3("splus", 384, 6, 12, SMALL_TAPS, swiglu=True),
+    "dinov3_vit_base_16": dinov3("b", 768, 12, 12, SMALL_TAPS),
+    "dinov3_vit_large_16": dinov3("l", 1024, 16, 24, LARGE_TAPS),
+    "dinov3_vit_huge_plus_16": dinov3("hplus", 1280, 20, 32, HUGE_TAPS, swiglu=True),
+    **{f"dino_vit_{s}_{p}": dino(s, p) for s in ("small", "base") for p in (8, 16)},
+    **{f"ibot_vit_{s}_16": ibot(s) for s in SIZES},
+    **{f"mae_vit_{s}_16": vit(s, 16, f"mae_pretrain_vit_{s}.pth",
+                              f"https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{s}.pth")
+       for s in ("base", "large")},
+    "deit_vit_small_16": vit("small", 16, "deit_small_patch16_224-cd65a155.pth",
+                             "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth",
+                             extra_keys=("head.",)),
+    "deit_vit_base_16": vit("base", 16, "deit_base_patch16_224-b5f2ef4d.pth",
+                            "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth",
+                            extra_keys=("head.",)),
+    # MoCo v3's ViT-S has 12 heads (its vits.py); its file holds both encoders and the predictor
+    **{f"moco_vit_{s}_16": vit(s, 16, f"vit-{s[0]}-300ep.pth.tar",
+                               f"https://dl.fbaipublicfiles.com/moco-v3/vit-{s[0]}-300ep/vit-{s[0]}-300ep.pth.tar",
+                               heads=12, unwrap=("base_encoder.",), extra_keys=("head.",))
+       for s in ("small", "base")},
 }
 
 
-def interpolate_patch_pos_embed(patch_pos: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """[1, M*M, D] position embedding of an M x M grid -> [1, grid_h*grid_w, D], as the official code does it."""
-    n, dim = patch_pos.shape[1], patch_pos.shape[2]
-    m = int(math.sqrt(n))
-    if grid_h == m and grid_w == m:
-        return patch_pos
-    grid = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=((grid_h + 0.1) / m, (grid_w + 0.1) / m), mode="bicubic",
-                         align_corners=False, antialias=False)
-    assert grid.shape[-2:] == (grid_h, grid_w)
-    return grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim).to(patch_pos.dtype)
-
-
-class DinoV2Encoder(nn.Module):
-    """Token sequence [CLS, R1..R4, P1..PN]; returns the raw outputs of the tap blocks (no final norm)."""
-
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.cfg = cfg
-        d = cfg.embed_dim
-        self.patch_embed = PatchEmbed(img_size=None, patch_size=cfg.patch_size, embed_dim=d, strict_img_size=False)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pretrain_grid ** 2, d))
-        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, d))
-        self.mask_token = nn.Parameter(torch.zeros(1, d))  # unused; kept so Meta's files load strictly
-        self.blocks = nn.ModuleList([
-            Block(d, cfg.num_heads, mlp_ratio=4.0, qkv_bias=True, init_values=1e-5,
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(d, eps=1e-6)  # never applied; part of Meta's layout
-        trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        nn.init.normal_(self.register_tokens, std=1e-6)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 1 + self.cfg.num_register_tokens
-
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, 1 + R + N, D]."""
-        b, _, h, w = x.shape
-        p = self.cfg.patch_size
-        x = self.patch_embed(x)  # [B, N, D]
-        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
-        pos = self.pos_embed.float()
-        pos = torch.cat([pos[:, :1], interpolate_patch_pos_embed(pos[:, 1:], h // p, w // p)], dim=1)
-        x = x + pos.to(x.dtype)
-        return torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]], dim=1)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.prepare_tokens(x)
-        taps = []
-        for i, blk in enumerate(self.blocks[: self.cfg.taps[-1] + 1]):
-            x = blk(x)
-            if i in self.cfg.taps:
-                taps.append(x)
-        return taps  # len(taps) x [B, T, D]
+def build_encoder(cfg: EncoderConfig) -> nn.Module:
+    """The frozen encoder of `cfg` (random weights; load the publisher's file into it)."""
+    return DinoV3Encoder(cfg) if cfg.family == "dinov3" else ViTEncoder(cfg)

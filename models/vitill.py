@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .decoder import bottleneck, decoder_block
-from .encoder import DinoV2Encoder, EncoderConfig
+from .encoder import EncoderConfig, build_encoder
 
 
 def mask_seed(key: bytes) -> int:
@@ -54,7 +54,7 @@ class ViTill(nn.Module):
         d, heads = encoder_cfg.embed_dim, encoder_cfg.num_heads
         if lc not in GROUPINGS:
             raise ValueError(f"unknown tap grouping lc={lc} (expected one of {sorted(GROUPINGS)})")
-        self.encoder = DinoV2Encoder(encoder_cfg)
+        self.encoder = build_encoder(encoder_cfg)
         self.encoder.requires_grad_(False)
         self.bottleneck = bottleneck(bottleneck_kind, d, dropout)
         self.decoder = nn.ModuleList([decoder_block(d, heads, attn_eps, linear_attention)

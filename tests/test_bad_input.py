@@ -210,7 +210,7 @@ def test_checkpoints_of_the_wrong_kind(tmp_path, tiny_encoder):
         models.load_model(str(tmp_path / "train_state.pth"))
     with pytest.raises(UserError, match="is a segmentation network .*; pass it as --seg_checkpoint"):
         models.build_model(TINY, str(tmp_path / "Seg_model_last.pth"))
-    with pytest.raises(UserError, match="is a full reconstruction-model checkpoint, not a DINOv2 backbone"):
+    with pytest.raises(UserError, match="is a full reconstruction-model checkpoint, not an encoder"):
         models.build_model(TINY, str(tmp_path / "model.pth"))
     with pytest.raises(UserError, match="is a reconstruction model; pass it as --checkpoint"):
         models.load_segmentation_net(str(tmp_path / "model.pth"), cfg.embed_dim)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import models
 from models.decoder import LinearAttention
-from models.encoder import ENCODERS, DinoV2Encoder, interpolate_patch_pos_embed
+from models.encoder import ENCODERS
+from models.vit import ViTEncoder, interpolate_patch_pos_embed
 from models.segnet import SegmentationNet, segmentation_input
 from models.vitill import ViTill
 from errors import UserError
@@ -85,7 +86,7 @@ def test_pos_embed_interpolation_uses_official_offset(grid):
 def test_pos_embed_at_518_is_unchanged_and_tokens_are_laid_out_officially():
     pos = torch.randn(1, 37 * 37, 4)
     assert interpolate_patch_pos_embed(pos, 37, 37) is pos
-    enc = DinoV2Encoder(TINY_CFG)
+    enc = ViTEncoder(TINY_CFG)
     torch.nn.init.normal_(enc.register_tokens)
     x = torch.randn(2, 3, 56, 56)
     tokens = enc.prepare_tokens(x)
@@ -120,20 +121,20 @@ def official_reconstruction_keys(depth, decoder_depth=8):
 
 def test_meta_layout_loads_strictly(tmp_path):
     cfg = ENCODERS["dinov2reg_vit_small_14"]
-    enc = DinoV2Encoder(cfg)
+    enc = ViTEncoder(cfg)
     assert sorted(enc.state_dict()) == sorted(meta_keys(12))
     assert enc.pos_embed.shape == (1, 1370, 384) and enc.register_tokens.shape == (1, 4, 384)
     sd = {k: torch.randn_like(v) for k, v in enc.state_dict().items()}
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(sd, path)
-    fresh = DinoV2Encoder(cfg)
+    fresh = ViTEncoder(cfg)
     models.load_encoder_weights(fresh, str(path))
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, sd[k]), k
     del sd["blocks.3.ls1.gamma"]
     torch.save(sd, path)
     with pytest.raises(UserError, match="missing.*blocks.3.ls1.gamma"):
-        models.load_encoder_weights(DinoV2Encoder(cfg), str(path))
+        models.load_encoder_weights(ViTEncoder(cfg), str(path))
 
 
 def test_missing_weight_file_names_path_and_source(tmp_path):
@@ -157,7 +158,7 @@ def test_official_layout_checkpoint_round_trip(tmp_path):
         models.load_model(str(path), encoder="dinov2reg_vit_base_14")
     backbone = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save({k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}, backbone)
-    with pytest.raises(UserError, match="plain DINOv2 backbone"):
+    with pytest.raises(UserError, match="plain encoder weight file"):
         models.load_model(str(backbone))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
