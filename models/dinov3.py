@@ -64,6 +64,11 @@ class DinoV3Encoder(nn.Module):
     def num_prefix_tokens(self) -> int:
         return 1 + self.cfg.num_register_tokens
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks (what --compile compiles one by one)."""
+        return self.vit.blocks
+
     def fix_grid(self, grid_h: int, grid_w: int):
         """For a static exported graph: nothing to store, RoPE is computed from the input's grid."""
 

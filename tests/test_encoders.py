@@ -16,7 +16,9 @@ import benchmark
 import dataset as ds
 import dinomaly_mvtec_uni
 import engine
+import export
 import models
+import predict
 from cli import build_parser
 from errors import UserError
 from models import ENCODERS, ViTill, build_encoder
@@ -477,6 +479,11 @@ def test_dinomaly_trains_with_a_tiny_dinov3_and_the_run_folder_remembers_it(tmp_
     scores = [[float(r.split(",")[3]) for r in t.splitlines()[1:]] for t in (first, again)]
     assert scores[0] == pytest.approx(scores[1], rel=1e-5)
     assert "64 -> 64 px" in (tmp_path / "again" / "log.txt").read_text()
+    # predict and export build the run's encoder from its config.json
+    detector = predict.Detector(str(tmp_path / "v3"), device="cpu")
+    assert detector.mapper.model.encoder.cfg == V3_CFG and detector.crop_size == 64
+    export.main(["--checkpoint", str(tmp_path / "v3"), "--out", str(tmp_path / "v3.onnx")])
+    assert (tmp_path / "v3.onnx").is_file()
 
 
 def test_benchmark_takes_the_encoder(tmp_path):
