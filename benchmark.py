@@ -509,7 +509,8 @@ def main(argv: list[str] | None = None) -> dict:
     if hasattr(args, "device"):
         args.device = torch.device(args.device)
     if hasattr(args, "encoder"):
-        ds.check_sizes(args.image_size, args.crop_size, models.encoder_config(args.encoder).patch_size)
+        cfg = models.encoder_config(args.encoder)
+        ds.check_sizes(args.image_size, args.crop_size, cfg.patch_size, cfg.fixed_grid)
     with contextlib.ExitStack() as stack:
         if getattr(args, "cache_dir", "") is None:
             args.cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="benchmark_cache_"))

@@ -146,8 +146,12 @@ def mask_to_tensor(mask: Image.Image, crop_size: int) -> torch.Tensor:
     return torch.from_numpy(arr)[None]
 
 
-def check_sizes(image_size: int, crop_size: int, patch_size: int):
-    """The crop must be a whole number of the encoder's patches and fit in the resized image."""
+def check_sizes(image_size: int, crop_size: int, patch_size: int, grid: int | None = None):
+    """The crop must be a whole number of the encoder's patches (`grid` of them a side, for an encoder that takes
+    one grid only) and fit in the resized image."""
+    if grid is not None and crop_size != grid * patch_size:
+        raise UserError(f"--crop_size {crop_size}: this encoder takes {grid * patch_size}-px crops only ({grid} x "
+                        f"{grid} patches of {patch_size}); use --crop_size {grid * patch_size}")
     if crop_size % patch_size:
         low = crop_size // patch_size * patch_size
         nearest = " or ".join(str(c) for c in (low, low + patch_size) if c > 0)

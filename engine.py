@@ -522,7 +522,8 @@ def train_and_evaluate(args, method: str):
         if args.image_size is None or args.crop_size is None:
             raise UserError(f"this script has no default sizes for --dataset {args.dataset}; pass --image_size and "
                             f"--crop_size")
-        ds.check_sizes(args.image_size, args.crop_size, models.encoder_config(args.encoder).patch_size)
+        cfg = models.encoder_config(args.encoder)
+        ds.check_sizes(args.image_size, args.crop_size, cfg.patch_size, cfg.fixed_grid)
         run = Run(args, "config.json")
         state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth"])
         train_set = synthetic_train_set(args) if crr else train_dataset(run)

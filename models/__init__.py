@@ -112,7 +112,7 @@ def read_encoder_weights(path: str, cfg: EncoderConfig) -> dict:
     for prefix in cfg.unwrap:
         if any(k.startswith(prefix) for k in sd):
             sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
-    return {k: v for k, v in sd.items() if not k.startswith(cfg.extra_keys)}
+    return {k: v for k, v in sd.items() if not any(re.match(pattern, k) for pattern in cfg.extra_keys)}
 
 
 def load_encoder_weights(encoder: torch.nn.Module, path: str):
@@ -137,30 +137,35 @@ def bottleneck_kind(sd: dict) -> str | None:
     return None
 
 
+def layout(cfg: EncoderConfig) -> tuple:
+    """What an encoder's state dict shows of it: family, width, depth, and what tells the family's variants apart:
+    SwiGLU or not (DINOv3), the register count (DINOv2), the patch size (the others)."""
+    detail = {"dinov3": cfg.swiglu, "dinov2": cfg.num_register_tokens}.get(cfg.family, cfg.patch_size)
+    return cfg.family, cfg.embed_dim, cfg.depth, detail
+
+
 def encoder_from_state_dict(sd: dict, path: str, encoder: str | None = None) -> str:
     """The encoder of a reconstruction checkpoint, from its `encoder.*` keys and shapes: DINOv3 (storage tokens;
-    size and SwiGLU from the shapes), DINOv2 (mask token; registers or not) or a plain ViT (DINO, MAE, DeiT, iBOT,
-    MoCo v3: patch size and position grid). Plain ViTs of one size share a layout: `encoder` (the run's
-    config.json or --encoder) names which; without it an ambiguous file is a one-line error."""
+    SwiGLU or not), BEiT (relative position bias), DINOv2 (mask token; registers or not) or a plain ViT (DINO,
+    MAE, DeiT, iBOT, MoCo v3: patch size); width and depth from the shapes. Plain ViTs of one size, and BEiT and
+    BEiT v2, share a layout: `encoder` (the run's config.json or --encoder) names which; without it an ambiguous
+    file is a one-line error."""
     dim, depth = sd["encoder.cls_token"].shape[-1], 1 + max(int(k.split(".")[2]) for k in sd
                                                            if k.startswith("encoder.blocks."))
+    patch = sd["encoder.patch_embed.proj.weight"].shape[-1]
     if "encoder.storage_tokens" in sd:
-        family, swiglu = "dinov3", "encoder.blocks.0.mlp.w1.weight" in sd
-        fits = lambda c: c.swiglu == swiglu  # noqa: E731
-        kind = "DINOv3"
+        found = "dinov3", dim, depth, "encoder.blocks.0.mlp.w1.weight" in sd
+    elif "encoder.blocks.0.attn.relative_position_bias_table" in sd:
+        found = "beit", dim, depth, patch
     elif "encoder.mask_token" in sd:
-        family = "dinov2"
         registers = sd["encoder.register_tokens"].shape[1] if "encoder.register_tokens" in sd else 0
-        fits = lambda c: c.num_register_tokens == registers  # noqa: E731
-        kind = f"DINOv2 ({registers} registers)"
+        found = "dinov2", dim, depth, registers
     else:
-        family, patch = "vit", sd["encoder.patch_embed.proj.weight"].shape[-1]
-        fits = lambda c: c.patch_size == patch  # noqa: E731
-        kind = f"ViT/{patch}"
-    names = [n for n, c in ENCODERS.items() if c.family == family and c.embed_dim == dim and c.depth == depth
-             and fits(c)]
+        found = "vit", dim, depth, patch
+    names = [n for n, c in ENCODERS.items() if layout(c) == found]
     if not names:
-        raise UserError(f"{path}: no known encoder is a {kind} with embed dim {dim} and {depth} blocks")
+        raise UserError(f"{path}: no known encoder has this layout ({found[0]}, embed dim {dim}, {depth} "
+                        f"blocks)")
     if encoder is not None:
         if encoder not in names:
             raise UserError(f"checkpoint {path} holds a {names[0] if len(names) == 1 else ' / '.join(names)} "
@@ -284,7 +289,7 @@ def load_trained(path: str, args, fallback: dict) -> ViTill:
         raise UserError(f"checkpoint {path} has a {bottleneck_kind(sd)} bottleneck, but its run says method "
                         f"{s['method']}; fix the run's config.json or pass the right checkpoint")
     model = load_model(path, encoder=s["encoder"], sd=sd, **model_options(s))
-    check_sizes(s["image_size"], s["crop_size"], model.encoder.cfg.patch_size)
+    check_sizes(s["image_size"], s["crop_size"], model.encoder.cfg.patch_size, model.encoder.cfg.fixed_grid)
     log.info(f"loaded {path} ({s['method']}: {model.encoder.cfg.embed_dim}-d encoder, {len(model.decoder)} decoder "
              f"blocks; {s['image_size']} -> {s['crop_size']} px, mask ratio {s['mask_ratio']}, test masking "
              f"{s['test_mask']}, attention epsilon {s['attn_eps']}, lc {s['lc']}, cr {s['cr']}, la {s['la']})")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .beit import BeitEncoder
 from .dinov3 import DinoV3Encoder
 from .vit import ViTEncoder
 
@@ -27,11 +28,13 @@ class EncoderConfig:
     patch_size: int = 14
     num_register_tokens: int = 4  # register (DINOv2-R) or storage (DINOv3) tokens after CLS
     pretrain_grid: int = 37  # side of the patch grid a learned position embedding was trained for (518 px / 14)
-    family: str = "dinov2"  # "dinov2" (LayerScale, mask token), "vit" (DINO, MAE, DeiT, iBOT, MoCo v3), "dinov3"
+    family: str = "dinov2"  # "dinov2" (LayerScale, mask token), "vit" (DINO, MAE, DeiT, iBOT, MoCo v3), "dinov3",
+    # "beit" (BEiT, BEiT v2)
     url: str = ""  # where the publisher distributes weight_file
     swiglu: bool = False  # DINOv3 S+ and H+: SwiGLU feed-forward
     unwrap: tuple[str, ...] = ()  # the publisher's wrapping: prefixes stripped from the backbone's keys
-    extra_keys: tuple[str, ...] = ()  # prefixes of the publisher's non-backbone keys (heads), dropped
+    extra_keys: tuple[str, ...] = ()  # regular expressions matching the publisher's non-backbone keys (heads)
+    fixed_grid: int | None = None  # the only patch-grid side the encoder takes (BEiT: its relative position bias)
     # The normalisation the encoder was trained with. The data pipeline normalises with ImageNet's mean and std
     # for every encoder, as the Dinomaly reference does; recorded here, not applied.
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -43,6 +46,7 @@ LARGE_TAPS = (4, 6, 8, 10, 12, 14, 16, 18)
 HUGE_TAPS = (5, 8, 11, 14, 17, 20, 23, 26)
 SIZES = {"small": (384, 6, 12, SMALL_TAPS), "base": (768, 12, 12, SMALL_TAPS), "large": (1024, 16, 24, LARGE_TAPS)}
 ABBREVIATIONS = {"small": "s", "base": "b", "large": "l"}
+HEAD = (r"head\.",)  # classification or projection head
 
 
 def dinov2(size: str, registers: bool) -> EncoderConfig:
@@ -80,7 +84,21 @@ def ibot(size: str) -> EncoderConfig:
     folder = f"vit{ABBREVIATIONS[size]}_16_rand_mask"
     return vit(size, 16, f"ibot_{folder}_checkpoint_teacher.pth",
                f"https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/{folder}/"
-               f"checkpoint_teacher.pth", unwrap=("backbone.",), extra_keys=("head.", "masked_embed"))
+               f"checkpoint_teacher.pth", unwrap=("backbone.",), extra_keys=HEAD + (r"masked_embed$",))
+
+
+def beit(version: str) -> EncoderConfig:
+    """BEiT / BEiT v2 ViT-B/16 fine-tuned on ImageNet-22k: the files the reference loads (its only size). BEiT was
+    trained with mean = std = 0.5, BEiT v2 with ImageNet's."""
+    stem = "beit_base_patch16_224_pt22k_ft22k" if version == "v1" else "beitv2_base_patch16_224_pt1k_ft21k"
+    release = "v1.0" if version == "v1" else "BEiT-v2"
+    half = (0.5, 0.5, 0.5)
+    d, heads, depth, taps = SIZES["base"]
+    return EncoderConfig(d, heads, depth, taps, f"{stem}.pth", patch_size=16, num_register_tokens=0,
+                         pretrain_grid=14, family="beit", fixed_grid=14,
+                         url=f"https://github.com/addf400/files/releases/download/{release}/{stem}.pth",
+                         extra_keys=HEAD + (r".*\.relative_position_index$",),
+                         mean=half if version == "v1" else IMAGENET_MEAN, std=half if version == "v1" else IMAGENET_STD)
 
 
 ENCODERS = {
@@ -98,18 +116,20 @@ ENCODERS = {
        for s in ("base", "large")},
     "deit_vit_small_16": vit("small", 16, "deit_small_patch16_224-cd65a155.pth",
                              "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth",
-                             extra_keys=("head.",)),
+                             extra_keys=HEAD),
     "deit_vit_base_16": vit("base", 16, "deit_base_patch16_224-b5f2ef4d.pth",
                             "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth",
-                            extra_keys=("head.",)),
+                            extra_keys=HEAD),
     # MoCo v3's ViT-S has 12 heads (its vits.py); its file holds both encoders and the predictor
     **{f"moco_vit_{s}_16": vit(s, 16, f"vit-{s[0]}-300ep.pth.tar",
                                f"https://dl.fbaipublicfiles.com/moco-v3/vit-{s[0]}-300ep/vit-{s[0]}-300ep.pth.tar",
-                               heads=12, unwrap=("base_encoder.",), extra_keys=("head.",))
+                               heads=12, unwrap=("base_encoder.",), extra_keys=HEAD)
        for s in ("small", "base")},
+    "beit_vit_base_16": beit("v1"),
+    "beitv2_vit_base_16": beit("v2"),
 }
 
 
 def build_encoder(cfg: EncoderConfig) -> nn.Module:
     """The frozen encoder of `cfg` (random weights; load the publisher's file into it)."""
-    return DinoV3Encoder(cfg) if cfg.family == "dinov3" else ViTEncoder(cfg)
+    return {"dinov3": DinoV3Encoder, "beit": BeitEncoder}.get(cfg.family, ViTEncoder)(cfg)

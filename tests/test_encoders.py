@@ -368,6 +368,92 @@ def test_vit_families_match_a_float64_reading_of_the_publishers_layout(tmp_path,
     assert max_error(ours, other) > 20 * TOL * scale
 
 
+def beit_file(cfg: EncoderConfig, seed: int = 0) -> dict:
+    """Random weights in BEiT's layout (Microsoft's release, as the reference's BEiT class names them): q and v
+    biases, a relative position bias table per block, LayerScale, the mean-pooling norm, the classification head
+    and the index buffers the release carries."""
+    g = torch.Generator().manual_seed(seed)
+    d, p, m = cfg.embed_dim, cfg.patch_size, cfg.pretrain_grid
+
+    def r(*shape, std=0.2):
+        return torch.randn(*shape, generator=g) * std
+
+    sd = {"cls_token": r(1, 1, d, std=1), "patch_embed.proj.weight": r(d, 3, p, p, std=0.05),
+          "patch_embed.proj.bias": r(d), "fc_norm.weight": 1 + r(d), "fc_norm.bias": r(d),
+          "head.weight": r(10, d), "head.bias": r(10)}
+    for i in range(cfg.depth):
+        b = f"blocks.{i}."
+        sd.update({b + "gamma_1": 0.5 + r(d).abs(), b + "gamma_2": 0.5 + r(d).abs(), b + "norm1.weight": 1 + r(d),
+                   b + "norm1.bias": r(d), b + "attn.qkv.weight": r(3 * d, d), b + "attn.q_bias": r(d),
+                   b + "attn.v_bias": r(d), b + "attn.relative_position_bias_table":
+                       r((2 * m - 1) ** 2 + 3, cfg.num_heads, std=1),
+                   b + "attn.relative_position_index": torch.zeros(m * m + 1, m * m + 1, dtype=torch.long),
+                   b + "attn.proj.weight": r(d, d), b + "attn.proj.bias": r(d), b + "norm2.weight": 1 + r(d),
+                   b + "norm2.bias": r(d), b + "mlp.fc1.weight": r(4 * d, d), b + "mlp.fc1.bias": r(4 * d),
+                   b + "mlp.fc2.weight": r(d, 4 * d), b + "mlp.fc2.bias": r(d)})
+    return sd
+
+
+def beit_reference(sd: dict, x: torch.Tensor, cfg: EncoderConfig) -> list[torch.Tensor]:
+    """BEiT's forward in float64 from its layout: [CLS, patches], no position embedding; attention logits plus
+    table[index], index = (dy + M - 1) (2M - 1) + dx + M - 1 between two patches, and the table's last three rows
+    for CLS to patch, patch to CLS and CLS to CLS; the k bias zero; LayerScale gamma_1, gamma_2."""
+    w = {k: v.double() for k, v in sd.items()}
+    x = F.conv2d(x.double(), w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], stride=cfg.patch_size)
+    b, d, h, wd = x.shape
+    x = torch.cat([w["cls_token"].expand(b, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+    heads, m = cfg.num_heads, cfg.pretrain_grid
+    dh, n = d // heads, (2 * m - 1) ** 2 + 3
+    index = torch.empty(h * wd + 1, h * wd + 1, dtype=torch.long)
+    for i in range(h * wd):
+        for j in range(h * wd):
+            index[i + 1, j + 1] = (i // wd - j // wd + m - 1) * (2 * m - 1) + (i % wd - j % wd + m - 1)
+    index[0, :], index[:, 0], index[0, 0] = n - 3, n - 2, n - 1
+
+    def ln(t, name):
+        return F.layer_norm(t, (d,), w[name + ".weight"], w[name + ".bias"], eps=1e-6)
+
+    taps = []
+    for i in range(cfg.taps[-1] + 1):
+        p = f"blocks.{i}."
+        bias = torch.cat([w[p + "attn.q_bias"], torch.zeros(d, dtype=torch.float64), w[p + "attn.v_bias"]])
+        q, k, v = F.linear(ln(x, p + "norm1"), w[p + "attn.qkv.weight"], bias).reshape(b, -1, 3, heads, dh) \
+            .permute(2, 0, 3, 1, 4)
+        rel = w[p + "attn.relative_position_bias_table"][index].permute(2, 0, 1)  # [heads, T, T]
+        att = torch.softmax(q @ k.transpose(-1, -2) * dh ** -0.5 + rel, dim=-1) @ v
+        x = x + w[p + "gamma_1"] * F.linear(att.transpose(1, 2).reshape(b, -1, d), w[p + "attn.proj.weight"],
+                                            w[p + "attn.proj.bias"])
+        y = F.gelu(F.linear(ln(x, p + "norm2"), w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"]))
+        x = x + w[p + "gamma_2"] * F.linear(y, w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"])
+        if i in cfg.taps:
+            taps.append(x)
+    return taps
+
+
+@pytest.mark.parametrize("name", ["beit_vit_base_16", "beitv2_vit_base_16"])
+def test_beit_matches_a_float64_reading_of_its_layout(tmp_path, name):
+    cfg = tiny(name, taps=(0, 2, 3), fixed_grid=4)
+    sd = beit_file(cfg)
+    path = tmp_path / cfg.weight_file
+    torch.save({"model": sd}, path)
+    enc = build_encoder(cfg).eval()
+    backbone = {k: v for k, v in sd.items() if not k.startswith("head.") and "relative_position_index" not in k}
+    assert sorted(enc.state_dict()) == sorted(backbone)
+    models.load_encoder_weights(enc, str(path))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = enc(x)
+    reference = beit_reference(sd, x, cfg)
+    assert enc.num_prefix_tokens == 1 and [t.shape for t in ours] == [(2, 17, 64)] * 3
+    scale = max(float(r.abs().max()) for r in reference)
+    assert max_error(ours, reference) < TOL * scale
+    flipped = dict(sd, **{k: v.flip(0) for k, v in sd.items() if k.endswith("relative_position_bias_table")})
+    assert max_error(ours, beit_reference(flipped, x, cfg)) > 20 * TOL * scale
+    with pytest.raises(UserError, match=r"^--crop_size 448: this encoder takes 224-px crops only \(14 x 14 "
+                                        r"patches of 16\); use --crop_size 224$"):
+        ds.check_sizes(512, 448, 16, ENCODERS[name].fixed_grid)
+
+
 def test_registered_vit_families():
     """Patch sizes, prefix tokens, heads and taps as the references build them."""
     c = ENCODERS
@@ -417,10 +503,11 @@ def test_checkpoint_encoder_detection(monkeypatch):
                           pretrain_grid=4, family="vit")
     tiny_cfgs = {V3: V3_CFG, "dinov3_tiny_swiglu": dataclasses.replace(V3_CFG, swiglu=True), TINY: TINY_CFG,
                  "dinov2_tiny_noreg": dataclasses.replace(TINY_CFG, num_register_tokens=0),
-                 "vit_tiny_a": plain, "vit_tiny_b": dataclasses.replace(plain, weight_file="b.pth")}
+                 "vit_tiny_a": plain, "vit_tiny_b": dataclasses.replace(plain, weight_file="b.pth"),
+                 "beit_tiny": dataclasses.replace(plain, family="beit", fixed_grid=4)}
     for name, cfg in tiny_cfgs.items():
         monkeypatch.setitem(models.ENCODERS, name, cfg)
-    for name in (V3, "dinov3_tiny_swiglu", TINY, "dinov2_tiny_noreg"):
+    for name in (V3, "dinov3_tiny_swiglu", TINY, "dinov2_tiny_noreg", "beit_tiny"):
         sd = ViTill(tiny_cfgs[name]).state_dict()
         assert models.architecture_from_state_dict(sd, "m.pth") == (name, 8)
         assert models.encoder_from_state_dict(sd, "m.pth", name) == name
@@ -433,7 +520,7 @@ def test_checkpoint_encoder_detection(monkeypatch):
         models.encoder_from_state_dict(sd, "m.pth", V3)
     sd = ViTill(V3_CFG).state_dict()
     sd["encoder.cls_token"] = torch.zeros(1, 1, 48)
-    with pytest.raises(UserError, match="no known encoder is a DINOv3 with embed dim 48 and 8 blocks"):
+    with pytest.raises(UserError, match=r"no known encoder has this layout \(dinov3, embed dim 48, 8 blocks\)"):
         models.encoder_from_state_dict(sd, "m.pth")
 
 
