@@ -215,7 +215,7 @@ def run_cli(*args):
       "--device", "cpu"],
      "checkpoint not found: {tmp}/nope; pass a run folder or a model.pth as --checkpoint"),
     (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--classes", "nut", "--crop_size", "100",
-      "--encoder_weights", "random", "--device", "cpu"], "multiple of the patch size"),
+      "--encoder_weights", "random", "--device", "cpu"], "multiple of the encoder's patch size 14; use 98 or 112"),
     (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--total_iters", "0"], "--total_iters: 0 is less than 1"),
     (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--batch_size", "-2"], "--batch_size: -2 is less than 1"),
     (["crr_realiad_stage1.py", "--mask_ratio", "1"], "--mask_ratio: 1.0 is not in [0, 1)"),
