@@ -49,8 +49,8 @@ def build_parser(description: str, defaults: dict, job: str,
     data.add_argument("--image_size", type=int_at_least(14), default=448 if trains_recon else None,
                       help="images are resized to this square size" + from_run)
     data.add_argument("--crop_size", type=int_at_least(14), default=392 if trains_recon else None,
-                      help="then centre-cropped to this size, a multiple of the encoder's patch size (14 for DINOv2, 16 "
-                           "for DINOv3: e.g. 392 or 448, both a 28 x 28 grid)" + from_run)
+                      help="then centre-cropped to this size, a multiple of the encoder's patch size (14 for "
+                           "DINOv2, 16 for DINOv3: e.g. 392 or 448, both a 28 x 28 grid)" + from_run)
     data.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
                       help="data loader worker processes")
     if crr and job != "crr_test":
@@ -75,8 +75,10 @@ def build_parser(description: str, defaults: dict, job: str,
     model = p.add_argument_group("model")
     if trains_recon:
         model.add_argument("--encoder", choices=list(models.ENCODERS),
-                           help="encoder to train with (default dinov2reg_vit_base_14); with --eval_only the "
-                                "architecture comes from the checkpoint and this only checks it")
+                           help="encoder to train with (default dinov2reg_vit_base_14; see the README's table); "
+                                "with --eval_only the architecture comes from the run or the checkpoint and this "
+                                "checks it, or names it for a checkpoint without config.json whose layout several "
+                                "encoders share")
         model.add_argument("--encoder_weights",
                            help="the encoder's weight file as its publisher distributes it, or 'random' for a "
                                 "smoke run (default: backbones/weights/<publisher's file name>; see the README)")

@@ -509,8 +509,14 @@ def test_checkpoint_encoder_detection(monkeypatch):
         monkeypatch.setitem(models.ENCODERS, name, cfg)
     for name in (V3, "dinov3_tiny_swiglu", TINY, "dinov2_tiny_noreg", "beit_tiny"):
         sd = ViTill(tiny_cfgs[name]).state_dict()
-        assert models.architecture_from_state_dict(sd, "m.pth") == (name, 8)
+        assert models.architecture_from_state_dict(sd, "m.pth") == (name, 8, "mlp")
         assert models.encoder_from_state_dict(sd, "m.pth", name) == name
+    # Dinomaly2 (two-stage bottleneck, recentred targets) on DINOv3: detected, and its maps have the patch grid
+    dinomaly2 = ViTill(V3_CFG, bottleneck_kind="two_stage", recenter=True).eval()
+    assert models.architecture_from_state_dict(dinomaly2.state_dict(), "m.pth") == (V3, 8, "two_stage")
+    with torch.no_grad():
+        en, de = dinomaly2(torch.randn(1, 3, 48, 80))
+    assert [t.shape for t in en + de] == [(1, 64, 3, 5)] * 4
     sd = ViTill(plain).state_dict()  # DINO, MAE, DeiT, iBOT share one layout: the run's config.json tells
     with pytest.raises(UserError, match=r"m.pth fits several encoders \(vit_tiny_a, vit_tiny_b\) and has no "
                                         r"config.json beside it; pass --encoder NAME"):
@@ -540,7 +546,7 @@ def test_crop_not_a_multiple_of_the_patch_is_one_line_with_suggestions():
         ["--encoder", V3, "--data_path", "/nonexistent/mvtec", "--encoder_weights", "random"])
     args.explicit = []
     with pytest.raises(UserError, match="--crop_size 392 is not a multiple of the encoder's patch size 16; use 384"):
-        engine.train_and_evaluate(args, crr=False)
+        engine.train_and_evaluate(args, "dinomaly")
     with pytest.raises(UserError, match="patch size 16"):
         benchmark.main(["infer", "--encoder", V3, "--device", "cpu", "--crop_size", "56"])
 
@@ -556,7 +562,7 @@ def test_dinomaly_trains_with_a_tiny_dinov3_and_the_run_folder_remembers_it(tmp_
                 "--save_dir", str(tmp_path), "--save_name", "v3", *small])
     sd = torch.load(tmp_path / "v3" / "model.pth", weights_only=True)
     assert "encoder.storage_tokens" in sd and "encoder.blocks.0.attn.qkv.bias_mask" in sd
-    assert models.architecture_from_state_dict(sd, "model.pth") == (V3, 8)
+    assert models.architecture_from_state_dict(sd, "model.pth") == (V3, 8, "mlp")
     first = (tmp_path / "v3" / "scores.csv").read_text()
     run_script(dinomaly_mvtec_uni, engine.dinomaly_main, "dinomaly",
                ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(tmp_path / "v3"),
