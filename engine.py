@@ -466,6 +466,9 @@ def synthetic_train_set(args):
     masks from --foreground_path or, for Real-IAD, from where the released code looks for them; images, masks and
     textures kept decoded with --cache_images."""
     from synthesis import SyntheticAnomalyDataset, list_textures, synthesis_caches
+    if args.dataset == "manta":
+        raise UserError("CRR's anomaly synthesis works on whole images, not on MANTA-Tiny's five-view images; "
+                        "train CRR on another --dataset")
     textures = list_textures(args.anomaly_source_path)
     samples = train_samples(args)
     if args.dataset == "realiad" or args.foreground_path:

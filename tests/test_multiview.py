@@ -244,6 +244,13 @@ def test_manta_image_too_narrow(tmp_path):
         ds.TestDataset(samples, 64, 56)[4]
 
 
+def test_crr_training_refuses_manta():
+    import argparse
+    import engine
+    with pytest.raises(UserError, match="MANTA-Tiny's five-view images"):
+        engine.synthetic_train_set(argparse.Namespace(dataset="manta"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # End to end
 
