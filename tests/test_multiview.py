@@ -13,9 +13,10 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 import dataset as ds
+import dinomaly2_multiview
 import dinomaly_mvtec_uni
 from cli import build_parser
-from engine import dinomaly_main
+from engine import dinomaly2_main, dinomaly_main
 from errors import UserError
 from multiview import ObjectAccumulator, sample_key
 from prepare_data.make_demo_data import make_demo_data
@@ -304,11 +305,14 @@ def test_realiad_multiview_end_to_end(mv_run):
         assert sum(int(r[2]) for r in scores if r[0] == row[0]) == 3  # one anomalous view per NG object
 
 
-def test_manta_end_to_end(mv_demo, mv_run, tmp_path):
-    run_main(dinomaly_main, build_parser("", dinomaly_mvtec_uni.DEFAULTS, "dinomaly"),
+def test_manta_end_to_end_with_dinomaly2(mv_demo, tmp_path):
+    """Dinomaly2's multi-view script on MANTA: trained on one view strip per image, evaluated per view and object."""
+    run_main(dinomaly2_main, build_parser("", dinomaly2_multiview.DEFAULTS, "dinomaly2"),
              ["--dataset", "manta", "--data_path", mv_demo["manta"], "--classes", "demo/weave", "demo/nut",
-              "--multiview", "on", "--eval_only", "--checkpoint", str(mv_run), "--save_dir", str(tmp_path),
-              "--save_name", "manta", "--num_workers", "0", "--device", "cpu"])
+              "--multiview", "on", "--encoder", TINY, "--total_iters", "2", "--batch_size", "4",
+              "--save_dir", str(tmp_path), "--save_name", "manta", *SMALL])
+    log_text = (tmp_path / "manta" / "log.txt").read_text()
+    assert "train images: 4" in log_text  # two five-view images per class (8 normal training images, 5 per image)
     rows = read_csv(tmp_path / "manta" / "metrics.csv")
     assert rows[0][-4:] == ["O-AUROC", "O-AP", "O-F1max", "S-AUROC"]
     assert all(r[-1] == "" and r[-4] != "" for r in rows[1:])  # no Real-IAD file names: no sample level
