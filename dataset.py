@@ -98,8 +98,8 @@ MANTA_CLASSES = [  # <domain>/<class>, the preview's list
     "medicine/yellow_tablet",
 ]
 
-# name -> standard classes; realiad and realiad_variety are read through split JSONs, manta as five-view images in
-# the MVTec layout, the others in the MVTec layout
+# name -> standard classes; realiad and realiad_variety are read through their split JSONs, the others in the
+# MVTec layout (manta with five views in each image)
 DATASETS = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALIAD_CLASSES, "mpdd": MPDD_CLASSES,
             "btad": BTAD_CLASSES, "miad": MIAD_CLASSES, "unimedical": UNIMEDICAL_CLASSES,
             "realiad_variety": REALIAD_VARIETY_CLASSES, "manta": MANTA_CLASSES}
