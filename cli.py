@@ -38,13 +38,16 @@ def build_parser(description: str, defaults: dict, job: str,
     data.add_argument("--data_path", help="dataset root folder")
     data.add_argument("--dataset", choices=sorted(ds.DATASETS),
                       help="reader and default classes: mvtec and visa read the MVTec layout (also MPDD, BTAD and "
-                           "your own data with --classes); realiad reads Real-IAD's JSON splits")
+                           "your own data with --classes); realiad and realiad_variety read Real-IAD's JSON splits; "
+                           "manta reads MANTA-Tiny (five views side by side in each image)")
     data.add_argument("--classes", nargs="+", metavar="CLASS",
                       help="classes (folders) to use; default: the dataset's standard list")
-    data.add_argument("--realiad_resolution", default="realiad_1024",
-                      help="Real-IAD image folder: realiad_1024, realiad_512, realiad_256 or realiad_raw")
-    data.add_argument("--json_dir", default="realiad_jsons",
-                      help="Real-IAD split folder: realiad_jsons, realiad_jsons_sv, realiad_jsons_fuiad_0.1, ...")
+    data.add_argument("--realiad_resolution",
+                      help="Real-IAD image folder: realiad_1024 (default), realiad_512, realiad_256 or realiad_raw; "
+                           "Real-IAD Variety: realiadvariety_1024 where it exists (default), else realiadvariety_raw")
+    data.add_argument("--json_dir",
+                      help="Real-IAD split folder: realiad_jsons (default), realiad_jsons_sv (single view), "
+                           "realiad_jsons_fuiad_0.1, ... (fully unsupervised); Real-IAD Variety: realiadvariety_jsons")
     from_run = "" if trains_recon else "; default: the Stage-I run's"  # later CRR stages follow Stage I
     data.add_argument("--image_size", type=int_at_least(14), default=448 if trains_recon else None,
                       help="images are resized to this square size" + from_run)
@@ -162,6 +165,10 @@ def build_parser(description: str, defaults: dict, job: str,
                         help="AUPRO: exact (MVTec definition) or dinomaly (200 thresholds, as the Dinomaly paper)")
         ev.add_argument("--gt_binarize", choices=["dinomaly", "crr"],
                         help="pixel ground truth at 256: nearest then >0 (dinomaly) or >=0.5, bilinear, >=0.5 (crr)")
+        ev.add_argument("--multiview", choices=["on", "off"], default="off",
+                        help="Real-IAD, Real-IAD Variety, MANTA-Tiny: on = Dinomaly2's multi-view evaluation: test "
+                             "views grouped into objects, an anomalous view without a mask counted normal, and the "
+                             "object level (O-AUROC, O-AP, O-F1max) and Real-IAD's sample level (S-AUROC) added")
         ev.add_argument("--max_ratio", type=float_in(0, 1), default=0.01,
                         help="image score = mean of this top share of the map (0 = its maximum)")
         ev.add_argument("--save_heatmaps", type=int_at_least(0), default=0, metavar="N",

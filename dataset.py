@@ -6,14 +6,16 @@ into tensors with the R448-C392 transform.
 Readers:
 - `mvtec_samples(root, class_name, phase)`: any MVTec-layout folder (MVTec AD, prepared VisA 1cls, MPDD,
   BTAD, user data).
-- `realiad_samples(root, class_name, phase, resolution, json_dir)`: Real-IAD through its split JSON files.
+- `realiad_samples(root, class_name, phase, resolution, json_dir, multiview)`: Real-IAD and Real-IAD Variety
+  through their split JSON files; with `multiview`, test views grouped into objects as the Dinomaly2 preview does.
+- `manta_samples(root, class_name, phase)`: MANTA-Tiny, MVTec layout, each image five views side by side.
 - `attach_foreground(samples, foreground_root)`: CRR's object masks, where the released code looks for them.
 """
 import glob
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -46,9 +48,67 @@ MIAD_CLASSES = ["catenary_dropper", "electrical_insulator", "metal_welding", "nu
                 "wind_turbine", "witness_mark"]
 UNIMEDICAL_CLASSES = ["BraTS2021", "LIVER", "RESC"]
 
-# name -> standard classes; every dataset but realiad is read in the MVTec layout
+# The 160 classes of Real-IAD Variety: the sorted names of its split files (the preview lists
+# <data_path>/realiadvariety_jsons/*.json), spelling and all.
+REALIAD_VARIETY_CLASSES = [
+    "2pin_block_plug", "3_adapter", "3pin_aviation_connector", "4_wire_stepping_motor", "D-sub-connector",
+    "DVD_switch", "LED_indicator", "PLCC_socket", "VR_joystick", "access_card", "accurate_detection_switch",
+    "aircraft_model_head", "angled_toggle_switch", "audio_jack_socket", "bag_buckle", "ball_pin",
+    "balun_transformer", "battery", "battery_holder_connector", "battery_socket_connector", "bend_connector",
+    "blade_switch", "blue_light_switch", "bluetooth_module", "boost_converter_module", "bread_model",
+    "brooch_clasp_accessory", "button_battery_holder", "button_motor", "button_switch", "car_door_lock_switch",
+    "ceramic_fuse", "ceramic_wave_filter", "charging_port", "chip-inductor", "circuit_breaker",
+    "circular_aviation_connector", "common-mode-choke", "common-mode-filter", "connector",
+    "connector_housing-female", "console_switch", "crimp_st_cable_mount_box", "dc_jack", "dc_power_connector",
+    "detection_switch", "duckbill_circuit_breaker", "earphone_audio_unit", "effect_transistor",
+    "electronic_watch_movement", "ethernet-connector", "ferrite_bead", "ffc_connector_plug", "flow_control_valve",
+    "flower_copper_shape", "flower_velvet_fabric", "fork-crimp-terminal", "fuse_cover", "fuse_holder", "gear",
+    "gear_motor", "green-ring-filter", "hairdryer_switch", "hall_effect_sensor", "headphone_jack-female",
+    "headphone_jack_socket", "hex_plug", "humidity_sensor", "ingot_buckle", "insect_metal_parts",
+    "inverter_connector", "jam_jar_model", "joystick_switch", "kfc_push-key_switch", "knob-cap", "laser_diode",
+    "lattice_block_plug", "lego-pin-connector-plate", "lego-propeller", "lego-reel", "lego-technical-gear",
+    "lego-turbine", "lighting_connector", "lilypad_led", "limit-switch", "lithium_battery_plug", "littel-fuse",
+    "little_cow_model", "lock", "long-zipper", "meteor_hammer_arrowhead", "miniature_laser_module",
+    "miniature_lifting_motor", "miniature_motor", "miniature_stepper_motor", "mobile_charging_connector",
+    "model_steering_module", "monitor_socket", "motor_bracket", "motor_gear_reducer", "motor_plug", "mouse_socket",
+    "multi_function_switch", "nylon_ball_head", "optical_fiber_outlet", "pencil_sharpener", "pinboard_connector",
+    "pitch_connector", "pneumatic_elbow", "pot_core", "potentiometer", "power_bank_module", "power_inductor",
+    "power_jack", "power_strip_socket", "pulse_transformer", "purple-clay-pot", "push_button_switch",
+    "push_in_terminal", "recorder_switch", "rectangular-connector-accessories", "red_terminal", "retaining_ring",
+    "rheostat", "rotary_position_sensor", "round_twist_switch", "self-lock_switch", "shelf_support_module",
+    "side_press_switch", "side_release_buckle", "silicon_cell_sensor", "sim_card_reader",
+    "single-pole_potentiometer", "single_switch", "slide_switch", "slipper- model", "small_leaf",
+    "smd_receiver_module", "solderless_adapter", "spherical_airstone", "spring_antenna", "square_terminal",
+    "steering_T-head", "steering_wheel", "suction-cup", "telephone_spring_switch", "tension_snap_release_clip",
+    "thumbtack", "thyristor", "toy-tire", "traceless_hair_clip", "travel_switch", "travel_switch_green",
+    "tubular_key_switch", "vacuum_switch", "vehicle_harness_conductor", "vertical-adjustable-resistor",
+    "vibration_motor", "volume_potentiometer", "wireless_receiver_module",
+]
+MANTA_CLASSES = [  # <domain>/<class>, the preview's list
+    "agriculture/maize", "agriculture/paddy", "agriculture/soybean", "agriculture/wheat",
+    "electronics/block_inductor", "electronics/copper_standoff", "electronics/flat_nut", "electronics/led",
+    "electronics/led_pad", "electronics/long_button", "electronics/power_inductor", "electronics/short_button",
+    "electronics/thin_resistor", "electronics/type_c", "electronics/wafer_resistor",
+    "groceries/coffee_beans", "groceries/goji_berries", "groceries/pistachios",
+    "mechanics/button", "mechanics/gear", "mechanics/nut", "mechanics/nut_cap", "mechanics/red_washer",
+    "mechanics/round_button_cap", "mechanics/screw", "mechanics/square_button_cap", "mechanics/terminal",
+    "mechanics/wire_cap", "mechanics/yellow_green_washer",
+    "medicine/capsule", "medicine/coated_tablet", "medicine/embossed_tablet", "medicine/lettered_tablet",
+    "medicine/oblong_tablet", "medicine/pink_tablet", "medicine/red_tablet", "medicine/white_tablet",
+    "medicine/yellow_tablet",
+]
+
+# name -> standard classes; realiad and realiad_variety are read through their split JSONs, the others in the
+# MVTec layout (manta with five views in each image)
 DATASETS = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALIAD_CLASSES, "mpdd": MPDD_CLASSES,
-            "btad": BTAD_CLASSES, "miad": MIAD_CLASSES, "unimedical": UNIMEDICAL_CLASSES}
+            "btad": BTAD_CLASSES, "miad": MIAD_CLASSES, "unimedical": UNIMEDICAL_CLASSES,
+            "realiad_variety": REALIAD_VARIETY_CLASSES, "manta": MANTA_CLASSES}
+# Datasets read through Real-IAD's split files: (image folders, the first one present being the default; split
+# folder). Real-IAD Variety: the README's downsampled realiadvariety_1024 when it is there (the preview reads
+# realiadvariety_raw, which its README tells to downsample to realiadvariety_1024), else realiadvariety_raw.
+REALIAD_FOLDERS = {"realiad": (("realiad_1024",), "realiad_jsons"),
+                   "realiad_variety": (("realiadvariety_1024", "realiadvariety_raw"), "realiadvariety_jsons")}
+MANTA_VIEWS, MANTA_VIEW_WIDTH = 5, 256  # a MANTA image: 5 views side by side, 256 px each, the last the remainder
 
 # Image and mask files are recognised by extension, case-insensitively; the order is the mask search order.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -64,6 +124,8 @@ class Sample:
     class_name: str
     foreground_path: str | None = None  # CRR: optional object mask
     rel_path: str = ""  # the image path relative to its class folder, '/'-separated (used for foreground masks)
+    object_id: str | None = None  # multi-view evaluation: the object this view shows (None: not grouped)
+    strip: int | None = None  # MANTA: which view strip of the image this sample is (None: the whole image)
 
 
 def _open(path: str, what: str, where: str) -> Image.Image:
@@ -244,6 +306,8 @@ class TestDataset(Dataset):
 
     def __getitem__(self, i):
         s = self.samples[i]
+        if s.strip is not None:
+            return self.view(s)
         img = load_tensor(s.image_path, self.image_size, self.crop_size, self.cache)
         if s.label != 0 and s.mask_path is not None:
             mask = mask_to_tensor(resize(load_mask(s.mask_path), self.image_size), self.crop_size)
@@ -251,6 +315,46 @@ class TestDataset(Dataset):
             mask = torch.zeros(1, self.crop_size, self.crop_size)
         has_mask = s.label == 0 or s.mask_path is not None
         return img, mask, s.label, has_mask, s.image_path
+
+    def view(self, s: Sample):
+        """A MANTA view: its strip of the image and of the mask (never cached), labelled anomalous when the
+        transformed mask strip reaches 1 (the preview's int() of its maximum), named <image stem>_view<k>."""
+        img = transform(view_strip(load_image(s.image_path), s.strip, s.image_path), self.image_size,
+                        self.crop_size)
+        mask = torch.zeros(1, self.crop_size, self.crop_size)
+        if s.mask_path is not None:
+            mask = mask_to_tensor(resize(view_strip(load_mask(s.mask_path), s.strip, s.mask_path), self.image_size),
+                                  self.crop_size)
+        stem, ext = os.path.splitext(s.image_path)
+        return img, mask, int(mask.max() >= 1), True, f"{stem}_view{s.strip + 1}{ext}"
+
+
+class StripTrainDataset(TrainDataset):
+    """MANTA training: item i is one view strip of image i, drawn uniformly (the preview: random.randint(0, 4)
+    per item) from a generator seeded with (seed, epoch, i), so a resumed run and any number of loader workers
+    see the same strips. Call `set_epoch(e)` before each pass."""
+
+    def __init__(self, samples: list[Sample], image_size: int, crop_size: int, seed: int = 1):
+        super().__init__(samples, image_size, crop_size)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def __getitem__(self, i):
+        strip = int(np.random.default_rng([self.seed, self.epoch, i]).integers(MANTA_VIEWS))
+        path = self.samples[i].image_path
+        return transform(view_strip(load_image(path), strip, path), self.image_size, self.crop_size)
+
+
+def view_strip(img: Image.Image, strip: int, path: str) -> Image.Image:
+    """View `strip` of a MANTA image: columns 256 * strip .. 256 * (strip + 1), the last view to the right edge."""
+    width, height = img.size
+    if width <= (MANTA_VIEWS - 1) * MANTA_VIEW_WIDTH:
+        raise UserError(f"{path} is {width} px wide, but a MANTA image holds {MANTA_VIEWS} views of "
+                        f"{MANTA_VIEW_WIDTH} px side by side; check --dataset and --data_path")
+    left = strip * MANTA_VIEW_WIDTH
+    return img.crop((left, 0, width if strip == MANTA_VIEWS - 1 else left + MANTA_VIEW_WIDTH, height))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -384,19 +488,27 @@ def realiad_json_path(root: str, class_name: str, json_dir: str = "realiad_jsons
 
 
 def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "realiad_1024",
-                    json_dir: str = "realiad_jsons") -> tuple[list[Sample], int]:
-    """Samples of one Real-IAD class from its split JSON; paths are relative to `<root>/<resolution>/<class>/`.
+                    json_dir: str = "realiad_jsons", multiview: bool = False) -> tuple[list[Sample], int]:
+    """Samples of one Real-IAD (or Real-IAD Variety) class from its split JSON; paths are relative to
+    `<root>/<resolution>/<class>/`, or to `<root>/<resolution>/<class>/<class>/` where that folder exists.
 
-    Returns (samples, number of anomalous samples without a mask_path); those get mask_path None.
+    Returns (samples, number of anomalous samples without a mask_path); those get mask_path None and count as
+    anomalous, except in multi-view test sets. With `multiview`, test samples are views grouped into objects as the
+    Dinomaly2 preview groups them: the object is the folder of the JSON's image path (object_id: its parts joined
+    without separators, e.g. 'NGAKS0003'), objects sorted by it, views in JSON order, and an anomalous view
+    without a mask_path is normal (the defect is not visible in it).
     """
     if phase not in ("train", "test"):
         raise ValueError(f"phase must be 'train' or 'test', not {phase!r}")
     _check_root(root)
     jpath = realiad_json_path(root, class_name, json_dir)
     cdir = os.path.join(root, resolution, class_name)
+    if os.path.isdir(os.path.join(cdir, class_name)):  # an archive unpacked into a folder of the same name
+        cdir = os.path.join(cdir, class_name)
     if not os.path.isdir(cdir):
         raise UserError(f"class folder not found: {cdir}; check --data_path and --classes "
-                        f"(Real-IAD images are read from <data_path>/{resolution}/<class>)"
+                        f"(Real-IAD images are read from <data_path>/{resolution}/<class>; --realiad_resolution "
+                        f"names another folder)"
                         f"{_available(os.path.join(root, resolution))}")
     fix = "re-extract the Real-IAD split files"
     try:
@@ -411,6 +523,7 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
 
     samples: list[Sample] = []
     missing = 0
+    grouped = multiview and phase == "test"
     for i, item in enumerate(data[phase]):
         problem = _entry_problem(item)
         if problem:
@@ -424,10 +537,25 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
                 mask_path = os.path.join(cdir, m.replace("\\", "/").lstrip("/"))
             else:
                 missing += 1
-        samples.append(Sample(os.path.join(cdir, rel), label, mask_path, class_name, rel_path=rel))
+                label = 0 if grouped else 1
+        samples.append(Sample(os.path.join(cdir, rel), label, mask_path, class_name, rel_path=rel,
+                              object_id="".join(rel.split("/")[:-1]) if grouped else None))
     if not samples:
         raise UserError(f"no '{phase}' samples in {jpath}; {fix}")
+    if grouped:
+        samples.sort(key=lambda s: s.object_id)  # stable: the views of an object stay in JSON order
     return samples, missing
+
+
+def manta_samples(root: str, class_name: str, phase: str, multiview: bool = False) -> list[Sample]:
+    """Samples of one MANTA-Tiny class (MVTec layout under `<root>/<domain>/<class>`). Training samples are whole
+    images (StripTrainDataset draws a view of each). Each test image gives MANTA_VIEWS samples, one per view strip
+    (TestDataset labels each from its mask strip), with `multiview` grouped into one object (the image)."""
+    samples = mvtec_samples(root, class_name, phase)
+    if phase == "train":
+        return samples
+    return [replace(s, strip=v, object_id=s.image_path if multiview else None)
+            for s in samples for v in range(MANTA_VIEWS)]
 
 
 def _entry_problem(item) -> str | None:
@@ -448,11 +576,29 @@ def class_names(dataset: str, classes: list[str] | None) -> list[str]:
     return list(classes or DATASETS[dataset])
 
 
-def class_samples(dataset: str, root: str, class_name: str, phase: str, resolution: str = "realiad_1024",
-                  json_dir: str = "realiad_jsons") -> tuple[list[Sample], int]:
-    """The samples of one class through the dataset's reader: (samples, anomalous samples without a mask)."""
-    if dataset == "realiad":
-        return realiad_samples(root, class_name, phase, resolution, json_dir)
+def realiad_folders(dataset: str, root: str, resolution: str | None = None,
+                    json_dir: str | None = None) -> tuple[str, str]:
+    """(image folder, split folder) of a dataset read through split JSONs: the given ones, else its defaults
+    (REALIAD_FOLDERS: the first of its image folders that exists in `root`)."""
+    images, jsons = REALIAD_FOLDERS[dataset]
+    if resolution is None:
+        resolution = next((f for f in images if os.path.isdir(os.path.join(root, f))), images[0])
+    return resolution, json_dir or jsons
+
+
+def class_samples(dataset: str, root: str, class_name: str, phase: str, resolution: str | None = None,
+                  json_dir: str | None = None, multiview: bool = False) -> tuple[list[Sample], int]:
+    """The samples of one class through the dataset's reader: (samples, anomalous samples without a mask).
+    `resolution`, `json_dir`: Real-IAD's folders (None: the dataset's defaults, see realiad_folders).
+    `multiview`: test views grouped into objects (Real-IAD, Real-IAD Variety, MANTA-Tiny)."""
+    if multiview and dataset not in (*REALIAD_FOLDERS, "manta"):
+        raise UserError(f"--multiview on needs a multi-view dataset (realiad, realiad_variety or manta), not "
+                        f"--dataset {dataset}")
+    if dataset in REALIAD_FOLDERS:
+        return realiad_samples(root, class_name, phase, *realiad_folders(dataset, root, resolution, json_dir),
+                               multiview)
+    if dataset == "manta":
+        return manta_samples(root, class_name, phase, multiview), 0
     return mvtec_samples(root, class_name, phase), 0
 
 

@@ -28,11 +28,12 @@ from anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt, check_max_ratio
 from errors import UserError
 from image_cache import build_cache
 from loss import focal_loss, global_cosine_hm, hard_mining_factor
+from multiview import ObjectAccumulator
 from optimizers import StableAdamW, WarmCosineSchedule, WarmupRatioSchedule
 from report import ClassReport
 from run import Run, log, save_atomic, seed_everything
 from thresholds import Calibration, PixelSample
-from utils import METRIC_NAMES, ClassAccumulator, format_metrics, nanmean, write_metrics_csv
+from utils import ClassAccumulator, format_metrics, nanmean, write_metrics_csv
 
 # ----------------------------------------------------------------------------------------------- the recipes
 # Reconstruction training (Dinomaly, CRR Stage I, Dinomaly2): StableAdamW, warm-up then cosine, clipping, hard mining.
@@ -305,7 +306,8 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
     seven metrics, streamed into a ClassAccumulator (no class's maps are kept). Under torchrun every process
     evaluates every world_size-th image and the first gathers the results: the metrics are the same as in one
     process. The first process prints the table and writes metrics<tag>.csv, scores<tag>.csv,
-    thresholds<tag>.json and the pictures (report.py). Returns {class: metrics} (empty on the other processes)."""
+    thresholds<tag>.json and the pictures (report.py). With --multiview on, the metrics add the object and sample
+    level (multiview.py). Returns {class: metrics} (empty on the other processes)."""
     args = run.args
     results, score_rows = {}, []
     calibration = Calibration(mapper.scoring_settings())
@@ -321,6 +323,8 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
         if not run.is_main:
             continue
         results[name] = ClassAccumulator.merge([p[0] for p in parts], aupro=aupro).compute()
+        if parts[0][4] is not None:
+            results[name].update(ObjectAccumulator.merge([p[4] for p in parts]).compute())
         log.info(format_metrics(name, results[name]))
         rows = [row for _, row in sorted(r for p in parts for r in p[1])]  # in the dataset's order
         labels, scores = np.array([r[2] for r in rows]), np.array([r[3] for r in rows])
@@ -331,7 +335,7 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
         score_rows += rows
     if not run.is_main:
         return results
-    mean = {k: nanmean([r[k] for r in results.values()]) for k in METRIC_NAMES}
+    mean = {k: nanmean([r[k] for r in results.values()]) for k in next(iter(results.values()))}
     log.info(format_metrics("Mean", mean))
     write_metrics_csv(run.path(f"metrics{tag}.csv"), results, mean)
     with open(run.path(f"scores{tag}.csv"), "w", newline="") as f:
@@ -341,9 +345,10 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
 
 
 def evaluate_shard(run: Run, mapper: AnomalyMapper, samples: list[ds.Sample], name: str, aupro: str,
-                   gt_mode: str) -> tuple[dict, list, PixelSample, ClassReport]:
+                   gt_mode: str) -> tuple[dict, list, PixelSample, ClassReport, dict | None]:
     """This process's share of one class (images rank, rank + world_size, ...): (the accumulator's state, score
-    rows with their index in `samples`, the pixel sample for calibration, the pictures' candidates)."""
+    rows with their index in `samples`, the pixel sample for calibration, the pictures' candidates, the object
+    accumulator's state when the samples are views grouped into objects, else None)."""
     args = run.args
     index = list(range(run.rank, len(samples), run.world_size))
     shard = [samples[i] for i in index]
@@ -352,6 +357,8 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, samples: list[ds.Sample], na
                         pin_memory=run.device.type == "cuda")
     acc, pixels, report = ClassAccumulator(aupro), PixelSample(len(samples) * MAP_SIZE ** 2), \
         ClassReport(args.save_heatmaps)
+    objects = ObjectAccumulator(samples, mapper.max_ratio, MAP_SIZE ** 2, name) \
+        if samples[0].object_id is not None else None
     rows = []
 
     def seeds(first: int, n: int) -> list[int] | None:  # the test-time mask seeds of images first .. first + n - 1
@@ -366,8 +373,10 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, samples: list[ds.Sample], na
             acc.add(label, score, amap, gt, has_mask)
             pixels.add(amap[has_mask].numpy(), gt[has_mask].numpy(), [i for i, h in zip(ids, has_mask) if h])
             report.add(img, gt, amap, score, label, paths)
+            if objects is not None:
+                objects.add(ids, label, amap, score)
             rows += [(i, [name, p, int(l), s]) for i, p, l, s in zip(ids, paths, label.tolist(), score.tolist())]
-    return acc.state(), rows, pixels, report
+    return acc.state(), rows, pixels, report, None if objects is None else objects.state()
 
 
 def mapped_batches(mapper: AnomalyMapper, batches, device: torch.device, seeds):
@@ -401,21 +410,28 @@ def handed_over(first: int, batch, amap: torch.Tensor, score: torch.Tensor, copi
 # ----------------------------------------------------------------------------------------------- data and models
 
 def test_samples(args, class_name: str) -> list[ds.Sample]:
+    multiview = getattr(args, "multiview", "off") == "on"
     samples, missing = ds.class_samples(args.dataset, args.data_path, class_name, "test", args.realiad_resolution,
-                                        args.json_dir)
+                                        args.json_dir, multiview)
     if missing:
-        log.warning(f"warning: {class_name}: {missing} anomalous samples have no mask_path; they count for the "
-                    f"image metrics only")
+        log.warning(f"warning: {class_name}: {missing} anomalous samples have no mask_path; " +
+                    ("they count as normal views (the defect is not visible in them), as in the Dinomaly2 preview"
+                     if multiview else "they count for the image metrics only"))
     return samples
 
 
 def train_dataset(run: Run):
     """The reconstruction model's training images, through the image cache of --cache_images: all of them
     (ds.TrainDataset), or with --shot K, K per class with Dinomaly2's strong augmentation (fewshot.py); the
-    chosen files are logged and listed in the run folder's shots.txt."""
+    chosen files are logged and listed in the run folder's shots.txt. MANTA-Tiny: a view of each image
+    (ds.StripTrainDataset)."""
     args = run.args
     samples = train_samples(args)
     shot = getattr(args, "shot", None)
+    if args.dataset == "manta":  # a random view strip of each image (not cached)
+        if shot is not None:
+            raise UserError("--shot is for image datasets; MANTA-Tiny's images hold five views")
+        return ds.StripTrainDataset(samples, args.image_size, args.crop_size, args.seed)
     if shot is None:
         return ds.TrainDataset(samples, args.image_size, args.crop_size, image_cache(args, samples))
     samples = fewshot.select_shots(samples, shot, args.seed)
@@ -436,8 +452,8 @@ def image_cache(args, samples: list[ds.Sample], modes=("memory", "disk")):
     """The --cache_images cache of these samples' images when its mode is one of `modes` (test images are read
     once per run: only a disk cache, kept for later runs, gains), else None."""
     mode = getattr(args, "cache_images", "none")
-    return build_cache(mode, [s.image_path for s in samples], args.image_size, cache_folder(args)) \
-        if mode in modes else None
+    paths = [s.image_path for s in samples if s.strip is None]  # MANTA's view strips are cut from the file each time
+    return build_cache(mode, paths, args.image_size, cache_folder(args)) if mode in modes and paths else None
 
 
 def cache_folder(args) -> str:
@@ -450,6 +466,9 @@ def synthetic_train_set(args):
     masks from --foreground_path or, for Real-IAD, from where the released code looks for them; images, masks and
     textures kept decoded with --cache_images."""
     from synthesis import SyntheticAnomalyDataset, list_textures, synthesis_caches
+    if args.dataset == "manta":
+        raise UserError("CRR's anomaly synthesis works on whole images, not on MANTA-Tiny's five-view images; "
+                        "train CRR on another --dataset")
     textures = list_textures(args.anomaly_source_path)
     samples = train_samples(args)
     if args.dataset == "realiad" or args.foreground_path:

@@ -51,6 +51,8 @@ def items(args, train: list[ds.Sample] | None, textures: list[str], test: bool) 
     out += [Item(p, "texture image") for p in textures]
     for c in ds.class_names(args.dataset, args.classes) if test else []:
         for s in ds.class_samples(args.dataset, args.data_path, c, "test", args.realiad_resolution, args.json_dir)[0]:
+            if s.strip:  # MANTA: the file of views 2 to 5 is that of view 1
+                continue
             out.append(Item(s.image_path, "test image", s))
             if s.label and s.mask_path:
                 out.append(Item(s.mask_path, "mask", s))
@@ -58,10 +60,11 @@ def items(args, train: list[ds.Sample] | None, textures: list[str], test: bool) 
 
 
 def listed_in(args, item: Item) -> str:
-    """' (listed in <split file>)' for a Real-IAD image or mask, whose path comes from a split file."""
-    if args.dataset != "realiad" or item.sample is None or item.what == "foreground mask":
+    """' (listed in <split file>)' for a Real-IAD (Variety) image or mask, whose path comes from a split file."""
+    if args.dataset not in ds.REALIAD_FOLDERS or item.sample is None or item.what == "foreground mask":
         return ""
-    json_path = ds.realiad_json_path(args.data_path, item.sample.class_name, args.json_dir)
+    json_dir = ds.realiad_folders(args.dataset, args.data_path, args.realiad_resolution, args.json_dir)[1]
+    json_path = ds.realiad_json_path(args.data_path, item.sample.class_name, json_dir)
     return f" (listed in {json_path})"
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 METRIC_NAMES = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
+OBJECT_METRIC_NAMES = ["O-AUROC", "O-AP", "O-F1max", "S-AUROC"]  # multi-view evaluation only (multiview.py)
 AUPRO_VARIANTS = ("dinomaly", "exact")
 KEY_BITS = 24  # default pixel key: sign, exponent and 15 mantissa bits of the float32 value
 WEIGHT_ONE = 1 << 40  # fixed-point unit of the region weights (a region's pixels sum to ~WEIGHT_ONE)
@@ -468,14 +469,18 @@ def mad(metrics: dict) -> float:
 
 
 def format_metrics(name: str, m: dict) -> str:
-    return f"{name}: " + ", ".join(f"{k} {m[k]:.4f}" for k in METRIC_NAMES) + f", mAD {mad(m):.4f}"
+    """One line of the table: the seven metrics and mAD, then the object and sample level where `m` has them."""
+    extra = "".join(f", {k} {m[k]:.4f}" for k in OBJECT_METRIC_NAMES if k in m)
+    return f"{name}: " + ", ".join(f"{k} {m[k]:.4f}" for k in METRIC_NAMES) + f", mAD {mad(m):.4f}" + extra
 
 
 def write_metrics_csv(path: str, results: dict, mean: dict):
+    """metrics.csv: a row per class and the mean; the columns of format_metrics (empty cells for NaN)."""
     def cell(v):
         return "" if math.isnan(v) else repr(float(v))
+    extra = [k for k in OBJECT_METRIC_NAMES if k in mean]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["class", *METRIC_NAMES, "mAD"])
+        w.writerow(["class", *METRIC_NAMES, "mAD", *extra])
         for name, m in [*results.items(), ("mean", mean)]:
-            w.writerow([name, *[cell(m[k]) for k in METRIC_NAMES], cell(mad(m))])
+            w.writerow([name, *[cell(m[k]) for k in METRIC_NAMES], cell(mad(m)), *[cell(m[k]) for k in extra]])

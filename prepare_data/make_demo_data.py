@@ -1,16 +1,22 @@
 """A small synthetic anomaly-detection dataset, for smoke runs without downloading anything.
 
     python prepare_data/make_demo_data.py --out demo_data [--size 128] [--seed 0]
-        [--n_train 40] [--n_test_good 10] [--n_test_bad 12]
+        [--n_train 40] [--n_test_good 10] [--n_test_bad 12] [--views 1] [--manta]
 
 Writes, for three classes (two textures, one object), the same images in two layouts:
 - `<out>/mvtec_demo/<class>/{train/good, test/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}`
   (MVTec AD layout: use with `--data_path <out>/mvtec_demo --classes weave woodgrain nut`);
-- `<out>/realiad_demo/realiad_1024/<class>/{OK,NG/<code>}/S<nnnn>/<class>_<nnnn>_<OK|code>_C1_<time>.jpg`
+- `<out>/realiad_demo/realiad_1024/<class>/{OK,NG/<code>}/S<nnnn>/<class>_<nnnn>_<OK|code>_C<v>_<time>.jpg`
   with the masks beside the anomalous images (`.png`), the split files
   `<out>/realiad_demo/realiad_jsons/realiad_jsons/<class>.json`, and soft-edged grey object masks for CRR
   where the released code looks for them, `<out>/realiad_demo/realiad_1024_DISthresh/<class>/DISthresh/S<nnnn>/`
-  with the image's file name (every OK image).
+  with the image's file name (every OK image). Each sample folder S<nnnn> is one object with `--views` views
+  C1, C2, ... (default 1): an OK object is that many consecutive normal images (the last of a split may have
+  fewer), an NG object its defective image (C1, with its mask) and the same image before the defect was added as
+  the other views (listed NG without a mask, as Real-IAD lists views that do not show the defect).
+- with `--manta`, `<out>/manta_demo/demo/<class>/` in MANTA-Tiny's layout (MVTec layout, each image five
+  256-px views side by side): five consecutive normal images (repeated to fill the last) per normal image, a
+  defective image followed by four copies of its clean version per anomalous one, masks likewise.
 
 Everything is deterministic given --seed. The two output folders are replaced on each run.
 """
@@ -226,16 +232,48 @@ def _class_images(name: str, class_idx: int, size: int, seed: int, n_train: int,
         counters[kind] += 1
 
 
+def _realiad_object(img_root: str, fg_root: str, name: str, sample_no: int, code: str, views: list) -> list[dict]:
+    """Write one Real-IAD object, views [(image, mask or None, foreground)] as C1, C2, ...; its split entries."""
+    sub = f"OK/S{sample_no:04d}" if code == "OK" else f"NG/{code}/S{sample_no:04d}"
+    os.makedirs(os.path.join(img_root, name, sub), exist_ok=True)
+    entries = []
+    for v, (img, mask, fg) in enumerate(views, 1):
+        rel_stem = f"{sub}/{name}_{sample_no:04d}_{code}_C{v}_{20240101000000 + sample_no}"
+        Image.fromarray(img).save(os.path.join(img_root, name, rel_stem + ".jpg"), quality=95)
+        entry = {"category": name, "anomaly_class": code, "image_path": rel_stem + ".jpg", "mask_path": None}
+        if mask is not None:
+            Image.fromarray(mask).save(os.path.join(img_root, name, rel_stem + ".png"))
+            entry["mask_path"] = rel_stem + ".png"
+        if code == "OK":  # the image path with its OK folder named DISthresh
+            fdir = os.path.join(fg_root, name, "DISthresh", f"S{sample_no:04d}")
+            os.makedirs(fdir, exist_ok=True)
+            Image.fromarray(_soft_foreground(fg)).save(os.path.join(fdir, os.path.basename(rel_stem) + ".jpg"),
+                                                       quality=95)
+        entries.append(entry)
+    return entries
+
+
+def _manta_image(folder: str, stem: str, views: list[np.ndarray]):
+    """Five views, each resized to 256 x 256 (nearest for masks), side by side in one PNG."""
+    os.makedirs(folder, exist_ok=True)
+    strips = [cv2.resize(v, (256, 256), interpolation=cv2.INTER_NEAREST if v.ndim == 2 else cv2.INTER_LINEAR)
+              for v in views]
+    Image.fromarray(np.concatenate(strips, axis=1)).save(os.path.join(folder, stem + ".png"))
+
+
 def make_demo_data(out: str, size: int = 128, seed: int = 0, n_train: int = 40, n_test_good: int = 10,
-                   n_test_bad: int = 12, verbose: bool = False) -> dict[str, str]:
-    """Write the demo dataset under `out`; returns {'mvtec': folder, 'realiad': folder, 'foreground': folder}."""
+                   n_test_bad: int = 12, verbose: bool = False, views: int = 1,
+                   manta: bool = False) -> dict[str, str]:
+    """Write the demo dataset under `out`; returns {'mvtec': folder, 'realiad': folder, 'foreground': folder},
+    and 'manta': folder with `manta`. `views`: views per Real-IAD object (see the module's docstring)."""
     if size < 32:
         raise ValueError("size must be at least 32")
-    if min(n_train, n_test_good, n_test_bad) < 1:
-        raise ValueError("n_train, n_test_good and n_test_bad must be at least 1")
+    if min(n_train, n_test_good, n_test_bad, views) < 1:
+        raise ValueError("n_train, n_test_good, n_test_bad and views must be at least 1")
     mv_root = os.path.join(out, "mvtec_demo")
     ri_root = os.path.join(out, "realiad_demo")
-    for d in (mv_root, ri_root):
+    ma_root = os.path.join(out, "manta_demo")
+    for d in (mv_root, ri_root, ma_root):
         if os.path.isdir(d):
             shutil.rmtree(d)
     img_root = os.path.join(ri_root, "realiad_1024")
@@ -245,8 +283,21 @@ def make_demo_data(out: str, size: int = 128, seed: int = 0, n_train: int = 40, 
 
     for ci, name in enumerate(CLASSES):
         split_json = {"meta": {"prefix": "", "normal_class": "OK"}, "train": [], "test": []}
-        sample_no = 0
-        for split, kind, i, img, mask, fg in _class_images(name, ci, size, seed, n_train, n_test_good, n_test_bad):
+        sample_no, pending = 0, []  # normal views waiting to fill an OK object: [(split, (img, None, fg))]
+        manta_good, manta_no = {"train": [], "test": []}, 0
+
+        def add_object(split, code, object_views):
+            nonlocal sample_no
+            sample_no += 1
+            split_json[split] += _realiad_object(img_root, fg_root, name, sample_no, code, object_views)
+
+        def flush():  # the pending normal views as one OK object
+            if pending:
+                add_object(pending[0][0], "OK", [v for _, v in pending])
+                pending.clear()
+
+        for split, kind, i, img, mask, fg, clean in _class_images(name, ci, size, seed, n_train, n_test_good,
+                                                                  n_test_bad, with_clean=True):
             # MVTec layout
             folder = os.path.join(mv_root, name, split, kind)
             os.makedirs(folder, exist_ok=True)
@@ -256,29 +307,34 @@ def make_demo_data(out: str, size: int = 128, seed: int = 0, n_train: int = 40, 
                 gdir = os.path.join(mv_root, name, "ground_truth", kind)
                 os.makedirs(gdir, exist_ok=True)
                 Image.fromarray(mask).save(os.path.join(gdir, stem + "_mask.png"))
-            # Real-IAD layout: one sample folder per image, camera view C1 only
-            sample_no += 1
-            code = "OK" if kind == "good" else REALIAD_CODES[kind]
-            sub = f"OK/S{sample_no:04d}" if code == "OK" else f"NG/{code}/S{sample_no:04d}"
-            rel_stem = f"{sub}/{name}_{sample_no:04d}_{code}_C1_{20240101000000 + sample_no}"
-            os.makedirs(os.path.join(img_root, name, sub), exist_ok=True)
-            Image.fromarray(img).save(os.path.join(img_root, name, rel_stem + ".jpg"), quality=95)
-            entry = {"category": name, "anomaly_class": code, "image_path": rel_stem + ".jpg", "mask_path": None}
-            if mask is not None:
-                Image.fromarray(mask).save(os.path.join(img_root, name, rel_stem + ".png"))
-                entry["mask_path"] = rel_stem + ".png"
-            if code == "OK":  # the image path with its OK folder named DISthresh
-                fdir = os.path.join(fg_root, name, "DISthresh", f"S{sample_no:04d}")
-                os.makedirs(fdir, exist_ok=True)
-                Image.fromarray(_soft_foreground(fg)).save(os.path.join(fdir, os.path.basename(rel_stem) + ".jpg"),
-                                                           quality=95)
-            split_json[split].append(entry)
+            # Real-IAD layout: objects of `views` views (sample folders S<nnnn>)
+            if pending and (kind != "good" or pending[0][0] != split):
+                flush()
+            if kind == "good":
+                pending.append((split, (img, None, fg)))
+                if len(pending) == views:
+                    flush()
+            else:
+                add_object(split, REALIAD_CODES[kind], [(img, mask, fg)] + [(clean, None, fg)] * (views - 1))
+            # MANTA layout: five views per image
+            if manta and kind == "good":
+                manta_good[split].append(img)
+            elif manta:
+                zeros = np.zeros_like(mask)
+                _manta_image(os.path.join(ma_root, "demo", name, "test", kind), f"{i:03d}", [img] + [clean] * 4)
+                _manta_image(os.path.join(ma_root, "demo", name, "ground_truth", kind), f"{i:03d}_mask",
+                             [mask] + [zeros] * 4)
+        flush()
+        for split, images in manta_good.items():
+            for j in range(0, len(images), 5):
+                group = (images[j:j + 5] * 5)[:5]  # the last group repeated to five views
+                _manta_image(os.path.join(ma_root, "demo", name, split, "good"), f"{j // 5:03d}", group)
         with open(os.path.join(json_root, f"{name}.json"), "w") as f:
             json.dump(split_json, f, indent=1)
         if verbose:
             print(f"  {name}: {n_train} train, {n_test_good} test normal, {n_test_bad} test anomalous "
                   f"({', '.join(DEFECTS[name])})")
-    return {"mvtec": mv_root, "realiad": ri_root, "foreground": fg_root}
+    return {"mvtec": mv_root, "realiad": ri_root, "foreground": fg_root, **({"manta": ma_root} if manta else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,13 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n_train", type=int, default=40, help="normal training images per class")
     p.add_argument("--n_test_good", type=int, default=10, help="normal test images per class")
     p.add_argument("--n_test_bad", type=int, default=12, help="anomalous test images per class")
+    p.add_argument("--views", type=int, default=1, help="views per object in the Real-IAD layout")
+    p.add_argument("--manta", action="store_true", help="also write a MANTA-Tiny-layout copy")
     args = p.parse_args(argv)
-    if args.size < 32 or min(args.n_train, args.n_test_good, args.n_test_bad) < 1:
-        print("error: --size must be at least 32 and the image counts at least 1", file=sys.stderr)
+    if args.size < 32 or min(args.n_train, args.n_test_good, args.n_test_bad, args.views) < 1:
+        print("error: --size must be at least 32 and the image and view counts at least 1", file=sys.stderr)
         return 2
     try:
         paths = make_demo_data(args.out, args.size, args.seed, args.n_train, args.n_test_good, args.n_test_bad,
-                               verbose=True)
+                               verbose=True, views=args.views, manta=args.manta)
     except OSError as e:
         print(f"error: cannot write {args.out} ({' '.join(str(e).split())}); choose another --out",
               file=sys.stderr)
@@ -304,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MVTec layout:   {paths['mvtec']}  (--data_path {paths['mvtec']} --classes {classes})")
     print(f"Real-IAD layout: {paths['realiad']}  (--data_path {paths['realiad']} --classes {classes})")
     print(f"object masks:   {paths['foreground']}  (--foreground_path {paths['foreground']})")
+    if "manta" in paths:
+        print(f"MANTA layout:   {paths['manta']}  (--dataset manta --data_path {paths['manta']} --classes "
+              f"{' '.join('demo/' + c for c in CLASSES)})")
     return 0
 
 

@@ -320,6 +320,6 @@ def test_each_process_samples_pixels_at_the_rate_of_the_whole_class(demo, monkey
                               save_dir=str(tmp_path))
     run = types.SimpleNamespace(args=args, rank=1, world_size=2, device=torch.device("cpu"), is_main=False)
     mapper = AnomalyMapper(models.build_model(TINY, "random").eval())
-    _, rows, _, _ = engine.evaluate_shard(run, mapper, samples, "nut", "dinomaly", "dinomaly")
+    _, rows, *_ = engine.evaluate_shard(run, mapper, samples, "nut", "dinomaly", "dinomaly")
     assert [i for i, _ in rows] == list(range(1, len(samples), 2)) and len(samples) > 2
     assert totals == [len(samples) * 256 ** 2]
