@@ -103,7 +103,7 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
                 loader.dataset.set_epoch(epoch)
             for batch in data_wait.iterate(loader):
                 loss, updated, stopping = train_step(batch, it, loss_fn, params, optimizer, schedule, clip,
-                                                     stop.requested)
+                                                     stop.signum if stop.requested else 0)
                 it += 1
                 bar.update(1)
                 if updated:
@@ -120,8 +120,8 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
                                                or bad_in_row == MAX_BAD_STEPS):
                     save_state(it)
                 if stopping:
-                    raise KeyboardInterrupt(f"the training state at iteration {it} is saved in {run.dir}; "
-                                            f"continue with --resume")
+                    raise train_state.Interrupted(f"the training state at iteration {it} is saved in {run.dir}; "
+                                                  f"continue with --resume", stopping)
                 if bad_in_row == MAX_BAD_STEPS:
                     raise UserError(f"the loss was not finite in {MAX_BAD_STEPS} iterations in a row (up to "
                                     f"iteration {it}); these steps were skipped and the last good state is saved in "
@@ -133,9 +133,10 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
 
 
 def train_step(batch, it: int, loss_fn, params: list, optimizer, schedule, clip,
-               stop_requested: bool) -> tuple[torch.Tensor, bool, bool]:
+               stop_signal: int) -> tuple[torch.Tensor, bool, int]:
     """One optimisation step, skipped (no update) when the loss or the gradient norm is not finite on any
-    process. Returns (the loss, whether the model was updated, whether any process was asked to stop)."""
+    process. stop_signal: the signal that asked this process to stop, 0 when none. Returns (the loss, whether
+    the model was updated, the signal that asked any process to stop or 0)."""
     if schedule is not None:
         schedule.apply(optimizer, it)
     loss = loss_fn(batch, it)
@@ -144,13 +145,13 @@ def train_step(batch, it: int, loss_fn, params: list, optimizer, schedule, clip,
     bad = ~torch.isfinite(loss.detach())
     if clip is not None:
         bad |= ~torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm=clip))
-    flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device)])
+    flags = torch.stack([bad.float(), torch.tensor(float(stop_signal), device=bad.device)])
     if dist.is_initialized():  # every process skips or stops together
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad, stopping = flags.tolist()
     if not bad:
         optimizer.step()
-    return loss.detach(), not bad, bool(stopping)
+    return loss.detach(), not bad, int(stopping)
 
 
 def progress_off(run: Run) -> bool | None:

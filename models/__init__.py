@@ -9,10 +9,10 @@ import warnings
 import torch
 
 from dataset import check_sizes
-from errors import UserError
+from errors import UserError, check_entries, choice, integer, kind, number
 from .encoder import ENCODERS, DinoV2Encoder, EncoderConfig
 from .segnet import SegmentationNet, segmentation_input
-from .vitill import ViTill, mask_seed
+from .vitill import GROUPINGS, ViTill, mask_seed
 
 log = logging.getLogger("anomaly")
 META_URL = "https://dl.fbaipublicfiles.com/dinov2/{stem}/{file}"
@@ -28,6 +28,22 @@ PAPER_SETTINGS = {
                       test_mask="off", attn_eps=1e-8, lc=2, cr=1, la=1),
 }
 BOTTLENECK_OF = {"dinomaly": "mlp", "crr": "mlp", "dinomaly2": "two_stage"}  # method -> decoder.bottleneck kind
+# What saved_settings checks in config.json's "model" entry, key by key (keys not listed are left alone; a run
+# saved before a key existed lacks it, and the paper's value stands in).
+SAVED_SETTINGS = {
+    "method": choice(*PAPER_SETTINGS).optional(),
+    "encoder": kind(str, "an encoder name").optional(),
+    "image_size": integer(14).optional(),
+    "crop_size": integer(14).optional(),
+    "mask_ratio": number(0, 1, hi_open=True).optional(),
+    "test_mask": choice("on", "off").optional(),
+    "attn_eps": number(0, 1).optional(),
+    "dropout": number(0, 1, hi_open=True).or_null().optional(),
+    "decoder_depth": integer(1).optional(),
+    "lc": choice(*GROUPINGS).optional(),
+    "cr": choice(0, 1).optional(),
+    "la": choice(0, 1).optional(),
+}
 
 
 def encoder_config(name: str) -> EncoderConfig:
@@ -211,6 +227,8 @@ def saved_settings(checkpoint: str) -> dict:
         raise UserError(f"cannot read the run's settings {path} ({e}); fix or remove that file") from None
     if not isinstance(settings, dict):
         raise UserError(f"{path}: its \"model\" entry is not a mapping; fix or remove that file")
+    check_entries(settings, SAVED_SETTINGS, f"the run's settings {path} (\"model\" entry)",
+                  "fix or remove that file, or train the model again")
     return settings
 
 
