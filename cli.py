@@ -65,7 +65,7 @@ def build_parser(description: str, defaults: dict, job: str,
     run.add_argument("--save_dir", default="./saved_results", help="parent folder of the run folders")
     run.add_argument("--save_name", help="run folder name under --save_dir")
     run.add_argument("--device", help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda when available)")
-    run.add_argument("--seed", type=int, default=1, help="random seed")
+    run.add_argument("--seed", type=int_at_least(0, 2 ** 31), default=1, help="random seed")
     run.add_argument("--cudnn", choices=["deterministic", "benchmark"],
                      help="cuDNN mode: deterministic kernels, or the fastest found by benchmarking (the reference "
                           "scripts use deterministic for MVTec AD, VisA and the CRR test, benchmark for CRR training)")
@@ -161,6 +161,9 @@ def build_parser(description: str, defaults: dict, job: str,
                         help="pixel ground truth at 256: nearest then >0 (dinomaly) or >=0.5, bilinear, >=0.5 (crr)")
         ev.add_argument("--max_ratio", type=float_in(0, 1), default=0.01,
                         help="image score = mean of this top share of the map (0 = its maximum)")
+        ev.add_argument("--replace_results", action="store_true",
+                        help="evaluate another run's --checkpoint into a --save_name folder that holds a trained "
+                             "model, replacing that run's thresholds.json, metrics, scores and pictures")
         ev.add_argument("--save_heatmaps", type=int_at_least(0), default=0, metavar="N",
                         help="write image | ground truth | anomaly map PNGs for the first N anomalous test images "
                              "of each class")

@@ -62,6 +62,7 @@ HM_MAX_P, HM_RAMP_ITERS, HM_FACTOR = 0.9, 1000, 0.1  # share of easy positions, 
 SEG_LR = 1e-4
 SEG_SAVE_EVERY = 4000
 MAX_BAD_STEPS = 10  # non-finite losses in a row that stop a run
+SEGMENTATION_FILES = ["Seg_model_*.pth", train_state.SEGMENTATION]  # CRR Stage II's, in Stage I's run folder
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -515,6 +516,7 @@ def train_and_evaluate(args, method: str):
         if args.resume or args.overwrite:
             raise UserError("--resume and --overwrite are for training; --eval_only writes only metrics")
         run = Run(args, "config_eval.json")
+        check_output_folder(run, args.checkpoint)
         model = trained_model(run, args.checkpoint, models.PAPER_SETTINGS[method])
         preflight.check_data(args)
         run.save_config()
@@ -525,7 +527,8 @@ def train_and_evaluate(args, method: str):
                             f"--crop_size")
         ds.check_sizes(args.image_size, args.crop_size)
         run = Run(args, "config.json")
-        state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth"])
+        # what Stage II derived from an earlier model goes with it
+        state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth", *SEGMENTATION_FILES])
         train_set = synthetic_train_set(args) if crr else train_dataset(run)
         preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths if crr else ())
         settings = model_settings(args, method)
@@ -538,6 +541,21 @@ def train_and_evaluate(args, method: str):
     seed_everything(args.seed)
     evaluate(run, AnomalyMapper(model, max_ratio=args.max_ratio, precision=args.precision), args.aupro,
              args.gt_binarize, tag="_recon" if crr else "")
+
+
+def check_output_folder(run: Run, checkpoint: str):
+    """Evaluating another run's model into a folder that holds a trained model would replace that run's
+    thresholds.json, metrics, scores and pictures with those of another model: refused unless
+    --replace_results."""
+    own = run.path("model.pth")
+    if run.args.replace_results or not os.path.isfile(own) or \
+            os.path.samefile(models.checkpoint_file(checkpoint), own):
+        return
+    default = "" if "save_name" in run.args.explicit else \
+        " (without --save_name the evaluation goes into the default training run's folder)"
+    raise UserError(f"{run.dir} holds another trained model{default}; evaluating {checkpoint} there would replace "
+                    f"that run's thresholds.json, metrics, scores and pictures: pass another --save_name, or "
+                    f"--replace_results to replace them")
 
 
 def dinomaly_main(args):
@@ -558,9 +576,12 @@ def crr_stage2_main(args):
     state = train_state.start(run, train_state.SEGMENTATION, ["Seg_model_*.pth"])
     model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
     model.requires_grad_(False)
+    if state is not None:
+        models.check_segmentation_owner(run.dir, model, models.checkpoint_file(args.checkpoint or run.dir),
+                                        run.path(train_state.SEGMENTATION))
     train_set = synthetic_train_set(args)
     preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths, test=False)
-    run.save_config()
+    run.save_config(stage1_model=models.fingerprint(model))
     loader = train_loader(run, train_set, args.batch_size)
     train_segmentation(run, model, loader, state)
 
@@ -569,6 +590,8 @@ def crr_test_main(args):
     """CRR test: fused map 0.7 * reconstruction + 0.3 * segmentation, metrics, optional heatmaps."""
     check_max_ratio(args.max_ratio)
     run = Run(args, "config_test.json")
+    if args.checkpoint is not None:
+        check_output_folder(run, args.checkpoint)
     model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
     run.save_config()
     checkpoint = models.checkpoint_file(args.checkpoint or run.dir)
@@ -580,6 +603,7 @@ def crr_test_main(args):
             if models.saved_settings(checkpoint).get("mask_ratio") == 0 else ""
         raise UserError(f"no segmentation network (Seg_model_7999.pth or Seg_model_last.pth) in {where}{kind}; "
                         f"run crr_realiad_stage2.py on this run first, or pass --seg_checkpoint")
+    models.check_segmentation_owner(os.path.dirname(os.path.abspath(seg_path)), model, checkpoint, seg_path)
     segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(run.device).eval()
     log.info(f"loaded {seg_path}")
     preflight.check_data(args)

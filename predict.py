@@ -145,6 +145,7 @@ def load_mapper(path: str, seg_path: str | None, device: torch.device, overrides
     model = models.load_trained(path, args, models.PAPER_SETTINGS["crr" if seg_path else "dinomaly"]).to(device)
     segnet = None
     if seg_path:
+        models.check_segmentation_owner(os.path.dirname(os.path.abspath(seg_path)), model, path, seg_path)
         segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(device).eval()
         log.info(f"loaded {seg_path}; map: {scoring['fusion_alpha']} * reconstruction + "
                  f"{1 - scoring['fusion_alpha']:.4g} * segmentation")

@@ -76,11 +76,14 @@ class ArgumentParser(argparse.ArgumentParser):
         return {k for k, v in vars(ns).items() if v is not unset}
 
 
-def int_at_least(low: int):
+def int_at_least(low: int, high: int | None = None):
+    """An integer >= low (and <= high when given)."""
     def parse(text: str) -> int:
         value = int(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is more than {high}")
         return value
     parse.__name__ = "integer"
     return parse
@@ -210,11 +213,11 @@ class Run:
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
-    def save_config(self, model_settings: dict | None = None):
+    def save_config(self, model_settings: dict | None = None, **extra):
         """Every setting of this job in its config file (config.json for training); `model_settings` are what
-        a later job needs to rebuild the trained model (see models.saved_settings)."""
+        a later job needs to rebuild the trained model (see models.saved_settings); `extra`: more entries."""
         if self.is_main:
-            config = dict(vars(self.args))
+            config = dict(vars(self.args), **extra)
             if model_settings is not None:
                 config["model"] = model_settings
             with open(self.path(self.config_name), "w") as f:

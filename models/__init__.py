@@ -1,4 +1,5 @@
 """Networks and their checkpoints: build a model from an encoder name, a Meta weight file or a saved run."""
+import hashlib
 import json
 import logging
 import os
@@ -270,6 +271,35 @@ def load_trained(path: str, args, fallback: dict) -> ViTill:
     return model.eval()
 
 
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights (names, shapes and 1,024 evenly spaced values of each tensor): two
+    trainings give two fingerprints. Stage II records its reconstruction model's in config_stage2.json."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().flatten()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[::max(1, flat.numel() // 1024)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_segmentation_owner(folder: str, model: ViTill, model_path: str, what: str):
+    """Refuse a segmentation network (`what`, in `folder`) that Stage II trained on another reconstruction
+    model than `model`, as recorded in the folder's config_stage2.json; one without a record (released
+    weights, a run of an older version) is taken as it is."""
+    path = os.path.join(folder, "config_stage2.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            recorded = json.load(f).get("stage1_model")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"cannot read {path} ({e}); fix or remove that file") from None
+    if recorded is not None and recorded != fingerprint(model):
+        raise UserError(f"{what} was trained on another reconstruction model than {model_path} (Stage I was "
+                        f"trained again since, or the files come from different runs); train Stage II again "
+                        f"(crr_realiad_stage2.py --overwrite), or pass the matching --seg_checkpoint")
+
+
 def segmentation_net(embed_dim: int) -> SegmentationNet:
     """CRR's segmentation network for an encoder of width embed_dim (its input: 2 groups x embed_dim channels;
     base width 2 * embed_dim / 8)."""
@@ -291,4 +321,5 @@ __all__ = ["ENCODERS", "EncoderConfig", "DinoV2Encoder", "ViTill", "mask_seed", 
            "segmentation_input", "encoder_config", "build_model", "load_model", "checkpoint_file",
            "segmentation_file", "saved_settings", "load_trained", "segmentation_net", "load_segmentation_net",
            "load_encoder_weights", "default_encoder_weights", "load_file", "read_state_dict",
-           "architecture_from_state_dict", "bottleneck_kind", "model_options", "PAPER_SETTINGS", "BOTTLENECK_OF"]
+           "architecture_from_state_dict", "bottleneck_kind", "model_options", "PAPER_SETTINGS", "BOTTLENECK_OF",
+           "fingerprint", "check_segmentation_owner"]
