@@ -46,6 +46,8 @@ def build_parser(description: str, defaults: dict, job: str,
     data.add_argument("--json_dir", default="realiad_jsons",
                       help="Real-IAD split folder: realiad_jsons, realiad_jsons_sv, realiad_jsons_fuiad_0.1, ...")
     from_run = "" if trains_recon else "; default: the Stage-I run's"  # later CRR stages follow Stage I
+    data.add_argument("--allow_outside_paths", action="store_true",
+                      help="Real-IAD: accept split-file paths that lead out of --data_path (../)")
     data.add_argument("--image_size", type=int_at_least(14), default=448 if trains_recon else None,
                       help="images are resized to this square size" + from_run)
     data.add_argument("--crop_size", type=int_at_least(14), default=392 if trains_recon else None,

@@ -377,8 +377,10 @@ def realiad_json_path(root: str, class_name: str, json_dir: str = "realiad_jsons
 
 
 def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "realiad_1024",
-                    json_dir: str = "realiad_jsons") -> tuple[list[Sample], int]:
+                    json_dir: str = "realiad_jsons", allow_outside: bool = False) -> tuple[list[Sample], int]:
     """Samples of one Real-IAD class from its split JSON; paths are relative to `<root>/<resolution>/<class>/`.
+    An image listed twice in the file (in either list), and a path leading out of `root` (`../`) unless
+    `allow_outside`, are UserErrors naming the entries.
 
     Returns (samples, number of anomalous samples without a mask_path); those get mask_path None.
     """
@@ -401,6 +403,7 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
         raise UserError(f"malformed split file {jpath}: no '{phase}' list at the top level; {fix}")
     meta = data.get("meta")
     normal_class = meta.get("normal_class", "OK") if isinstance(meta, dict) else "OK"
+    _check_listed_once(data, jpath, normal_class, fix)
 
     samples: list[Sample] = []
     missing = 0
@@ -408,19 +411,53 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
         problem = _entry_problem(item)
         if problem:
             raise UserError(f"malformed split file {jpath}: entry {i} of '{phase}' {problem}; {fix}")
-        rel = item["image_path"].replace("\\", "/").lstrip("/")
+        rel = _split_path(item["image_path"])
         label = 0 if item["anomaly_class"] == normal_class else 1
         mask_path = None
         if label:
             m = item.get("mask_path")
             if m:
-                mask_path = os.path.join(cdir, m.replace("\\", "/").lstrip("/"))
+                mask_path = os.path.join(cdir, _split_path(m))
             else:
                 missing += 1
+        for path in (os.path.join(cdir, rel), mask_path):
+            if path is not None and not allow_outside and not _inside(path, root):
+                raise UserError(f"split file {jpath}: entry {i} of '{phase}' leads out of the dataset folder {root} "
+                                f"({path}); fix the split file, or pass --allow_outside_paths if that is meant")
         samples.append(Sample(os.path.join(cdir, rel), label, mask_path, class_name, rel_path=rel))
     if not samples:
         raise UserError(f"no '{phase}' samples in {jpath}; {fix}")
     return samples, missing
+
+
+def _split_path(path: str) -> str:
+    """A path from a split file, '/'-separated and relative (a leading '/' is dropped)."""
+    return path.replace("\\", "/").lstrip("/")
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether `path` lies in the folder `root` once '..' are resolved (lexically: links are not followed)."""
+    root = os.path.abspath(root)
+    return os.path.commonpath([root, os.path.abspath(path)]) == root
+
+
+def _check_listed_once(data: dict, jpath: str, normal_class: str, fix: str):
+    """Each image once in a split file, over its 'train' and 'test' lists (an image in both, twice in one, or
+    once normal and once anomalous is a UserError naming both entries)."""
+    seen: dict[str, tuple[str, int, bool]] = {}
+    for phase in ("train", "test"):
+        items = data.get(phase)
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            if _entry_problem(item):
+                continue  # reported when its list is read
+            key = os.path.normpath(_split_path(item["image_path"]))
+            normal = item["anomaly_class"] == normal_class
+            if key in seen:
+                other_phase, j, other_normal = seen[key]
+                how = "as normal and as anomalous" if normal != other_normal else "twice"
+                raise UserError(f"split file {jpath} lists {key} {how}: entry {j} of '{other_phase}' and entry {i} "
+                                f"of '{phase}'; keep one; {fix}")
+            seen[key] = (phase, i, normal)
 
 
 def _entry_problem(item) -> str | None:
@@ -442,10 +479,10 @@ def class_names(dataset: str, classes: list[str] | None) -> list[str]:
 
 
 def class_samples(dataset: str, root: str, class_name: str, phase: str, resolution: str = "realiad_1024",
-                  json_dir: str = "realiad_jsons") -> tuple[list[Sample], int]:
+                  json_dir: str = "realiad_jsons", allow_outside: bool = False) -> tuple[list[Sample], int]:
     """The samples of one class through the dataset's reader: (samples, anomalous samples without a mask)."""
     if dataset == "realiad":
-        return realiad_samples(root, class_name, phase, resolution, json_dir)
+        return realiad_samples(root, class_name, phase, resolution, json_dir, allow_outside)
     return mvtec_samples(root, class_name, phase), 0
 
 

@@ -404,7 +404,7 @@ def handed_over(first: int, batch, amap: torch.Tensor, score: torch.Tensor, copi
 
 def test_samples(args, class_name: str) -> list[ds.Sample]:
     samples, missing = ds.class_samples(args.dataset, args.data_path, class_name, "test", args.realiad_resolution,
-                                        args.json_dir)
+                                        args.json_dir, getattr(args, "allow_outside_paths", False))
     if missing:
         log.warning(f"warning: {class_name}: {missing} anomalous samples have no mask_path; they count for the "
                     f"image metrics only")
@@ -431,7 +431,7 @@ def train_dataset(run: Run):
 def train_samples(args) -> list[ds.Sample]:
     return [s for c in ds.class_names(args.dataset, args.classes)
             for s in ds.class_samples(args.dataset, args.data_path, c, "train", args.realiad_resolution,
-                                      args.json_dir)[0]]
+                                      args.json_dir, getattr(args, "allow_outside_paths", False))[0]]
 
 
 def image_cache(args, samples: list[ds.Sample], modes=("memory", "disk")):
