@@ -309,7 +309,7 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
     process. The first process prints the table and writes metrics<tag>.csv, scores<tag>.csv,
     thresholds<tag>.json and the pictures (report.py). Returns {class: metrics} (empty on the other processes)."""
     args = run.args
-    results, score_rows = {}, []
+    results, score_rows, reports = {}, [], []
     calibration = Calibration(mapper.scoring_settings())
     if run.world_size > 1:
         log.info(f"evaluation shared by {run.world_size} processes")
@@ -326,19 +326,20 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
         log.info(format_metrics(name, results[name]))
         rows = [row for _, row in sorted(r for p in parts for r in p[1])]  # in the dataset's order
         labels, scores = np.array([r[2] for r in rows]), np.array([r[3] for r in rows])
-        pixels = PixelSample.merge([p[2] for p in parts])
-        entry = calibration.add(name, labels, scores, *pixels.arrays())
-        ClassReport.merge([p[3] for p in parts]).save(run.dir, tag, name, entry, labels, scores,
-                                                      pixels.arrays()[:2])
+        pixels = PixelSample.merge([p[2] for p in parts]).arrays()
+        entry = calibration.add(name, labels, scores, *pixels)
+        reports.append((ClassReport.merge([p[3] for p in parts]), name, entry, labels, scores, pixels[:2]))
         score_rows += rows
     if not run.is_main:
         return results
     mean = {k: nanmean([r[k] for r in results.values()]) for k in METRIC_NAMES}
     log.info(format_metrics("Mean", mean))
     write_metrics_csv(run.path(f"metrics{tag}.csv"), results, mean)
-    with open(run.path(f"scores{tag}.csv"), "w", newline="") as f:
+    with open(run.path(f"scores{tag}.csv"), "w", newline="", errors="backslashreplace") as f:
         csv.writer(f).writerows([["class", "image_path", "label", "score"], *score_rows])
     calibration.save(run.path(f"thresholds{tag}.json"))
+    for report, *what in reports:  # the pictures last: a failing picture costs a picture, not the results
+        report.save(run.dir, tag, *what)
     return results
 
 

@@ -474,7 +474,7 @@ def format_metrics(name: str, m: dict) -> str:
 def write_metrics_csv(path: str, results: dict, mean: dict):
     def cell(v):
         return "" if math.isnan(v) else repr(float(v))
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", errors="backslashreplace") as f:
         w = csv.writer(f)
         w.writerow(["class", *METRIC_NAMES, "mAD"])
         for name, m in [*results.items(), ("mean", mean)]:
