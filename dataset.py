@@ -254,22 +254,34 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _entries(folder: str, wanted) -> list[str]:
+    """Sorted names of the entries of `folder` for which wanted(entry) holds. An entry that cannot be examined
+    (a symbolic link that points to itself) is a UserError naming it."""
+    names = []
+    with os.scandir(folder) as it:
+        for e in it:
+            try:
+                if wanted(e):
+                    names.append(e.name)
+            except OSError as err:
+                raise UserError(f"cannot read {e.path} ({err.strerror}: a symbolic link that points to itself?); "
+                                f"remove or fix it") from None
+    return sorted(names)
+
+
 def _list_images(folder: str) -> list[str]:
     """Sorted file names of the images directly in `folder` (hidden files and other extensions skipped)."""
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if _is_image_name(e.name) and e.is_file())
+    return _entries(folder, lambda e: _is_image_name(e.name) and e.is_file())
 
 
 def _list_subdirs(folder: str) -> list[str]:
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+    return _entries(folder, lambda e: not e.name.startswith(".") and e.is_dir())
 
 
 def _name_map(folder: str) -> dict[str, str]:
     """lower-cased file name -> actual file name, for the files in `folder` ({} when it does not exist)."""
     try:
-        with os.scandir(folder) as it:
-            names = sorted(e.name for e in it if e.is_file())
+        names = _entries(folder, lambda e: e.is_file())
     except (FileNotFoundError, NotADirectoryError):
         return {}
     out: dict[str, str] = {}
