@@ -55,8 +55,12 @@ def number(lo: float = -math.inf, hi: float = math.inf, hi_open: bool = False, l
     """A finite number in [lo, hi] (open ends as asked)."""
     def test(v):
         return _real(v) and math.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
-    ends = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    return Expect(test, f"a finite number in {ends}" if math.isfinite(lo) or math.isfinite(hi) else "a finite number")
+    if math.isfinite(lo) and math.isfinite(hi):
+        text = f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    else:
+        text = f" {'>' if lo_open else '>='} {lo:g}" if math.isfinite(lo) else \
+            f" {'<' if hi_open else '<='} {hi:g}" if math.isfinite(hi) else ""
+    return Expect(test, "a finite number" + text)
 
 
 def integer(lo: int) -> Expect:
