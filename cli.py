@@ -141,7 +141,7 @@ def build_parser(description: str, defaults: dict, job: str,
         start.add_argument("--overwrite", action="store_true",
                            help="start afresh in a run folder that holds a trained " +
                                 ("segmentation network (Seg_model_*.pth), deleting it" if job == "crr_stage2" else
-                                 "model (model.pth), deleting it"))
+                                 "model (model.pth), deleting it and Stage II's Seg_model_*.pth made from it"))
 
     fast = p.add_argument_group("speed (the defaults reproduce the papers)")
     fast.add_argument("--precision", choices=speed.PRECISIONS, default="fp32",
