@@ -1,6 +1,8 @@
 """The one exception type for problems a user can fix (a bad path, file, argument or checkpoint).
 
 Scripts report it as one line on stderr and exit with status 2; anything else is an internal error (exit 1).
+`check_entries` checks what is read back from a file we wrote (thresholds.json, config.json, train_state.pth)
+against a table of key -> `Expect` (number, integer, choice, kind), one UserError line per problem.
 """
 import math
 import re
