@@ -338,8 +338,11 @@ def predict(args):
     rows, skipped = [], 0
     header = ["image_path", "score", "decision", "threshold", "overlay", "mask"]
     # rows are written (and flushed) batch by batch, before their pictures: a crash keeps the rows so far
-    with open(os.path.join(args.out, "predictions.csv"), "w", newline="", errors="backslashreplace") as f, \
-            tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
+    try:
+        f = open(os.path.join(args.out, "predictions.csv"), "w", newline="", errors="backslashreplace")
+    except OSError as e:
+        raise UserError(f"cannot write into {args.out} ({e.strerror}); pass a writable --out") from None
+    with f, tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
         table = csv.writer(f)
         table.writerow(header + (["normalized_score"] if args.normalize else []))
         for batch in loader:
