@@ -1,8 +1,9 @@
 """One invocation of a script: the argument parser and its validators, exit codes, logging, device and DDP
-setup, seeds, the run folder and its config, atomic checkpoint writing.
+setup, seeds, the run folder (held by its lock, runlock.py) and its config, atomic checkpoint writing.
 
 Exit status: 0 success; 2 a user error or out of GPU memory (one line on stderr and in log.txt naming the
-thing and the fix); 130 interrupted; 1 anything else (with its traceback).
+thing and the fix); 128 + the signal when stopped by one (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP); 1 anything
+else (with its traceback).
 """
 import argparse
 import errno
