@@ -144,7 +144,7 @@ class Calibration:
 # then in the "all" entry and in each class's entry what prediction and export read.
 SETTINGS = {
     "settings": kind(dict, "a mapping"),
-    "settings.map": choice("reconstruction", "fused").optional(),
+    "settings.map": kind(str, "the name of a map").optional(),
     "settings.max_ratio": number(0, 1).optional(),
     "settings.fusion_alpha": number(0, 1).or_null().optional(),
     "settings.test_mask": choice("on", "off").optional(),
