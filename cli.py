@@ -49,6 +49,8 @@ def build_parser(description: str, defaults: dict, job: str,
                       help="Real-IAD split folder: realiad_jsons (default), realiad_jsons_sv (single view), "
                            "realiad_jsons_fuiad_0.1, ... (fully unsupervised); Real-IAD Variety: realiadvariety_jsons")
     from_run = "" if trains_recon else "; default: the Stage-I run's"  # later CRR stages follow Stage I
+    data.add_argument("--allow_outside_paths", action="store_true",
+                      help="Real-IAD: accept split-file paths that lead out of --data_path (../)")
     data.add_argument("--image_size", type=int_at_least(14), default=448 if trains_recon else None,
                       help="images are resized to this square size" + from_run)
     data.add_argument("--crop_size", type=int_at_least(14), default=392 if trains_recon else None,
@@ -69,7 +71,7 @@ def build_parser(description: str, defaults: dict, job: str,
     run.add_argument("--save_dir", default="./saved_results", help="parent folder of the run folders")
     run.add_argument("--save_name", help="run folder name under --save_dir")
     run.add_argument("--device", help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda when available)")
-    run.add_argument("--seed", type=int, default=1, help="random seed")
+    run.add_argument("--seed", type=int_at_least(0, 2 ** 31), default=1, help="random seed")
     run.add_argument("--cudnn", choices=["deterministic", "benchmark"],
                      help="cuDNN mode: deterministic kernels, or the fastest found by benchmarking (the reference "
                           "scripts use deterministic for MVTec AD, VisA and the CRR test, benchmark for CRR training)")
@@ -145,7 +147,7 @@ def build_parser(description: str, defaults: dict, job: str,
         start.add_argument("--overwrite", action="store_true",
                            help="start afresh in a run folder that holds a trained " +
                                 ("segmentation network (Seg_model_*.pth), deleting it" if job == "crr_stage2" else
-                                 "model (model.pth), deleting it"))
+                                 "model (model.pth), deleting it and Stage II's Seg_model_*.pth made from it"))
 
     fast = p.add_argument_group("speed (the defaults reproduce the papers)")
     fast.add_argument("--precision", choices=speed.PRECISIONS, default="fp32",
@@ -171,6 +173,9 @@ def build_parser(description: str, defaults: dict, job: str,
                              "object level (O-AUROC, O-AP, O-F1max) and Real-IAD's sample level (S-AUROC) added")
         ev.add_argument("--max_ratio", type=float_in(0, 1), default=0.01,
                         help="image score = mean of this top share of the map (0 = its maximum)")
+        ev.add_argument("--replace_results", action="store_true",
+                        help="evaluate another run's --checkpoint into a --save_name folder that holds a trained "
+                             "model, replacing that run's thresholds.json, metrics, scores and pictures")
         ev.add_argument("--save_heatmaps", type=int_at_least(0), default=0, metavar="N",
                         help="write image | ground truth | anomaly map PNGs for the first N anomalous test images "
                              "of each class")

@@ -365,22 +365,34 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _entries(folder: str, wanted) -> list[str]:
+    """Sorted names of the entries of `folder` for which wanted(entry) holds. An entry that cannot be examined
+    (a symbolic link that points to itself) is a UserError naming it."""
+    names = []
+    with os.scandir(folder) as it:
+        for e in it:
+            try:
+                if wanted(e):
+                    names.append(e.name)
+            except OSError as err:
+                raise UserError(f"cannot read {e.path} ({err.strerror}: a symbolic link that points to itself?); "
+                                f"remove or fix it") from None
+    return sorted(names)
+
+
 def _list_images(folder: str) -> list[str]:
     """Sorted file names of the images directly in `folder` (hidden files and other extensions skipped)."""
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if _is_image_name(e.name) and e.is_file())
+    return _entries(folder, lambda e: _is_image_name(e.name) and e.is_file())
 
 
 def _list_subdirs(folder: str) -> list[str]:
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+    return _entries(folder, lambda e: not e.name.startswith(".") and e.is_dir())
 
 
 def _name_map(folder: str) -> dict[str, str]:
     """lower-cased file name -> actual file name, for the files in `folder` ({} when it does not exist)."""
     try:
-        with os.scandir(folder) as it:
-            names = sorted(e.name for e in it if e.is_file())
+        names = _entries(folder, lambda e: e.is_file())
     except (FileNotFoundError, NotADirectoryError):
         return {}
     out: dict[str, str] = {}
@@ -488,9 +500,12 @@ def realiad_json_path(root: str, class_name: str, json_dir: str = "realiad_jsons
 
 
 def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "realiad_1024",
-                    json_dir: str = "realiad_jsons", multiview: bool = False) -> tuple[list[Sample], int]:
+                    json_dir: str = "realiad_jsons", multiview: bool = False,
+                    allow_outside: bool = False) -> tuple[list[Sample], int]:
     """Samples of one Real-IAD (or Real-IAD Variety) class from its split JSON; paths are relative to
     `<root>/<resolution>/<class>/`, or to `<root>/<resolution>/<class>/<class>/` where that folder exists.
+    An image listed twice in the file (in either list), and a path leading out of `root` (`../`) unless
+    `allow_outside`, are UserErrors naming the entries.
 
     Returns (samples, number of anomalous samples without a mask_path); those get mask_path None and count as
     anomalous, except in multi-view test sets. With `multiview`, test samples are views grouped into objects as the
@@ -520,6 +535,7 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
         raise UserError(f"malformed split file {jpath}: no '{phase}' list at the top level; {fix}")
     meta = data.get("meta")
     normal_class = meta.get("normal_class", "OK") if isinstance(meta, dict) else "OK"
+    _check_listed_once(data, jpath, normal_class, fix)
 
     samples: list[Sample] = []
     missing = 0
@@ -528,16 +544,20 @@ def realiad_samples(root: str, class_name: str, phase: str, resolution: str = "r
         problem = _entry_problem(item)
         if problem:
             raise UserError(f"malformed split file {jpath}: entry {i} of '{phase}' {problem}; {fix}")
-        rel = item["image_path"].replace("\\", "/").lstrip("/")
+        rel = _split_path(item["image_path"])
         label = 0 if item["anomaly_class"] == normal_class else 1
         mask_path = None
         if label:
             m = item.get("mask_path")
             if m:
-                mask_path = os.path.join(cdir, m.replace("\\", "/").lstrip("/"))
+                mask_path = os.path.join(cdir, _split_path(m))
             else:
                 missing += 1
                 label = 0 if grouped else 1
+        for path in (os.path.join(cdir, rel), mask_path):
+            if path is not None and not allow_outside and not _inside(path, root):
+                raise UserError(f"split file {jpath}: entry {i} of '{phase}' leads out of the dataset folder {root} "
+                                f"({path}); fix the split file, or pass --allow_outside_paths if that is meant")
         samples.append(Sample(os.path.join(cdir, rel), label, mask_path, class_name, rel_path=rel,
                               object_id="".join(rel.split("/")[:-1]) if grouped else None))
     if not samples:
@@ -556,6 +576,36 @@ def manta_samples(root: str, class_name: str, phase: str, multiview: bool = Fals
         return samples
     return [replace(s, strip=v, object_id=s.image_path if multiview else None)
             for s in samples for v in range(MANTA_VIEWS)]
+
+
+def _split_path(path: str) -> str:
+    """A path from a split file, '/'-separated and relative (a leading '/' is dropped)."""
+    return path.replace("\\", "/").lstrip("/")
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether `path` lies in the folder `root` once '..' are resolved (lexically: links are not followed)."""
+    root = os.path.abspath(root)
+    return os.path.commonpath([root, os.path.abspath(path)]) == root
+
+
+def _check_listed_once(data: dict, jpath: str, normal_class: str, fix: str):
+    """Each image once in a split file, over its 'train' and 'test' lists (an image in both, twice in one, or
+    once normal and once anomalous is a UserError naming both entries)."""
+    seen: dict[str, tuple[str, int, bool]] = {}
+    for phase in ("train", "test"):
+        items = data.get(phase)
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            if _entry_problem(item):
+                continue  # reported when its list is read
+            key = os.path.normpath(_split_path(item["image_path"]))
+            normal = item["anomaly_class"] == normal_class
+            if key in seen:
+                other_phase, j, other_normal = seen[key]
+                how = "as normal and as anomalous" if normal != other_normal else "twice"
+                raise UserError(f"split file {jpath} lists {key} {how}: entry {j} of '{other_phase}' and entry {i} "
+                                f"of '{phase}'; keep one; {fix}")
+            seen[key] = (phase, i, normal)
 
 
 def _entry_problem(item) -> str | None:
@@ -587,16 +637,18 @@ def realiad_folders(dataset: str, root: str, resolution: str | None = None,
 
 
 def class_samples(dataset: str, root: str, class_name: str, phase: str, resolution: str | None = None,
-                  json_dir: str | None = None, multiview: bool = False) -> tuple[list[Sample], int]:
+                  json_dir: str | None = None, multiview: bool = False,
+                  allow_outside: bool = False) -> tuple[list[Sample], int]:
     """The samples of one class through the dataset's reader: (samples, anomalous samples without a mask).
     `resolution`, `json_dir`: Real-IAD's folders (None: the dataset's defaults, see realiad_folders).
-    `multiview`: test views grouped into objects (Real-IAD, Real-IAD Variety, MANTA-Tiny)."""
+    `multiview`: test views grouped into objects (Real-IAD, Real-IAD Variety, MANTA-Tiny). `allow_outside`: split
+    files may name paths out of `root`."""
     if multiview and dataset not in (*REALIAD_FOLDERS, "manta"):
         raise UserError(f"--multiview on needs a multi-view dataset (realiad, realiad_variety or manta), not "
                         f"--dataset {dataset}")
     if dataset in REALIAD_FOLDERS:
         return realiad_samples(root, class_name, phase, *realiad_folders(dataset, root, resolution, json_dir),
-                               multiview)
+                               multiview, allow_outside)
     if dataset == "manta":
         return manta_samples(root, class_name, phase, multiview), 0
     return mvtec_samples(root, class_name, phase), 0

@@ -63,6 +63,7 @@ HM_MAX_P, HM_RAMP_ITERS, HM_FACTOR = 0.9, 1000, 0.1  # share of easy positions, 
 SEG_LR = 1e-4
 SEG_SAVE_EVERY = 4000
 MAX_BAD_STEPS = 10  # non-finite losses in a row that stop a run
+SEGMENTATION_FILES = ["Seg_model_*.pth", train_state.SEGMENTATION]  # CRR Stage II's, in Stage I's run folder
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -104,7 +105,7 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
                 loader.dataset.set_epoch(epoch)
             for batch in data_wait.iterate(loader):
                 loss, updated, stopping = train_step(batch, it, loss_fn, params, optimizer, schedule, clip,
-                                                     stop.requested)
+                                                     stop.signum if stop.requested else 0)
                 it += 1
                 bar.update(1)
                 if updated:
@@ -121,8 +122,8 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
                                                or bad_in_row == MAX_BAD_STEPS):
                     save_state(it)
                 if stopping:
-                    raise KeyboardInterrupt(f"the training state at iteration {it} is saved in {run.dir}; "
-                                            f"continue with --resume")
+                    raise train_state.Interrupted(f"the training state at iteration {it} is saved in {run.dir}; "
+                                                  f"continue with --resume", stopping)
                 if bad_in_row == MAX_BAD_STEPS:
                     raise UserError(f"the loss was not finite in {MAX_BAD_STEPS} iterations in a row (up to "
                                     f"iteration {it}); these steps were skipped and the last good state is saved in "
@@ -134,9 +135,10 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
 
 
 def train_step(batch, it: int, loss_fn, params: list, optimizer, schedule, clip,
-               stop_requested: bool) -> tuple[torch.Tensor, bool, bool]:
+               stop_signal: int) -> tuple[torch.Tensor, bool, int]:
     """One optimisation step, skipped (no update) when the loss or the gradient norm is not finite on any
-    process. Returns (the loss, whether the model was updated, whether any process was asked to stop)."""
+    process. stop_signal: the signal that asked this process to stop, 0 when none. Returns (the loss, whether
+    the model was updated, the signal that asked any process to stop or 0)."""
     if schedule is not None:
         schedule.apply(optimizer, it)
     loss = loss_fn(batch, it)
@@ -145,13 +147,13 @@ def train_step(batch, it: int, loss_fn, params: list, optimizer, schedule, clip,
     bad = ~torch.isfinite(loss.detach())
     if clip is not None:
         bad |= ~torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm=clip))
-    flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device)])
+    flags = torch.stack([bad.float(), torch.tensor(float(stop_signal), device=bad.device)])
     if dist.is_initialized():  # every process skips or stops together
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad, stopping = flags.tolist()
     if not bad:
         optimizer.step()
-    return loss.detach(), not bad, bool(stopping)
+    return loss.detach(), not bad, int(stopping)
 
 
 def progress_off(run: Run) -> bool | None:
@@ -309,7 +311,7 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
     thresholds<tag>.json and the pictures (report.py). With --multiview on, the metrics add the object and sample
     level (multiview.py). Returns {class: metrics} (empty on the other processes)."""
     args = run.args
-    results, score_rows = {}, []
+    results, score_rows, reports = {}, [], []
     calibration = Calibration(mapper.scoring_settings())
     if run.world_size > 1:
         log.info(f"evaluation shared by {run.world_size} processes")
@@ -328,19 +330,20 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
         log.info(format_metrics(name, results[name]))
         rows = [row for _, row in sorted(r for p in parts for r in p[1])]  # in the dataset's order
         labels, scores = np.array([r[2] for r in rows]), np.array([r[3] for r in rows])
-        pixels = PixelSample.merge([p[2] for p in parts])
-        entry = calibration.add(name, labels, scores, *pixels.arrays())
-        ClassReport.merge([p[3] for p in parts]).save(run.dir, tag, name, entry, labels, scores,
-                                                      pixels.arrays()[:2])
+        pixels = PixelSample.merge([p[2] for p in parts]).arrays()
+        entry = calibration.add(name, labels, scores, *pixels)
+        reports.append((ClassReport.merge([p[3] for p in parts]), name, entry, labels, scores, pixels[:2]))
         score_rows += rows
     if not run.is_main:
         return results
     mean = {k: nanmean([r[k] for r in results.values()]) for k in next(iter(results.values()))}
     log.info(format_metrics("Mean", mean))
     write_metrics_csv(run.path(f"metrics{tag}.csv"), results, mean)
-    with open(run.path(f"scores{tag}.csv"), "w", newline="") as f:
+    with open(run.path(f"scores{tag}.csv"), "w", newline="", errors="backslashreplace") as f:
         csv.writer(f).writerows([["class", "image_path", "label", "score"], *score_rows])
     calibration.save(run.path(f"thresholds{tag}.json"))
+    for report, *what in reports:  # the pictures last: a failing picture costs a picture, not the results
+        report.save(run.dir, tag, *what)
     return results
 
 
@@ -412,7 +415,8 @@ def handed_over(first: int, batch, amap: torch.Tensor, score: torch.Tensor, copi
 def test_samples(args, class_name: str) -> list[ds.Sample]:
     multiview = getattr(args, "multiview", "off") == "on"
     samples, missing = ds.class_samples(args.dataset, args.data_path, class_name, "test", args.realiad_resolution,
-                                        args.json_dir, multiview)
+                                        args.json_dir, multiview,
+                                        allow_outside=getattr(args, "allow_outside_paths", False))
     if missing:
         log.warning(f"warning: {class_name}: {missing} anomalous samples have no mask_path; " +
                     ("they count as normal views (the defect is not visible in them), as in the Dinomaly2 preview"
@@ -445,7 +449,7 @@ def train_dataset(run: Run):
 def train_samples(args) -> list[ds.Sample]:
     return [s for c in ds.class_names(args.dataset, args.classes)
             for s in ds.class_samples(args.dataset, args.data_path, c, "train", args.realiad_resolution,
-                                      args.json_dir)[0]]
+                                      args.json_dir, allow_outside=getattr(args, "allow_outside_paths", False))[0]]
 
 
 def image_cache(args, samples: list[ds.Sample], modes=("memory", "disk")):
@@ -533,6 +537,7 @@ def train_and_evaluate(args, method: str):
         if args.resume or args.overwrite:
             raise UserError("--resume and --overwrite are for training; --eval_only writes only metrics")
         run = Run(args, "config_eval.json")
+        check_output_folder(run, args.checkpoint)
         model = trained_model(run, args.checkpoint, models.PAPER_SETTINGS[method])
         preflight.check_data(args)
         run.save_config()
@@ -544,7 +549,8 @@ def train_and_evaluate(args, method: str):
         cfg = models.encoder_config(args.encoder)
         ds.check_sizes(args.image_size, args.crop_size, cfg.patch_size, cfg.fixed_grid)
         run = Run(args, "config.json")
-        state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth"])
+        # what Stage II derived from an earlier model goes with it
+        state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth", *SEGMENTATION_FILES])
         train_set = synthetic_train_set(args) if crr else train_dataset(run)
         preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths if crr else ())
         settings = model_settings(args, method)
@@ -557,6 +563,21 @@ def train_and_evaluate(args, method: str):
     seed_everything(args.seed)
     evaluate(run, AnomalyMapper(model, max_ratio=args.max_ratio, precision=args.precision), args.aupro,
              args.gt_binarize, tag="_recon" if crr else "")
+
+
+def check_output_folder(run: Run, checkpoint: str):
+    """Evaluating another run's model into a folder that holds a trained model would replace that run's
+    thresholds.json, metrics, scores and pictures with those of another model: refused unless
+    --replace_results."""
+    own = run.path("model.pth")
+    if run.args.replace_results or not os.path.isfile(own) or \
+            os.path.samefile(models.checkpoint_file(checkpoint), own):
+        return
+    default = "" if "save_name" in run.args.explicit else \
+        " (without --save_name the evaluation goes into the default training run's folder)"
+    raise UserError(f"{run.dir} holds another trained model{default}; evaluating {checkpoint} there would replace "
+                    f"that run's thresholds.json, metrics, scores and pictures: pass another --save_name, or "
+                    f"--replace_results to replace them")
 
 
 def dinomaly_main(args):
@@ -577,9 +598,12 @@ def crr_stage2_main(args):
     state = train_state.start(run, train_state.SEGMENTATION, ["Seg_model_*.pth"])
     model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
     model.requires_grad_(False)
+    if state is not None:
+        models.check_segmentation_owner(run.dir, model, models.checkpoint_file(args.checkpoint or run.dir),
+                                        run.path(train_state.SEGMENTATION))
     train_set = synthetic_train_set(args)
     preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths, test=False)
-    run.save_config()
+    run.save_config(stage1_model=models.fingerprint(model))
     loader = train_loader(run, train_set, args.batch_size)
     train_segmentation(run, model, loader, state)
 
@@ -588,6 +612,8 @@ def crr_test_main(args):
     """CRR test: fused map 0.7 * reconstruction + 0.3 * segmentation, metrics, optional heatmaps."""
     check_max_ratio(args.max_ratio)
     run = Run(args, "config_test.json")
+    if args.checkpoint is not None:
+        check_output_folder(run, args.checkpoint)
     model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
     run.save_config()
     checkpoint = models.checkpoint_file(args.checkpoint or run.dir)
@@ -599,6 +625,7 @@ def crr_test_main(args):
             if models.saved_settings(checkpoint).get("mask_ratio") == 0 else ""
         raise UserError(f"no segmentation network (Seg_model_7999.pth or Seg_model_last.pth) in {where}{kind}; "
                         f"run crr_realiad_stage2.py on this run first, or pass --seg_checkpoint")
+    models.check_segmentation_owner(os.path.dirname(os.path.abspath(seg_path)), model, checkpoint, seg_path)
     segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(run.device).eval()
     log.info(f"loaded {seg_path}")
     preflight.check_data(args)

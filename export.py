@@ -97,12 +97,24 @@ def annotate(path: str, metadata: dict):
     onnx.save(proto, path)
 
 
+def check_out(out: str):
+    """--out must name a file in a writable folder (checked before the model is loaded)."""
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise UserError(f"--out {out} is a folder; pass a file name, e.g. {os.path.join(out, 'model.onnx')}")
+    if not os.path.isdir(out_dir):
+        raise UserError(f"folder not found: {out_dir}; create it or pass another --out")
+    if not os.access(out_dir, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
+        raise UserError(f"cannot write {out} (permission denied); pass another --out")
+
+
 def export(args):
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
         raise UserError(MISSING) from None
+    check_out(args.out)
     model_path, seg_path = run_files(args.checkpoint, args.seg_checkpoint)
     calibration, calib_path = load_calibration(model_path, seg_path is not None, args.thresholds)
     mapper, settings = load_mapper(model_path, seg_path, torch.device("cpu"), {}, calibration)
@@ -111,9 +123,6 @@ def export(args):
     if calibration:
         check_settings(exported, calibration, calib_path, model_path)
     model = ExportedMapper(exported).eval()
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"folder not found: {out_dir}; create it or pass another --out")
     export_onnx(model, crop, args.out)
     entry = calibration["all"] if calibration else None
     classes = {name: dict(threshold=c["image"]["threshold"], pixel_threshold=c["pixel"]["threshold"])

@@ -38,7 +38,7 @@ import models
 import thresholds as th
 from anomaly_map import AnomalyMapper, check_max_ratio
 from errors import UserError
-from report import write_png
+from report import picture, write_png
 from run import ArgumentParser, float_in, int_at_least, log, main as run_main, resolve_device
 from visualize import overlay_picture
 
@@ -145,6 +145,7 @@ def load_mapper(path: str, seg_path: str | None, device: torch.device, overrides
     model = models.load_trained(path, args, models.PAPER_SETTINGS["crr" if seg_path else "dinomaly"]).to(device)
     segnet = None
     if seg_path:
+        models.check_segmentation_owner(os.path.dirname(os.path.abspath(seg_path)), model, path, seg_path)
         segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(device).eval()
         log.info(f"loaded {seg_path}; map: {scoring['fusion_alpha']} * reconstruction + "
                  f"{1 - scoring['fusion_alpha']:.4g} * segmentation")
@@ -295,19 +296,23 @@ def output_names(paths: list[str]) -> list[str]:
     return names
 
 
-def write_outputs(out: str, name: str, rgb: np.ndarray, p: Prediction, detector: Detector) -> tuple[str, str]:
-    """overlays/<name>.png and masks/<name>.png; returns their paths relative to `out`."""
+def output_files(name: str) -> tuple[str, str]:
+    """The overlay's and the mask's paths relative to --out."""
+    return os.path.join("overlays", name + ".png"), os.path.join("masks", name + ".png")
+
+
+def write_outputs(out: str, name: str, rgb: np.ndarray, p: Prediction, detector: Detector):
+    """overlays/<name>.png and masks/<name>.png (output_files)."""
     verdict = "ANOMALOUS" if p.is_anomalous else "normal"
     caption = f"{verdict}  score {p.score:.4g} {'>=' if p.is_anomalous else '<'} {p.threshold:.4g}"
-    picture = overlay_picture(rgb, p.anomaly_map, p.seen, p.mask, detector.color_range, caption, p.is_anomalous,
-                              {"threshold": p.threshold, "mask thr": detector.pixel_threshold})
-    files = (os.path.join("overlays", name + ".png"), os.path.join("masks", name + ".png"))
+    overlay, mask = (os.path.join(out, f) for f in output_files(name))
     try:
-        write_png(os.path.join(out, files[0]), picture)
-        Image.fromarray(p.mask.astype(np.uint8) * 255).save(os.path.join(out, files[1]))
+        Image.fromarray(p.mask.astype(np.uint8) * 255).save(mask)
     except OSError as e:
         raise UserError(f"cannot write into {out} ({e}); pass a writable --out") from None
-    return files
+    picture(overlay, lambda: write_png(overlay, overlay_picture(
+        rgb, p.anomaly_map, p.seen, p.mask, detector.color_range, caption, p.is_anomalous,
+        {"threshold": p.threshold, "mask thr": detector.pixel_threshold})))
 
 
 def predict(args):
@@ -331,7 +336,15 @@ def predict(args):
     loader = DataLoader(ImageFiles(paths, detector), batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=list)
     rows, skipped = [], 0
-    with tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
+    header = ["image_path", "score", "decision", "threshold", "overlay", "mask"]
+    # rows are written (and flushed) batch by batch, before their pictures: a crash keeps the rows so far
+    try:
+        f = open(os.path.join(args.out, "predictions.csv"), "w", newline="", errors="backslashreplace")
+    except OSError as e:
+        raise UserError(f"cannot write into {args.out} ({e.strerror}); pass a writable --out") from None
+    with f, tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
+        table = csv.writer(f)
+        table.writerow(header + (["normalized_score"] if args.normalize else []))
         for batch in loader:
             for i, _, _, error in [b for b in batch if b[3] is not None]:
                 log.warning(f"skipped {paths[i]}: {error}")
@@ -340,16 +353,17 @@ def predict(args):
             if good:
                 preds = detector.predict_prepared(torch.stack([b[1] for b in good]),
                                                   [(b[2].shape[1], b[2].shape[0]) for b in good])
+                new = [[paths[i], repr(p.score), "anomalous" if p.is_anomalous else "normal", repr(p.threshold),
+                        *output_files(names[i])] + ([repr(p.normalized_score)] if args.normalize else [])
+                       for (i, _, _, _), p in zip(good, preds)]
+                table.writerows(new)
+                f.flush()
+                rows += new
                 for (i, _, rgb, _), p in zip(good, preds):
-                    files = write_outputs(args.out, names[i], rgb, p, detector)
-                    rows.append([paths[i], repr(p.score), "anomalous" if p.is_anomalous else "normal",
-                                 repr(p.threshold), *files] + ([repr(p.normalized_score)] if args.normalize else []))
+                    write_outputs(args.out, names[i], rgb, p, detector)
             bar.update(len(batch))
     if not rows:
         raise UserError(f"none of the {len(paths)} images could be read (see the lines above); check --input")
-    header = ["image_path", "score", "decision", "threshold", "overlay", "mask"]
-    with open(os.path.join(args.out, "predictions.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([header + (["normalized_score"] if args.normalize else []), *rows])
     n_bad = sum(r[2] == "anomalous" for r in rows)
     log.info(f"predicted {len(rows)} image{'s' * (len(rows) != 1)} ({n_bad} anomalous, {len(rows) - n_bad} normal; "
              f"threshold {detector.threshold:.6g} from {detector.threshold_source}), skipped {skipped} unreadable; "

@@ -6,13 +6,17 @@
 - `gallery<tag>/<class>.png`: the GALLERY_SIZE highest-scored normal and lowest-scored anomalous test
   images with their maps: the false alarms and missed defects, or the closest calls.
 """
+import logging
 import os
 
 import cv2
 import numpy as np
 import torch
 
+from errors import one_line
 from visualize import heatmap_panel, text_band
+
+log = logging.getLogger("anomaly")
 
 GALLERY_SIZE = 4
 
@@ -63,11 +67,13 @@ class ClassReport:
         if self.heatmaps:
             os.makedirs(os.path.join(run_dir, f"heatmaps{tag}", name), exist_ok=True)
         for s, path, img, gt, amap in self.heatmaps:
-            panel = heatmap_panel(img, gt, amap, color_range, f"{image_name(path)}  score {s:.4g}", marks)
-            write_png(os.path.join(run_dir, f"heatmaps{tag}", name, image_name(path) + ".png"), panel)
-        plot_curves(os.path.join(run_dir, f"curves{tag}", name + ".png"), name, labels, scores, *pixels,
-                    entry)
-        self.save_gallery(os.path.join(run_dir, f"gallery{tag}", name + ".png"), name, entry, color_range, marks)
+            out = os.path.join(run_dir, f"heatmaps{tag}", name, image_name(path) + ".png")
+            picture(out, lambda: write_png(out, heatmap_panel(img, gt, amap, color_range,
+                                                              f"{image_name(path)}  score {s:.4g}", marks)))
+        out = os.path.join(run_dir, f"curves{tag}", name + ".png")
+        picture(out, lambda: plot_curves(out, name, labels, scores, *pixels, entry))
+        out = os.path.join(run_dir, f"gallery{tag}", name + ".png")
+        picture(out, lambda: self.save_gallery(out, name, entry, color_range, marks))
 
     def save_gallery(self, path: str, name: str, entry: dict, color_range, marks: dict):
         threshold = entry["image"]["threshold"]
@@ -89,10 +95,22 @@ class ClassReport:
                 np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in parts]))
 
 
+def picture(path: str, draw):
+    """draw(), which writes the picture `path`; a failure costs this picture only (a warning), not the run."""
+    try:
+        draw()
+    except Exception as e:  # noqa: BLE001 - a picture is never worth the results
+        log.warning(f"warning: could not write the picture {path} ({one_line(e)})")
+
+
 def write_png(path: str, rgb: np.ndarray):
+    """An RGB picture as PNG, written by Python (any file name, also one that is not valid UTF-8)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if not cv2.imwrite(path, np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 3]):
-        raise OSError(f"cannot write {path}")
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise OSError(f"cannot encode {path}")
+    with open(path, "wb") as f:
+        f.write(data.tobytes())
 
 
 def plot_curves(path: str, name: str, labels: np.ndarray, scores: np.ndarray, px_values: np.ndarray,

@@ -1,14 +1,18 @@
 """One invocation of a script: the argument parser and its validators, exit codes, logging, device and DDP
-setup, seeds, the run folder and its config, atomic checkpoint writing.
+setup, seeds, the run folder (held by its lock, runlock.py) and its config, atomic checkpoint writing.
 
 Exit status: 0 success; 2 a user error or out of GPU memory (one line on stderr and in log.txt naming the
-thing and the fix); 130 interrupted; 1 anything else (with its traceback).
+thing and the fix); 128 + the signal when stopped by one (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP); 1 anything
+else (with its traceback).
 """
 import argparse
+import errno
 import json
 import logging
 import os
 import random
+import shutil
+import signal
 import sys
 import warnings
 
@@ -16,10 +20,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import runlock
 from errors import UserError, user_message
 
 log = logging.getLogger("anomaly")
-_FORMAT = logging.Formatter("%(message)s")
+
+
+class _Formatter(logging.Formatter):
+    """The message alone, with characters no encoding can write (a file name that is not valid UTF-8, decoded
+    with surrogate escapes) written as backslash escapes, so every line reaches every handler."""
+
+    def format(self, record):
+        return super().format(record).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_FORMAT = _Formatter("%(message)s")
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -62,11 +77,14 @@ class ArgumentParser(argparse.ArgumentParser):
         return {k for k, v in vars(ns).items() if v is not unset}
 
 
-def int_at_least(low: int):
+def int_at_least(low: int, high: int | None = None):
+    """An integer >= low (and <= high when given)."""
     def parse(text: str) -> int:
         value = int(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is more than {high}")
         return value
     parse.__name__ = "integer"
     return parse
@@ -96,13 +114,14 @@ def main(fn, parser: ArgumentParser, argv: list[str] | None = None):
         code = 2
     except KeyboardInterrupt as e:
         log.error(f"interrupted; {e}" if str(e) else "interrupted")
-        code = 130
+        code = 128 + getattr(e, "signum", signal.SIGINT)
     except Exception:
         log.exception("internal error (please report it with this traceback):")
         code = 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        runlock.release_all()
         setup_logging(None)  # closes the run's log.txt: later messages in this process do not go into it
     if code:
         sys.exit(code)
@@ -126,7 +145,7 @@ def setup_logging(log_file: str | None):
     err.setLevel(logging.WARNING)
     handlers = [out, err]
     if log_file:
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     logging.captureWarnings(True)
     for logger in (log, logging.getLogger("py.warnings")):
         for h in logger.handlers:
@@ -155,13 +174,31 @@ class Run:
             os.makedirs(self.dir, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create the run folder {self.dir} ({e.strerror}); check --save_dir") from None
-        setup_logging(os.path.join(self.dir, "log.txt") if self.is_main else None)
+        problem = self._lock() if self.is_main else None
+        if problem is None:
+            setup_logging(os.path.join(self.dir, "log.txt") if self.is_main else None)
         self.device = self._device(args.device)
+        problem = self.gather(problem)[0]  # every process stops when the main one could not take the folder
+        if problem is not None:
+            raise UserError(problem)
         self.config_name = config_name
         seed_everything(args.seed + self.rank)
         torch.backends.cudnn.deterministic = args.cudnn == "deterministic"
         torch.backends.cudnn.benchmark = args.cudnn == "benchmark"
         log.info(f"run folder: {self.dir}  device: {self.device}  processes: {self.world_size}")
+
+    def _lock(self) -> str | None:
+        """Take the run folder's lock (runlock.py) and open log.txt in it; None, or why the job cannot write
+        there."""
+        try:
+            runlock.acquire(self.dir)
+            open(os.path.join(self.dir, "log.txt"), "a").close()
+        except UserError as e:
+            return str(e)
+        except OSError as e:
+            return (f"cannot write into the run folder {self.dir} ({e.strerror}); make it writable, or pass "
+                    f"another --save_name (--eval_only; --resume: copy the run folder there first)")
+        return None
 
     def _device(self, requested: str | None) -> torch.device:
         if self.world_size == 1:
@@ -177,11 +214,11 @@ class Run:
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
-    def save_config(self, model_settings: dict | None = None):
+    def save_config(self, model_settings: dict | None = None, **extra):
         """Every setting of this job in its config file (config.json for training); `model_settings` are what
-        a later job needs to rebuild the trained model (see models.saved_settings)."""
+        a later job needs to rebuild the trained model (see models.saved_settings); `extra`: more entries."""
         if self.is_main:
-            config = dict(vars(self.args))
+            config = dict(vars(self.args), **extra)
             if model_settings is not None:
                 config["model"] = model_settings
             with open(self.path(self.config_name), "w") as f:
@@ -230,11 +267,49 @@ def seed_everything(seed: int):
 
 
 def save_atomic(obj, path: str):
-    """torch.save through a temporary file (flushed and fsynced, then renamed over `path`), so a kill at any
-    moment leaves either the old file or the new one, never a broken one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through a temporary file (see write_atomic)."""
+    write_atomic(path, lambda f: torch.save(obj, f), tensor_bytes(obj))
+
+
+def write_atomic(path: str, write, size: int):
+    """write(f) into a temporary file of this process (flushed and fsynced, then renamed over `path`), so a kill
+    at any moment leaves either the old file or the new one, never a broken one, and two processes never write
+    the same temporary file. On any failure the temporary file is removed; a full disk is a UserError naming
+    the folder and the space needed (`size`: about the file's bytes)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if _no_space(e):
+            folder = os.path.dirname(os.path.abspath(path))
+            raise UserError(f"no space left in {folder} to write {os.path.basename(path)} (it needs about "
+                            f"{size / 1e6:.1f} MB; {shutil.disk_usage(folder).free / 1e6:.1f} MB are free); free "
+                            f"some space or pass another --save_dir (the previous file, if any, is unchanged)") \
+                from None
+        raise
+
+
+def _no_space(e: BaseException | None) -> bool:
+    """Whether `e` or an exception it arose from is a full disk or quota (torch.save wraps the OSError)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a (nested) dict, list or tuple: about the size of its torch.save file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0

@@ -15,11 +15,11 @@ without masks). Pixel statistics come from a seeded uniform subsample of at most
 class (exact for up to 32 maps of 256 x 256); the "all" entry pools the classes' subsamples.
 """
 import json
-import os
 
 import numpy as np
 
-from errors import UserError
+from errors import Expect, UserError, check_entries, choice, kind, number
+from run import write_atomic
 
 PIXEL_SAMPLE = 1 << 21  # map values kept per class: 32 maps of 256 x 256
 
@@ -136,11 +136,31 @@ class Calibration:
         return summarize(np.concatenate(parts[0]), np.concatenate(parts[1]), values, flags, normal)
 
     def save(self, path: str):
-        data = {"settings": self.settings, "all": self.pooled(), "classes": self.classes}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
+        text = json.dumps({"settings": self.settings, "all": self.pooled(), "classes": self.classes}, indent=2)
+        write_atomic(path, lambda f: f.write(text.encode()), len(text))
+
+
+# What load checks in a thresholds file (other keys are left alone): the settings the scores were made with,
+# then in the "all" entry and in each class's entry what prediction and export read.
+SETTINGS = {
+    "settings": kind(dict, "a mapping"),
+    "settings.map": kind(str, "the name of a map").optional(),
+    "settings.max_ratio": number(0, 1).optional(),
+    "settings.fusion_alpha": number(0, 1).or_null().optional(),
+    "settings.test_mask": choice("on", "off").optional(),
+    "settings.mask_ratio": number(0, 1, hi_open=True).optional(),
+}
+THRESHOLD = number(0, lo_open=True).or_null()  # scores and map values are >= 0
+ENTRY = {
+    "image.threshold": THRESHOLD,
+    "image.normal_scores.min": number().or_null(),
+    "pixel.threshold": THRESHOLD,
+    "pixel.normal_values.p50": number().or_null(),
+    "pixel.normal_values.p999": number().or_null(),
+    "color_range": Expect(lambda v: v is None or (isinstance(v, list) and len(v) == 2 and
+                                                  number().test(v[0]) and number().test(v[1]) and v[0] < v[1]),
+                          "null or [low, high] with low < high"),
+}
 
 
 def load(path: str) -> dict:
@@ -151,10 +171,14 @@ def load(path: str) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the thresholds file {path} ({e}); evaluate the model again or pass "
                         f"--threshold") from None
+    fix = "evaluate the model again or pass --threshold"
     if not isinstance(data, dict) or not isinstance(data.get("all"), dict) or \
             not isinstance(data.get("classes"), dict):
-        raise UserError(f"{path} is not a thresholds file (no 'all' and 'classes' entries); evaluate the model "
-                        f"again or pass --threshold")
+        raise UserError(f"{path} is not a thresholds file (no 'all' and 'classes' entries); {fix}")
+    check_entries(data, SETTINGS, f"the thresholds file {path}", fix)
+    for name, entry in [("all", data["all"]), *data["classes"].items()]:
+        check_entries(entry if isinstance(entry, dict) else {}, ENTRY, f"the thresholds file {path} (entry "
+                      f"{name!r})", fix)
     return data
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from errors import UserError
+from errors import UserError, check_entries, integer, kind
 from models import load_file
 from run import Run, log, save_atomic
 
@@ -36,6 +36,15 @@ FORMAT = "dinomaly training state"
 FIXED = ("dataset", "classes", "realiad_resolution", "json_dir", "encoder", "image_size", "crop_size",
          "batch_size", "total_iters", "seed")
 LOGGED = ("dropout", "attn_eps", "mask_ratio", "test_mask")
+# What load checks in a training state (besides its format), key by key.
+CONTENT = {
+    "iteration": integer(0),
+    "settings": kind(dict, "a mapping of the run's settings"),
+    "settings.processes": integer(1),
+    "module": kind(dict, "a state dict"),
+    "optimizer": kind(dict, "an optimiser state dict"),
+    "rng": kind(list, "a list of random-number states, one per process"),
+}
 
 
 # ----------------------------------------------------------------------------------------------- run folder
@@ -69,8 +78,13 @@ def start(run: Run, state_name: str, results: list[str]) -> dict | None:
 
 def load(path: str) -> dict:
     state = load_file(path, "training state")
+    fix = "remove it, or pass --overwrite to start afresh"
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{path} is not a training state; remove it, or pass --overwrite to start afresh")
+        raise UserError(f"{path} is not a training state; {fix}")
+    check_entries(state, CONTENT, f"the training state {path}", fix)
+    if len(state["rng"]) != state["settings"]["processes"]:
+        raise UserError(f"the training state {path}: rng holds {len(state['rng'])} states for "
+                        f"{state['settings']['processes']} processes; {fix}")
     return state
 
 
@@ -171,28 +185,42 @@ class EpochSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
-# ----------------------------------------------------------------------------------------------- Ctrl-C
+# ----------------------------------------------------------------------------------------------- Ctrl-C, SIGTERM
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; SLURM, Kubernetes, torchrun; a closed terminal
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on a signal after saving; run.main exits with 128 + signum."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
 
 class StopRequest:
-    """Within `with StopRequest(...) as stop:`, Ctrl-C (SIGINT) only sets `stop.requested`: the training loop
-    ends its step, saves the state and stops. With `again_interrupts` a second Ctrl-C interrupts at once
-    (one process; under torchrun the launcher forwards the signal, so repeats are ignored)."""
+    """Within `with StopRequest(...) as stop:`, Ctrl-C (SIGINT), SIGTERM (what SLURM, Kubernetes and torchrun
+    send before killing a job) and SIGHUP only set `stop.requested` (and `stop.signum`): the training loop ends
+    its step, saves the state and stops. With `again_interrupts` a second signal interrupts at once (one
+    process; under torchrun the launcher forwards the signal, so repeats are ignored)."""
 
     def __init__(self, again_interrupts: bool):
         self.again_interrupts = again_interrupts
         self.requested = False
-        self._previous = None
+        self.signum = signal.SIGINT
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested and self.again_interrupts:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Interrupted(f"{signal.Signals(signum).name} again: stopped without saving", signum)
+        self.requested, self.signum = True, signum
+        log.warning(f"{signal.Signals(signum).name} received: saving the training state after this step")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)

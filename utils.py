@@ -479,7 +479,7 @@ def write_metrics_csv(path: str, results: dict, mean: dict):
     def cell(v):
         return "" if math.isnan(v) else repr(float(v))
     extra = [k for k in OBJECT_METRIC_NAMES if k in mean]
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", errors="backslashreplace") as f:
         w = csv.writer(f)
         w.writerow(["class", *METRIC_NAMES, "mAD", *extra])
         for name, m in [*results.items(), ("mean", mean)]:

@@ -35,35 +35,50 @@ def colorize(amap: np.ndarray, color_range: tuple[float, float]) -> np.ndarray:
     return cv2.applyColorMap((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8), COLORMAP)[..., ::-1]
 
 
+MAX_TEXT_SIDE = 2400  # text and colour bar stop growing with pictures larger than this
+MAX_SIDE = 4096  # small images are enlarged by a whole factor, but not beyond this
+
+
 def _text_scale(height: int) -> tuple[float, int]:
-    """Font scale and thickness for a picture `height` pixels tall."""
-    scale = max(0.4, height / 600)
+    """Font scale and thickness for a picture `height` pixels tall (bounded: MAX_TEXT_SIDE)."""
+    scale = max(0.4, min(height, MAX_TEXT_SIDE) / 600)
     return scale, max(1, round(scale * 1.5))
+
+
+def drawable(text: str) -> str:
+    """`text` in the ASCII that OpenCV's fonts draw: other characters (and the undecodable bytes of a file name
+    that is not valid UTF-8, which would crash OpenCV) as backslash escapes."""
+    return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def text_band(width: int, height: int, text: str, color=DARK, scale: float = 0.5, thick: int = 1) -> np.ndarray:
     """A band of `color` with white text, left-aligned and vertically centred."""
     band = np.full((height, width, 3), color, np.uint8)
+    text = drawable(text)
     (_, th), _ = cv2.getTextSize(text, FONT, scale, thick)
     cv2.putText(band, text, (max(4, height // 4), (height + th) // 2), FONT, scale, WHITE, thick, cv2.LINE_AA)
     return band
 
 
-def colorbar(height: int, color_range: tuple[float, float], marks: dict[str, float] | None = None) -> np.ndarray:
+def colorbar(height: int, color_range: tuple[float, float], marks: dict[str, float] | None = None,
+             short_side: int | None = None) -> np.ndarray:
     """A vertical colour bar (RGB uint8, `height` tall) with the scale's ends written above and below it and
     `marks` (e.g. {"threshold": t}) as lines at their values; a mark beyond an end sits there, labelled
-    (above) or (below)."""
-    scale, thick = _text_scale(max(height, 256))
+    (above) or (below). Text and bar width follow `short_side` (default: `height`), the picture's shorter side,
+    so that a tall narrow picture gets a narrow bar."""
+    short = min(height, short_side or height)
+    scale, thick = _text_scale(max(short, 256))
     scale *= 0.8
     lo, hi = color_range
-    labels = {k: f"{k} {v:.3g}" + (" (above)" if v > hi else " (below)" if v < lo else "")
+    labels = {k: drawable(f"{k} {v:.3g}" + (" (above)" if v > hi else " (below)" if v < lo else ""))
               for k, v in (marks or {}).items()}
     th = cv2.getTextSize("0", FONT, scale, thick)[0][1]
 
     def text_width(texts):
         return max([cv2.getTextSize(t, FONT, scale, thick)[0][0] for t in texts], default=0)
 
-    bar_w, pad = max(12, height // 20), max(4, height // 60)
+    size = min(short, MAX_TEXT_SIDE)
+    bar_w, pad = max(12, size // 20), max(4, size // 60)
     top, bottom = th + 2 * pad, height - th - 2 * pad
     width = max(text_width([f"{hi:.3g}", f"{lo:.3g}"]) + 2 * pad, bar_w + 3 * pad + text_width(labels.values()))
     out = np.full((height, width, 3), WHITE, np.uint8)
@@ -116,9 +131,10 @@ def overlay_picture(rgb: np.ndarray, amap: np.ndarray, seen: np.ndarray, mask: n
     """The map over the image in the image's own geometry (RGB uint8, the image at the top left; images under
     256 px are enlarged by a whole factor): predicted mask outlined in white, pixels the model never saw
     (outside the centre crop) greyed and hatched, a colour bar on the right, the caption below on red
-    (anomalous) or green (normal)."""
+    (anomalous) or green (normal). Enlargement stops at MAX_SIDE and text and colour bar follow the shorter
+    side, so the picture takes a few times the image's own pixels (at least those of a 256 px square)."""
     h, w = seen.shape
-    k = -(-256 // min(h, w)) if min(h, w) < 256 else 1
+    k = max(1, min(-(-256 // min(h, w)), MAX_SIDE // max(h, w)))
     if k > 1:
         rgb, amap, seen, mask = (np.repeat(np.repeat(a, k, axis=0), k, axis=1) for a in (rgb, amap, seen, mask))
         h, w = h * k, w * k
@@ -129,6 +145,8 @@ def overlay_picture(rgb: np.ndarray, amap: np.ndarray, seen: np.ndarray, mask: n
     scale, thick = _text_scale(min(h, w))
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(out, contours, -1, WHITE, thick + 1)
-    body = np.concatenate([out, colorbar(h, color_range, marks)], axis=1)
+    if h < 256:  # a flat image (its enlargement bounded by MAX_SIDE): room for the colour bar below it
+        out = np.pad(out, ((0, 256 - h), (0, 0), (0, 0)), constant_values=255)
+    body = np.concatenate([out, colorbar(len(out), color_range, marks, short_side=min(h, w))], axis=1)
     band = text_band(body.shape[1], int(28 * scale / 0.43), caption, RED if anomalous else GREEN, scale, thick)
     return np.concatenate([body, band])

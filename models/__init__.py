@@ -1,5 +1,6 @@
 """Networks and their checkpoints: build a model from an encoder name, its publisher's weight file or a saved
 run."""
+import hashlib
 import json
 import logging
 import os
@@ -10,10 +11,10 @@ import warnings
 import torch
 
 from dataset import check_sizes
-from errors import UserError
+from errors import UserError, check_entries, choice, integer, kind, number
 from .encoder import DEFAULT_ENCODER, ENCODERS, EncoderConfig, build_encoder
 from .segnet import SegmentationNet, segmentation_input
-from .vitill import ViTill, mask_seed
+from .vitill import GROUPINGS, ViTill, mask_seed
 
 log = logging.getLogger("anomaly")
 # The settings of a model saved without a config.json (an official checkpoint): the paper's. `lc`, `cr`, `la`:
@@ -28,6 +29,22 @@ PAPER_SETTINGS = {
                       test_mask="off", attn_eps=1e-8, lc=2, cr=1, la=1),
 }
 BOTTLENECK_OF = {"dinomaly": "mlp", "crr": "mlp", "dinomaly2": "two_stage"}  # method -> decoder.bottleneck kind
+# What saved_settings checks in config.json's "model" entry, key by key (keys not listed are left alone; a run
+# saved before a key existed lacks it, and the paper's value stands in).
+SAVED_SETTINGS = {
+    "method": choice(*PAPER_SETTINGS).optional(),
+    "encoder": kind(str, "an encoder name").optional(),
+    "image_size": integer(14).optional(),
+    "crop_size": integer(14).optional(),
+    "mask_ratio": number(0, 1, hi_open=True).optional(),
+    "test_mask": choice("on", "off").optional(),
+    "attn_eps": number(0, 1).optional(),
+    "dropout": number(0, 1, hi_open=True).or_null().optional(),
+    "decoder_depth": integer(1).optional(),
+    "lc": choice(*GROUPINGS).optional(),
+    "cr": choice(0, 1).optional(),
+    "la": choice(0, 1).optional(),
+}
 
 
 def encoder_config(name: str) -> EncoderConfig:
@@ -255,6 +272,8 @@ def saved_settings(checkpoint: str) -> dict:
         raise UserError(f"cannot read the run's settings {path} ({e}); fix or remove that file") from None
     if not isinstance(settings, dict):
         raise UserError(f"{path}: its \"model\" entry is not a mapping; fix or remove that file")
+    check_entries(settings, SAVED_SETTINGS, f"the run's settings {path} (\"model\" entry)",
+                  "fix or remove that file, or train the model again")
     return settings
 
 
@@ -296,6 +315,35 @@ def load_trained(path: str, args, fallback: dict) -> ViTill:
     return model.eval()
 
 
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights (names, shapes and 1,024 evenly spaced values of each tensor): two
+    trainings give two fingerprints. Stage II records its reconstruction model's in config_stage2.json."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().flatten()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[::max(1, flat.numel() // 1024)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_segmentation_owner(folder: str, model: ViTill, model_path: str, what: str):
+    """Refuse a segmentation network (`what`, in `folder`) that Stage II trained on another reconstruction
+    model than `model`, as recorded in the folder's config_stage2.json; one without a record (released
+    weights, a run of an older version) is taken as it is."""
+    path = os.path.join(folder, "config_stage2.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            recorded = json.load(f).get("stage1_model")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"cannot read {path} ({e}); fix or remove that file") from None
+    if recorded is not None and recorded != fingerprint(model):
+        raise UserError(f"{what} was trained on another reconstruction model than {model_path} (Stage I was "
+                        f"trained again since, or the files come from different runs); train Stage II again "
+                        f"(crr_realiad_stage2.py --overwrite), or pass the matching --seg_checkpoint")
+
+
 def segmentation_net(embed_dim: int) -> SegmentationNet:
     """CRR's segmentation network for an encoder of width embed_dim (its input: 2 groups x embed_dim channels;
     base width 2 * embed_dim / 8)."""
@@ -318,4 +366,4 @@ __all__ = ["DEFAULT_ENCODER", "ENCODERS", "EncoderConfig", "build_encoder", "ViT
            "segmentation_file", "saved_settings", "load_trained", "segmentation_net", "load_segmentation_net",
            "load_encoder_weights", "default_encoder_weights", "load_file", "read_state_dict",
            "architecture_from_state_dict", "encoder_from_state_dict", "read_encoder_weights", "bottleneck_kind",
-           "model_options", "PAPER_SETTINGS", "BOTTLENECK_OF"]
+           "model_options", "PAPER_SETTINGS", "BOTTLENECK_OF", "fingerprint", "check_segmentation_owner"]

@@ -2,7 +2,9 @@
 
     python tests/signal_run.py SIGNAL AT SCRIPT [script options]    (e.g. SIGKILL 7 dinomaly_mvtec_uni.py ...)
 
-Used by the kill-and-resume tests: a real SIGKILL or SIGINT, at a known iteration, in a fresh process.
+Used by the kill-and-resume tests: a real SIGKILL, SIGINT, SIGTERM or SIGHUP, at a known iteration, in a fresh
+process. Under torchrun (`torchrun ... tests/signal_run.py ...`) the first process sends it to the launcher
+instead, which passes it on to every process as a cluster's scheduler does.
 """
 import importlib
 import os
@@ -24,9 +26,11 @@ def signal_at(sig: signal.Signals, at: int):
     """Wrap engine.train_step so that the signal is sent just before iteration `at` is computed."""
     step = engine.train_step
 
+    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
     def hooked(batch, it, *args, **kwargs):
-        if it == at:
-            os.kill(os.getpid(), sig)
+        if it == at and os.environ.get("RANK", "0") == "0":
+            os.kill(launcher or os.getpid(), sig)
         return step(batch, it, *args, **kwargs)
 
     engine.train_step = hooked
