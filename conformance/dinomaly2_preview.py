@@ -110,10 +110,36 @@ def load_preview(path: str) -> types.SimpleNamespace:
     return p
 
 
-def preview_model(P, la=1, lc=2, cr=1, dropout=0.4):
-    """The preview's 2D model as dinomaly_2D.py:train builds it (ViT-S, random encoder weights), initialised."""
-    encoder = P.dinov2.vit_small(patch_size=14, img_size=518, block_chunks=0, init_values=1e-8,
-                                 num_register_tokens=4, interpolate_antialias=False, interpolate_offset=0.1)
+@contextlib.contextmanager
+def fast_init(P):
+    """Truncated-normal initialisation replaced by a clamped normal while models are built whose weights are
+    overwritten anyway (on a busy CPU the 37M truncated-normal draws of two ViT-S models take tens of seconds)."""
+    import models.encoder as our_encoder
+
+    def clamped_normal(t, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
+        with torch.no_grad():
+            return t.normal_(mean, std, generator=generator).clamp_(a, b)
+    places = [(torch.nn.init, "trunc_normal_"), (P.uad, "trunc_normal_"), (P.dinov2, "trunc_normal_"),
+              (our_encoder, "trunc_normal_")]
+    saved = [getattr(m, n) for m, n in places]
+    for m, n in places:
+        setattr(m, n, clamped_normal)
+    try:
+        yield
+    finally:
+        for (m, n), f in zip(places, saved):
+            setattr(m, n, f)
+
+
+def preview_encoder(P):
+    """The vendored DINOv2 ViT-S/14 with 4 registers, built with the preview's load() arguments."""
+    return P.dinov2.vit_small(patch_size=14, img_size=518, block_chunks=0, init_values=1e-8,
+                              num_register_tokens=4, interpolate_antialias=False, interpolate_offset=0.1)
+
+
+def preview_model(P, la=1, lc=2, cr=1, dropout=0.4, encoder=None):
+    """The preview's 2D model as dinomaly_2D.py:train builds it (ViT-S), initialised by its init_weights."""
+    encoder = preview_encoder(P) if encoder is None else encoder
     bottleneck = nn.ModuleList([
         nn.Sequential(nn.Linear(EMBED, 256), nn.Dropout(p=dropout)),
         nn.Sequential(nn.Linear(256, EMBED * 4), nn.GELU(), nn.Dropout(p=dropout), nn.Linear(EMBED * 4, EMBED),
@@ -341,23 +367,33 @@ def our_train(ours, batches, seeds, total_iters, warmup=None, final_ratio=1.0, p
     return out, optimizer
 
 
-def compare_training(prev, ours, P, steps, batch, crop, seed, **kw):
-    """Weight gaps after each step: max over tensors of ||w_ours - w_prev|| / ||w_prev|| and of
-    ||w_ours - w_prev|| / ||w_prev - w_0|| (relative to the change made by training so far)."""
-    batches = [generated_images(batch, crop, seed + 100 + i) for i in range(steps)]
+def weight_gaps(w, ref, w0):
+    """Max over tensors of ||w - ref|| / ||ref|| and of ||w - ref|| / ||ref - w0|| (relative to the change
+    training has made so far; tensors not moved yet are skipped)."""
+    rel_w = max_rel(w, ref)
+    moved = [(r - z).norm().item() for r, z in zip(ref, w0)]
+    rel_upd = max(((x - r).norm().item() / m for x, r, m in zip(w, ref, moved) if m > 0), default=0.0)
+    return rel_w, rel_upd
+
+
+def compare_training(prev, ours, P, steps, batch, crop, seed, dtype=torch.float32, **kw):
+    """Both models trained `steps` steps on the same batches and dropout draws, in `dtype` (they are moved to
+    it). Per step: losses, learning rates, weight gaps (weight_gaps), whether the generator states after the
+    forward agree; and the per-step weights of both."""
+    prev.to(dtype), ours.to(dtype)
+    batches = [generated_images(batch, crop, seed + 100 + i).to(dtype) for i in range(steps)]
     seeds = [seed + 1000 + i for i in range(steps)]
     w0 = [t.detach().clone() for t in nn.ModuleList([prev.bottleneck, prev.decoder]).parameters()]
     hist_p, opt_p = preview_train(P, prev, batches, seeds, **kw)
     hist_o, opt_o = our_train(ours, batches, seeds, **kw)
     rows = []
     for it, ((lp, lrp, wp, rp), (lo, lro, wo, ro)) in enumerate(zip(hist_p, hist_o)):
-        rel_w = max_rel(wo, wp)
-        moved = [(a - b).norm().item() for a, b in zip(wp, w0)]
-        rel_upd = max(((x - y).norm().item() / m) for x, y, m in zip(wo, wp, moved) if m > 0) if any(moved) \
-            else 0.0
+        rel_w, rel_upd = weight_gaps(wo, wp, w0)
         rows.append(dict(it=it, loss_p=lp, loss_o=lo, lr_gap=max(abs(a - b) for a, b in zip(lrp, lro)),
-                         lrs=lrp, rel_w=rel_w, rel_upd=rel_upd, rng_same=torch.equal(rp, ro)))
-    return rows, opt_p, opt_o
+                         lrs=lrp, rel_w=rel_w, rel_upd=rel_upd, rng_same=torch.equal(rp, ro), w_p=wp, w_o=wo,
+                         w0=w0))
+    same_groups = group_names(prev, opt_p) == group_names(ours, opt_o)
+    return rows, same_groups
 
 
 def group_names(model, optimizer):
@@ -412,96 +448,142 @@ def compare_fewshot(P, shots=(1, 2, 3), image_size=64, crop_size=56, epochs=2):
 
 # ----------------------------------------------------------------------------------------------- main
 
-def run_variant(P, la, lc, cr, args, steps, table, tag):
-    torch.manual_seed(args.seed)
-    prev = preview_model(P, la=la, lc=lc, cr=cr)
-    randomise(prev.encoder, args.seed)
-    ours = our_model(la=la, lc=lc, cr=cr)
-    note = strict_both_ways(prev, ours)
-    table.append((f"{tag}: state dict, strict both ways", note, True))
-    x = generated_images(args.images, args.crop, args.seed + 1)
-    # forward with trained-looking (random, larger) trainable weights, then the same copied into ours
-    trained = copy.deepcopy(prev)
-    randomise(nn.ModuleList([trained.bottleneck, trained.decoder]), args.seed + 7)
-    ours.load_state_dict(trained.state_dict(), strict=True)
-    f = compare_forward(trained, ours, x)
+def forward_checks(P, prev, ours, x, seed, table, tag):
+    """Forward (eval and train), maps and scores of `prev` and `ours` (same weights)."""
+    f = compare_forward(prev, ours, x)
     table.append((f"{tag}: encoder taps (eval)", f"max abs {f['taps']:.2e}, rel {f['taps_rel']:.1e}",
                   f["taps_rel"] < 1e-5))
     table.append((f"{tag}: targets en {len(f['shapes'])}x{f['shapes'][0][1:]}", f"max abs {f['en']:.2e}, "
                   f"rel {f['en_rel']:.1e}", f["en_rel"] < 1e-5))
     table.append((f"{tag}: decoder de (eval)", f"max abs {f['de']:.2e}, rel {f['de_rel']:.1e} (|de| <= "
                   f"{f['de_scale']:.3g})", f["de_rel"] < 1e-5))
-    ft = compare_forward(trained, ours, x[:2], train=True, seed=args.seed + 3)
+    ft = compare_forward(prev, ours, x[:2], train=True, seed=seed)
     table.append((f"{tag}: decoder de (train, dropout 0.4, same seed)",
-                  f"max abs {ft['de']:.2e}, rel {ft['de_rel']:.1e}; generator state after forward "
-                  f"{'same' if ft['rng_same'] else 'DIFFERS'}", ft["de_rel"] < 1e-5))
-    mp, sp = preview_maps_scores(P, trained, x)
+                  f"max abs {ft['de']:.2e}, rel {ft['de_rel']:.1e}; generator state after the forward "
+                  f"{'same' if ft['rng_same'] else 'differs'}", ft["de_rel"] < 1e-5))
+    mp, sp = preview_maps_scores(P, prev, x)
     mo, so = our_maps_scores(ours, x)
-    table.append((f"{tag}: anomaly maps 256x256, {len(x)} images", f"max abs {(mo - mp).abs().max().item():.2e} "
-                  f"(maps up to {mp.max().item():.3f})", (mo - mp).abs().max().item() < 5e-5))
-    table.append((f"{tag}: image scores (top 1 %)", f"max abs {(so - sp).abs().max().item():.2e} "
-                  f"(scores {sp.min().item():.3f}..{sp.max().item():.3f})", (so - sp).abs().max().item() < 5e-5))
+    gap_m, gap_s = (mo - mp).abs().max().item(), (so - sp).abs().max().item()
+    table.append((f"{tag}: anomaly maps 256x256, {len(x)} images",
+                  f"max abs {gap_m:.2e} (maps {mp.min().item():.3f}..{mp.max().item():.3f})", gap_m < 5e-5))
+    table.append((f"{tag}: image scores (top 1 %)", f"max abs {gap_s:.2e} (scores {sp.min().item():.3f}.."
+                  f"{sp.max().item():.3f})", gap_s < 5e-5))
+    return ft
+
+
+def run_variant(P, encoder, la, lc, cr, args, steps, table, tag):
+    """One configuration: both models on the shared random `encoder` (ours gets a copy by a strict load of the
+    whole state dict), forward/map checks with random trainable weights, then `steps` float32 training steps
+    from the preview's initialisation."""
+    torch.manual_seed(args.seed)
+    with fast_init(P):
+        prev = preview_model(P, la=la, lc=lc, cr=cr, encoder=encoder)
+        ours = our_model(la=la, lc=lc, cr=cr)
+    init = copy.deepcopy(prev.state_dict())
+    randomise(nn.ModuleList([prev.bottleneck, prev.decoder]), args.seed + 7)
+    table.append((f"{tag}: state dict, strict both ways", strict_both_ways(prev, ours), True))
+    x = generated_images(args.images, args.crop, args.seed + 1)
+    forward_checks(P, prev, ours, x, args.seed + 3, table, tag)
     if steps:
-        ours.load_state_dict(prev.state_dict(), strict=True)  # training from the preview's init
-        rows, opt_p, opt_o = compare_training(prev, ours, P, steps, args.batch, args.crop, args.seed,
-                                              total_iters=40000)
-        same_groups = group_names(prev, opt_p) == group_names(ours, opt_o)
+        prev.load_state_dict(init, strict=True)
+        ours.load_state_dict(init, strict=True)
+        rows, same_groups = compare_training(prev, ours, P, steps, args.batch, args.crop, args.seed,
+                                             total_iters=40000)
         worst = max(r["rel_w"] for r in rows)
-        worst_upd = max(r["rel_upd"] for r in rows)
-        loss_gap = max(abs(r["loss_p"] - r["loss_o"]) for r in rows)
-        table.append((f"{tag}: {steps} training steps (warm-up 100, T 40k), weights",
-                      f"max rel {worst:.1e}; rel to the update {worst_upd:.1e}; loss gap {loss_gap:.1e}; "
-                      f"lr gap {max(r['lr_gap'] for r in rows):.1e}; groups {'same' if same_groups else 'DIFFER'}; "
-                      f"dropout draws {'same' if all(r['rng_same'] for r in rows) else 'DIFFER'}",
-                      worst < 1e-5 and same_groups))
-        return rows
-    return None
+        table.append((f"{tag}: {steps} training steps, weights", f"max rel {worst:.1e}; loss gap "
+                      f"{max(abs(r['loss_p'] - r['loss_o']) for r in rows):.1e}", worst < 1e-5 and same_groups))
+
+
+def default_configuration(P, encoder, args, table):
+    """The 2D defaults (la 1, lc 2, cr 1): forward, maps and scores; then args.steps training steps from the
+    preview's own initialisation in float32 and again in float64 (float64 separates formula differences from
+    float32 rounding, which Adam's normalised early steps amplify); then a stress run in float64 with a short
+    warm-up, the cosine decay to 0.1 and hard mining at p 0.9."""
+    tag = "default (la 1, lc 2, cr 1)"
+    torch.manual_seed(args.seed)
+    prev = preview_model(P, encoder=encoder)  # the preview's init_weights, not the fast one
+    with fast_init(P):
+        ours = our_model()
+    table.append((f"{tag}: state dict, strict both ways", strict_both_ways(prev, ours), True))
+    init = copy.deepcopy(prev.state_dict())
+    randomise(nn.ModuleList([prev.bottleneck, prev.decoder]), args.seed + 7)
+    ours.load_state_dict(prev.state_dict(), strict=True)
+    x = generated_images(args.images, args.crop, args.seed + 1)
+    forward_checks(P, prev, ours, x, args.seed + 3, table, tag)
+
+    runs = {}
+    for dtype in (torch.float32, torch.float64):
+        prev.load_state_dict(init, strict=True)
+        ours.load_state_dict(init, strict=True)
+        runs[dtype] = compare_training(prev, ours, P, args.steps, args.batch, args.crop, args.seed, dtype=dtype,
+                                       total_iters=40000)
+    r32, groups32 = runs[torch.float32]
+    r64, groups64 = runs[torch.float64]
+    own = [weight_gaps([t.double() for t in a["w_p"]], b["w_p"], b["w0"]) for a, b in zip(r32, r64)]
+    print(f"\nper step, {tag}, batch {args.batch} x {args.crop} px (rel w: max over tensors of "
+          f"||ours - preview|| / ||preview||; rel upd: the same over ||preview - init||):")
+    print(f"{'it':>3} {'loss preview':>13} {'loss ours':>13} {'lr groups 0/1/2':>28} {'rel w f32':>10} "
+          f"{'rel upd f32':>12} {'rel w f64':>10} {'rel upd f64':>12} {'preview f32 vs f64':>19}")
+    for a, b, o in zip(r32, r64, own):
+        print(f"{a['it']:>3} {a['loss_p']:>13.8f} {a['loss_o']:>13.8f} {'/'.join(f'{v:.2e}' for v in a['lrs']):>28} "
+              f"{a['rel_w']:>10.1e} {a['rel_upd']:>12.1e} {b['rel_w']:>10.1e} {b['rel_upd']:>12.1e} "
+              f"{o[0]:>9.1e}/{o[1]:.1e}")
+    w32, u32 = max(r["rel_w"] for r in r32), max(r["rel_upd"] for r in r32)
+    w64, u64 = max(r["rel_w"] for r in r64), max(r["rel_upd"] for r in r64)
+    own_w, own_u = max(o[0] for o in own), max(o[1] for o in own)
+    dropout_same = all(r["rng_same"] for r in r32 + r64)
+    table.append((f"{tag}: optimiser groups (names, order)", "same" if groups32 and groups64 else "DIFFER",
+                  groups32 and groups64))
+    table.append((f"{tag}: {args.steps} steps float32 (warm-up 100, T 40k)",
+                  f"weights max rel {w32:.1e} (to the update {u32:.1e}); the preview's own float32 rounding "
+                  f"{own_w:.1e} ({own_u:.1e}); loss gap {max(abs(r['loss_p'] - r['loss_o']) for r in r32):.1e}; "
+                  f"lr gap {max(r['lr_gap'] for r in r32):.1e}; dropout draws {'same' if dropout_same else 'DIFFER'}",
+                  w32 < 1e-5 or w32 < 2 * own_w))
+    table.append((f"{tag}: {args.steps} steps float64", f"weights max rel {w64:.1e} (to the update {u64:.1e}); "
+                  f"loss gap {max(abs(r['loss_p'] - r['loss_o']) for r in r64):.1e}", w64 < 1e-10))
+
+    prev.load_state_dict(init, strict=True)
+    ours.load_state_dict(init, strict=True)
+    rows, _ = compare_training(prev, ours, P, args.stress_steps, args.batch, args.crop, args.seed + 50,
+                               dtype=torch.float64, total_iters=args.stress_steps, warmup=2, final_ratio=0.1,
+                               p_offset=1000)
+    table.append((f"stress: {args.stress_steps} steps float64, warm-up 2, cosine to 0.1 over "
+                  f"{args.stress_steps}, p 0.9", f"weights max rel {max(r['rel_w'] for r in rows):.1e}; loss gap "
+                  f"{max(abs(r['loss_p'] - r['loss_o']) for r in rows):.1e}; lrs "
+                  f"{', '.join('%.2e' % r['lrs'][2] for r in rows)} (gap {max(r['lr_gap'] for r in rows):.1e})",
+                  max(r["rel_w"] for r in rows) < 1e-10))
+    prev.float()  # the shared encoder back to float32
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preview", required=True, help="folder of the preview code (models/uad.py, utils.py, ...)")
-    ap.add_argument("--crop", type=int, default=112, help="image side (a multiple of 14)")
+    ap.add_argument("--crop", type=int, default=56, help="image side, a multiple of 14 (56: 4 x 4 patches)")
     ap.add_argument("--images", type=int, default=4, help="images for the map and score comparison")
-    ap.add_argument("--steps", type=int, default=8, help="training steps of the default configuration")
-    ap.add_argument("--variant_steps", type=int, default=3, help="training steps of each variant")
+    ap.add_argument("--steps", type=int, default=5, help="training steps of the default configuration")
+    ap.add_argument("--stress_steps", type=int, default=4, help="training steps of the stress run")
+    ap.add_argument("--variant_steps", type=int, default=2,
+                    help="training steps of the variants --la 0, --lc 0, --lc 1, --cr 0")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="the default configuration only")
+    ap.add_argument("--quick", action="store_true", help="the default configuration and few-shot only")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     begin = time.time()
     P = load_preview(os.path.abspath(args.preview))
     print(f"preview: {args.preview} (stubs for {', '.join(P.stubs) or 'nothing'}); torch {torch.__version__}, "
-          f"CPU float32, crop {args.crop}, seed {args.seed}")
+          f"CPU, crop {args.crop}, seed {args.seed}")
+    with fast_init(P):
+        encoder = preview_encoder(P)
+    randomise(encoder, args.seed)
     table = []
-
-    rows = run_variant(P, 1, 2, 1, args, args.steps, table, "default (la 1, lc 2, cr 1)")
-    print("\nper step (default configuration):")
-    print(f"{'it':>3} {'loss preview':>13} {'loss ours':>13} {'lr group 0/1/2':>28} {'rel w':>9} {'rel upd':>9}")
-    for r in rows:
-        print(f"{r['it']:>3} {r['loss_p']:>13.8f} {r['loss_o']:>13.8f} "
-              f"{'/'.join(f'{v:.2e}' for v in r['lrs']):>28} {r['rel_w']:>9.1e} {r['rel_upd']:>9.1e}")
-
-    # the schedule after warm-up and the hard mining at p 0.9: warm-up 3, T = steps, final ratio 0.1, p offset 1000
-    torch.manual_seed(args.seed)
-    prev = preview_model(P)
-    randomise(prev.encoder, args.seed)
-    ours = our_model()
-    ours.load_state_dict(prev.state_dict(), strict=True)
-    rows, _, _ = compare_training(prev, ours, P, args.steps, args.batch, args.crop, args.seed + 50,
-                                  total_iters=args.steps, warmup=3, final_ratio=0.1, p_offset=1000)
-    table.append((f"stress: {args.steps} steps, warm-up 3, cosine to 0.1, p 0.9",
-                  f"max rel {max(r['rel_w'] for r in rows):.1e}; rel to the update "
-                  f"{max(r['rel_upd'] for r in rows):.1e}; loss gap "
-                  f"{max(abs(r['loss_p'] - r['loss_o']) for r in rows):.1e}; lr gap "
-                  f"{max(r['lr_gap'] for r in rows):.1e}", max(r["rel_w"] for r in rows) < 1e-5))
-
+    default_configuration(P, encoder, args, table)
     table += compare_fewshot(P)
     if not args.quick:
         for la, lc, cr in ((0, 2, 1), (1, 0, 1), (1, 1, 1), (1, 3, 1), (1, 4, 1), (1, 11, 1), (1, 12, 1),
                            (1, 14, 1), (1, 2, 0)):
-            run_variant(P, la, lc, cr, args, args.variant_steps, table, f"la {la}, lc {lc}, cr {cr}")
+            steps = args.variant_steps if (la, lc, cr) in ((0, 2, 1), (1, 0, 1), (1, 1, 1), (1, 2, 0)) else 0
+            run_variant(P, encoder, la, lc, cr, args, steps, table, f"la {la}, lc {lc}, cr {cr}")
 
     width = max(len(r[0]) for r in table)
     print(f"\n{'check':<{width}}  ok  gap")
