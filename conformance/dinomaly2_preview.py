@@ -308,10 +308,10 @@ def our_maps_scores(ours, x):
     return amap[:, 0], score
 
 
-def preview_train(P, prev, batches, seeds, total_iters, warmup=100, final_ratio=1.0, p_offset=0):
+def preview_steps(P, prev, batches, seeds, total_iters, warmup=100, final_ratio=1.0, p_offset=0):
     """The preview's loop body (dinomaly_2D.py:train) on `batches`, the dropout generator seeded with seeds[it]
-    before each forward. Returns per-step (loss, lrs, trainable weights after the step, rng state after the
-    forward)."""
+    before each forward. Yields the optimiser, then after each step (loss, lrs of the step, trainable parameters,
+    generator state after the forward)."""
     trainable = nn.ModuleList([prev.bottleneck, prev.decoder])
     optimizer = P.sadam.StableAdamW([{"params": prev.bottleneck[0].parameters(), "lr": 2e-4},
                                      {"params": prev.bottleneck[1].parameters()},
@@ -321,7 +321,7 @@ def preview_train(P, prev, batches, seeds, total_iters, warmup=100, final_ratio=
         warnings.simplefilter("ignore")
         sched = P.utils.WarmupCosineScheduler(optimizer, final_ratio=final_ratio, total_epochs=total_iters,
                                               warmup_epochs=warmup)
-    out = []
+    yield optimizer
     prev.train()
     for it, img in enumerate(batches):
         lrs = [g["lr"] for g in optimizer.param_groups]
@@ -339,12 +339,12 @@ def preview_train(P, prev, batches, seeds, total_iters, warmup=100, final_ratio=
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sched.step()
-        out.append((loss.item(), lrs, [t.detach().clone() for t in trainable.parameters()], rng))
-    return out, optimizer
+        yield loss.item(), lrs, list(trainable.parameters()), rng
 
 
-def our_train(ours, batches, seeds, total_iters, warmup=None, final_ratio=1.0, p_offset=0):
-    """Our training steps (engine.train_step with the Dinomaly2 recipe's optimiser and schedule)."""
+def our_steps(ours, batches, seeds, total_iters, warmup=None, final_ratio=1.0, p_offset=0):
+    """Our training steps (engine.train_step with the Dinomaly2 recipe's optimiser and schedule); yields as
+    preview_steps."""
     params = ours.trainable_parameters()
     optimizer = engine.reconstruction_optimizer(ours, "dinomaly2", bottleneck_in_lr=2e-4)
     schedule = engine.reconstruction_schedule("dinomaly2", total_iters, final_ratio) if warmup is None \
@@ -357,43 +357,42 @@ def our_train(ours, batches, seeds, total_iters, warmup=None, final_ratio=1.0, p
         rngs.append(torch.get_rng_state())
         return global_cosine_hm(en, de, p=hard_mining_factor(it + p_offset, engine.HM_MAX_P, engine.HM_RAMP_ITERS),
                                 factor=engine.HM_FACTOR)
-    out = []
+    yield optimizer
     ours.train()
     for it, img in enumerate(batches):
         loss, updated, _ = engine.train_step(img, it, loss_fn, params, optimizer, schedule, engine.CLIP_NORM, False)
         assert updated
-        out.append((loss.item(), [g["lr"] for g in optimizer.param_groups], [t.detach().clone() for t in params],
-                    rngs[-1]))
-    return out, optimizer
+        yield loss.item(), [g["lr"] for g in optimizer.param_groups], params, rngs[-1]
 
 
 def weight_gaps(w, ref, w0):
     """Max over tensors of ||w - ref|| / ||ref|| and of ||w - ref|| / ||ref - w0|| (relative to the change
     training has made so far; tensors not moved yet are skipped)."""
-    rel_w = max_rel(w, ref)
-    moved = [(r - z).norm().item() for r, z in zip(ref, w0)]
-    rel_upd = max(((x - r).norm().item() / m for x, r, m in zip(w, ref, moved) if m > 0), default=0.0)
+    with torch.no_grad():
+        rel_w = max_rel(w, ref)
+        moved = [(r - z).norm().item() for r, z in zip(ref, w0)]
+        rel_upd = max(((x - r).norm().item() / m for x, r, m in zip(w, ref, moved) if m > 0), default=0.0)
     return rel_w, rel_upd
 
 
 def compare_training(prev, ours, P, steps, batch, crop, seed, dtype=torch.float32, **kw):
     """Both models trained `steps` steps on the same batches and dropout draws, in `dtype` (they are moved to
-    it). Per step: losses, learning rates, weight gaps (weight_gaps), whether the generator states after the
-    forward agree; and the per-step weights of both."""
+    it), step by step side by side. Per step: losses, learning rates, weight gaps (weight_gaps), whether the
+    generator states after the forward agree. Returns (rows, whether the optimiser groups hold the same
+    parameters in the same order, the preview's initial and final trainable weights)."""
     prev.to(dtype), ours.to(dtype)
     batches = [generated_images(batch, crop, seed + 100 + i).to(dtype) for i in range(steps)]
     seeds = [seed + 1000 + i for i in range(steps)]
     w0 = [t.detach().clone() for t in nn.ModuleList([prev.bottleneck, prev.decoder]).parameters()]
-    hist_p, opt_p = preview_train(P, prev, batches, seeds, **kw)
-    hist_o, opt_o = our_train(ours, batches, seeds, **kw)
+    run_p, run_o = preview_steps(P, prev, batches, seeds, **kw), our_steps(ours, batches, seeds, **kw)
+    same_groups = group_names(prev, next(run_p)) == group_names(ours, next(run_o))
     rows = []
-    for it, ((lp, lrp, wp, rp), (lo, lro, wo, ro)) in enumerate(zip(hist_p, hist_o)):
+    for it, ((lp, lrp, wp, rp), (lo, lro, wo, ro)) in enumerate(zip(run_p, run_o)):
         rel_w, rel_upd = weight_gaps(wo, wp, w0)
         rows.append(dict(it=it, loss_p=lp, loss_o=lo, lr_gap=max(abs(a - b) for a, b in zip(lrp, lro)),
-                         lrs=lrp, rel_w=rel_w, rel_upd=rel_upd, rng_same=torch.equal(rp, ro), w_p=wp, w_o=wo,
-                         w0=w0))
-    same_groups = group_names(prev, opt_p) == group_names(ours, opt_o)
-    return rows, same_groups
+                         lrs=lrp, rel_w=rel_w, rel_upd=rel_upd, rng_same=torch.equal(rp, ro)))
+    final = [t.detach().clone() for t in nn.ModuleList([prev.bottleneck, prev.decoder]).parameters()]
+    return rows, same_groups, (w0, final)
 
 
 def group_names(model, optimizer):
@@ -446,6 +445,27 @@ def compare_fewshot(P, shots=(1, 2, 3), image_size=64, crop_size=56, epochs=2):
     return rows
 
 
+def compare_class_lists(path: str) -> list:
+    """The class lists of dinomaly_fewshot.py's __main__ (read from its source: `if '<key>' in
+    args.data_path.lower(): item_list = [...]`) against dataset.DATASETS: few-shot draws its shots class after
+    class from one random stream, so the order matters."""
+    import ast
+    names = {"mvtec": "mvtec", "visa": "visa", "btech": "btad", "mpdd": "mpdd", "miad": "miad",
+             "medical": "unimedical"}
+    tree = ast.parse(open(os.path.join(path, "dinomaly_fewshot.py")).read())
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) \
+                and isinstance(node.test.left, ast.Constant) and node.test.left.value in names:
+            for stmt in node.body:
+                if isinstance(stmt, ast.Assign) and getattr(stmt.targets[0], "id", "") == "item_list":
+                    found[names[node.test.left.value]] = ast.literal_eval(stmt.value)
+    same = [k for k, v in found.items() if our_ds.DATASETS[k] == v]
+    differ = sorted(set(found) - set(same))
+    return [(f"class lists and order ({len(found)} datasets)", f"same: {', '.join(same)}" +
+             (f"; DIFFER: {', '.join(differ)}" if differ else ""), not differ and len(found) == len(names))]
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 def forward_checks(P, prev, ours, x, seed, table, tag):
@@ -487,7 +507,7 @@ def run_variant(P, encoder, la, lc, cr, args, steps, table, tag):
     if steps:
         prev.load_state_dict(init, strict=True)
         ours.load_state_dict(init, strict=True)
-        rows, same_groups = compare_training(prev, ours, P, steps, args.batch, args.crop, args.seed,
+        rows, same_groups, _ = compare_training(prev, ours, P, steps, args.batch, args.crop, args.seed,
                                              total_iters=40000)
         worst = max(r["rel_w"] for r in rows)
         table.append((f"{tag}: {steps} training steps, weights", f"max rel {worst:.1e}; loss gap "
@@ -517,25 +537,26 @@ def default_configuration(P, encoder, args, table):
         ours.load_state_dict(init, strict=True)
         runs[dtype] = compare_training(prev, ours, P, args.steps, args.batch, args.crop, args.seed, dtype=dtype,
                                        total_iters=40000)
-    r32, groups32 = runs[torch.float32]
-    r64, groups64 = runs[torch.float64]
-    own = [weight_gaps([t.double() for t in a["w_p"]], b["w_p"], b["w0"]) for a, b in zip(r32, r64)]
+    r32, groups32, (_, last32) = runs[torch.float32]
+    r64, groups64, (w0_64, last64) = runs[torch.float64]
+    own = weight_gaps([t.double() for t in last32], last64, w0_64)  # after the last step
     print(f"\nper step, {tag}, batch {args.batch} x {args.crop} px (rel w: max over tensors of "
           f"||ours - preview|| / ||preview||; rel upd: the same over ||preview - init||):")
     print(f"{'it':>3} {'loss preview':>13} {'loss ours':>13} {'lr groups 0/1/2':>28} {'rel w f32':>10} "
-          f"{'rel upd f32':>12} {'rel w f64':>10} {'rel upd f64':>12} {'preview f32 vs f64':>19}")
-    for a, b, o in zip(r32, r64, own):
+          f"{'rel upd f32':>12} {'rel w f64':>10} {'rel upd f64':>12}")
+    for a, b in zip(r32, r64):
         print(f"{a['it']:>3} {a['loss_p']:>13.8f} {a['loss_o']:>13.8f} {'/'.join(f'{v:.2e}' for v in a['lrs']):>28} "
-              f"{a['rel_w']:>10.1e} {a['rel_upd']:>12.1e} {b['rel_w']:>10.1e} {b['rel_upd']:>12.1e} "
-              f"{o[0]:>9.1e}/{o[1]:.1e}")
+              f"{a['rel_w']:>10.1e} {a['rel_upd']:>12.1e} {b['rel_w']:>10.1e} {b['rel_upd']:>12.1e}")
     w32, u32 = max(r["rel_w"] for r in r32), max(r["rel_upd"] for r in r32)
     w64, u64 = max(r["rel_w"] for r in r64), max(r["rel_upd"] for r in r64)
-    own_w, own_u = max(o[0] for o in own), max(o[1] for o in own)
+    own_w, own_u = own
+    print(f"the preview's own float32 rounding after {args.steps} steps (its float32 run against its float64 run): "
+          f"rel w {own_w:.1e}, rel upd {own_u:.1e}")
     dropout_same = all(r["rng_same"] for r in r32 + r64)
     table.append((f"{tag}: optimiser groups (names, order)", "same" if groups32 and groups64 else "DIFFER",
                   groups32 and groups64))
     table.append((f"{tag}: {args.steps} steps float32 (warm-up 100, T 40k)",
-                  f"weights max rel {w32:.1e} (to the update {u32:.1e}); the preview's own float32 rounding "
+                  f"weights max rel {w32:.1e} (to the update {u32:.1e}); the preview's own float32 rounding (last step) "
                   f"{own_w:.1e} ({own_u:.1e}); loss gap {max(abs(r['loss_p'] - r['loss_o']) for r in r32):.1e}; "
                   f"lr gap {max(r['lr_gap'] for r in r32):.1e}; dropout draws {'same' if dropout_same else 'DIFFER'}",
                   w32 < 1e-5 or w32 < 2 * own_w))
@@ -544,10 +565,10 @@ def default_configuration(P, encoder, args, table):
 
     prev.load_state_dict(init, strict=True)
     ours.load_state_dict(init, strict=True)
-    rows, _ = compare_training(prev, ours, P, args.stress_steps, args.batch, args.crop, args.seed + 50,
-                               dtype=torch.float64, total_iters=args.stress_steps, warmup=2, final_ratio=0.1,
+    rows, _, _ = compare_training(prev, ours, P, args.stress_steps, args.batch, args.crop, args.seed + 50,
+                               dtype=torch.float64, total_iters=args.stress_steps, warmup=1, final_ratio=0.1,
                                p_offset=1000)
-    table.append((f"stress: {args.stress_steps} steps float64, warm-up 2, cosine to 0.1 over "
+    table.append((f"stress: {args.stress_steps} steps float64, warm-up 1, cosine to 0.1 over "
                   f"{args.stress_steps}, p 0.9", f"weights max rel {max(r['rel_w'] for r in rows):.1e}; loss gap "
                   f"{max(abs(r['loss_p'] - r['loss_o']) for r in rows):.1e}; lrs "
                   f"{', '.join('%.2e' % r['lrs'][2] for r in rows)} (gap {max(r['lr_gap'] for r in rows):.1e})",
@@ -560,10 +581,10 @@ def main():
     ap.add_argument("--preview", required=True, help="folder of the preview code (models/uad.py, utils.py, ...)")
     ap.add_argument("--crop", type=int, default=56, help="image side, a multiple of 14 (56: 4 x 4 patches)")
     ap.add_argument("--images", type=int, default=4, help="images for the map and score comparison")
-    ap.add_argument("--steps", type=int, default=5, help="training steps of the default configuration")
-    ap.add_argument("--stress_steps", type=int, default=4, help="training steps of the stress run")
+    ap.add_argument("--steps", type=int, default=4, help="training steps of the default configuration")
+    ap.add_argument("--stress_steps", type=int, default=3, help="training steps of the stress run")
     ap.add_argument("--variant_steps", type=int, default=2,
-                    help="training steps of the variants --la 0, --lc 0, --lc 1, --cr 0")
+                    help="training steps of the variants --la 0 and --cr 0 (the others change only the grouping)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="the default configuration and few-shot only")
@@ -578,11 +599,12 @@ def main():
     randomise(encoder, args.seed)
     table = []
     default_configuration(P, encoder, args, table)
+    table += compare_class_lists(os.path.abspath(args.preview))
     table += compare_fewshot(P)
     if not args.quick:
         for la, lc, cr in ((0, 2, 1), (1, 0, 1), (1, 1, 1), (1, 3, 1), (1, 4, 1), (1, 11, 1), (1, 12, 1),
                            (1, 14, 1), (1, 2, 0)):
-            steps = args.variant_steps if (la, lc, cr) in ((0, 2, 1), (1, 0, 1), (1, 1, 1), (1, 2, 0)) else 0
+            steps = args.variant_steps if (la, lc, cr) in ((0, 2, 1), (1, 2, 0)) else 0
             run_variant(P, encoder, la, lc, cr, args, steps, table, f"la {la}, lc {lc}, cr {cr}")
 
     width = max(len(r[0]) for r in table)
