@@ -484,6 +484,54 @@ def compare_class_lists(path: str) -> list:
              (f"; DIFFER: {', '.join(differ)}" if differ else ""), not differ and len(found) == len(names))]
 
 
+def preview_argparse_defaults(path: str, script: str) -> dict:
+    """{option: default} of a preview script's parser.add_argument calls, its `batch_size = N` and its
+    `setup_seed(N)` (as "seed"), read from its source."""
+    import ast
+    found = {}
+    for node in ast.walk(ast.parse(open(os.path.join(path, script)).read())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument" and node.args:
+            default = [k.value for k in node.keywords if k.arg == "default"]
+            if default:
+                found[ast.literal_eval(node.args[0]).lstrip("-")] = ast.literal_eval(default[0])
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup_seed" and node.args:
+            found["seed"] = ast.literal_eval(node.args[0])
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "batch_size":
+            found["batch_size"] = ast.literal_eval(node.value)
+    return found
+
+
+def compare_script_defaults(path: str) -> list:
+    """The defaults of dinomaly2_2d.py and dinomaly2_fewshot.py (their parsers, --dataset mvtec) against the
+    preview's dinomaly_2D.py and dinomaly_fewshot.py, and the model our scripts build from them against the
+    one compared above (our_model)."""
+    import dinomaly2_2d
+    import dinomaly2_fewshot
+    import models as our_models
+    from cli import build_parser, dataset_defaults
+    rows = []
+    for ours_mod, script in ((dinomaly2_2d, "dinomaly_2D.py"), (dinomaly2_fewshot, "dinomaly_fewshot.py")):
+        a = build_parser(ours_mod.__doc__, ours_mod.DEFAULTS, "dinomaly2",
+                         dataset_defaults(dinomaly2_2d.DATASETS, "x_{dataset}")).parse_args([])
+        d = preview_argparse_defaults(path, script)
+        pairs = {"backbone": a.encoder, "dropout": a.dropout, "la": a.la, "lc": a.lc, "cr": a.cr,
+                 "ll": 1, "ll_ratio": engine.HM_MAX_P, "ll_factor": engine.HM_FACTOR, "image_size": a.image_size,
+                 "crop_size": a.crop_size, "total_iters": a.total_iters, "lr_decay_ratio": a.lr_decay_ratio,
+                 "batch_size": a.batch_size, "seed": a.seed}
+        if "shot" in d:
+            pairs["shot"] = a.shot
+        differ = {k: (d.get(k), v) for k, v in pairs.items() if d.get(k) != v}
+        rows.append((f"{script} defaults vs {ours_mod.__name__}.py ({len(pairs)} settings)",
+                     "same" if not differ else f"DIFFER (preview, ours): {differ}", not differ))
+        options = our_models.model_options(engine.model_settings(a, "dinomaly2"))
+        built = dict(options, dropout=a.dropout, kind=our_models.BOTTLENECK_OF["dinomaly2"], encoder=a.encoder)
+        compared = dict(mask_ratio=0.0, mask_in_eval=False, attn_eps=1e-8, lc=2, recenter=True,
+                        linear_attention=True, dropout=0.4, kind="two_stage", encoder=ENCODER)
+        rows.append((f"{ours_mod.__name__}.py builds the model compared here", "same" if built == compared else
+                     f"DIFFER: {built} vs {compared}", built == compared))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 def forward_checks(P, prev, ours, x, seed, table, tag):
@@ -617,6 +665,7 @@ def main():
     table = []
     default_configuration(P, encoder, args, table)
     table += compare_class_lists(os.path.abspath(args.preview))
+    table += compare_script_defaults(os.path.abspath(args.preview))
     table += compare_fewshot(P)
     if not args.quick:
         for la, lc, cr in ((0, 2, 1), (1, 0, 1), (1, 1, 1), (1, 3, 1), (1, 4, 1), (1, 11, 1), (1, 12, 1),
