@@ -1,5 +1,6 @@
-"""Dinomaly2, multi-view: Real-IAD's five views of each object, each view trained as an image, evaluated per image,
-per pixel and per object. --data_path, the image and crop sizes and the run name follow --dataset unless given."""
+"""Dinomaly2, multi-view: Real-IAD, Real-IAD Variety or MANTA-Tiny, several views of each object; each view trained
+as an image, evaluated per image, per pixel, per object and (Real-IAD's official sample level) per sample.
+--data_path, the image and crop sizes and the run name follow --dataset unless given."""
 from cli import build_parser, dataset_defaults
 from engine import dinomaly2_main
 from run import main
@@ -17,9 +18,12 @@ DEFAULTS = dict(
     aupro="exact",
     cudnn="deterministic",
     gt_binarize="dinomaly",
+    multiview="on",
 )
 DATASETS = {
     "realiad": ("../Real-IAD", 448, 392),
+    "realiad_variety": ("../Real-IAD_Variety", 280, 280),
+    "manta": ("../MANTATiny", 280, 280),
 }
 
 if __name__ == "__main__":
