@@ -147,9 +147,13 @@ def write_realiad(root, cls="toy", json_dir="realiadvariety_jsons", images="real
         if mask:
             Image.new("L", (16, 16), 255).save(os.path.join(cdir, mask))
         test.append({"image_path": path, "anomaly_class": cl, "mask_path": mask})
+    train = "OK/S0009/toy_0009_OK_C1_1.jpg"  # an image of its own: a split lists each image once
+    os.makedirs(os.path.dirname(os.path.join(cdir, train)), exist_ok=True)
+    Image.new("RGB", (16, 16)).save(os.path.join(cdir, train))
     os.makedirs(os.path.join(root, json_dir), exist_ok=True)
     with open(os.path.join(root, json_dir, f"{cls}.json"), "w") as f:
-        json.dump({"meta": {"normal_class": "OK"}, "train": test[:1], "test": test}, f)
+        json.dump({"meta": {"normal_class": "OK"}, "train": [{"image_path": train, "anomaly_class": "OK",
+                                                              "mask_path": None}], "test": test}, f)
     return cdir
 
 
