@@ -487,7 +487,14 @@ def model_settings(args, method: str) -> dict:
     """What a later job needs to rebuild this run's model (config.json's "model" entry): the method's paper
     settings (models.PAPER_SETTINGS) with this run's values of those the job offers as flags."""
     settings = {k: getattr(args, k, v) for k, v in models.PAPER_SETTINGS[method].items()}
-    return dict(settings, method=method, dropout=args.dropout, decoder_depth=8)
+    return dict(settings, method=method, setting=training_setting(args), dropout=args.dropout, decoder_depth=8)
+
+
+def training_setting(args) -> str:
+    """What the run is, in words, for config.json: "multi-class", "K-shot" or "multi-view"."""
+    if getattr(args, "shot", None):
+        return f"{args.shot}-shot"
+    return "multi-view" if getattr(args, "multiview", "off") == "on" else "multi-class"
 
 
 def trained_model(run: Run, path: str, fallback: dict) -> models.ViTill:

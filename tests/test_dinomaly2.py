@@ -241,7 +241,7 @@ def d2_run(demo, tmp_path_factory):
 
 def test_2d_run_records_the_method_and_reloads(d2_run, demo, tmp_path):
     config = json.loads((d2_run / "config.json").read_text())
-    expected = dict(method="dinomaly2", lc=2, cr=1, la=1, attn_eps=1e-8, dropout=0.4)
+    expected = dict(method="dinomaly2", setting="multi-class", lc=2, cr=1, la=1, attn_eps=1e-8, dropout=0.4)
     assert {k: config["model"][k] for k in expected} == expected
     sd = torch.load(d2_run / "model.pth", weights_only=True)
     assert "bottleneck.0.0.weight" in sd and "bottleneck.1.3.weight" in sd
@@ -276,6 +276,7 @@ def test_fewshot_run_lists_its_shots(demo, tmp_path):
         mp.setitem(models.ENCODERS, TINY, TINY_CFG)
         run_script(dinomaly2_fewshot, ["--data_path", demo["mvtec"], "--total_iters", "2", "--shot", "2",
                                        "--save_dir", str(tmp_path), *SMALL], "fs")
+    assert json.loads((tmp_path / "fs" / "config.json").read_text())["model"]["setting"] == "2-shot"
     lines = (tmp_path / "fs" / "shots.txt").read_text().splitlines()
     assert [ln.split("\t")[0] for ln in lines] == ["weave", "weave", "nut", "nut"]
     log_text = (tmp_path / "fs" / "log.txt").read_text()
