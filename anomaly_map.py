@@ -104,17 +104,30 @@ class AnomalyMapper(nn.Module):
 
     def raw_map(self, img: torch.Tensor, mask_seeds: list[int] | None = None) -> torch.Tensor:
         """The map before smoothing: [B, 1, 256, 256]. `mask_seeds`: see ViTill.bottleneck_mask."""
+        return self._raw_map(img, mask_seeds)[0]
+
+    def _raw_map(self, img: torch.Tensor, mask_seeds: list[int] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the map before smoothing, the encoder's group features en)."""
         with speed.autocast(img.device, self.precision):
             en, de = self.model(img, mask_seeds)
             seg = None if self.segnet is None else self.segnet(segmentation_input(en, de))
         en, de = [e.float() for e in en], [d.float() for d in de]
         if seg is None:
             amap = reconstruction_map(en, de, img.shape[-1])
-            return F.interpolate(amap, size=MAP_SIZE, mode="bilinear", align_corners=False)
+            return F.interpolate(amap, size=MAP_SIZE, mode="bilinear", align_corners=False), en
         recon = reconstruction_map(en, de, MAP_SIZE)
         seg = torch.softmax(seg.float(), dim=1)[:, 1:]
-        return self.fusion_alpha * recon + (1 - self.fusion_alpha) * seg
+        return self.fusion_alpha * recon + (1 - self.fusion_alpha) * seg, en
 
-    def forward(self, img: torch.Tensor, mask_seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        amap = gaussian_smooth(self.raw_map(img, mask_seeds))
-        return amap, top_ratio_score(amap, self.max_ratio)
+    def forward(self, img: torch.Tensor, mask_seeds: list[int] | None = None,
+                features: bool = False) -> tuple[torch.Tensor, ...]:
+        """(smoothed map, score), and with `features` the pooled encoder features (class_finder)."""
+        raw, en = self._raw_map(img, mask_seeds)
+        amap = gaussian_smooth(raw)
+        return (amap, top_ratio_score(amap, self.max_ratio)) + ((pooled_features(en),) if features else ())
+
+
+def pooled_features(en: list[torch.Tensor]) -> torch.Tensor:
+    """An image's encoder features pooled for class finding: per group the mean over the patch grid,
+    L2-normalised, concatenated and normalised again. en: one [B, D, h, w] per group -> [B, groups * D]."""
+    return F.normalize(torch.cat([F.normalize(e.float().mean(dim=(2, 3)), dim=1) for e in en], dim=1), dim=1)

@@ -5,16 +5,30 @@ optionally per --dataset (`dataset_defaults`: the values that depend on the data
 and its job: "dinomaly", "dinomaly2", "crr_stage1", "crr_stage2" or "crr_test". Each job offers only the flags it
 uses.
 """
+import argparse
 import os
 
-import dataset as ds
-import models
-import speed
-from image_cache import MODES as CACHE_MODES
-from models.vitill import GROUPINGS
-from run import ArgumentParser, float_in, int_at_least
+from flags import (CACHE_MODES, DATASET_NAMES, FALSE_ALARM_RATE, LC_CHOICES, PRECISIONS, VAL_SHARE,
+                   ArgumentParser, float_in, int_at_least)
 
 JOBS = ("dinomaly", "dinomaly2", "crr_stage1", "crr_stage2", "crr_test")
+
+
+def launch(job_function: str, parser: ArgumentParser, argv: list[str] | None = None):
+    """Parse the arguments first, so that --help and argument errors answer before PyTorch and the engine are
+    imported, then run engine.<job_function> (run.main)."""
+    parser.parse_args(argv)
+    import engine
+    from run import main
+    main(getattr(engine, job_function), parser, argv)
+
+
+def encoder_name(text: str) -> str:
+    """--encoder: one of models.ENCODERS (imported, with PyTorch, only when the flag is given)."""
+    import models
+    if text not in models.ENCODERS:
+        raise argparse.ArgumentTypeError(f"unknown encoder {text}; choose one of {', '.join(models.ENCODERS)}")
+    return text
 
 
 def dataset_defaults(datasets: dict[str, tuple[str, int, int]], save_name: str) -> dict[str, dict]:
@@ -36,7 +50,7 @@ def build_parser(description: str, defaults: dict, job: str,
 
     data = p.add_argument_group("data")
     data.add_argument("--data_path", help="dataset root folder")
-    data.add_argument("--dataset", choices=sorted(ds.DATASETS),
+    data.add_argument("--dataset", choices=sorted(DATASET_NAMES),
                       help="reader and default classes: mvtec and visa read the MVTec layout (also MPDD, BTAD and "
                            "your own data with --classes); realiad and realiad_variety read Real-IAD's JSON splits; "
                            "manta reads MANTA-Tiny (five views side by side in each image)")
@@ -58,6 +72,12 @@ def build_parser(description: str, defaults: dict, job: str,
                            "DINOv2, 16 for DINOv3: e.g. 392 or 448, both a 28 x 28 grid)" + from_run)
     data.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
                       help="data loader worker processes")
+    data.add_argument("--val", metavar="DIR",
+                      help="good images to set the thresholds of classes without a test folder, DIR/<class>/ "
+                           "(default: hold out --val_share of their training images)")
+    data.add_argument("--val_share", type=float_in(0, 1, high_open=True), default=VAL_SHARE,
+                      help="share of the good images of a class without a test folder held out of training, "
+                           "chosen with --seed, to set its threshold")
     if crr and job != "crr_test":
         data.add_argument("--anomaly_source_path", default="../dtd",
                           help="texture images for anomaly synthesis (the DTD dataset, <dtd>/images/*/*.jpg); "
@@ -79,7 +99,7 @@ def build_parser(description: str, defaults: dict, job: str,
 
     model = p.add_argument_group("model")
     if trains_recon:
-        model.add_argument("--encoder", choices=list(models.ENCODERS),
+        model.add_argument("--encoder", type=encoder_name,
                            help="encoder to train with (default dinov2reg_vit_base_14; see the README's table); "
                                 "with --eval_only the architecture comes from the run or the checkpoint and this "
                                 "checks it, or names it for a checkpoint without config.json whose layout several "
@@ -109,7 +129,7 @@ def build_parser(description: str, defaults: dict, job: str,
                                 "its class and its index, so the metrics do not depend on the batch size or the "
                                 "number of processes)")
     if job == "dinomaly2":
-        model.add_argument("--lc", type=int, choices=sorted(GROUPINGS), default=2,
+        model.add_argument("--lc", type=int, choices=LC_CHOICES, default=2,
                            help="groups of the 8 taps compared (loose constraint): 0 layer to layer, 1 one group, 2 "
                                 "two groups of 4, 3 three, 4 four, 11 the last tap, 12 taps 4 and 8, 14 taps 2, 4, 6, 8")
         model.add_argument("--cr", type=int, choices=[0, 1], default=1,
@@ -150,7 +170,7 @@ def build_parser(description: str, defaults: dict, job: str,
                                  "model (model.pth), deleting it and Stage II's Seg_model_*.pth made from it"))
 
     fast = p.add_argument_group("speed (the defaults reproduce the papers)")
-    fast.add_argument("--precision", choices=speed.PRECISIONS, default="fp32",
+    fast.add_argument("--precision", choices=PRECISIONS, default="fp32",
                       help="fp32; tf32 (TF32 tensor-core matmuls); bf16 (bfloat16 autocast of the forward pass and "
                            "the loss; float32 weights, maps and scores)")
     fast.add_argument("--compile", action="store_true", help="torch.compile the network blocks (slow first steps)")
@@ -176,6 +196,9 @@ def build_parser(description: str, defaults: dict, job: str,
         ev.add_argument("--replace_results", action="store_true",
                         help="evaluate another run's --checkpoint into a --save_name folder that holds a trained "
                              "model, replacing that run's thresholds.json, metrics, scores and pictures")
+        ev.add_argument("--false_alarm_rate", type=float_in(0, 1, high_open=True), default=FALSE_ALARM_RATE,
+                        help="for classes tested on good images only: the image threshold calls about this share of "
+                             "good images anomalous (with defect images the threshold maximises F1)")
         ev.add_argument("--save_heatmaps", type=int_at_least(0), default=0, metavar="N",
                         help="write image | ground truth | anomaly map PNGs for the first N anomalous test images "
                              "of each class")

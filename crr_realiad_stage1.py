@@ -1,8 +1,6 @@
 """CRR Stage I on Real-IAD: reconstruction + repair of synthetic anomalies, bottleneck masking 0.4, then an
 evaluation of the reconstruction map. Writes <save_dir>/<save_name>/model.pth."""
-from cli import build_parser
-from engine import crr_stage1_main
-from run import main
+from cli import build_parser, launch
 
 DEFAULTS = dict(
     dataset="realiad",
@@ -17,4 +15,4 @@ DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-    main(crr_stage1_main, build_parser(__doc__, DEFAULTS, "crr_stage1"))
+    launch("crr_stage1_main", build_parser(__doc__, DEFAULTS, "crr_stage1"))

@@ -1,8 +1,6 @@
 """CRR Stage II on Real-IAD: train the segmentation network on the frozen Stage-I model of the same run
 folder. Writes Seg_model_3999.pth, Seg_model_7999.pth and Seg_model_last.pth."""
-from cli import build_parser
-from engine import crr_stage2_main
-from run import main
+from cli import build_parser, launch
 
 DEFAULTS = dict(
     dataset="realiad",
@@ -14,4 +12,4 @@ DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-    main(crr_stage2_main, build_parser(__doc__, DEFAULTS, "crr_stage2"))
+    launch("crr_stage2_main", build_parser(__doc__, DEFAULTS, "crr_stage2"))

@@ -1,8 +1,6 @@
 """CRR test on Real-IAD: the fused map 0.7 * reconstruction + 0.3 * segmentation, the seven metrics plus mAD
 per class and their mean; --save_heatmaps N writes pictures of what the model found."""
-from cli import build_parser
-from engine import crr_test_main
-from run import main
+from cli import build_parser, launch
 
 DEFAULTS = dict(
     dataset="realiad",
@@ -15,4 +13,4 @@ DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-    main(crr_test_main, build_parser(__doc__, DEFAULTS, "crr_test"))
+    launch("crr_test_main", build_parser(__doc__, DEFAULTS, "crr_test"))

@@ -428,7 +428,8 @@ def _class_dir(root: str, class_name: str) -> str:
 def mvtec_samples(root: str, class_name: str, phase: str) -> list[Sample]:
     """Samples of one class of an MVTec-layout dataset.
 
-    phase 'train': `<root>/<class>/train/good/*` (label 0). phase 'test': every subfolder of
+    phase 'train': `<root>/<class>/train/good/*` (label 0), or, without a train folder, the images directly in
+    `<root>/<class>/` (a plain folder of good images). phase 'test': every subfolder of
     `<root>/<class>/test/` ('good' -> 0, anything else -> 1), sorted by folder then file name. Anomalous
     samples get their mask from `<root>/<class>/ground_truth/<defect>/<stem>_mask.<ext>` or `<stem>.<ext>`;
     when the class has no `ground_truth` folder at all, their mask_path is None (image metrics only).
@@ -441,12 +442,13 @@ def mvtec_samples(root: str, class_name: str, phase: str) -> list[Sample]:
     if phase == "train":
         candidates = [os.path.join(cdir, "train", n) for n in NORMAL_DIR_NAMES]
         folder = next((c for c in candidates if os.path.isdir(c)), None)
-        if folder is None:
+        if folder is None and (os.path.isdir(os.path.join(cdir, "train")) or not _list_images(cdir)):
             raise UserError(f"training folder not found: {candidates[0]}; the class folder must hold "
-                            f"train/good with the normal training images")
-        sub = os.path.basename(folder)
+                            f"train/good, or the good images directly")
+        prefix = "" if folder is None else f"train/{os.path.basename(folder)}/"
+        folder = folder or cdir
         for name in _list_images(folder):
-            samples.append(Sample(os.path.join(folder, name), 0, None, class_name, rel_path=f"train/{sub}/{name}"))
+            samples.append(Sample(os.path.join(folder, name), 0, None, class_name, rel_path=prefix + name))
         if not samples:
             raise UserError(f"no images in {folder}; expected {', '.join(IMAGE_EXTENSIONS)} files there")
         return samples
@@ -494,6 +496,11 @@ def realiad_json_path(root: str, class_name: str, json_dir: str = "realiad_jsons
             return c
     folder = next((os.path.dirname(c) for c in candidates if os.path.isdir(os.path.dirname(c))), None)
     there = _available(folder, ".json") if folder else ""
+    mvtec_like = [d for d in _list_subdirs(root) if any(os.path.isdir(os.path.join(root, d, t)) for t in
+                                                        ("train", "test"))] if os.path.isdir(root) else []
+    if mvtec_like and not os.path.isdir(os.path.join(root, json_dir)):
+        raise UserError(f"Real-IAD split folder not found: {os.path.join(root, json_dir)}, but {root} holds "
+                        f"MVTec-layout class folders ({', '.join(mvtec_like[:4])}): pass --dataset mvtec")
     raise UserError(f"Real-IAD split file not found: {candidates[0]} or {candidates[1]}; "
                     f"check --data_path and --classes{there}, and unpack the {json_dir} archive into the dataset "
                     f"folder")

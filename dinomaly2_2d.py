@@ -1,9 +1,7 @@
 """Dinomaly2, 2D multi-class: one model for all classes of an MVTec-layout dataset (MVTec AD, VisA 1cls, MPDD,
 BTAD, MIAD, Uni-Medical, or your own folder with --classes), trained with the preview code's settings, then
 evaluated. --data_path, the image and crop sizes and the run name follow --dataset unless given."""
-from cli import build_parser, dataset_defaults
-from engine import dinomaly2_main
-from run import main
+from cli import build_parser, dataset_defaults, launch
 
 DEFAULTS = dict(
     dataset="mvtec",
@@ -30,5 +28,5 @@ DATASETS = {
 
 
 if __name__ == "__main__":
-    main(dinomaly2_main, build_parser(__doc__, DEFAULTS, "dinomaly2",
-                                      dataset_defaults(DATASETS, "dinomaly2_{dataset}_uni")))
+    launch("dinomaly2_main", build_parser(__doc__, DEFAULTS, "dinomaly2",
+                                          dataset_defaults(DATASETS, "dinomaly2_{dataset}_uni")))

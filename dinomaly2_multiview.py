@@ -1,9 +1,7 @@
 """Dinomaly2, multi-view: Real-IAD, Real-IAD Variety or MANTA-Tiny, several views of each object; each view trained
 as an image, evaluated per image, per pixel, per object and (Real-IAD's official sample level) per sample.
 --data_path, the image and crop sizes and the run name follow --dataset unless given."""
-from cli import build_parser, dataset_defaults
-from engine import dinomaly2_main
-from run import main
+from cli import build_parser, dataset_defaults, launch
 
 DEFAULTS = dict(
     dataset="realiad",
@@ -27,5 +25,5 @@ DATASETS = {
 }
 
 if __name__ == "__main__":
-    main(dinomaly2_main, build_parser(__doc__, DEFAULTS, "dinomaly2",
-                                      dataset_defaults(DATASETS, "dinomaly2_{dataset}_multiview")))
+    launch("dinomaly2_main", build_parser(__doc__, DEFAULTS, "dinomaly2",
+                                          dataset_defaults(DATASETS, "dinomaly2_{dataset}_multiview")))

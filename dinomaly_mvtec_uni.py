@@ -1,7 +1,5 @@
 """Dinomaly on MVTec AD: one model for all 15 classes, trained with the paper's settings, then evaluated."""
-from cli import build_parser
-from engine import dinomaly_main
-from run import main
+from cli import build_parser, launch
 
 DEFAULTS = dict(
     dataset="mvtec",
@@ -16,4 +14,4 @@ DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-    main(dinomaly_main, build_parser(__doc__, DEFAULTS, "dinomaly"))
+    launch("dinomaly_main", build_parser(__doc__, DEFAULTS, "dinomaly"))

@@ -1,7 +1,5 @@
 """Dinomaly on VisA (prepared 1cls layout): one model for all 12 classes, trained and evaluated."""
-from cli import build_parser
-from engine import dinomaly_main
-from run import main
+from cli import build_parser, launch
 
 DEFAULTS = dict(
     dataset="visa",
@@ -16,4 +14,4 @@ DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-    main(dinomaly_main, build_parser(__doc__, DEFAULTS, "dinomaly"))
+    launch("dinomaly_main", build_parser(__doc__, DEFAULTS, "dinomaly"))

@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import class_finder
 import dataset as ds
 import fewshot
 import models
+import own_data
 import preflight
 import speed
 import train_state
@@ -33,7 +35,7 @@ from optimizers import StableAdamW, WarmCosineSchedule, WarmupRatioSchedule
 from report import ClassReport
 from run import Run, log, save_atomic, seed_everything
 from thresholds import Calibration, PixelSample
-from utils import ClassAccumulator, format_metrics, nanmean, write_metrics_csv
+from utils import ClassAccumulator, nanmean, write_metrics_csv
 
 # ----------------------------------------------------------------------------------------------- the recipes
 # Reconstruction training (Dinomaly, CRR Stage I, Dinomaly2): StableAdamW, warm-up then cosine, clipping, hard mining.
@@ -312,7 +314,7 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
     level (multiview.py). Returns {class: metrics} (empty on the other processes)."""
     args = run.args
     results, score_rows, reports = {}, [], []
-    calibration = Calibration(mapper.scoring_settings())
+    calibration = Calibration(mapper.scoring_settings(), args.false_alarm_rate)
     if run.world_size > 1:
         log.info(f"evaluation shared by {run.world_size} processes")
         model = mapper.model
@@ -327,17 +329,19 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
         results[name] = ClassAccumulator.merge([p[0] for p in parts], aupro=aupro).compute()
         if parts[0][4] is not None:
             results[name].update(ObjectAccumulator.merge([p[4] for p in parts]).compute())
-        log.info(format_metrics(name, results[name]))
         rows = [row for _, row in sorted(r for p in parts for r in p[1])]  # in the dataset's order
         labels, scores = np.array([r[2] for r in rows]), np.array([r[3] for r in rows])
         pixels = PixelSample.merge([p[2] for p in parts]).arrays()
         entry = calibration.add(name, labels, scores, *pixels)
+        log.info(own_data.metrics_line(name, results[name], entry))
+        if own_data.too_few_warning(name, entry):
+            log.warning(own_data.too_few_warning(name, entry))
         reports.append((ClassReport.merge([p[3] for p in parts]), name, entry, labels, scores, pixels[:2]))
         score_rows += rows
     if not run.is_main:
         return results
     mean = {k: nanmean([r[k] for r in results.values()]) for k in next(iter(results.values()))}
-    log.info(format_metrics("Mean", mean))
+    log.info(own_data.metrics_line("Mean", mean))
     write_metrics_csv(run.path(f"metrics{tag}.csv"), results, mean)
     with open(run.path(f"scores{tag}.csv"), "w", newline="", errors="backslashreplace") as f:
         csv.writer(f).writerows([["class", "image_path", "label", "score"], *score_rows])
@@ -410,13 +414,29 @@ def handed_over(first: int, batch, amap: torch.Tensor, score: torch.Tensor, copi
     return first, batch, amap.cpu(), score.cpu()
 
 
+def save_class_prototypes(run: Run, mapper: AnomalyMapper):
+    """class_prototypes.pt in the run folder, from the training images (class_finder): predict.py then finds
+    each image's class and uses its thresholds without --class_name."""
+    if not run.is_main:
+        return
+    args = run.args
+    try:
+        samples = {c: own_data.split_training(args, c)[0] for c in ds.class_names(args.dataset, args.classes)}
+    except UserError as e:  # e.g. an evaluation of an official model without its training images
+        log.warning(f"warning: no {class_finder.FILE} written ({e}): predict.py will use the all-classes thresholds")
+        return
+    data = class_finder.build(mapper, samples, args.image_size, args.crop_size, run.device, args.batch_size,
+                              args.num_workers, args.seed)
+    save_atomic(data, run.path(class_finder.FILE))
+    log.info(f"saved {run.path(class_finder.FILE)}: the prototypes of {len(samples)} classes, with which predict.py "
+             f"finds each image's class")
+
+
 # ----------------------------------------------------------------------------------------------- data and models
 
 def test_samples(args, class_name: str) -> list[ds.Sample]:
     multiview = getattr(args, "multiview", "off") == "on"
-    samples, missing = ds.class_samples(args.dataset, args.data_path, class_name, "test", args.realiad_resolution,
-                                        args.json_dir, multiview,
-                                        allow_outside=getattr(args, "allow_outside_paths", False))
+    samples, missing = own_data.test_samples(args, class_name, multiview)
     if missing:
         log.warning(f"warning: {class_name}: {missing} anomalous samples have no mask_path; " +
                     ("they count as normal views (the defect is not visible in them), as in the Dinomaly2 preview"
@@ -430,7 +450,7 @@ def train_dataset(run: Run):
     chosen files are logged and listed in the run folder's shots.txt. MANTA-Tiny: a view of each image
     (ds.StripTrainDataset)."""
     args = run.args
-    samples = train_samples(args)
+    samples = own_data.train_samples(args)
     shot = getattr(args, "shot", None)
     if args.dataset == "manta":  # a random view strip of each image (not cached)
         if shot is not None:
@@ -444,12 +464,6 @@ def train_dataset(run: Run):
         with open(run.path(fewshot.SHOTS_FILE), "w") as f:
             f.writelines(f"{s.class_name}\t{s.image_path}\n" for s in samples)
     return fewshot.AugmentedDataset(samples, args.image_size, args.crop_size, args.seed, image_cache(args, samples))
-
-
-def train_samples(args) -> list[ds.Sample]:
-    return [s for c in ds.class_names(args.dataset, args.classes)
-            for s in ds.class_samples(args.dataset, args.data_path, c, "train", args.realiad_resolution,
-                                      args.json_dir, allow_outside=getattr(args, "allow_outside_paths", False))[0]]
 
 
 def image_cache(args, samples: list[ds.Sample], modes=("memory", "disk")):
@@ -474,7 +488,7 @@ def synthetic_train_set(args):
         raise UserError("CRR's anomaly synthesis works on whole images, not on MANTA-Tiny's five-view images; "
                         "train CRR on another --dataset")
     textures = list_textures(args.anomaly_source_path)
-    samples = train_samples(args)
+    samples = own_data.train_samples(args)
     if args.dataset == "realiad" or args.foreground_path:
         found = ds.attach_foreground(samples, args.foreground_path)
         log.info(f"foreground masks found for {found} of {len(samples)} training images")
@@ -545,8 +559,9 @@ def train_and_evaluate(args, method: str):
             raise UserError("--resume and --overwrite are for training; --eval_only writes only metrics")
         run = Run(args, "config_eval.json")
         check_output_folder(run, args.checkpoint)
+        args.classes = own_data.find_classes(args)
+        preflight.check_data(args)  # the data before the model, which takes longer to load
         model = trained_model(run, args.checkpoint, models.PAPER_SETTINGS[method])
-        preflight.check_data(args)
         run.save_config()
     else:
         args.encoder = args.encoder or models.DEFAULT_ENCODER
@@ -556,6 +571,7 @@ def train_and_evaluate(args, method: str):
         cfg = models.encoder_config(args.encoder)
         ds.check_sizes(args.image_size, args.crop_size, cfg.patch_size, cfg.fixed_grid)
         run = Run(args, "config.json")
+        args.classes = own_data.find_classes(args)
         # what Stage II derived from an earlier model goes with it
         state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth", *SEGMENTATION_FILES])
         train_set = synthetic_train_set(args) if crr else train_dataset(run)
@@ -568,8 +584,9 @@ def train_and_evaluate(args, method: str):
     run.barrier()
     model.eval()
     seed_everything(args.seed)
-    evaluate(run, AnomalyMapper(model, max_ratio=args.max_ratio, precision=args.precision), args.aupro,
-             args.gt_binarize, tag="_recon" if crr else "")
+    mapper = AnomalyMapper(model, max_ratio=args.max_ratio, precision=args.precision)
+    evaluate(run, mapper, args.aupro, args.gt_binarize, tag="_recon" if crr else "")
+    save_class_prototypes(run, mapper)
 
 
 def check_output_folder(run: Run, checkpoint: str):
@@ -602,6 +619,7 @@ def crr_stage1_main(args):
 def crr_stage2_main(args):
     """CRR Stage II: train the segmentation network on the frozen Stage-I model (never written)."""
     run = Run(args, "config_stage2.json")
+    args.classes = own_data.find_classes(args)
     state = train_state.start(run, train_state.SEGMENTATION, ["Seg_model_*.pth"])
     model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
     model.requires_grad_(False)
@@ -621,6 +639,8 @@ def crr_test_main(args):
     run = Run(args, "config_test.json")
     if args.checkpoint is not None:
         check_output_folder(run, args.checkpoint)
+    args.classes = own_data.find_classes(args)
+    preflight.check_data(args)  # the data before the model, which takes longer to load
     model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
     run.save_config()
     checkpoint = models.checkpoint_file(args.checkpoint or run.dir)
@@ -635,7 +655,7 @@ def crr_test_main(args):
     models.check_segmentation_owner(os.path.dirname(os.path.abspath(seg_path)), model, checkpoint, seg_path)
     segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(run.device).eval()
     log.info(f"loaded {seg_path}")
-    preflight.check_data(args)
     seed_everything(args.seed)
-    evaluate(run, AnomalyMapper(model, segnet, args.fusion_alpha, args.max_ratio, args.precision, args.compile),
-             args.aupro, args.gt_binarize)
+    mapper = AnomalyMapper(model, segnet, args.fusion_alpha, args.max_ratio, args.precision, args.compile)
+    evaluate(run, mapper, args.aupro, args.gt_binarize)
+    save_class_prototypes(run, mapper)

@@ -10,7 +10,7 @@ Seg_model_*.pth) exports the fused map, with the test-time bottleneck masking of
 deployed model should give the same answer twice. The run's sizes and calibrated thresholds (its
 thresholds.json, or --thresholds FILE: for a CRR run, one from an evaluation with --test_mask off matches the
 exported map) are written into the model's metadata (image_size, crop_size, threshold, pixel_threshold,
-class_thresholds, color_range). After writing, the file is checked with onnxruntime against PyTorch on random
+mask_threshold, class_thresholds, color_range). After writing, the file is checked with onnxruntime against PyTorch on random
 images.
 """
 import copy
@@ -22,11 +22,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import thresholds as th
 from anomaly_map import MAP_SIZE, AnomalyMapper
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from errors import UserError
 from predict import check_settings, load_calibration, load_mapper, run_files
-from run import ArgumentParser, int_at_least, log, main as run_main
+from flags import ArgumentParser, int_at_least
+from run import log, main as run_main
 
 OPSET = 17
 MISSING = "ONNX export needs onnx and onnxruntime: pip install -r requirements-export.txt"
@@ -43,6 +45,15 @@ class ExportedMapper(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mapper((image - self.mean) / self.std)
+
+
+def levels(entry: dict | None) -> dict:
+    """The metadata's thresholds of a thresholds.json entry: the image and pixel thresholds and the masks' level
+    (thresholds.mask_level); None where there is none."""
+    image = entry["image"]["threshold"] if entry else None
+    pixel = entry["pixel"]["threshold"] if entry else None
+    return dict(threshold=image, pixel_threshold=pixel,
+                mask_threshold=None if image is None else th.mask_level(pixel, image))
 
 
 def for_export(mapper: AnomalyMapper, crop_size: int) -> AnomalyMapper:
@@ -125,14 +136,11 @@ def export(args):
     model = ExportedMapper(exported).eval()
     export_onnx(model, crop, args.out)
     entry = calibration["all"] if calibration else None
-    classes = {name: dict(threshold=c["image"]["threshold"], pixel_threshold=c["pixel"]["threshold"])
-               for name, c in (calibration or {}).get("classes", {}).items()}
+    classes = {name: levels(c) for name, c in (calibration or {}).get("classes", {}).items()}
     scoring = exported.scoring_settings()
     annotate(args.out, dict(image_size=settings["image_size"], crop_size=crop, max_ratio=scoring["max_ratio"],
-                            map=scoring["map"],
-                            threshold=entry["image"]["threshold"] if entry else None,
-                            pixel_threshold=entry["pixel"]["threshold"] if entry else None,
-                            color_range=entry["color_range"] if entry else None, class_thresholds=classes))
+                            map=scoring["map"], **levels(entry), color_range=entry["color_range"] if entry else None,
+                            class_thresholds=classes))
     diff = max_difference(model, args.out, crop, args.check_batch)
     log.info(f"wrote {args.out}: image [B, 3, {crop}, {crop}] RGB in [0, 1] -> anomaly_map [B, 1, 256, 256], "
              f"score [B]; onnxruntime vs PyTorch on {args.check_batch} random images: max difference {diff:.2g}")

@@ -6,13 +6,16 @@ image's own geometry.
 
 The run folder gives the model's settings (encoder, image and crop size, CRR masking) and, for a CRR run, the
 segmentation network (Seg_model_7999.pth, else Seg_model_last.pth): the fused map. Its thresholds.json
-(written by evaluation) gives the decision threshold: the F1-max threshold of all classes' test images, or
-of one class with --class_name; --threshold T overrides it. An image is anomalous when score >= threshold.
+(written by evaluation) gives the decision thresholds: those of the image's class, found by the run's
+class_prototypes.pt (class_finder.py), or of one class with --class_name, else of all classes; --threshold T
+overrides them. An image is anomalous when score >= threshold.
 
-Writes into --out: predictions.csv (image_path, score, decision, threshold, overlay, mask[, normalized_score]),
-overlays/<name>.png (the map over the image on the class's fixed colour scale, the predicted mask outlined,
-the border outside the centre crop, which the model never sees, hatched) and masks/<name>.png (0/255, the
-image's size: map >= the pixel threshold; 0 outside the crop). An unreadable image is reported and skipped.
+Writes into --out: predictions.csv (image_path, score, decision, threshold, overlay, mask, class,
+class_confidence[, normalized_score]), overlays/<name>.png (the map over the image on the class's fixed colour
+scale, the predicted mask outlined, the border outside the centre crop, which the model never sees, hatched) and
+masks/<name>.png (0/255, the image's size; 0 outside the crop). The mask of an anomalous image is where its map
+reaches the pixel threshold capped by the image threshold (thresholds.mask_level), so it is never empty; a
+normal image's mask is empty. An unreadable image is reported and skipped.
 
 In Python:
 
@@ -20,6 +23,7 @@ In Python:
     detector = Detector("saved_results/demo")          # same options as the flags, e.g. class_name="nut"
     r = detector(image)                                 # a path, a PIL image or an RGB numpy array
     r.score, r.is_anomalous, r.anomaly_map, r.mask      # map and mask: [H, W] like the image
+    r.class_name, r.class_match                         # the class whose thresholds decided, how well it matched
 """
 import argparse
 import csv
@@ -33,13 +37,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import class_finder
 import dataset as ds
 import models
 import thresholds as th
 from anomaly_map import AnomalyMapper, check_max_ratio
 from errors import UserError
+from flags import ArgumentParser, float_in, int_at_least
 from report import picture, write_png
-from run import ArgumentParser, float_in, int_at_least, log, main as run_main, resolve_device
+from run import log, main as run_main, resolve_device
 from visualize import overlay_picture
 
 SCORING_DEFAULTS = dict(max_ratio=0.01, fusion_alpha=0.7)  # without a thresholds.json that says otherwise
@@ -48,7 +54,9 @@ SCORING_DEFAULTS = dict(max_ratio=0.01, fusion_alpha=0.7)  # without a threshold
 @dataclass
 class Prediction:
     """One image's result. anomaly_map: float32 [H, W] in the image's geometry, NaN outside the centre crop
-    (`seen` False: the model never saw those pixels); mask: bool [H, W], map >= pixel_threshold."""
+    (`seen` False: the model never saw those pixels); mask: bool [H, W], where an anomalous image's map reaches
+    mask_threshold (thresholds.mask_level), empty for a normal image. class_name: the class whose thresholds
+    decided (--class_name, or the one found), None for all classes'."""
     score: float
     is_anomalous: bool
     threshold: float
@@ -56,6 +64,19 @@ class Prediction:
     anomaly_map: np.ndarray
     mask: np.ndarray
     seen: np.ndarray
+    mask_threshold: float
+    class_name: str | None = None
+    class_match: class_finder.Match | None = None  # the class found (class_finder), None unless it was looked for
+
+
+@dataclass
+class OperatingPoint:
+    """The thresholds one decision uses: of a class, of all classes, or --threshold."""
+    threshold: float
+    mask_threshold: float
+    color_range: tuple[float, float]
+    normal_min: float | None
+    source: str
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -171,12 +192,48 @@ def check_settings(mapper: AnomalyMapper, calibration: dict, path: str, model_pa
                     f"its thresholds file as --thresholds")
 
 
+def operating_point(entry: dict | None, where: str, threshold: float | None = None) -> OperatingPoint:
+    """The thresholds of a thresholds.json entry (None: --threshold alone), the image threshold replaced by
+    `threshold` when given."""
+    calibrated = entry["image"]["threshold"] if entry else None
+    if threshold is None and calibrated is None:
+        raise UserError(f"{where} has no image threshold (its test set had no good images); evaluate the run "
+                        f"with good test images (a test/good folder, or --val DIR) to calibrate one, or pass "
+                        f"--threshold")
+    where = where if threshold is None else "--threshold"
+    threshold = float(threshold if threshold is not None else calibrated)
+    pixel = entry["pixel"]["threshold"] if entry else None
+    normal_px = entry["pixel"]["normal_values"] if entry else {}
+    return OperatingPoint(threshold=threshold, mask_threshold=th.mask_level(pixel, threshold),
+                          color_range=tuple(th.color_range(normal_px.get("p50") or 0.0, threshold,
+                                                           normal_px.get("p999"))),
+                          normal_min=entry["image"]["normal_scores"]["min"] if entry else None, source=where)
+
+
+def source(path: str, class_name: str | None) -> str:
+    """Where thresholds come from, for the log: the file and the class (or all classes)."""
+    return f"{path} ({'all classes' if class_name is None else 'class ' + class_name})"
+
+
+def find_prototypes(thresholds_path: str, model_path: str) -> dict | None:
+    """The class prototypes beside the thresholds file, else beside the model; None (with a hint) without."""
+    folders = dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in (thresholds_path, model_path))
+    for folder in folders:
+        data = class_finder.load(os.path.join(folder, class_finder.FILE))
+        if data is not None:
+            return data
+    log.info(f"no {class_finder.FILE} in {' or '.join(folders)} (a run evaluated before class finding): every "
+             f"image is decided with the all-classes threshold; evaluate the run again (the training script's "
+             f"--eval_only, or crr_realiad_test.py) to find each image's class, or pass --class_name")
+    return None
+
+
 class Detector:
     """A trained run, ready to score images. See the module docstring; the keyword arguments are the flags.
 
-    threshold: the image threshold (default: thresholds.json's, of `class_name` or of all classes);
-    thresholds: a thresholds.json other than the run folder's. The masks use the calibrated pixel threshold
-    (the image threshold where there is none); pictures the colour scale of thresholds.color_range."""
+    threshold: the image threshold (default: thresholds.json's, of `class_name`, else of the class found for
+    each image, else of all classes); thresholds: a thresholds.json other than the run folder's. The masks use
+    thresholds.mask_level; pictures the colour scale of thresholds.color_range."""
 
     def __init__(self, checkpoint: str, *, seg_checkpoint: str | None = None, thresholds: str | None = None,
                  threshold: float | None = None, class_name: str | None = None, device: str | None = None,
@@ -201,6 +258,8 @@ class Detector:
 
     def _set_thresholds(self, calibration: dict | None, path: str, class_name: str | None,
                         threshold: float | None):
+        """self.default: the operating point of --threshold, --class_name or all classes; with class finding
+        (a multi-class run's class_prototypes.pt, neither given) self.points: each calibrated class's."""
         if calibration is None:
             if class_name is not None:
                 raise UserError(f"--class_name needs the run's thresholds, but {path} does not exist; evaluate "
@@ -208,26 +267,28 @@ class Detector:
             if threshold is None:
                 raise UserError(f"no thresholds file {path}: evaluate the model first (evaluation writes "
                                 f"thresholds.json into its run folder; pass it as --thresholds), or pass --threshold")
-            entry, where = None, "--threshold"
-            self.classes = []
+            self.classes, self.default = [], operating_point(None, "--threshold", threshold)
         else:
-            entry = th.select(calibration, class_name, path)
-            where = f"{path} ({'all classes' if class_name is None else 'class ' + class_name})"
             self.classes = list(calibration["classes"])
             check_settings(self.mapper, calibration, path, self.model_path)
-        calibrated = entry["image"]["threshold"] if entry else None
-        if threshold is None and calibrated is None:
-            raise UserError(f"{where} has no image threshold (its test set lacked normal or anomalous images); "
-                            f"pass --threshold")
-        self.threshold = float(threshold if threshold is not None else calibrated)
-        self.threshold_source = "--threshold" if threshold is not None else where
-        pixel = entry["pixel"]["threshold"] if entry else None
-        self.pixel_threshold = float(pixel if pixel is not None else self.threshold)
-        normal_px = entry["pixel"]["normal_values"] if entry else {}
-        self.color_range = tuple(th.color_range(normal_px.get("p50") or 0.0, self.threshold, normal_px.get("p999")))
-        self.normal_min = entry["image"]["normal_scores"]["min"] if entry else None
-        log.info(f"threshold {self.threshold:.6g} from {self.threshold_source}; masks: map >= "
-                 f"{self.pixel_threshold:.6g}{'' if pixel is not None else ' (no calibrated pixel threshold)'}")
+            self.default = operating_point(th.select(calibration, class_name, path), source(path, class_name),
+                                           threshold)
+        self.class_name, self.points = class_name, {}
+        self.prototypes = None
+        if class_name is None and threshold is None and len(self.classes) > 1:
+            self.prototypes = find_prototypes(path, self.model_path)
+        if self.prototypes is not None:
+            self.points = {c: operating_point(e, source(path, c)) for c, e in calibration["classes"].items()
+                           if e["image"]["threshold"] is not None}
+            log.info(f"each image is decided with the thresholds of its class, found by {class_finder.FILE} "
+                     f"({', '.join(self.prototypes['classes'])}); --class_name C uses one class's")
+        else:
+            log.info(f"threshold {self.default.threshold:.6g} from {self.default.source}; masks of anomalous images: "
+                     f"map >= {self.default.mask_threshold:.6g}")
+
+    def point(self, class_name: str | None) -> OperatingPoint:
+        """The operating point of a found class (the default one where it has none)."""
+        return self.points.get(class_name, self.default)
 
     def prepare(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
         """An image (see as_rgb) -> (normalised crop [3, crop, crop], its (width, height))."""
@@ -238,14 +299,18 @@ class Detector:
     def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
         """Normalised crops [B, 3, crop, crop] and their images' (width, height) -> one Prediction each."""
         seeds = [models.mask_seed(x.numpy().tobytes()) for x in batch.cpu()] if self.masked else None
-        amaps, scores = self.mapper(batch.to(self.device), seeds)
+        amaps, scores, *features = self.mapper(batch.to(self.device), seeds, features=self.prototypes is not None)
+        matches = class_finder.classify(self.prototypes, features[0]) if features else [None] * len(sizes)
         out = []
-        for amap, score, (w, h) in zip(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes):
+        for amap, score, (w, h), match in zip(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes, matches):
             full, seen = uncrop(amap, w, h, self.image_size, self.crop_size)
-            out.append(Prediction(score=score, is_anomalous=score >= self.threshold, threshold=self.threshold,
-                                  normalized_score=th.normalize(score, self.threshold, self.normal_min),
-                                  anomaly_map=full, mask=seen & (np.nan_to_num(full) >= self.pixel_threshold),
-                                  seen=seen))
+            point = self.point(match.class_name) if match else self.default
+            anomalous = score >= point.threshold
+            out.append(Prediction(score=score, is_anomalous=anomalous, threshold=point.threshold,
+                                  normalized_score=th.normalize(score, point.threshold, point.normal_min),
+                                  anomaly_map=full, seen=seen, mask_threshold=point.mask_threshold,
+                                  mask=anomalous & seen & (np.nan_to_num(full) >= point.mask_threshold),
+                                  class_name=match.class_name if match else self.class_name, class_match=match))
         return out
 
     def predict(self, images: list) -> list[Prediction]:
@@ -304,28 +369,31 @@ def output_files(name: str) -> tuple[str, str]:
 def write_outputs(out: str, name: str, rgb: np.ndarray, p: Prediction, detector: Detector):
     """overlays/<name>.png and masks/<name>.png (output_files)."""
     verdict = "ANOMALOUS" if p.is_anomalous else "normal"
-    caption = f"{verdict}  score {p.score:.4g} {'>=' if p.is_anomalous else '<'} {p.threshold:.4g}"
+    found = f"  [{p.class_name} {p.class_match.confidence:.2f}]" if p.class_match else ""
+    caption = f"{verdict}  score {p.score:.4g} {'>=' if p.is_anomalous else '<'} {p.threshold:.4g}{found}"
     overlay, mask = (os.path.join(out, f) for f in output_files(name))
     try:
         Image.fromarray(p.mask.astype(np.uint8) * 255).save(mask)
     except OSError as e:
         raise UserError(f"cannot write into {out} ({e}); pass a writable --out") from None
+    marks = {"threshold": p.threshold} if p.mask_threshold == p.threshold else \
+        {"threshold": p.threshold, "mask level": p.mask_threshold}
     picture(overlay, lambda: write_png(overlay, overlay_picture(
-        rgb, p.anomaly_map, p.seen, p.mask, detector.color_range, caption, p.is_anomalous,
-        {"threshold": p.threshold, "mask thr": detector.pixel_threshold})))
+        rgb, p.anomaly_map, p.seen, p.mask, detector.point(p.class_name).color_range, caption, p.is_anomalous,
+        marks)))
 
 
 def predict(args):
+    paths = ds.find_images(args.input, skip_dir=args.out)  # before the model, which takes longer to load
+    if not paths:
+        raise UserError(f"every image given is inside --out {args.out}; pass other --input or --out")
     detector = Detector(args.checkpoint, seg_checkpoint=args.seg_checkpoint, thresholds=args.thresholds,
                         threshold=args.threshold, class_name=args.class_name, device=args.device,
                         max_ratio=args.max_ratio, fusion_alpha=args.fusion_alpha, image_size=args.image_size,
                         crop_size=args.crop_size, test_mask=args.test_mask, mask_ratio=args.mask_ratio)
-    paths = ds.find_images(args.input, skip_dir=args.out)
-    if not paths:
-        raise UserError(f"every image given is inside --out {args.out}; pass other --input or --out")
     names = output_names(paths)
     guess = class_folder(paths, detector.classes)
-    if args.class_name is None and args.threshold is None and guess is not None:
+    if args.class_name is None and args.threshold is None and detector.prototypes is None and guess is not None:
         log.info(f"the images all lie in a folder named {guess}, a class of this run: --class_name {guess} "
                  f"decides with that class's threshold (recommended) instead of all classes'")
     try:
@@ -336,7 +404,7 @@ def predict(args):
     loader = DataLoader(ImageFiles(paths, detector), batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=list)
     rows, skipped = [], 0
-    header = ["image_path", "score", "decision", "threshold", "overlay", "mask"]
+    header = ["image_path", "score", "decision", "threshold", "overlay", "mask", "class", "class_confidence"]
     # rows are written (and flushed) batch by batch, before their pictures: a crash keeps the rows so far
     try:
         f = open(os.path.join(args.out, "predictions.csv"), "w", newline="", errors="backslashreplace")
@@ -354,20 +422,40 @@ def predict(args):
                 preds = detector.predict_prepared(torch.stack([b[1] for b in good]),
                                                   [(b[2].shape[1], b[2].shape[0]) for b in good])
                 new = [[paths[i], repr(p.score), "anomalous" if p.is_anomalous else "normal", repr(p.threshold),
-                        *output_files(names[i])] + ([repr(p.normalized_score)] if args.normalize else [])
+                        *output_files(names[i]), p.class_name or "",
+                        repr(p.class_match.confidence) if p.class_match else ""] +
+                       ([repr(p.normalized_score)] if args.normalize else [])
                        for (i, _, _, _), p in zip(good, preds)]
                 table.writerows(new)
                 f.flush()
                 rows += new
                 for (i, _, rgb, _), p in zip(good, preds):
                     write_outputs(args.out, names[i], rgb, p, detector)
+                    warn_unmatched(paths[i], p)
             bar.update(len(batch))
     if not rows:
         raise UserError(f"none of the {len(paths)} images could be read (see the lines above); check --input")
     n_bad = sum(r[2] == "anomalous" for r in rows)
     log.info(f"predicted {len(rows)} image{'s' * (len(rows) != 1)} ({n_bad} anomalous, {len(rows) - n_bad} normal; "
-             f"threshold {detector.threshold:.6g} from {detector.threshold_source}), skipped {skipped} unreadable; "
+             f"{decided_by(detector, [r[6] for r in rows])}), skipped {skipped} unreadable; "
              f"predictions.csv, overlays/ and masks/ in {args.out}")
+
+
+def decided_by(detector: Detector, classes: list[str]) -> str:
+    """Which thresholds decided: 'threshold T from SOURCE', or the classes found and how often."""
+    if detector.prototypes is None:
+        return f"threshold {detector.default.threshold:.6g} from {detector.default.source}"
+    counts = Counter(classes)
+    return "classes found: " + ", ".join(f"{c} {counts[c]}" for c in detector.prototypes["classes"] if counts[c])
+
+
+def warn_unmatched(path: str, p: Prediction):
+    """A warning for an image far from every class of the run (class_finder.Match.well False)."""
+    m = p.class_match
+    if m is not None and not m.well:
+        log.warning(f"warning: {path} looks like no class of this run: the nearest, {m.class_name}, is at distance "
+                    f"{m.distance:.3g}, more than {class_finder.FAR:g} x the farthest of its training images "
+                    f"({m.radius:.3g}); decided with {m.class_name}'s thresholds, check it (or --class_name)")
 
 
 def class_folder(paths: list[str], classes: list[str]) -> str | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 import dataset as ds
+import own_data
 from errors import UserError, one_line
 from run import log
 
@@ -50,8 +51,7 @@ def items(args, train: list[ds.Sample] | None, textures: list[str], test: bool) 
             out.append(Item(s.foreground_path, "foreground mask", s))
     out += [Item(p, "texture image") for p in textures]
     for c in ds.class_names(args.dataset, args.classes) if test else []:
-        for s in ds.class_samples(args.dataset, args.data_path, c, "test", args.realiad_resolution, args.json_dir,
-                                  allow_outside=getattr(args, "allow_outside_paths", False))[0]:
+        for s in own_data.test_samples(args, c)[0]:
             if s.strip:  # MANTA: the file of views 2 to 5 is that of view 1
                 continue
             out.append(Item(s.image_path, "test image", s))

@@ -122,6 +122,9 @@ def plot_curves(path: str, name: str, labels: np.ndarray, scores: np.ndarray, px
     import matplotlib.pyplot as plt
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
+    if np.asarray(labels).astype(bool).all() or not np.asarray(labels).any():
+        plot_scores(path, name, scores, entry, plt)
+        return
     fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.6))
     for level, y, s, threshold, color in (("image", labels, scores, entry["image"]["threshold"], "C0"),
                                           ("pixel", px_flags, px_values, entry["pixel"]["threshold"], "C1")):
@@ -146,6 +149,23 @@ def plot_curves(path: str, name: str, labels: np.ndarray, scores: np.ndarray, px
         ax.legend(loc="lower right" if ax is ax_roc else "lower left", fontsize=8)
     ax_roc.set_title(f"{name}: ROC")
     ax_pr.set_title(f"{name}: precision-recall")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_scores(path: str, name: str, scores: np.ndarray, entry: dict, plt):
+    """Without both normal and anomalous test images (no curves to draw): the histogram of the scores with the
+    image threshold marked."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(scores, bins=max(5, min(30, len(scores) // 2)), color="C0", alpha=0.8, label=f"{len(scores)} images")
+    threshold = entry["image"]["threshold"]
+    if threshold is not None:
+        how = entry["image"].get("method", "f1max").replace("_", " ")
+        ax.axvline(threshold, color="C3", label=f"threshold {threshold:.4g} ({how})")
+    ax.set(xlabel="image score", ylabel="images", title=f"{name}: test image scores (no curves: one kind of image)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=90)

@@ -1,11 +1,10 @@
-"""One invocation of a script: the argument parser and its validators, exit codes, logging, device and DDP
-setup, seeds, the run folder (held by its lock, runlock.py) and its config, atomic checkpoint writing.
+"""One invocation of a script: exit codes, logging, device and DDP setup, seeds, the run folder (held by its lock,
+runlock.py) and its config, atomic checkpoint writing (the argument parser is in flags.py).
 
 Exit status: 0 success; 2 a user error or out of GPU memory (one line on stderr and in log.txt naming the
 thing and the fix); 128 + the signal when stopped by one (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP); 1 anything
 else (with its traceback).
 """
-import argparse
 import errno
 import json
 import logging
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 import runlock
 from errors import UserError, user_message
+from flags import ArgumentParser
 
 log = logging.getLogger("anomaly")
 
@@ -38,68 +38,6 @@ _FORMAT = _Formatter("%(message)s")
 
 
 # ----------------------------------------------------------------------------------------------- command line
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every option's help shows its default, unless the default is None or a switch's False."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
-            text += " (default: %(default)s)"
-        return text
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with visible defaults, no abbreviated flags, and one-line errors with exit status 2.
-    `dataset_defaults` {dataset: {dest: value}}: values that depend on --dataset, set where the command line and
-    the defaults leave None."""
-
-    def __init__(self, description: str | None = None):
-        super().__init__(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
-        self.dataset_defaults: dict[str, dict] = {}
-
-    def parse_args(self, args=None, namespace=None):
-        ns = super().parse_args(args, namespace)
-        for key, value in self.dataset_defaults.get(getattr(ns, "dataset", None), {}).items():
-            if getattr(ns, key, None) is None:
-                setattr(ns, key, value)
-        return ns
-
-    def error(self, message):
-        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
-        sys.exit(2)
-
-    def explicit(self, argv: list[str] | None) -> set[str]:
-        """The destinations of the options given on the command line (not left at their defaults)."""
-        unset = object()
-        ns = argparse.Namespace(**{a.dest: unset for a in self._actions})
-        self.parse_known_args(argv, namespace=ns)
-        return {k for k, v in vars(ns).items() if v is not unset}
-
-
-def int_at_least(low: int, high: int | None = None):
-    """An integer >= low (and <= high when given)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{value} is more than {high}")
-        return value
-    parse.__name__ = "integer"
-    return parse
-
-
-def float_in(low: float, high: float, high_open: bool = False):
-    """A float in [low, high] (or [low, high) with high_open)."""
-    def parse(text: str) -> float:
-        value = float(text)
-        if not (low <= value <= high) or (high_open and value == high):
-            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}{')' if high_open else ']'}")
-        return value
-    parse.__name__ = "number"
-    return parse
-
 
 def main(fn, parser: ArgumentParser, argv: list[str] | None = None):
     """Parse, call fn(args), and turn failures into exit codes. `args.explicit` lists the options given."""

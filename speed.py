@@ -18,7 +18,7 @@ import time
 
 import torch
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+from flags import PRECISIONS
 
 
 def configure(precision: str):

@@ -3,22 +3,26 @@
 Per class, and once for all classes together ("all"):
 - "image": the F1-max threshold of the image scores (an image is anomalous when score >= threshold; among
   equally good thresholds the lowest, as scikit-learn's precision_recall_curve + argmax gives), its F1, the
-  counts, and the normal images' score range (min, 99th percentile, max);
+  counts, and the normal images' score range (min, 99th percentile, max). Without anomalous images (good images
+  only: held-out training images, a --val folder or test/good) the threshold is set at a false-alarm rate
+  instead (false_alarm_threshold; "method" says which);
 - "pixel": the F1-max threshold of the anomaly-map values against the ground-truth masks (for the predicted
   masks), its F1, and the normal images' map values (median, 99.9th percentile, max);
 - "color_range": the fixed colour scale of the pictures (see color_range): from the median of the normal
   images' map values (blue: a typical good pixel) with the image threshold in the middle (green-yellow; an
   image is anomalous when its hottest 1 % reaches it on average) to red, twice as far above a good pixel.
 
-A threshold is null where it cannot be calibrated (a class without anomalous or without normal images, or
-without masks). Pixel statistics come from a seeded uniform subsample of at most PIXEL_SAMPLE map values per
+A threshold is null where it cannot be calibrated (a class without normal images, without anomalous images for the
+pixel threshold, or without masks). Masks use mask_level: the pixel threshold, capped by the image threshold. Pixel statistics come from a seeded uniform subsample of at most PIXEL_SAMPLE map values per
 class (exact for up to 32 maps of 256 x 256); the "all" entry pools the classes' subsamples.
 """
 import json
+import math
 
 import numpy as np
 
 from errors import Expect, UserError, check_entries, choice, kind, number
+from flags import FALSE_ALARM_RATE
 from run import write_atomic
 
 PIXEL_SAMPLE = 1 << 21  # map values kept per class: 32 maps of 256 x 256
@@ -40,6 +44,31 @@ def f1max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float | Non
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(tp)), where=tp > 0)
     best = len(f1) - 1 - int(np.argmax(f1[::-1]))  # the last maximum: the lowest threshold
     return float(s[ends[best]]), float(f1[best])
+
+
+def false_alarm_threshold(normal_scores: np.ndarray, rate: float) -> tuple[float | None, bool]:
+    """(threshold, enough images) for a false-alarm rate from good images' scores alone: the k-th smallest of
+    the n scores, k = ceil((n + 1) * (1 - rate)), the conformal quantile: a new good image (exchangeable with
+    these) scores strictly above it with probability at most `rate`. With fewer than 1 / rate - 1 images k
+    exceeds n: the highest score is taken and `enough` is False (about one good image in n + 1 is then called
+    anomalous). (None, False) without scores."""
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())
+    if s.size == 0:
+        return None, False
+    k = math.ceil((s.size + 1) * (1 - rate) - 1e-9)
+    return float(s[min(k, s.size) - 1]), k <= s.size
+
+
+def images_needed(rate: float) -> int:
+    """The fewest good images for which false_alarm_threshold can honour `rate`."""
+    return math.ceil(1 / rate - 1 - 1e-9)
+
+
+def mask_level(pixel_threshold: float | None, image_threshold: float) -> float:
+    """The map level that outlines an anomalous image's defect: the calibrated pixel threshold, capped by the
+    image threshold. An image is anomalous when the mean of its top values reaches the image threshold, so its
+    map reaches this level somewhere: an anomalous image always shows where."""
+    return image_threshold if pixel_threshold is None else min(pixel_threshold, image_threshold)
 
 
 class PixelSample:
@@ -83,15 +112,20 @@ def _stats(values: np.ndarray, percentiles: dict[str, float]) -> dict:
 
 
 def summarize(labels: np.ndarray, scores: np.ndarray, px_values: np.ndarray, px_flags: np.ndarray,
-              px_normal: np.ndarray) -> dict:
-    """One thresholds.json entry from image labels and scores and a pixel sample (see PixelSample)."""
+              px_normal: np.ndarray, false_alarm_rate: float = FALSE_ALARM_RATE) -> dict:
+    """One thresholds.json entry from image labels and scores and a pixel sample (see PixelSample). The image
+    threshold: F1-max with anomalous images, else at `false_alarm_rate` of the normal images."""
     labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
     threshold, f1 = f1max_threshold(labels, scores)
+    method = {"method": "f1max"}
+    if not labels.any():
+        threshold, enough = false_alarm_threshold(scores, false_alarm_rate)
+        method = {"method": "false_alarm_rate", "false_alarm_rate": false_alarm_rate, "enough_images": enough}
     px_threshold, px_f1 = f1max_threshold(px_flags, px_values) if px_flags.any() else (None, None)
     normal_px = px_values[px_normal] if px_normal.any() else px_values[~px_flags]
     px_stats = _stats(normal_px, {"p50": 50, "p999": 99.9})
     return {
-        "image": {"threshold": threshold, "f1": f1, "n_normal": int((~labels).sum()),
+        "image": {"threshold": threshold, **method, "f1": f1, "n_normal": int((~labels).sum()),
                   "n_anomalous": int(labels.sum()), "normal_scores": _stats(scores[~labels], {"p99": 99})},
         "pixel": {"threshold": px_threshold, "f1": px_f1, "n_sampled": int(px_values.size),
                   "normal_values": px_stats},
@@ -114,8 +148,8 @@ class Calibration:
     settings: how the scores were made (map kind, max_ratio, ...), stored so that prediction can check that
     it scores the same way."""
 
-    def __init__(self, settings: dict):
-        self.settings = settings
+    def __init__(self, settings: dict, false_alarm_rate: float = FALSE_ALARM_RATE):
+        self.settings, self.false_alarm_rate = settings, false_alarm_rate
         self.classes: dict[str, dict] = {}
         self.samples: dict[str, tuple] = {}  # class -> (labels, scores, px_values, px_flags, px_normal)
 
@@ -123,7 +157,7 @@ class Calibration:
             px_normal: np.ndarray) -> dict:
         """Calibrate one class: labels and scores [N] and a PixelSample's arrays. Returns its entry."""
         self.samples[name] = (np.asarray(labels), np.asarray(scores), px_values, px_flags, px_normal)
-        self.classes[name] = summarize(*self.samples[name])
+        self.classes[name] = summarize(*self.samples[name], self.false_alarm_rate)
         return self.classes[name]
 
     def pooled(self) -> dict:
@@ -133,7 +167,8 @@ class Calibration:
         if values.size > PIXEL_SAMPLE:
             idx = np.sort(np.random.default_rng(0).choice(values.size, PIXEL_SAMPLE, replace=False))
             values, flags, normal = values[idx], flags[idx], normal[idx]
-        return summarize(np.concatenate(parts[0]), np.concatenate(parts[1]), values, flags, normal)
+        return summarize(np.concatenate(parts[0]), np.concatenate(parts[1]), values, flags, normal,
+                         self.false_alarm_rate)
 
     def save(self, path: str):
         text = json.dumps({"settings": self.settings, "all": self.pooled(), "classes": self.classes}, indent=2)

@@ -52,11 +52,14 @@ def drawable(text: str) -> str:
 
 
 def text_band(width: int, height: int, text: str, color=DARK, scale: float = 0.5, thick: int = 1) -> np.ndarray:
-    """A band of `color` with white text, left-aligned and vertically centred."""
+    """A band of `color` with white text, left-aligned and vertically centred, smaller where it would not fit."""
     band = np.full((height, width, 3), color, np.uint8)
     text = drawable(text)
+    left = max(4, height // 4)
+    (tw, _), _ = cv2.getTextSize(text, FONT, scale, thick)
+    scale *= min(1.0, (width - 2 * left) / max(tw, 1))
     (_, th), _ = cv2.getTextSize(text, FONT, scale, thick)
-    cv2.putText(band, text, (max(4, height // 4), (height + th) // 2), FONT, scale, WHITE, thick, cv2.LINE_AA)
+    cv2.putText(band, text, (left, (height + th) // 2), FONT, scale, WHITE, thick, cv2.LINE_AA)
     return band
 
 
@@ -86,11 +89,13 @@ def colorbar(height: int, color_range: tuple[float, float], marks: dict[str, flo
     out[top:bottom, pad:pad + bar_w] = colorize(values, color_range)
     cv2.putText(out, f"{hi:.3g}", (pad, top - pad), FONT, scale, BLACK, thick, cv2.LINE_AA)
     cv2.putText(out, f"{lo:.3g}", (pad, bottom + pad + th), FONT, scale, BLACK, thick, cv2.LINE_AA)
-    for key, text in labels.items():
+    last_text = -height  # the marks' texts top to bottom, each at least a line below the one above
+    for key, text in sorted(labels.items(), key=lambda kv: -marks[kv[0]]):
         y = int(round(top + (hi - min(max(marks[key], lo), hi)) / (hi - lo) * (bottom - top - 1)))
         cv2.line(out, (pad - 2, y), (pad + bar_w + 2, y), BLACK, thick + 1)
-        y_text = min(max(y + th // 2, top + th), bottom)
+        y_text = max(min(max(y + th // 2, top + th), bottom), last_text + th + pad)
         cv2.putText(out, text, (2 * pad + bar_w, y_text), FONT, scale, BLACK, thick, cv2.LINE_AA)
+        last_text = y_text
     return out
 
 

@@ -210,7 +210,8 @@ def run_cli(*args):
      "/nonexistent/mvtec"),
     (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--classes", "nut", "--device", "cpu"],
      "backbones/weights/dinov2_vitb14_reg4_pretrain.pth"),
-    (["crr_realiad_test.py", "--data_path", "{realiad}", "--save_dir", "{tmp}", "--device", "cpu"], "model.pth"),
+    (["crr_realiad_test.py", "--data_path", "{realiad}", "--classes", "nut", "--save_dir", "{tmp}", "--device",
+      "cpu"], "model.pth"),  # the data are checked first
     (["dinomaly_mvtec_uni.py", "--data_path", "{mvtec}", "--eval_only", "--checkpoint", "{tmp}/nope",
       "--device", "cpu"],
      "checkpoint not found: {tmp}/nope; pass a run folder or a model.pth as --checkpoint"),

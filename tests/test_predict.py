@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import precision_recall_curve
 
+import class_finder
 import dataset as ds
 import dinomaly_mvtec_uni
 import export
@@ -235,10 +236,12 @@ def test_predict_scores_decisions_and_pictures(run, inputs, tmp_path, capsys, de
     summary = captured.out.strip().splitlines()[-1]
     rows = read_csv(out / "predictions.csv")
     assert len(rows) == 3 + 4 + 3 and f"predicted {len(rows)} images" in summary and "skipped 1" in summary
-    calibrated = json.loads((run / "thresholds.json").read_text())["all"]
+    classes = json.loads((run / "thresholds.json").read_text())["classes"]
     mapper = AnomalyMapper(model_of(run).to(device))
     for r in rows:
         score, threshold = float(r["score"]), float(r["threshold"])
+        calibrated = classes[r["class"]]  # the class found for the image decides
+        assert 0 <= float(r["class_confidence"]) <= 1
         assert threshold == calibrated["image"]["threshold"]
         assert r["decision"] == ("anomalous" if score >= threshold else "normal")
         assert (float(r["normalized_score"]) >= 0.5) == (r["decision"] == "anomalous")
@@ -252,7 +255,10 @@ def test_predict_scores_decisions_and_pictures(run, inputs, tmp_path, capsys, de
             assert mask.size == size and set(np.unique(m)) <= {0, 255}
             assert overlay.width >= size[0] and overlay.height >= size[1]
         full, seen = predict.uncrop(amap[0, 0].cpu().numpy(), *size, SIZE, CROP)
-        np.testing.assert_array_equal(m > 0, seen & (np.nan_to_num(full) >= calibrated["pixel"]["threshold"]))
+        level = min(calibrated["pixel"]["threshold"], threshold)  # the pixel threshold capped by the image's
+        anomalous = score >= threshold
+        np.testing.assert_array_equal(m > 0, anomalous & seen & (np.nan_to_num(full) >= level))
+        assert (m > 0).any() == anomalous  # an anomalous image always shows where, a normal one shows nothing
     assert {os.path.basename(r["image_path"]) for r in rows} >= {"grey.png", "rgba.png", "deep.png"}
 
 
@@ -268,9 +274,23 @@ def test_class_threshold_and_explicit_threshold(run, inputs, tmp_path, capsys):
     assert all(float(r["threshold"]) == 1.1 and r["decision"] == ("anomalous" if float(r["score"]) >= 1.1 else
                                                                   "normal") for r in rows)
     assert "--class_name" not in capsys.readouterr().out
-    # images all under a folder named like a calibrated class, no class given: the log suggests that class
+    # no class given: each image's class is found (class_prototypes.pt) and its thresholds decide
     assert call(predict, [*base, "--out", tmp_path / "c"]) == 0
-    assert "a class of this run: --class_name nut decides with that class's threshold" in capsys.readouterr().out
+    rows = read_csv(tmp_path / "c" / "predictions.csv")
+    assert {r["class"] for r in rows} == {"nut"}
+    assert {float(r["threshold"]) for r in rows} == {data["classes"]["nut"]["image"]["threshold"]}
+    # a run evaluated before class finding: all classes' threshold, with hints (images under a folder named like a
+    # calibrated class: that class)
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    os.remove(old / class_finder.FILE)
+    capsys.readouterr()
+    assert call(predict, [*base[:1], old, *base[2:], "--out", tmp_path / "d"]) == 0
+    out = capsys.readouterr().out
+    assert f"no {class_finder.FILE} in {old}" in out
+    assert "a class of this run: --class_name nut decides with that class's threshold" in out
+    rows = read_csv(tmp_path / "d" / "predictions.csv")
+    assert {(r["class"], float(r["threshold"])) for r in rows} == {("", data["all"]["image"]["threshold"])}
 
 
 def test_class_folder_needs_one_class_above_every_image(tmp_path, monkeypatch):
@@ -334,7 +354,9 @@ def test_detector_on_arrays_images_and_files_agrees(run, inputs):
     assert from_file.score == from_pil.score == from_array.score == from_float.score
     assert from_file.anomaly_map.shape == from_file.mask.shape == rgb.shape[:2]
     np.testing.assert_array_equal(from_file.anomaly_map, from_array.anomaly_map)
-    assert from_file.is_anomalous == (from_file.score >= detector.threshold)
+    assert from_file.class_name == "nut" and from_file.class_match.class_name == "nut"
+    assert from_file.threshold == detector.point("nut").threshold
+    assert from_file.is_anomalous == (from_file.score >= from_file.threshold)
     at = predict.Detector(str(run), device="cpu", threshold=from_file.score)(path)
     assert at.score == from_file.score and at.is_anomalous  # anomalous at score == threshold
     grey = np.asarray(Image.open(inputs / "grey.png"))
@@ -454,7 +476,8 @@ def test_onnx_export_matches_pytorch(which, run, crr_run, tmp_path):
         calibration = json.loads((run / "thresholds.json").read_text())
         assert meta["threshold"] == calibration["all"]["image"]["threshold"]
         assert len(meta["class_thresholds"]) == 2 and meta["class_thresholds"] == {
-            c: dict(threshold=e["image"]["threshold"], pixel_threshold=e["pixel"]["threshold"])
+            c: dict(threshold=e["image"]["threshold"], pixel_threshold=e["pixel"]["threshold"],
+                    mask_threshold=min(e["image"]["threshold"], e["pixel"]["threshold"]))
             for c, e in calibration["classes"].items()}
     else:
         assert meta["map"] == "fused" and meta["threshold"] is None

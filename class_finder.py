@@ -1,0 +1,87 @@
+"""Which class of a multi-class run an image shows: the nearest class prototype, so that prediction can use that
+class's thresholds without --class_name.
+
+An image's features are its encoder's group features pooled over the patch grid (anomaly_map.pooled_features:
+unit vectors). A class's prototype is the normalised mean of the features of its training images (at most
+MAX_IMAGES, chosen with the seed); its radius is the largest distance (1 - cosine) of those images to it. Both
+are computed at the end of each evaluation (engine.py) and saved as class_prototypes.pt in the run folder (a
+few kB: tensors and the class names, read with weights_only=True).
+
+An image belongs to the class at the smallest distance d1; its confidence is 1 - d1 / d2, d2 the distance to
+the second nearest prototype (0: halfway between two classes, 1: on its prototype; 1 for a one-class run). It
+matches no class well when d1 exceeds FAR times its class's radius.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import dataset as ds
+from errors import UserError
+from models import load_file
+
+FILE = "class_prototypes.pt"
+MAX_IMAGES = 200  # training images per class that make its prototype
+FAR = 2.0  # an image farther than FAR x its class's radius from the prototype matches no class well
+
+
+@dataclass
+class Match:
+    class_name: str
+    confidence: float  # 1 - d1 / d2
+    distance: float  # d1 = 1 - cosine to the prototype
+    radius: float  # the class's training images' largest distance
+    well: bool  # distance <= FAR * radius
+
+
+@torch.no_grad()
+def build(mapper, samples: dict[str, list[ds.Sample]], image_size: int, crop_size: int, device: torch.device,
+          batch_size: int = 16, num_workers: int = 0, seed: int = 0) -> dict:
+    """The prototypes of the classes (name -> training samples) through `mapper` (an AnomalyMapper in eval
+    mode): {"classes": names, "prototypes": [C, F], "radius": [C]}."""
+    prototypes, radii = [], []
+    for name, items in samples.items():
+        if len(items) > MAX_IMAGES:
+            pick = np.random.default_rng(seed).choice(len(items), MAX_IMAGES, replace=False)
+            items = [items[i] for i in sorted(pick)]
+        loader = DataLoader(ds.TrainDataset(items, image_size, crop_size), batch_size=batch_size,
+                            num_workers=num_workers)
+        features = torch.cat([mapper(x.to(device), features=True)[2].cpu() for x in loader])
+        prototype = F.normalize(features.mean(dim=0), dim=0)
+        prototypes.append(prototype)
+        radii.append((1 - features @ prototype).max())
+    return {"classes": list(samples), "prototypes": torch.stack(prototypes), "radius": torch.stack(radii)}
+
+
+def load(path: str) -> dict | None:
+    """A class_prototypes.pt, checked; None when there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    data = load_file(path, "class prototypes file")
+    ok = isinstance(data, dict) and isinstance(data.get("classes"), list) and \
+        all(isinstance(c, str) for c in data["classes"]) and isinstance(data.get("prototypes"), torch.Tensor) and \
+        isinstance(data.get("radius"), torch.Tensor) and data["prototypes"].ndim == 2 and \
+        len(data["classes"]) == data["prototypes"].shape[0] == data["radius"].numel() > 0
+    if not ok:
+        raise UserError(f"{path} is not a class prototypes file; delete it and evaluate the run again")
+    return data
+
+
+def classify(data: dict, features: torch.Tensor) -> list[Match]:
+    """The nearest class of each image: features [B, F] (pooled_features) -> one Match each."""
+    prototypes = data["prototypes"].float()
+    if features.shape[1] != prototypes.shape[1]:
+        raise UserError(f"the class prototypes have {prototypes.shape[1]} features, this model's images "
+                        f"{features.shape[1]}: they come from another model; evaluate this run again")
+    distance = 1 - features.float().cpu() @ prototypes.T  # [B, C]
+    nearest = distance.topk(min(2, distance.shape[1]), dim=1, largest=False)
+    out = []
+    for values, indices in zip(nearest.values.tolist(), nearest.indices.tolist()):
+        d1, best = values[0], indices[0]
+        confidence = 1.0 if len(values) == 1 else max(0.0, 1 - d1 / values[1]) if values[1] > 0 else 0.0
+        radius = float(data["radius"][best])
+        out.append(Match(data["classes"][best], confidence, d1, radius, d1 <= FAR * radius))
+    return out

@@ -1,0 +1,135 @@
+"""Your own images: the classes found in the data folder, classes with good images only, and what the log says
+about them.
+
+- `find_classes(args)`: --classes; else the dataset's standard classes; else, for an MVTec-layout folder that
+  holds none of them, its class folders (each with train/good/ or images directly inside).
+- `train_samples(args, name)`, `test_samples(args, name)`: one class's samples. A class without a test folder
+  is evaluated on good images only: those of `--val DIR` (`DIR/<class>/`), else a seeded share (`--val_share`)
+  of its training images, held out of training. Its image threshold is then set at `--false_alarm_rate` of
+  those good images (thresholds.false_alarm_threshold).
+- `metrics_line(name, metrics, entry)`: the per-class log line; a class without defect images gets one line
+  saying why it has no metrics, and what its threshold rests on, instead of a row of nan.
+"""
+import math
+import os
+import zlib
+
+import numpy as np
+
+import dataset as ds
+import thresholds as th
+from errors import UserError
+from flags import VAL_SHARE
+from run import log
+from utils import METRIC_NAMES, format_metrics
+
+def find_classes(args) -> list[str]:
+    """The classes of the run (see the module docstring); logs them when they were found in the folder."""
+    standard = ds.class_names(args.dataset, args.classes)
+    root = args.data_path
+    if args.classes or not mvtec_layout(args) or not os.path.isdir(root) or \
+            any(os.path.isdir(os.path.join(root, c)) for c in standard):
+        return standard
+    found = [d for d in ds._list_subdirs(root) if is_class_folder(os.path.join(root, d))]
+    if found:
+        log.info(f"classes: {', '.join(found)} (the class folders in {root}; --classes chooses)")
+        return found
+    if ds._list_images(root):
+        raise UserError(f"{root} holds images but no class folders: move them into {root}/<class>/ (one folder per "
+                        f"kind of part, e.g. {root}/part/) and pass --data_path {root}")
+    return standard  # the reader names the first missing class folder
+
+
+def mvtec_layout(args) -> bool:
+    """Whether the dataset is read in the MVTec layout (not through Real-IAD's split files or MANTA's)."""
+    return args.dataset not in (*ds.REALIAD_FOLDERS, "manta")
+
+
+def is_class_folder(folder: str) -> bool:
+    """A folder with train/ or test/ (the MVTec layout) or with images directly inside."""
+    return any(os.path.isdir(os.path.join(folder, d)) for d in ("train", "test")) or bool(ds._list_images(folder))
+
+
+def held_out(args, name: str, samples: list[ds.Sample]) -> list[int]:
+    """Indices of the training samples of class `name` held out for its threshold: a seeded share (--val_share,
+    at least one, at most all but one) when the class has no test folder and no --val folder is given."""
+    if not mvtec_layout(args) or getattr(args, "val", None) or \
+            os.path.isdir(os.path.join(args.data_path, name, "test")):
+        return []
+    share = getattr(args, "val_share", VAL_SHARE)
+    if len(samples) < 2:
+        raise UserError(f"class {name} has {len(samples)} good image and no test folder: at least 2 are needed, "
+                        f"to train on some and set the threshold on the others; add images or pass --val DIR")
+    n = min(max(1, round(share * len(samples))), len(samples) - 1)
+    rng = np.random.default_rng([args.seed, zlib.crc32(name.encode())])
+    return sorted(rng.choice(len(samples), n, replace=False).tolist())
+
+
+def split_training(args, name: str) -> tuple[list[ds.Sample], list[ds.Sample]]:
+    """(the training samples of class `name`, those held out of them for its threshold)."""
+    samples = ds.class_samples(args.dataset, args.data_path, name, "train", args.realiad_resolution,
+                               args.json_dir, allow_outside=getattr(args, "allow_outside_paths", False))[0]
+    hold = set(held_out(args, name, samples))
+    return [s for i, s in enumerate(samples) if i not in hold], [samples[i] for i in sorted(hold)]
+
+
+def train_samples(args) -> list[ds.Sample]:
+    """The training samples of every class, without the held-out ones (logged per class)."""
+    out = []
+    for name in ds.class_names(args.dataset, args.classes):
+        kept, held = split_training(args, name)
+        if held:
+            log.info(f"{name}: no test folder: {len(held)} of its {len(kept) + len(held)} good images are held out "
+                     f"of training to set its threshold (--val_share {getattr(args, 'val_share', VAL_SHARE)}, "
+                     f"--seed {args.seed}; --val DIR gives other good images)")
+        out += kept
+    return out
+
+
+def test_samples(args, name: str, multiview: bool = False) -> tuple[list[ds.Sample], int]:
+    """The test samples of one class and the number of anomalous ones without a mask: its test folder's, else
+    good images only (--val DIR/<class>/, else those held out of its training images). `multiview`: see
+    dataset.class_samples."""
+    val = getattr(args, "val", None)
+    if val:
+        folder = os.path.join(val, name)
+        if not os.path.isdir(folder):
+            raise UserError(f"--val folder of class {name} not found: {folder}; put good images of {name} there")
+        return [ds.Sample(p, 0, None, name, rel_path=os.path.relpath(p, folder).replace(os.sep, "/"))
+                for p in ds.find_images([folder])], 0
+    if mvtec_layout(args) and not os.path.isdir(os.path.join(args.data_path, name, "test")):
+        return split_training(args, name)[1], 0
+    return ds.class_samples(args.dataset, args.data_path, name, "test", args.realiad_resolution, args.json_dir,
+                            multiview, allow_outside=getattr(args, "allow_outside_paths", False))
+
+
+def metrics_line(name: str, metrics: dict, entry: dict | None = None) -> str:
+    """The metrics of a class (or of the mean), or one line saying why there are none: without defect images
+    no metric can be computed; the line then gives the threshold set on the good images and what it rests on."""
+    missing = [k for k in METRIC_NAMES if math.isnan(metrics[k])]
+    if not missing:
+        return format_metrics(name, metrics)
+    if len(missing) < len(METRIC_NAMES):
+        pixel = all(k.startswith("P-") or k == "AUPRO" for k in missing)
+        why = "no class has them" if entry is None else "no ground-truth masks" if pixel else "no good test images"
+        shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_NAMES if k not in missing)
+        return f"{name}: {shown}; not computable: {', '.join(missing)} ({why})"
+    if entry is None:
+        return f"{name}: no metrics (no class has defect images)"
+    image = entry["image"]
+    if image["n_anomalous"] or image["threshold"] is None:
+        return f"{name}: no metrics ({image['n_anomalous']} defect and {image['n_normal']} good test images)"
+    return (f"{name}: no metrics (no defect images); image threshold {image['threshold']:.6g} set on "
+            f"{image['n_normal']} good images at a false-alarm rate of {image['false_alarm_rate']:g}")
+
+
+def too_few_warning(name: str, entry: dict) -> str | None:
+    """A warning when a false-alarm threshold rests on too few good images to honour its rate."""
+    image = entry["image"]
+    if image.get("method") != "false_alarm_rate" or image["enough_images"] or image["threshold"] is None:
+        return None
+    n, rate = image["n_normal"], image["false_alarm_rate"]
+    return (f"warning: {name}: only {n} good images set the threshold, fewer than the {th.images_needed(rate)} a "
+            f"false-alarm rate of {rate:g} needs: it is their highest score, and about 1 good image in {n + 1} "
+            f"will be called anomalous; add good images (--val DIR, or a larger --val_share) or raise "
+            f"--false_alarm_rate")
