@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import dataset as ds
 import engine
@@ -333,7 +334,9 @@ def test_thresholds_checked_by_the_predict_and_export_commands(trained, tmp_path
     data["all"]["image"]["threshold"] = float("nan")
     path = tmp_path / "thresholds.json"
     path.write_text(json.dumps(data))
-    for argv in (["predict.py", "--input", str(tmp_path), "--out", str(tmp_path / "p")],
+    image = tmp_path / "image.png"  # a valid input (predict.py checks its inputs first): the thresholds are wrong
+    Image.new("RGB", (64, 64)).save(image)
+    for argv in (["predict.py", "--input", str(image), "--out", str(tmp_path / "p")],
                  ["export.py", "--out", str(tmp_path / "m.onnx")]):
         r = run_cli(*argv, "--checkpoint", str(trained), "--thresholds", str(path))
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
