@@ -6,6 +6,8 @@
 #   bash demo.sh crr    CRR Stage I -> Stage II -> test on the Real-IAD-layout copy
 #   bash demo.sh dinomaly2           Dinomaly2 (dinomaly2_2d.py) on the MVTec-layout copy
 #   bash demo.sh dinomaly2_fewshot   Dinomaly2 few-shot (dinomaly2_fewshot.py, 4 images per class)
+#   bash demo.sh dinomaly2_multiview Dinomaly2 multi-view (dinomaly2_multiview.py) on a Real-IAD-layout copy with
+#                                    objects of five views: image, pixel, object and sample metrics
 #   bash demo.sh own    Dinomaly on plain folders of good images only (demo_data/own_parts/<class>/*.png)
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
@@ -39,6 +41,12 @@ dinomaly2_fewshot)
     .venv/bin/python dinomaly2_fewshot.py --data_path demo_data/mvtec_demo --save_name demo_fewshot --overwrite \
         --shot 4 "${DATA[@]}" "${MODEL[@]}" --total_iters 150 --save_heatmaps 2
     predict_all saved_results/demo_fewshot
+    ;;
+dinomaly2_multiview)
+    .venv/bin/python prepare_data/make_demo_data.py --out demo_data/multiview --views 5
+    .venv/bin/python dinomaly2_multiview.py --data_path demo_data/multiview/realiad_demo --save_name demo_multiview \
+        --overwrite "${DATA[@]}" "${MODEL[@]}" --total_iters 150 --save_heatmaps 2
+    echo "results, thresholds and pictures: saved_results/demo_multiview/"
     ;;
 own)
     # your own data: one folder of good images per class, no test set, no defects, no masks (the classes are
