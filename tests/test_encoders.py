@@ -3,6 +3,7 @@ tapped features equal an independent float64 forward that reads that layout dire
 description in SPEC_DINOMALY2 2.2; where the Dinomaly2 preview's mirror is present, also Meta's own model code).
 Then: publisher wrappings, wrong files, checkpoint detection, the patch-size check, a tiny DINOv3 run."""
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -577,6 +578,30 @@ def test_dinomaly_trains_with_a_tiny_dinov3_and_the_run_folder_remembers_it(tmp_
     assert detector.mapper.model.encoder.cfg == V3_CFG and detector.crop_size == 64
     export.main(["--checkpoint", str(tmp_path / "v3"), "--out", str(tmp_path / "v3.onnx")])
     assert (tmp_path / "v3.onnx").is_file()
+
+
+def test_dinomaly2_few_shot_trains_with_a_tiny_dinov3_and_reloads(tmp_path):
+    import dinomaly2_2d
+    import dinomaly2_fewshot
+    from cli import dataset_defaults
+    from run import main as run_main
+    from test_end_to_end import RUN
+    demo = make_demo_data(str(tmp_path / "data"), size=64, seed=0, n_train=4, n_test_good=2, n_test_bad=2)
+    argv = ["--data_path", demo["mvtec"], "--encoder", V3, "--encoder_weights", "random", "--image_size", "64",
+            "--crop_size", "64", "--total_iters", "2", "--batch_size", "2", "--shot", "2", "--save_dir",
+            str(tmp_path), *RUN]
+    run_main(engine.dinomaly2_main, build_parser("", dinomaly2_fewshot.DEFAULTS, "dinomaly2",
+                                                 dataset_defaults(dinomaly2_2d.DATASETS, "v3_{dataset}")), argv)
+    run = tmp_path / "v3_mvtec"
+    sd = torch.load(run / "model.pth", weights_only=True)
+    assert models.architecture_from_state_dict(sd, "model.pth") == (V3, 8, "two_stage")
+    config = json.loads((run / "config.json").read_text())["model"]
+    assert (config["encoder"], config["method"], config["setting"]) == (V3, "dinomaly2", "2-shot")
+    detector = predict.Detector(str(run), device="cpu")
+    assert detector.mapper.model.encoder.cfg == V3_CFG and detector.mapper.model.recenter
+    rows = (run / "scores.csv").read_text().splitlines()[1:]
+    path, score = rows[0].split(",")[1], float(rows[0].split(",")[3])
+    assert detector(path).score == pytest.approx(score, rel=1e-5)
 
 
 def test_benchmark_takes_the_encoder(tmp_path):
