@@ -2,20 +2,16 @@
 as an image, evaluated per image, per pixel, per object and (Real-IAD's official sample level) per sample.
 --data_path, the image and crop sizes and the run name follow --dataset unless given."""
 from cli import build_parser, dataset_defaults, launch
+from dinomaly2_2d import DEFAULTS as DEFAULTS_2D
 
+# the 2D recipe, with what the preview's multi-view script sets otherwise
 DEFAULTS = dict(
+    DEFAULTS_2D,
     dataset="realiad",
     encoder="dinov2reg_vit_base_14",
     total_iters=100000,
-    batch_size=16,
-    dropout=0.4,
-    attn_eps=1e-8,
-    bottleneck_in_lr=2e-3,  # the preview's multi-view script trains the whole bottleneck at 2e-3
-    image_size=None,
-    crop_size=None,
-    aupro="exact",
-    cudnn="deterministic",
-    gt_binarize="dinomaly",
+    bottleneck_in_lr=2e-3,  # the whole bottleneck at 2e-3
+    aupro="exact",  # ADEval's AUPRO
     multiview="on",
 )
 DATASETS = {

@@ -334,8 +334,9 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
         pixels = PixelSample.merge([p[2] for p in parts]).arrays()
         entry = calibration.add(name, labels, scores, *pixels)
         log.info(own_data.metrics_line(name, results[name], entry))
-        if own_data.too_few_warning(name, entry):
-            log.warning(own_data.too_few_warning(name, entry))
+        too_few = own_data.too_few_warning(name, entry)
+        if too_few:
+            log.warning(too_few)
         reports.append((ClassReport.merge([p[3] for p in parts]), name, entry, labels, scores, pixels[:2]))
         score_rows += rows
     if not run.is_main:

@@ -23,6 +23,7 @@ from flags import VAL_SHARE
 from run import log
 from utils import METRIC_NAMES, format_metrics
 
+
 def find_classes(args) -> list[str]:
     """The classes of the run (see the module docstring); logs them when they were found in the folder."""
     standard = ds.class_names(args.dataset, args.classes)

@@ -301,11 +301,12 @@ def load_trained(path: str, args, fallback: dict) -> ViTill:
     path = checkpoint_file(path)
     saved = saved_settings(path)
     sd = read_state_dict(path, "checkpoint")
-    if bottleneck_kind(sd) == "two_stage" and saved.get("method", "dinomaly2") == "dinomaly2":
+    kind = bottleneck_kind(sd)
+    if kind == "two_stage" and saved.get("method", "dinomaly2") == "dinomaly2":
         fallback = PAPER_SETTINGS["dinomaly2"]
     s = follow_saved_settings(args, saved, fallback)
-    if bottleneck_kind(sd) not in (None, BOTTLENECK_OF.get(s["method"])):
-        raise UserError(f"checkpoint {path} has a {bottleneck_kind(sd)} bottleneck, but its run says method "
+    if kind not in (None, BOTTLENECK_OF.get(s["method"])):
+        raise UserError(f"checkpoint {path} has a {kind} bottleneck, but its run says method "
                         f"{s['method']}; fix the run's config.json or pass the right checkpoint")
     model = load_model(path, encoder=s["encoder"], sd=sd, **model_options(s))
     check_sizes(s["image_size"], s["crop_size"], model.encoder.cfg.patch_size, model.encoder.cfg.fixed_grid)

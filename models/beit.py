@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from timm.models.beit import Beit
 
+from .vit import tap_outputs
+
 
 class BeitEncoder(nn.Module):
     """Token sequence [CLS, P1..PN]; returns the raw outputs of the tap blocks (no final norm)."""
@@ -32,10 +34,4 @@ class BeitEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(x)  # [B, N, D]; timm checks the input is the trained size
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        taps = []
-        for i, blk in enumerate(self.blocks[: self.cfg.taps[-1] + 1]):
-            x = blk(x)
-            if i in self.cfg.taps:
-                taps.append(x)
-        return taps  # len(taps) x [B, T, D]
+        return tap_outputs(self.blocks, torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1), self.cfg.taps)

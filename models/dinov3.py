@@ -20,6 +20,7 @@ from timm.layers import LayerNorm
 from timm.models.eva import Eva
 
 from errors import UserError
+from .vit import tap_outputs
 
 
 def renames(swiglu: bool) -> dict[str, str]:
@@ -76,13 +77,7 @@ class DinoV3Encoder(nn.Module):
         vit = self.vit
         x = vit.patch_embed(x)  # [B, h, w, D]
         x, rope = vit._pos_embed(x)  # prefix tokens prepended; RoPE sin/cos of the h x w grid
-        x = vit.norm_pre(x)
-        taps = []
-        for i, blk in enumerate(vit.blocks[: self.cfg.taps[-1] + 1]):
-            x = blk(x, rope=rope)
-            if i in self.cfg.taps:
-                taps.append(x)
-        return taps  # len(taps) x [B, T, D]
+        return tap_outputs(vit.blocks, vit.norm_pre(x), self.cfg.taps, rope=rope)
 
 
 def to_meta_layout(module: DinoV3Encoder, state_dict: dict, prefix: str, local_metadata):

@@ -29,6 +29,17 @@ def interpolate_patch_pos_embed(patch_pos: torch.Tensor, grid_h: int, grid_w: in
     return grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim).to(patch_pos.dtype)
 
 
+def tap_outputs(blocks: nn.ModuleList, x: torch.Tensor, taps: tuple[int, ...], **kwargs) -> list[torch.Tensor]:
+    """Run the blocks up to the last tap (keyword arguments passed to each); the raw outputs of the tap blocks,
+    len(taps) x [B, T, D]."""
+    out = []
+    for i, blk in enumerate(blocks[: taps[-1] + 1]):
+        x = blk(x, **kwargs)
+        if i in taps:
+            out.append(x)
+    return out
+
+
 class ViTEncoder(nn.Module):
     """Token sequence [CLS, R1..Rr, P1..PN] (r registers, DINOv2-R only); returns the raw outputs of the tap blocks
     (no final norm)."""
@@ -79,10 +90,4 @@ class ViTEncoder(nn.Module):
                                                 dim=1), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.prepare_tokens(x)
-        taps = []
-        for i, blk in enumerate(self.blocks[: self.cfg.taps[-1] + 1]):
-            x = blk(x)
-            if i in self.cfg.taps:
-                taps.append(x)
-        return taps  # len(taps) x [B, T, D]
+        return tap_outputs(self.blocks, self.prepare_tokens(x), self.cfg.taps)
