@@ -112,7 +112,7 @@ def test_optimizer_groups_and_amsgrad():
 
 
 def test_schedule_warmup_then_cosine_to_the_ratio():
-    # the preview's numbers (SPEC_DINOMALY2 section 5, run with warm-up 1, T 10, r 0.1)
+    # the numbers of the preview code's WarmupCosineScheduler, run with warm-up 1, T 10, r 0.1
     model = dinomaly2()
     opt = engine.reconstruction_optimizer(model, "dinomaly2", bottleneck_in_lr=2e-4)
     schedule = WarmupRatioSchedule(10, warmup_iters=1, final_ratio=0.1)
@@ -139,7 +139,7 @@ def class_folder(root, name, n):
 def test_shot_selection_is_the_preview_random_sample(tmp_path):
     samples = class_folder(tmp_path, "brick", 3) + class_folder(tmp_path, "coffee", 3)
     names = [os.path.basename(s.image_path) for s in fewshot.select_shots(samples, 1, 1)]
-    assert names == ["000.png", "002.png"]  # what the preview code chose (SPEC_DINOMALY2 section 8)
+    assert names == ["000.png", "002.png"]  # what the preview code chose (run on these folders)
     names = [os.path.basename(s.image_path) for s in fewshot.select_shots(samples, 2, 1)]
     assert names == ["000.png", "002.png", "001.png", "000.png"]
     # the direct reading: seed Python's global stream, then random.sample class after class, sorted files
