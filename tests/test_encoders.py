@@ -1,6 +1,7 @@
 """Every encoder family: a random-weight file in its publisher's key layout (written here) loads strictly, and the
 tapped features equal an independent float64 forward that reads that layout directly (DINOv3 from the method's
-description (storage tokens, RoPE, masked k bias, LayerScale); where the Dinomaly2 preview's mirror is present, also Meta's own model code).
+description: storage tokens, RoPE, masked k bias, LayerScale; where the Dinomaly2 preview's mirror is present,
+also Meta's own model code).
 Then: publisher wrappings, wrong files, checkpoint detection, the patch-size check, a tiny DINOv3 run."""
 import dataclasses
 import json
