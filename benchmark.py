@@ -45,18 +45,25 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-import dataset as ds
-import models
-from errors import UserError
-import speed
-import utils
-from anomaly_map import AnomalyMapper
-from engine import (CLIP_NORM, HM_FACTOR, SEG_LR, reconstruction_optimizer, repair_loss, segmentation_loss,
-                    train_step)
-from image_cache import ImageCache
-from loss import global_cosine_hm
-from prepare_data.make_demo_data import CLASSES as DEMO_CLASSES, make_demo_data
-from synthesis import SyntheticAnomalyDataset, synthesis_caches
+from dinomaly import dataset as ds
+from dinomaly import models, speed, utils
+from dinomaly.anomaly_map import AnomalyMapper
+from dinomaly.engine import (
+    CLIP_NORM,
+    HM_FACTOR,
+    SEG_LR,
+    reconstruction_optimizer,
+    repair_loss,
+    segmentation_loss,
+    train_step,
+)
+from dinomaly.errors import UserError
+from dinomaly.image_cache import ImageCache
+from dinomaly.loss import global_cosine_hm
+from dinomaly.synthesis import SyntheticAnomalyDataset, synthesis_caches
+
+from prepare_data.make_demo_data import CLASSES as DEMO_CLASSES
+from prepare_data.make_demo_data import make_demo_data
 
 HM_P = 0.9  # the hard-mining share after the ramp: the steady state of a long run
 

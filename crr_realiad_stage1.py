@@ -1,6 +1,6 @@
 """CRR Stage I on Real-IAD: reconstruction + repair of synthetic anomalies, bottleneck masking 0.4, then an
 evaluation of the reconstruction map. Writes <save_dir>/<save_name>/model.pth."""
-from cli import build_parser, launch
+from dinomaly.cli import build_parser, launch
 
 DEFAULTS = dict(
     dataset="realiad",

@@ -1,6 +1,6 @@
 """CRR Stage II on Real-IAD: train the segmentation network on the frozen Stage-I model of the same run
 folder. Writes Seg_model_3999.pth, Seg_model_7999.pth and Seg_model_last.pth."""
-from cli import build_parser, launch
+from dinomaly.cli import build_parser, launch
 
 DEFAULTS = dict(
     dataset="realiad",

@@ -1,6 +1,6 @@
 """CRR test on Real-IAD: the fused map 0.7 * reconstruction + 0.3 * segmentation, the seven metrics plus mAD
 per class and their mean; --save_heatmaps N writes pictures of what the model found."""
-from cli import build_parser, launch
+from dinomaly.cli import build_parser, launch
 
 DEFAULTS = dict(
     dataset="realiad",

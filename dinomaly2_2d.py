@@ -1,7 +1,7 @@
 """Dinomaly2, 2D multi-class: one model for all classes of an MVTec-layout dataset (MVTec AD, VisA 1cls, MPDD,
 BTAD, MIAD, Uni-Medical, or your own folder with --classes), trained with the preview code's settings, then
 evaluated. --data_path, the image and crop sizes and the run name follow --dataset unless given."""
-from cli import build_parser, dataset_defaults, launch
+from dinomaly.cli import build_parser, dataset_defaults, launch
 
 DEFAULTS = dict(
     dataset="mvtec",

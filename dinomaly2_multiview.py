@@ -1,7 +1,8 @@
 """Dinomaly2, multi-view: Real-IAD, Real-IAD Variety or MANTA-Tiny, several views of each object; each view trained
 as an image, evaluated per image, per pixel, per object and (Real-IAD's official sample level) per sample.
 --data_path, the image and crop sizes and the run name follow --dataset unless given."""
-from cli import build_parser, dataset_defaults, launch
+from dinomaly.cli import build_parser, dataset_defaults, launch
+
 from dinomaly2_2d import DEFAULTS as DEFAULTS_2D
 
 # the 2D recipe, with what the preview's multi-view script sets otherwise

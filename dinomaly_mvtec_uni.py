@@ -1,5 +1,5 @@
 """Dinomaly on MVTec AD: one model for all 15 classes, trained with the paper's settings, then evaluated."""
-from cli import build_parser, launch
+from dinomaly.cli import build_parser, launch
 
 DEFAULTS = dict(
     dataset="mvtec",

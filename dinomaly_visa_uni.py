@@ -1,5 +1,5 @@
 """Dinomaly on VisA (prepared 1cls layout): one model for all 12 classes, trained and evaluated."""
-from cli import build_parser, launch
+from dinomaly.cli import build_parser, launch
 
 DEFAULTS = dict(
     dataset="visa",

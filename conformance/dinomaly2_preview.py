@@ -48,13 +48,15 @@ import torch.nn as nn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import dataset as our_ds  # noqa: E402
-import engine  # noqa: E402
-import fewshot  # noqa: E402
-from anomaly_map import AnomalyMapper  # noqa: E402
-from loss import global_cosine_hm, hard_mining_factor  # noqa: E402
-from models import ENCODERS, ViTill  # noqa: E402
-from optimizers import WarmupRatioSchedule  # noqa: E402
+from dinomaly import dataset as our_ds  # noqa: E402
+from dinomaly import (
+    engine,  # noqa: E402
+    fewshot,  # noqa: E402
+)
+from dinomaly.anomaly_map import AnomalyMapper  # noqa: E402
+from dinomaly.loss import global_cosine_hm, hard_mining_factor  # noqa: E402
+from dinomaly.models import ENCODERS, ViTill  # noqa: E402
+from dinomaly.optimizers import WarmupRatioSchedule  # noqa: E402
 
 ENCODER = "dinov2reg_vit_small_14"
 EMBED, HEADS, TAPS = 384, 6, [2, 3, 4, 5, 6, 7, 8, 9]  # the 2D script's ViT-S settings
@@ -66,15 +68,12 @@ LC_GROUPS = {0: [[0], [1], [2], [3], [4], [5], [6], [7]], 1: [list(range(8))], 2
 # ----------------------------------------------------------------------------------------------- the preview
 
 def load_preview(path: str) -> types.SimpleNamespace:
-    """The preview's modules, imported from `path` under their own names and then moved out of sys.modules (its
-    models, utils, dataset and optimizers would otherwise shadow ours)."""
+    """The preview's modules, imported from `path` under their own top-level names (models, utils, dataset,
+    optimizers, ...; ours live in the package `dinomaly`), with stubs for the packages it imports and does not
+    need here."""
     if not os.path.isfile(os.path.join(path, "models", "uad.py")):
         raise SystemExit(f"--preview {path}: no models/uad.py there; pass the preview code's folder "
                          f"(git archive 1745c61 of guojiajeremy/Dinomaly2)")
-    tops = {n[:-3] if n.endswith(".py") else n for n in os.listdir(path)}
-    ours = {k: v for k, v in sys.modules.items() if k.split(".")[0] in tops}
-    for k in ours:
-        del sys.modules[k]
     stubs = []
     for name, attrs in (("pandas", {"DataFrame": object}), ("natsort", {"natsorted": sorted}),
                         ("tifffile", {}), ("xformers", None)):
@@ -105,9 +104,6 @@ def load_preview(path: str) -> types.SimpleNamespace:
                 stubs=stubs)
     finally:
         sys.path.remove(path)
-        for k in [k for k in sys.modules if k.split(".")[0] in tops]:
-            del sys.modules[k]
-        sys.modules.update(ours)
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import default_loader
     p.ImageFolder, p.default_loader = ImageFolder, default_loader  # what the preview's ImageFolder reads with
@@ -120,7 +116,7 @@ def fast_init(P):
     skipped, while models are built whose weights are all set afterwards (random encoder weights, the
     trainable parts' init_weights, or strict loads); on a busy CPU the 37M draws of two ViT-S models take tens
     of seconds."""
-    import models.encoder as our_encoder
+    from dinomaly.models import encoder as our_encoder
 
     def clamped_normal(t, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
         with torch.no_grad():
@@ -505,10 +501,11 @@ def compare_script_defaults(path: str) -> list:
     """The defaults of dinomaly2_2d.py and dinomaly2_fewshot.py (their parsers, --dataset mvtec) against the
     preview's dinomaly_2D.py and dinomaly_fewshot.py, and the model our scripts build from them against the
     one compared above (our_model)."""
+    from dinomaly import models as our_models
+    from dinomaly.cli import build_parser, dataset_defaults
+
     import dinomaly2_2d
     import dinomaly2_fewshot
-    import models as our_models
-    from cli import build_parser, dataset_defaults
     rows = []
     for ours_mod, script in ((dinomaly2_2d, "dinomaly_2D.py"), (dinomaly2_fewshot, "dinomaly_fewshot.py")):
         a = build_parser(ours_mod.__doc__, ours_mod.DEFAULTS, "dinomaly2",

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from errors import UserError  # noqa: E402
+from dinomaly.errors import UserError  # noqa: E402
 
 REQUIRED_COLUMNS = ("object", "split", "label", "image", "mask")
 

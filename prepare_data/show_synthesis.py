@@ -23,9 +23,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from dataset import Sample, attach_foreground, load_image  # noqa: E402
-from synthesis import AnomalySynthesizer, Synthesis, list_textures, load_foreground  # noqa: E402
-from errors import UserError  # noqa: E402
+from dinomaly.dataset import Sample, attach_foreground, load_image  # noqa: E402
+from dinomaly.errors import UserError  # noqa: E402
+from dinomaly.synthesis import AnomalySynthesizer, Synthesis, list_textures, load_foreground  # noqa: E402
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 TEXT_H = 12  # height of a caption line in pixels

@@ -13,11 +13,14 @@ import sys
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
 
-import engine  # noqa: E402
-import models  # noqa: E402
-from cli import build_parser  # noqa: E402
+from dinomaly import (
+    engine,  # noqa: E402
+    models,  # noqa: E402
+)
+from dinomaly.cli import build_parser  # noqa: E402
+from dinomaly.run import main  # noqa: E402
+
 from conftest import TINY, TINY_CFG  # noqa: E402
-from run import main  # noqa: E402
 
 JOBS = {"dinomaly_mvtec_uni": "dinomaly", "crr_realiad_stage1": "crr_stage1", "crr_realiad_stage2": "crr_stage2"}
 

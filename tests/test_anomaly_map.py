@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import anomaly_map
-import models
+from dinomaly import anomaly_map, models
 
 # The 1-D weights of the 5x5, sigma-4 smoothing kernel, computed by hand: exp(-x^2 / 32), x = -2..2, normalised.
 KERNEL_WEIGHTS = np.array([0.187627, 0.206068, 0.212609, 0.206068, 0.187627])
@@ -182,7 +181,7 @@ def test_maps_on_cuda_equal_the_cpu_maps(crr, tiny_encoder, monkeypatch):
 def test_evaluation_hands_each_batch_over_with_its_own_maps(tiny_encoder):
     """engine.mapped_batches (the evaluation loop's one-batch-ahead pipeline): every batch comes back with the
     map and score of its own images, in order, and the seeds are asked for image by image."""
-    import engine
+    from dinomaly import engine
     torch.manual_seed(0)
     mapper = anomaly_map.AnomalyMapper(models.build_model(tiny_encoder, "random").eval())
     batches = [(torch.randn(n, 3, 56, 56), f"batch {i}") for i, n in enumerate((2, 2, 1))]

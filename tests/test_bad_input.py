@@ -10,19 +10,17 @@ from argparse import Namespace
 import pytest
 import torch
 from PIL import Image
-from torch._utils import ExceptionWrapper
-
-import dataset as ds
-import engine
-import models
-import preflight
-from errors import UserError, user_message
-from models.vitill import ViTill
-from prepare_data.make_demo_data import make_demo_data
-
-from conftest import TINY
 from test_end_to_end import RUN
 from test_resume import dinomaly, error_line, exit_status
+from torch._utils import ExceptionWrapper
+
+from dinomaly import dataset as ds
+from dinomaly import engine, models, preflight
+from dinomaly.errors import UserError, user_message
+from dinomaly.models.vitill import ViTill
+
+from conftest import TINY
+from prepare_data.make_demo_data import make_demo_data
 
 IMAGE_EXTENSIONS = (".png", ".jpg")
 
@@ -221,7 +219,7 @@ def test_checkpoints_of_the_wrong_kind(tmp_path, tiny_encoder):
 def test_a_cuda_device_by_index_is_checked_and_made_current(monkeypatch):
     """--device cuda:N must exist and becomes the current device (else pinned-memory threads open a context on
     cuda:0); plain cuda leaves the current device alone. CUDA is faked: only the bookkeeping is tested."""
-    from run import resolve_device
+    from dinomaly.run import resolve_device
     made_current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

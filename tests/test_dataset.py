@@ -16,10 +16,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import dataset as ds  # noqa: E402
-from prepare_data.make_demo_data import CLASSES as DEMO_CLASSES, _class_images, make_demo_data  # noqa: E402
+from dinomaly import dataset as ds  # noqa: E402
+from dinomaly.errors import UserError  # noqa: E402
+
+from prepare_data.make_demo_data import CLASSES as DEMO_CLASSES  # noqa: E402
+from prepare_data.make_demo_data import _class_images, make_demo_data
 from prepare_data.prepare_visa import prepare_visa  # noqa: E402
-from errors import UserError  # noqa: E402
 
 
 def _img(path, size=(20, 16), value=None, rng=None):

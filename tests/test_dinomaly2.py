@@ -10,25 +10,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from dinomaly import cli, engine, fewshot, models
+from dinomaly.cli import build_parser, dataset_defaults
+from dinomaly.dataset import IMAGENET_MEAN, IMAGENET_STD, Sample
+from dinomaly.engine import dinomaly2_main
+from dinomaly.models.vitill import GROUPINGS
+from dinomaly.optimizers import WarmupRatioSchedule
+from dinomaly.run import main as run_main
+
 import dinomaly2_2d
 import dinomaly2_fewshot
-import engine
-import fewshot
-import models
-from cli import build_parser, dataset_defaults
-from dataset import IMAGENET_MEAN, IMAGENET_STD, Sample
-from engine import dinomaly2_main
-from models.vitill import GROUPINGS
-from optimizers import WarmupRatioSchedule
-from prepare_data.make_demo_data import make_demo_data
-from run import main as run_main
-
 from conftest import TINY, TINY_CFG
+from prepare_data.make_demo_data import make_demo_data
 
 D = TINY_CFG.embed_dim
 
@@ -178,7 +175,7 @@ def test_strong_augmentation_is_the_preview_transform(tmp_path):
         random.seed(seed)
         torch.testing.assert_close(data[i], reference(Image.open(path).convert("RGB")), rtol=0, atol=0)
     # the image cache (--cache_images) gives the same tensors
-    from image_cache import build_cache
+    from dinomaly.image_cache import build_cache
     for mode in ("memory", "disk"):
         cache = build_cache(mode, [str(path)], 64, str(tmp_path / "cache"))
         cached = fewshot.AugmentedDataset([Sample(str(path), 0, None, "x")] * 40, 64, 56, seed=3, cache=cache)
@@ -285,7 +282,7 @@ def test_fewshot_run_lists_its_shots(demo, tmp_path):
 
 
 def test_predict_and_export_follow_a_dinomaly2_run(d2_run, demo, tmp_path):
-    from predict import Detector
+    from dinomaly.predict import Detector
     det = Detector(str(d2_run), device="cpu", class_name="nut")
     image = os.path.join(demo["mvtec"], "nut", "test", "good", os.listdir(os.path.join(demo["mvtec"], "nut", "test",
                                                                                          "good"))[0])
@@ -295,10 +292,9 @@ def test_predict_and_export_follow_a_dinomaly2_run(d2_run, demo, tmp_path):
     assert p.score == pytest.approx(expected, rel=1e-5)
     assert det.mapper.model.recenter and isinstance(det.mapper.model.bottleneck[0], nn.Sequential)
     # export: the ONNX graph computes the same map and score (onnxruntime)
-    import export
     import onnxruntime
     path = tmp_path / "d2.onnx"
-    export.main(["--checkpoint", str(d2_run), "--out", str(path)])
+    cli.export_main(["--checkpoint", str(d2_run), "--out", str(path)])
     x = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     with torch.no_grad():

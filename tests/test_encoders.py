@@ -14,17 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dinomaly import cli, engine, models, predict
+from dinomaly import dataset as ds
+from dinomaly.cli import build_parser
+from dinomaly.errors import UserError
+from dinomaly.models import ENCODERS, ViTill, build_encoder
+from dinomaly.models.encoder import EncoderConfig
+
 import benchmark
-import dataset as ds
 import dinomaly_mvtec_uni
-import engine
-import export
-import models
-import predict
-from cli import build_parser
-from errors import UserError
-from models import ENCODERS, ViTill, build_encoder
-from models.encoder import EncoderConfig
 from prepare_data.make_demo_data import make_demo_data
 
 TAPS = (0, 1, 2, 3)
@@ -577,16 +575,18 @@ def test_dinomaly_trains_with_a_tiny_dinov3_and_the_run_folder_remembers_it(tmp_
     # predict and export build the run's encoder from its config.json
     detector = predict.Detector(str(tmp_path / "v3"), device="cpu")
     assert detector.mapper.model.encoder.cfg == V3_CFG and detector.crop_size == 64
-    export.main(["--checkpoint", str(tmp_path / "v3"), "--out", str(tmp_path / "v3.onnx")])
+    cli.export_main(["--checkpoint", str(tmp_path / "v3"), "--out", str(tmp_path / "v3.onnx")])
     assert (tmp_path / "v3.onnx").is_file()
 
 
 def test_dinomaly2_few_shot_trains_with_a_tiny_dinov3_and_reloads(tmp_path):
+    from test_end_to_end import RUN
+
+    from dinomaly.cli import dataset_defaults
+    from dinomaly.run import main as run_main
+
     import dinomaly2_2d
     import dinomaly2_fewshot
-    from cli import dataset_defaults
-    from run import main as run_main
-    from test_end_to_end import RUN
     demo = make_demo_data(str(tmp_path / "data"), size=64, seed=0, n_train=4, n_test_good=2, n_test_bad=2)
     argv = ["--data_path", demo["mvtec"], "--encoder", V3, "--encoder_weights", "random", "--image_size", "64",
             "--crop_size", "64", "--total_iters", "2", "--batch_size", "2", "--shot", "2", "--save_dir",

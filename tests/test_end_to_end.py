@@ -16,20 +16,19 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from dinomaly import dataset as ds
+from dinomaly import engine, models
+from dinomaly.anomaly_map import AnomalyMapper
+from dinomaly.cli import build_parser
+from dinomaly.engine import crr_stage1_main, crr_stage2_main, crr_test_main, dinomaly_main
+from dinomaly.run import main as run_main
+
 import crr_realiad_stage1
 import crr_realiad_stage2
 import crr_realiad_test
-import dataset as ds
 import dinomaly_mvtec_uni
-import engine
-import models
-from anomaly_map import AnomalyMapper
-from cli import build_parser
-from engine import crr_stage1_main, crr_stage2_main, crr_test_main, dinomaly_main
-from run import main as run_main
-from prepare_data.make_demo_data import make_demo_data
-
 from conftest import ROOT, TINY
+from prepare_data.make_demo_data import make_demo_data
 
 CLASSES = ["weave", "nut"]
 RUN = ["--num_workers", "0", "--device", "cpu", "--classes", *CLASSES]  # what every job takes
@@ -298,7 +297,7 @@ def test_log_file_keeps_warnings_and_the_error_line(demo, tmp_path):
                                              (crr_realiad_test, "crr_test", "deterministic")])
 def test_cudnn_mode_of_each_reference_script(module, job, mode, tmp_path):
     """The released scripts set cudnn deterministic (MVTec AD, VisA, CRR test) or benchmark (CRR training)."""
-    from run import Run
+    from dinomaly.run import Run
     args = build_parser("", module.DEFAULTS, job).parse_args(["--save_dir", str(tmp_path), "--device", "cpu"])
     Run(args, "config.json")
     assert torch.backends.cudnn.deterministic == (mode == "deterministic")

@@ -16,21 +16,28 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from test_end_to_end import RUN, read_csv, run_cli
+from test_resume import (
+    SMALL,
+    crr_args,
+    dinomaly,
+    error_line,
+    exit_status,
+    final_line,
+    load,
+    signal_run,
+    stage1,
+    stage2,
+    stage2_args,
+)
 
-import dataset as ds
-import engine
-import export
-import models
-import predict
-import run as run_module
-import runlock
-from errors import UserError
-from prepare_data.make_demo_data import make_demo_data
+from dinomaly import cli, engine, export, models, predict, runlock
+from dinomaly import dataset as ds
+from dinomaly import run as run_module
+from dinomaly.errors import UserError
 
 from conftest import ROOT
-from test_end_to_end import RUN, read_csv, run_cli
-from test_resume import (SMALL, crr_args, dinomaly, error_line, exit_status, final_line, load, signal_run, stage1,
-                         stage2, stage2_args)
+from prepare_data.make_demo_data import make_demo_data
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +237,9 @@ def crr(demo, tmp_path_factory):
 
 
 def test_stage1_overwrite_removes_stage2_and_a_stale_segmentation_network_is_refused(demo, crr, tmp_path, capsys):
-    import crr_realiad_test
     from test_end_to_end import run_script
+
+    import crr_realiad_test
     run = copy_run(crr, tmp_path, "run")
     with open(run / "config_stage2.json") as f:
         assert json.load(f)["stage1_model"] == models.fingerprint(models.load_model(str(run / "model.pth")))
@@ -431,7 +439,7 @@ def test_predictions_csv_keeps_the_rows_of_a_run_that_crashes(trained, demo, tmp
 
     monkeypatch.setattr(predict.Detector, "predict_prepared", crash_on_the_second_batch)
     with pytest.raises(SystemExit):
-        predict.main(["--checkpoint", str(trained), "--input", *images, "--out", str(tmp_path), "--batch_size", "1",
+        cli.predict_main(["--checkpoint", str(trained), "--input", *images, "--out", str(tmp_path), "--batch_size", "1",
                       "--num_workers", "0", "--device", "cpu"])
     rows = read_csv(tmp_path / "predictions.csv")
     assert rows[0][0] == "image_path" and [r[0] for r in rows[1:]] == images[:1]
@@ -443,7 +451,7 @@ def test_an_overlay_asks_for_no_more_memory_than_its_image_needs_several_times_o
     code = """
 import resource, sys
 import numpy as np
-from visualize import overlay_picture
+from dinomaly.visualize import overlay_picture
 size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
 resource.setrlimit(resource.RLIMIT_AS, (size + (512 << 20), resource.RLIM_INFINITY))
 for h, w in [(2, 3000), (3000, 2), (1, 1), (5000, 7)]:
@@ -497,11 +505,11 @@ def test_a_read_only_run_folder_is_one_line(how, demo, trained, tmp_path, monkey
 
 def test_export_out_must_be_a_writable_file(trained, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
-        export.main(["--checkpoint", str(trained), "--out", str(tmp_path)])
+        cli.export_main(["--checkpoint", str(trained), "--out", str(tmp_path)])
     assert f"--out {tmp_path} is a folder; pass a file name" in error_line(capsys)
     monkeypatch.setattr(export.os, "access", lambda path, mode: False)
     with pytest.raises(SystemExit):
-        export.main(["--checkpoint", str(trained), "--out", str(tmp_path / "m.onnx")])
+        cli.export_main(["--checkpoint", str(trained), "--out", str(tmp_path / "m.onnx")])
     assert f"cannot write {tmp_path / 'm.onnx'} (permission denied)" in error_line(capsys)
 
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import dataset as ds
-import image_cache
-from errors import UserError
-from image_cache import ImageCache, build_cache
+from dinomaly import dataset as ds
+from dinomaly import image_cache
+from dinomaly.errors import UserError
+from dinomaly.image_cache import ImageCache, build_cache
+
 from prepare_data.make_demo_data import make_demo_data
 
 

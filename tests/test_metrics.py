@@ -12,8 +12,8 @@ from skimage import measure
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import utils  # noqa: E402
-from anomaly_map import gaussian_smooth  # noqa: E402
+from dinomaly import utils  # noqa: E402
+from dinomaly.anomaly_map import gaussian_smooth  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # References

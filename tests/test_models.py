@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-from models.decoder import LinearAttention
-from models.encoder import ENCODERS
-from models.vit import ViTEncoder, interpolate_patch_pos_embed
-from models.segnet import SegmentationNet, segmentation_input
-from models.vitill import ViTill
-from errors import UserError
+from dinomaly import models
+from dinomaly.errors import UserError
+from dinomaly.models.decoder import LinearAttention
+from dinomaly.models.encoder import ENCODERS
+from dinomaly.models.segnet import SegmentationNet, segmentation_input
+from dinomaly.models.vit import ViTEncoder, interpolate_patch_pos_embed
+from dinomaly.models.vitill import ViTill
 
 from conftest import DEVICES, TINY, TINY_CFG
 
@@ -253,7 +253,7 @@ def test_eval_masks_cpu_stream_or_seeded_per_image(tiny_encoder, device):
 
 
 def test_mask_seeds_per_seed_class_and_image():
-    import engine
+    from dinomaly import engine
     seeds = engine.mask_seeds(1, "nut", [0, 1, 2]) + engine.mask_seeds(1, "weave", [0, 1]) + \
         engine.mask_seeds(2, "nut", [0])
     assert len(set(seeds)) == 6 and all(0 <= s < 2 ** 64 for s in seeds)

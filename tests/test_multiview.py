@@ -12,17 +12,17 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-import dataset as ds
+from dinomaly import dataset as ds
+from dinomaly.cli import build_parser
+from dinomaly.engine import dinomaly2_main, dinomaly_main
+from dinomaly.errors import UserError
+from dinomaly.multiview import ObjectAccumulator, sample_key
+from dinomaly.run import main as run_main
+
 import dinomaly2_multiview
 import dinomaly_mvtec_uni
-from cli import build_parser
-from engine import dinomaly2_main, dinomaly_main
-from errors import UserError
-from multiview import ObjectAccumulator, sample_key
-from prepare_data.make_demo_data import make_demo_data
-from run import main as run_main
-
 from conftest import ROOT, TINY
+from prepare_data.make_demo_data import make_demo_data
 
 ADEVAL_REALIAD = re.compile(r"([a-zA-Z][a-zA-Z0-9_]*_[0-9]{4}_[A-Z][A-Z_]*[A-Z])_C[0-9]_")  # ADEval's README
 
@@ -251,7 +251,8 @@ def test_manta_image_too_narrow(tmp_path):
 
 def test_crr_training_refuses_manta():
     import argparse
-    import engine
+
+    from dinomaly import engine
     with pytest.raises(UserError, match="MANTA-Tiny's five-view images"):
         engine.synthetic_train_set(argparse.Namespace(dataset="manta"))
 
@@ -279,7 +280,7 @@ def read_csv(path):
 def mv_run(mv_demo, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("mv_runs")
     with pytest.MonkeyPatch.context() as mp:
-        import models
+        from dinomaly import models
         mp.setitem(models.ENCODERS, TINY, __import__("conftest").TINY_CFG)
         run_main(dinomaly_main, build_parser("", dinomaly_mvtec_uni.DEFAULTS, "dinomaly"),
                  ["--dataset", "realiad", "--data_path", mv_demo["realiad"], "--classes", "weave", "nut",

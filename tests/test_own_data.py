@@ -13,20 +13,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import class_finder
-import crr_realiad_test
-import dataset as ds
-import dinomaly_mvtec_uni
-import own_data
-import predict
-import thresholds as th
-from cli import build_parser
-from engine import crr_test_main, dinomaly_main
-from errors import UserError
-from prepare_data.make_demo_data import make_demo_data
-from run import main as run_main
+from dinomaly import class_finder, cli, own_data
+from dinomaly import dataset as ds
+from dinomaly import thresholds as th
+from dinomaly.cli import build_parser
+from dinomaly.engine import crr_test_main, dinomaly_main
+from dinomaly.errors import UserError
+from dinomaly.run import main as run_main
 
+import crr_realiad_test
+import dinomaly_mvtec_uni
 from conftest import TINY
+from prepare_data.make_demo_data import make_demo_data
 
 SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", "64", "--crop_size", "56",
          "--num_workers", "0", "--device", "cpu", "--total_iters", "2", "--batch_size", "4"]
@@ -65,7 +63,8 @@ def parts(demo, tmp_path_factory):
 def good_only_run(parts, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:
-        import models
+        from dinomaly import models
+
         from conftest import TINY_CFG
         mp.setitem(models.ENCODERS, TINY, TINY_CFG)
         assert call(dinomaly_main, dinomaly_mvtec_uni, "dinomaly", ["--data_path", parts, *SMALL, "--save_dir",
@@ -141,7 +140,7 @@ def test_plain_class_folders_train_with_held_out_thresholds(good_only_run, parts
     assert (run / "curves" / "weave.png").is_file() and (run / class_finder.FILE).is_file()
     # predict.py needs no --threshold: the thresholds rest on the good images
     out = run.parent / "pred"
-    predict.main(["--checkpoint", str(run), "--input", str(parts / "nut"), "--out", str(out), "--device", "cpu",
+    cli.predict_main(["--checkpoint", str(run), "--input", str(parts / "nut"), "--out", str(out), "--device", "cpu",
                   "--num_workers", "0"])
     assert {r["class"] for r in rows(out / "predictions.csv")} == {"nut"}
 
@@ -226,28 +225,32 @@ def test_class_finder_on_generated_classes(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- the command line
 
-def test_scripts_parse_before_importing_torch():
-    """--help and argument errors answer without PyTorch (cli.launch imports the engine after parsing)."""
+@pytest.mark.parametrize("script, expect", [("dinomaly_mvtec_uni.py", "--false_alarm_rate"),
+                                             ("predict.py", "--class_name"), ("export.py", "--check_batch")])
+def test_scripts_parse_before_importing_torch(script, expect):
+    """--help and argument errors answer without PyTorch (cli.launch imports the engine, predict or export after
+    parsing)."""
     import subprocess
     import sys
+
     from conftest import ROOT
-    code = ("import sys, runpy; sys.argv = ['dinomaly_mvtec_uni.py', '--help']\n"
-            "try:\n    runpy.run_path('dinomaly_mvtec_uni.py', run_name='__main__')\n"
+    code = (f"import sys, runpy; sys.argv = [{script!r}, '--help']\n"
+            f"try:\n    runpy.run_path({script!r}, run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
             "sys.exit(3 if 'torch' in sys.modules else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "--false_alarm_rate" in r.stdout and "dinov2reg_vit_base_14" in r.stdout
+    assert r.returncode == 0 and expect in r.stdout
 
 
 def test_flag_names_match_the_modules_they_name():
-    import flags
+    from dinomaly import flags
     assert set(flags.DATASET_NAMES) == set(ds.DATASETS)
-    from models.vitill import GROUPINGS
+    from dinomaly.models.vitill import GROUPINGS
     assert flags.LC_CHOICES == tuple(sorted(GROUPINGS))
 
 
 def test_metrics_line_names_what_cannot_be_computed():
-    from utils import METRIC_NAMES
+    from dinomaly.utils import METRIC_NAMES
     nan = float("nan")
     partial = dict(zip(METRIC_NAMES, [0.9, 0.8, 0.7, nan, nan, nan, nan]))
     entry = {"image": {"n_anomalous": 4, "n_normal": 3, "threshold": 0.5}}

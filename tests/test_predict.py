@@ -14,21 +14,18 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import precision_recall_curve
 
-import class_finder
-import dataset as ds
-import dinomaly_mvtec_uni
-import export
-import models
-import predict
-import thresholds as th
-from anomaly_map import AnomalyMapper
-from cli import build_parser
-from engine import dinomaly_main
-from prepare_data.make_demo_data import make_demo_data
-from run import main as run_main
-from visualize import colorize, overlay_picture
+from dinomaly import class_finder, cli, models, predict
+from dinomaly import dataset as ds
+from dinomaly import thresholds as th
+from dinomaly.anomaly_map import AnomalyMapper
+from dinomaly.cli import build_parser
+from dinomaly.engine import dinomaly_main
+from dinomaly.run import main as run_main
+from dinomaly.visualize import colorize, overlay_picture
 
+import dinomaly_mvtec_uni
 from conftest import DEVICES, ROOT, TINY, TINY_CFG
+from prepare_data.make_demo_data import make_demo_data
 
 SIZE, CROP = 64, 56
 
@@ -65,10 +62,10 @@ def crr_run(tmp_path_factory):
     return d
 
 
-def call(module, argv):
+def call(main, argv):
     """Run a script's main in-process: its exit status."""
     try:
-        module.main([str(a) for a in argv])
+        main([str(a) for a in argv])
     except SystemExit as e:
         return e.code
     return 0
@@ -227,7 +224,7 @@ def model_of(run):
 def test_predict_scores_decisions_and_pictures(run, inputs, tmp_path, capsys, device):
     out = tmp_path / "out"
     workers = "2" if device == "cuda" else "0"  # on a GPU through loader processes and pinned memory
-    code = call(predict, ["--checkpoint", run, "--input", inputs, "--out", out, "--device", device, "--num_workers",
+    code = call(cli.predict_main, ["--checkpoint", run, "--input", inputs, "--out", out, "--device", device, "--num_workers",
                           workers, "--batch_size", "3", "--normalize"])
     captured = capsys.readouterr()
     assert code == 0
@@ -266,16 +263,16 @@ def test_class_threshold_and_explicit_threshold(run, inputs, tmp_path, capsys):
     data = json.loads((run / "thresholds.json").read_text())
     base = ["--checkpoint", run / "model.pth", "--input", inputs / "nut" / "good", "--device", "cpu",
             "--num_workers", "0"]
-    assert call(predict, [*base, "--out", tmp_path / "a", "--class_name", "nut"]) == 0
+    assert call(cli.predict_main, [*base, "--out", tmp_path / "a", "--class_name", "nut"]) == 0
     rows = read_csv(tmp_path / "a" / "predictions.csv")
     assert {float(r["threshold"]) for r in rows} == {data["classes"]["nut"]["image"]["threshold"]}
-    assert call(predict, [*base, "--out", tmp_path / "b", "--threshold", "1.1"]) == 0
+    assert call(cli.predict_main, [*base, "--out", tmp_path / "b", "--threshold", "1.1"]) == 0
     rows = read_csv(tmp_path / "b" / "predictions.csv")
     assert all(float(r["threshold"]) == 1.1 and r["decision"] == ("anomalous" if float(r["score"]) >= 1.1 else
                                                                   "normal") for r in rows)
     assert "--class_name" not in capsys.readouterr().out
     # no class given: each image's class is found (class_prototypes.pt) and its thresholds decide
-    assert call(predict, [*base, "--out", tmp_path / "c"]) == 0
+    assert call(cli.predict_main, [*base, "--out", tmp_path / "c"]) == 0
     rows = read_csv(tmp_path / "c" / "predictions.csv")
     assert {r["class"] for r in rows} == {"nut"}
     assert {float(r["threshold"]) for r in rows} == {data["classes"]["nut"]["image"]["threshold"]}
@@ -285,7 +282,7 @@ def test_class_threshold_and_explicit_threshold(run, inputs, tmp_path, capsys):
     shutil.copytree(run, old)
     os.remove(old / class_finder.FILE)
     capsys.readouterr()
-    assert call(predict, [*base[:1], old, *base[2:], "--out", tmp_path / "d"]) == 0
+    assert call(cli.predict_main, [*base[:1], old, *base[2:], "--out", tmp_path / "d"]) == 0
     out = capsys.readouterr().out
     assert f"no {class_finder.FILE} in {old}" in out
     assert "a class of this run: --class_name nut decides with that class's threshold" in out
@@ -334,7 +331,7 @@ def test_user_errors_exit_2_with_one_line(run, inputs, tmp_path, capsys, case, e
         checkpoint.mkdir()
         shutil.copy(run / "model.pth", checkpoint / "model.pth")
         shutil.copy(run / "config.json", checkpoint / "config.json")
-    code = call(predict, ["--checkpoint", checkpoint, "--input", target, "--out", tmp_path / "out", "--device",
+    code = call(cli.predict_main, ["--checkpoint", checkpoint, "--input", target, "--out", tmp_path / "out", "--device",
                           "cpu", "--num_workers", "0", *extra])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert code == 2 and len(err) == 1 and expected in err[0], err
@@ -403,7 +400,6 @@ def test_find_images_patterns_duplicates_and_output_folder(inputs, tmp_path):
             ds.find_images([str(bad)])
 
 
-
 def test_output_names_follow_the_folders_and_stay_unique():
     paths = ["in/good/000.png", "in/cut/000.png", "in/good/003.png", "in/a.png", "in/a.jpg", "in/A.bmp"]
     assert predict.output_names(paths) == ["good_000", "cut_000", "good_003", "a_png", "a_jpg", "A_bmp"]
@@ -455,7 +451,7 @@ def test_onnx_export_matches_pytorch(which, run, crr_run, tmp_path):
     import onnxruntime
     folder = run if which == "dinomaly" else crr_run
     path = tmp_path / "model.onnx"
-    assert call(export, ["--checkpoint", folder, "--out", path]) == 0
+    assert call(cli.export_main, ["--checkpoint", folder, "--out", path]) == 0
     model = models.load_model(str(folder / "model.pth"), encoder=TINY).eval()  # masking off, as exported
     segnet = models.load_segmentation_net(str(folder / "Seg_model_last.pth"), 32).eval() if which == "crr" else None
     x = torch.rand(3, 3, CROP, CROP, generator=torch.Generator().manual_seed(1))
@@ -495,7 +491,7 @@ def test_thresholds_fitted_with_other_masking_are_flagged(run, crr_run, tmp_path
         data["settings"] = dict(map="fused", fusion_alpha=0.7, max_ratio=0.01, **masking)
         (tmp_path / f"{name}.json").write_text(json.dumps(data))
         capsys.readouterr()
-        assert call(export, ["--checkpoint", crr_run, "--out", tmp_path / "m.onnx", "--thresholds",
+        assert call(cli.export_main, ["--checkpoint", crr_run, "--out", tmp_path / "m.onnx", "--thresholds",
                              tmp_path / f"{name}.json"]) == 0
         err = capsys.readouterr().err
         assert ("calibrated with test_mask on, these scores use test_mask off: to match" in err) == (name != "off")
@@ -510,11 +506,12 @@ def test_thresholds_fitted_with_other_masking_are_flagged(run, crr_run, tmp_path
 
 def test_export_without_onnxruntime_says_what_to_install(run, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
-    assert call(export, ["--checkpoint", run, "--out", tmp_path / "m.onnx"]) == 2
+    assert call(cli.export_main, ["--checkpoint", run, "--out", tmp_path / "m.onnx"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "pip install -r requirements-export.txt" in line and not (tmp_path / "m.onnx").exists()
 
 
 def test_inference_does_not_import_the_training_engine():
-    code = "import sys, predict, export; sys.exit('engine' in sys.modules or 'loss' in sys.modules)"
+    code = ("import sys, dinomaly.predict, dinomaly.export; "
+            "sys.exit('dinomaly.engine' in sys.modules or 'dinomaly.loss' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0

@@ -8,16 +8,16 @@ import sys
 
 import pytest
 import torch
+from test_end_to_end import RUN, run_script
+
+from dinomaly import engine
+from dinomaly.engine import crr_stage1_main, crr_stage2_main, dinomaly_main
 
 import crr_realiad_stage1
 import crr_realiad_stage2
 import dinomaly_mvtec_uni
-import engine
-from engine import crr_stage1_main, crr_stage2_main, dinomaly_main
-from prepare_data.make_demo_data import make_demo_data
-
 from conftest import ROOT, TINY
-from test_end_to_end import RUN, run_script
+from prepare_data.make_demo_data import make_demo_data
 
 # 16 training images (8 per class), batch 4: 4 iterations per epoch
 SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", "32", "--crop_size", "28",
@@ -221,8 +221,8 @@ class MachinesRun:
 
 
 def test_resume_and_overwrite_decide_alike_on_every_machine(tmp_path):
-    import train_state
-    from errors import UserError
+    from dinomaly import train_state
+    from dinomaly.errors import UserError
     (tmp_path / "model.pth").write_bytes(b"x")
     # the other machine's folder has no state: every process is told, none waits for the others
     (tmp_path / train_state.RECONSTRUCTION).write_bytes(b"x")

@@ -6,18 +6,17 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import dinomaly_mvtec_uni
-import models
-import speed
-from anomaly_map import AnomalyMapper
-from cli import build_parser
-from engine import dinomaly_main
-from loss import global_cosine_hm
-from optimizers import StableAdamW
-from run import main as run_main
-from prepare_data.make_demo_data import make_demo_data
+from dinomaly import models, speed
+from dinomaly.anomaly_map import AnomalyMapper
+from dinomaly.cli import build_parser
+from dinomaly.engine import dinomaly_main
+from dinomaly.loss import global_cosine_hm
+from dinomaly.optimizers import StableAdamW
+from dinomaly.run import main as run_main
 
+import dinomaly_mvtec_uni
 from conftest import DEVICES, TINY
+from prepare_data.make_demo_data import make_demo_data
 
 # bf16 against fp32 on random weights (3 seeds, batch 4, 56 px): measured at most 6e-3 on the smoothed maps (values
 # 0.2..1.4) and 2.4e-3 on the scores with the tiny encoder (1.1e-3 and 6e-4 with ViT-S); asserted with a margin.

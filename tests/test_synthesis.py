@@ -20,10 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import synthesis as S  # noqa: E402
-import dataset as ds  # noqa: E402
-from dataset import Sample  # noqa: E402
-from errors import UserError  # noqa: E402
+from dinomaly import dataset as ds  # noqa: E402
+from dinomaly import synthesis as S  # noqa: E402
+from dinomaly.dataset import Sample  # noqa: E402
+from dinomaly.errors import UserError  # noqa: E402
 
 CHI2_7DOF_P001 = 24.32  # chi-square critical value, 7 degrees of freedom, p = 0.001
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)

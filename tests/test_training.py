@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-from loss import focal_loss, global_cosine_hm, hard_mining_factor
-from optimizers import StableAdamW, WarmCosineSchedule
-from models.vitill import ViTill
+from dinomaly import models
+from dinomaly.loss import focal_loss, global_cosine_hm, hard_mining_factor
+from dinomaly.models.vitill import ViTill
+from dinomaly.optimizers import StableAdamW, WarmCosineSchedule
 
 from conftest import TINY
 
@@ -134,7 +134,7 @@ def test_repair_loss_gradients_reach_decoder_only(tiny_encoder):
 
 
 def test_repair_loss_in_one_pass_equals_two_passes(tiny_encoder):
-    from engine import repair_loss
+    from dinomaly.engine import repair_loss
     torch.manual_seed(0)
     model = ViTill(models.encoder_config(TINY), dropout=0.0).train()
     img, aug = torch.randn(3, 3, 56, 56), torch.randn(3, 3, 56, 56)
@@ -156,7 +156,7 @@ def test_stage2_batchnorm_synced_under_torchrun_on_gpus():
     same state-dict names; one process, or CPU processes (SyncBatchNorm needs CUDA): BatchNorm as it is."""
     from types import SimpleNamespace
 
-    import engine
+    from dinomaly import engine
     net = models.segmentation_net(32)
     names = list(net.state_dict())
     kinds = {}

@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset
 
-from dataset import image_to_tensor, load_image, mask_to_tensor, resize
-from errors import UserError
-from image_cache import PIL_RGB, Reader, build_caches
+from .dataset import image_to_tensor, load_image, mask_to_tensor, resize
+from .errors import UserError
+from .image_cache import PIL_RGB, Reader, build_caches
 
 log = logging.getLogger("anomaly")
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-import dataset as ds
-from errors import UserError
-from models import load_file
+from . import dataset as ds
+from .errors import UserError
+from .models import load_file
 
 FILE = "class_prototypes.pt"
 MAX_IMAGES = 200  # training images per class that make its prototype

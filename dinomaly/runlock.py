@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 
-from errors import UserError
+from .errors import UserError
 
 NAME = "run.lock"
 log = logging.getLogger("anomaly")

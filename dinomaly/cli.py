@@ -1,4 +1,4 @@
-"""The command line of the five scripts: every flag, its default and its validation, by job.
+"""The command line of every script: every flag, its default and its validation, by job, and the entry points.
 
 A script passes its defaults (data path, run name, iterations, batch, dropout, AUPRO variant, ground truth rule),
 optionally per --dataset (`dataset_defaults`: the values that depend on the dataset, filled in where not given),
@@ -6,26 +6,35 @@ and its job: "dinomaly", "dinomaly2", "crr_stage1", "crr_stage2" or "crr_test". 
 uses.
 """
 import argparse
+import importlib
 import os
 
-from flags import (CACHE_MODES, DATASET_NAMES, FALSE_ALARM_RATE, LC_CHOICES, PRECISIONS, VAL_SHARE,
-                   ArgumentParser, float_in, int_at_least)
+from .flags import (
+    CACHE_MODES,
+    DATASET_NAMES,
+    FALSE_ALARM_RATE,
+    LC_CHOICES,
+    PRECISIONS,
+    VAL_SHARE,
+    ArgumentParser,
+    float_in,
+    int_at_least,
+)
 
 JOBS = ("dinomaly", "dinomaly2", "crr_stage1", "crr_stage2", "crr_test")
 
 
-def launch(job_function: str, parser: ArgumentParser, argv: list[str] | None = None):
+def launch(job_function: str, parser: ArgumentParser, argv: list[str] | None = None, module: str = "engine"):
     """Parse the arguments first, so that --help and argument errors answer before PyTorch and the engine are
-    imported, then run engine.<job_function> (run.main)."""
+    imported, then run <module>.<job_function> (engine.dinomaly_main, predict.predict, ...) under run.main."""
     parser.parse_args(argv)
-    import engine
-    from run import main
-    main(getattr(engine, job_function), parser, argv)
+    from .run import main
+    main(getattr(importlib.import_module(f"{__package__}.{module}"), job_function), parser, argv)
 
 
 def encoder_name(text: str) -> str:
     """--encoder: one of models.ENCODERS (imported, with PyTorch, only when the flag is given)."""
-    import models
+    from . import models
     if text not in models.ENCODERS:
         raise argparse.ArgumentTypeError(f"unknown encoder {text}; choose one of {', '.join(models.ENCODERS)}")
     return text
@@ -205,3 +214,103 @@ def build_parser(description: str, defaults: dict, job: str,
     p.set_defaults(**defaults)
     p.dataset_defaults = dataset_defaults or {}
     return p
+
+
+# ----------------------------------------------------------------------------------------------- predict and export
+
+PREDICT_HELP = """Run a trained model on new images: a score, a decision, a heatmap overlay and a mask for each
+image, in the image's own geometry.
+
+    python predict.py --checkpoint saved_results/<run> --input photos/ --out predictions/
+    python predict.py --checkpoint saved_results/<run> --input "line3/*.png" a.bmp --out p/ --class_name nut
+    dinomaly-predict ...       (the same command, after pip install)
+
+The run folder gives the model's settings (encoder, image and crop size, CRR masking) and, for a CRR run, the
+segmentation network (Seg_model_7999.pth, else Seg_model_last.pth): the fused map. Its thresholds.json
+(written by evaluation) gives the decision thresholds: those of the image's class, found by the run's
+class_prototypes.pt, or of one class with --class_name, else of all classes; --threshold T
+overrides them. An image is anomalous when score >= threshold.
+
+Writes into --out: predictions.csv (image_path, score, decision, threshold, overlay, mask, class,
+class_confidence[, normalized_score]), overlays/<name>.png (the map over the image on the class's fixed colour
+scale, the predicted mask outlined, the border outside the centre crop, which the model never sees, hatched) and
+masks/<name>.png (0/255, the image's size; 0 outside the crop). The mask of an anomalous image is where its map
+reaches the pixel threshold capped by the image threshold, so it is never empty; a
+normal image's mask is empty. An unreadable image is reported and skipped.
+
+In Python:
+
+    from dinomaly import Detector
+    detector = Detector("saved_results/demo")          # same options as the flags, e.g. class_name="nut"
+    r = detector(image)                                 # a path, a PIL image or an RGB numpy array
+    r.score, r.is_anomalous, r.anomaly_map, r.mask      # map and mask: [H, W] like the image
+    r.class_name, r.class_match                         # the class whose thresholds decided, how well it matched
+"""
+
+EXPORT_HELP = """Export a trained run to ONNX: the whole map computation in one graph, for deployment without PyTorch.
+
+    pip install -r requirements-export.txt        # onnx and onnxruntime (installed: pip install dinomaly[export])
+    python export.py --checkpoint saved_results/<run> --out model.onnx
+    dinomaly-export ...        (the same command, after pip install)
+
+Input `image`: float32 [B, 3, crop, crop], RGB in [0, 1], already resized to image_size and centre-cropped
+(not normalised: the ImageNet normalisation is inside the graph). Outputs `anomaly_map` [B, 1, 256, 256] (the
+smoothed map) and `score` [B] (mean of its top max_ratio share). The batch size is dynamic. A CRR run (with
+Seg_model_*.pth) exports the fused map, with the test-time bottleneck masking off: it is random, and a
+deployed model should give the same answer twice. The run's sizes and calibrated thresholds (its
+thresholds.json, or --thresholds FILE: for a CRR run, one from an evaluation with --test_mask off matches the
+exported map) are written into the model's metadata (image_size, crop_size, threshold, pixel_threshold,
+mask_threshold, class_thresholds, color_range). After writing, the file is checked with onnxruntime against
+PyTorch on random images.
+"""
+
+
+def predict_parser() -> ArgumentParser:
+    p = ArgumentParser(PREDICT_HELP)
+    p.add_argument("--checkpoint", required=True, help="a run folder or its model.pth (ours or official)")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="image files, folders (searched recursively) or glob patterns (quoted)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float,
+                   help="image threshold: anomalous when score >= this (default: the run's thresholds.json)")
+    p.add_argument("--class_name", help="use this class's calibrated thresholds instead of all classes'")
+    p.add_argument("--thresholds", help="a thresholds.json other than the run folder's")
+    p.add_argument("--normalize", action="store_true",
+                   help="add normalized_score: 0 at the lowest normal test score, 0.5 at the threshold, clipped "
+                        "to [0, 1]")
+    p.add_argument("--seg_checkpoint",
+                   help="CRR segmentation network (default: the run folder's Seg_model_7999.pth or _last.pth)")
+    p.add_argument("--batch_size", type=int_at_least(1), default=8)
+    p.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
+                   help="image reading processes")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    over = p.add_argument_group("overrides (default: the run's)")
+    over.add_argument("--image_size", type=int_at_least(14))
+    over.add_argument("--crop_size", type=int_at_least(14))
+    over.add_argument("--test_mask", choices=["on", "off"], help="CRR bottleneck masking at test time")
+    over.add_argument("--mask_ratio", type=float_in(0, 1, high_open=True))
+    over.add_argument("--max_ratio", type=float_in(0, 1), help="image score = mean of this top share of the map")
+    over.add_argument("--fusion_alpha", type=float_in(0, 1), help="CRR: a * reconstruction + (1 - a) * segmentation")
+    return p
+
+
+def export_parser() -> ArgumentParser:
+    p = ArgumentParser(EXPORT_HELP)
+    p.add_argument("--checkpoint", required=True, help="a run folder or its model.pth")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--seg_checkpoint",
+                   help="CRR segmentation network (default: the run folder's Seg_model_7999.pth or _last.pth)")
+    p.add_argument("--thresholds", help="the thresholds.json to store (default: the run folder's)")
+    p.add_argument("--check_batch", type=int_at_least(1), default=2,
+                   help="random images to compare onnxruntime with PyTorch on (a batch: checks the dynamic axis)")
+    return p
+
+
+def predict_main(argv: list[str] | None = None):
+    """predict.py and the `dinomaly-predict` command."""
+    launch("predict", predict_parser(), argv, module="predict")
+
+
+def export_main(argv: list[str] | None = None):
+    """export.py and the `dinomaly-export` command."""
+    launch("export", export_parser(), argv, module="export")

@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import torch
 
-from errors import one_line
-from visualize import heatmap_panel, text_band
+from .errors import one_line
+from .visualize import heatmap_panel, text_band
 
 log = logging.getLogger("anomaly")
 

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-from dataset import IMAGENET_MEAN, IMAGENET_STD
+from .dataset import IMAGENET_MEAN, IMAGENET_STD
 
 COLORMAP = cv2.COLORMAP_JET
 FONT = cv2.FONT_HERSHEY_SIMPLEX

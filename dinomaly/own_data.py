@@ -16,12 +16,12 @@ import zlib
 
 import numpy as np
 
-import dataset as ds
-import thresholds as th
-from errors import UserError
-from flags import VAL_SHARE
-from run import log
-from utils import METRIC_NAMES, format_metrics
+from . import dataset as ds
+from . import thresholds as th
+from .errors import UserError
+from .flags import VAL_SHARE
+from .run import log
+from .utils import METRIC_NAMES, format_metrics
 
 
 def find_classes(args) -> list[str]:

@@ -10,8 +10,8 @@ import warnings
 
 import torch
 
-from dataset import check_sizes
-from errors import UserError, check_entries, choice, integer, kind, number
+from ..dataset import check_sizes
+from ..errors import UserError, check_entries, choice, integer, kind, number
 from .encoder import DEFAULT_ENCODER, ENCODERS, EncoderConfig, build_encoder
 from .segnet import SegmentationNet, segmentation_input
 from .vitill import GROUPINGS, ViTill, mask_seed

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import runlock
-from errors import UserError, user_message
-from flags import ArgumentParser
+from . import runlock
+from .errors import UserError, user_message
+from .flags import ArgumentParser
 
 log = logging.getLogger("anomaly")
 

@@ -21,9 +21,9 @@ import math
 
 import numpy as np
 
-from errors import Expect, UserError, check_entries, choice, kind, number
-from flags import FALSE_ALARM_RATE
-from run import write_atomic
+from .errors import Expect, UserError, check_entries, choice, kind, number
+from .flags import FALSE_ALARM_RATE
+from .run import write_atomic
 
 PIXEL_SAMPLE = 1 << 21  # map values kept per class: 32 maps of 256 x 256
 

@@ -18,8 +18,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dataset import IMAGENET_MEAN, IMAGENET_STD, Sample, load_image, resize
-from errors import UserError
+from .dataset import IMAGENET_MEAN, IMAGENET_STD, Sample, load_image, resize
+from .errors import UserError
 
 SHOTS_FILE = "shots.txt"  # the chosen training images, in the run folder: "<class>\t<path>" per line
 ASPECT_RATIOS = (0.95, 1.05)

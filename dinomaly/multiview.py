@@ -21,8 +21,8 @@ from collections import Counter
 
 import numpy as np
 
-from run import log
-from utils import OBJECT_METRIC_NAMES, binary_metrics
+from .run import log
+from .utils import OBJECT_METRIC_NAMES, binary_metrics
 
 SAMPLE_KEY = re.compile(r"^(.+?)_C\d+_")  # file name -> Real-IAD sample
 

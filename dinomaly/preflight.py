@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-import dataset as ds
-import own_data
-from errors import UserError, one_line
-from run import log
+from . import dataset as ds
+from . import own_data
+from .errors import UserError, one_line
+from .run import log
 
 THREADS = 16  # file opening waits on the disk more than on the CPU
 

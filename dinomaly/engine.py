@@ -18,24 +18,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import class_finder
-import dataset as ds
-import fewshot
-import models
-import own_data
-import preflight
-import speed
-import train_state
-from anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt, check_max_ratio
-from errors import UserError
-from image_cache import build_cache
-from loss import focal_loss, global_cosine_hm, hard_mining_factor
-from multiview import ObjectAccumulator
-from optimizers import StableAdamW, WarmCosineSchedule, WarmupRatioSchedule
-from report import ClassReport
-from run import Run, log, save_atomic, seed_everything
-from thresholds import Calibration, PixelSample
-from utils import ClassAccumulator, nanmean, write_metrics_csv
+from . import class_finder, fewshot, models, own_data, preflight, speed, train_state
+from . import dataset as ds
+from .anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt, check_max_ratio
+from .errors import UserError
+from .image_cache import build_cache
+from .loss import focal_loss, global_cosine_hm, hard_mining_factor
+from .multiview import ObjectAccumulator
+from .optimizers import StableAdamW, WarmCosineSchedule, WarmupRatioSchedule
+from .report import ClassReport
+from .run import Run, log, save_atomic, seed_everything
+from .thresholds import Calibration, PixelSample
+from .utils import ClassAccumulator, nanmean, write_metrics_csv
 
 # ----------------------------------------------------------------------------------------------- the recipes
 # Reconstruction training (Dinomaly, CRR Stage I, Dinomaly2): StableAdamW, warm-up then cosine, clipping, hard mining.
@@ -484,7 +478,7 @@ def synthetic_train_set(args):
     """CRR's training images, each with a synthetic anomaly: textures from --anomaly_source_path (DTD), object
     masks from --foreground_path or, for Real-IAD, from where the released code looks for them; images, masks and
     textures kept decoded with --cache_images."""
-    from synthesis import SyntheticAnomalyDataset, list_textures, synthesis_caches
+    from .synthesis import SyntheticAnomalyDataset, list_textures, synthesis_caches
     if args.dataset == "manta":
         raise UserError("CRR's anomaly synthesis works on whole images, not on MANTA-Tiny's five-view images; "
                         "train CRR on another --dataset")

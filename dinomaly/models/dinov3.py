@@ -19,7 +19,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm
 from timm.models.eva import Eva
 
-from errors import UserError
+from ..errors import UserError
 from .vit import tap_outputs
 
 

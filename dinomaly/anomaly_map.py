@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import speed
-from errors import UserError
-from models import SegmentationNet, ViTill, segmentation_input
+from . import speed
+from .errors import UserError
+from .models import SegmentationNet, ViTill, segmentation_input
 
 MAP_SIZE = 256  # anomaly maps and ground truth are compared at 256 x 256
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from errors import UserError, check_entries, integer, kind
-from models import load_file
-from run import Run, log, save_atomic
+from .errors import UserError, check_entries, integer, kind
+from .models import load_file
+from .run import Run, log, save_atomic
 
 RECONSTRUCTION = "train_state.pth"  # Dinomaly, CRR Stage I
 SEGMENTATION = "train_state_stage2.pth"  # CRR Stage II

@@ -1,0 +1,439 @@
+"""Run a trained model on new images: the Detector (a score, a decision, a map and a mask for each image, in
+the image's own geometry) and the predict command (`predict.py`, `dinomaly-predict`; its flags and outputs are
+described in cli.PREDICT_HELP)."""
+import argparse
+import csv
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import class_finder, models
+from . import dataset as ds
+from . import thresholds as th
+from .anomaly_map import AnomalyMapper, check_max_ratio
+from .errors import UserError
+from .report import picture, write_png
+from .run import log, resolve_device
+from .visualize import overlay_picture
+
+SCORING_DEFAULTS = dict(max_ratio=0.01, fusion_alpha=0.7)  # without a thresholds.json that says otherwise
+
+
+@dataclass
+class Prediction:
+    """One image's result. anomaly_map: float32 [H, W] in the image's geometry, NaN outside the centre crop
+    (`seen` False: the model never saw those pixels); mask: bool [H, W], where an anomalous image's map reaches
+    mask_threshold (thresholds.mask_level), empty for a normal image. class_name: the class whose thresholds
+    decided (--class_name, or the one found), None for all classes'."""
+    score: float
+    is_anomalous: bool
+    threshold: float
+    normalized_score: float  # 0 at the lowest normal test score, 0.5 at the threshold, clipped to [0, 1]
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    seen: np.ndarray
+    mask_threshold: float
+    class_name: str | None = None
+    class_match: class_finder.Match | None = None  # the class found (class_finder), None unless it was looked for
+
+
+@dataclass
+class OperatingPoint:
+    """The thresholds one decision uses: of a class, of all classes, or --threshold."""
+    threshold: float
+    mask_threshold: float
+    color_range: tuple[float, float]
+    normal_min: float | None
+    source: str
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+def uncrop(amap: np.ndarray, width: int, height: int, image_size: int, crop_size: int) -> tuple[np.ndarray,
+                                                                                                   np.ndarray]:
+    """A map of the centre crop ([n, n], any n) -> (map [height, width] of the original image, seen [height,
+    width]): undoes the square resize to image_size and the centre crop, pixel centre to pixel centre, with
+    bilinear interpolation (edge values repeated up to the crop's border). NaN where seen is False."""
+    n = amap.shape[-1]
+    top = ds.center_crop_box(image_size, crop_size)[0]
+
+    def crop_coords(length):  # original pixel centres -> crop coordinates in pixels
+        return (np.arange(length) + 0.5) * image_size / length - top
+
+    def weights(c):  # crop coordinates -> (index, weight of index + 1) into the map, clamped to its ends
+        u = np.clip(c * n / crop_size - 0.5, 0, n - 1)
+        i = np.minimum(np.floor(u).astype(np.int64), n - 2)
+        return i, (u - i).astype(np.float32)
+
+    cx, cy = crop_coords(width), crop_coords(height)
+    (ix, tx), (iy, ty) = weights(cx), weights(cy)
+    a = np.asarray(amap, dtype=np.float32)
+    cols = a[:, ix] * (1 - tx) + a[:, ix + 1] * tx  # [n, width]
+    full = cols[iy] * (1 - ty)[:, None] + cols[iy + 1] * ty[:, None]  # [height, width]
+    seen = ((cy >= 0) & (cy < crop_size))[:, None] & ((cx >= 0) & (cx < crop_size))[None, :]
+    full[~seen] = np.nan
+    return full, seen
+
+
+# ----------------------------------------------------------------------------------------------- the detector
+
+def as_rgb(image) -> Image.Image:
+    """A path, a PIL image or a numpy array (H x W grey, H x W x 3 RGB or x 4 RGBA; uint8, uint16, or float
+    in [0, 1] or 0..255) -> 8-bit RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        return ds.load_image(os.fspath(image))
+    if isinstance(image, np.ndarray):
+        a = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        if a.dtype == bool:
+            a = a.astype(np.uint8) * 255
+        elif a.ndim == 3 and a.dtype in (np.uint16, np.float32, np.float64):  # colour PIL cannot take as it is
+            scale = 255 / 65535 if a.dtype == np.uint16 else 255.0 if np.nanmax(a) <= 1 else 1.0
+            a = np.clip(np.nan_to_num(a) * scale + 0.5, 0, 255).astype(np.uint8)
+        try:
+            image = Image.fromarray(a)
+        except TypeError:
+            raise UserError(f"cannot use an array of shape {image.shape} and type {image.dtype} as an image; "
+                            f"pass H x W or H x W x 3 (RGB) uint8") from None
+    if not isinstance(image, Image.Image):
+        raise UserError(f"cannot use a {type(image).__name__} as an image; pass a path, a PIL image or a "
+                        f"numpy array")
+    return ds.to_rgb(image)
+
+
+def run_files(checkpoint: str, seg_checkpoint: str | None) -> tuple[str, str | None]:
+    """(model.pth, the segmentation network or None): --seg_checkpoint, else the run folder's
+    Seg_model_7999.pth or Seg_model_last.pth when there is one (a CRR run)."""
+    path = models.checkpoint_file(checkpoint)
+    if seg_checkpoint is None:
+        seg_checkpoint = models.segmentation_file(os.path.dirname(os.path.abspath(path)))
+    return path, seg_checkpoint
+
+
+def load_calibration(model_path: str, fused: bool, path: str | None = None) -> tuple[dict | None, str]:
+    """(thresholds.json's content, its path): `path`, else the run folder's thresholds.json, or for a map
+    without the segmentation network its thresholds_recon.json (CRR Stage I) when there is one. None when
+    the run folder has none."""
+    if path is not None:
+        return th.load(path), path
+    run_dir = os.path.dirname(os.path.abspath(model_path))
+    recon = os.path.join(run_dir, "thresholds_recon.json")
+    path = recon if not fused and os.path.isfile(recon) else os.path.join(run_dir, "thresholds.json")
+    return (th.load(path) if os.path.isfile(path) else None), path
+
+
+def load_mapper(path: str, seg_path: str | None, device: torch.device, overrides: dict,
+                calibration: dict | None) -> tuple[AnomalyMapper, dict]:
+    """The model and, for CRR, the segmentation network, as an AnomalyMapper on `device`, with the run's
+    settings unless `overrides` (not None) give others. max_ratio and fusion_alpha: the overrides, else those
+    the thresholds were calibrated with, else the defaults. Returns it and the model's settings."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    saved = calibration["settings"] if calibration else {}
+    scoring = {k: given.pop(k, saved.get(k, default)) for k, default in SCORING_DEFAULTS.items()}
+    check_max_ratio(scoring["max_ratio"])
+    args = argparse.Namespace(explicit=list(given), **given)
+    model = models.load_trained(path, args, models.PAPER_SETTINGS["crr" if seg_path else "dinomaly"]).to(device)
+    segnet = None
+    if seg_path:
+        models.check_segmentation_owner(os.path.dirname(os.path.abspath(seg_path)), model, path, seg_path)
+        segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(device).eval()
+        log.info(f"loaded {seg_path}; map: {scoring['fusion_alpha']} * reconstruction + "
+                 f"{1 - scoring['fusion_alpha']:.4g} * segmentation")
+    used = {k: getattr(args, k) for k in models.PAPER_SETTINGS["dinomaly"]}
+    return AnomalyMapper(model, segnet, scoring["fusion_alpha"], scoring["max_ratio"]), used
+
+
+def check_settings(mapper: AnomalyMapper, calibration: dict, path: str, model_path: str):
+    """One warning line naming the settings (AnomalyMapper.scoring_settings) that the thresholds in `path` were
+    calibrated with and `mapper` does not use. Files written before test_mask was recorded: the run's own
+    test_mask (its config.json) stands in."""
+    saved = dict(calibration["settings"])
+    if "test_mask" not in saved:
+        saved["test_mask"] = models.saved_settings(model_path).get("test_mask")
+    used = mapper.scoring_settings()
+    relevant = dict(fusion_alpha=used["map"] == "fused", mask_ratio=saved["test_mask"] == used["test_mask"])
+    other = [k for k, v in used.items() if saved.get(k) not in (None, v) and relevant.get(k, True)]
+    if other:
+        log.warning(f"warning: the thresholds in {path} were calibrated with "
+                    f"{', '.join(f'{k} {saved[k]}' for k in other)}, these scores use "
+                    f"{', '.join(f'{k} {used[k]}' for k in other)}: to match, evaluate the run so "
+                    f"(crr_realiad_test.py, or the training script's --eval_only) into another --save_name and pass "
+                    f"its thresholds file as --thresholds")
+
+
+def operating_point(entry: dict | None, where: str, threshold: float | None = None) -> OperatingPoint:
+    """The thresholds of a thresholds.json entry (None: --threshold alone), the image threshold replaced by
+    `threshold` when given."""
+    calibrated = entry["image"]["threshold"] if entry else None
+    if threshold is None and calibrated is None:
+        raise UserError(f"{where} has no image threshold (its test set had no good images); evaluate the run "
+                        f"with good test images (a test/good folder, or --val DIR) to calibrate one, or pass "
+                        f"--threshold")
+    where = where if threshold is None else "--threshold"
+    threshold = float(threshold if threshold is not None else calibrated)
+    pixel = entry["pixel"]["threshold"] if entry else None
+    normal_px = entry["pixel"]["normal_values"] if entry else {}
+    return OperatingPoint(threshold=threshold, mask_threshold=th.mask_level(pixel, threshold),
+                          color_range=tuple(th.color_range(normal_px.get("p50") or 0.0, threshold,
+                                                           normal_px.get("p999"))),
+                          normal_min=entry["image"]["normal_scores"]["min"] if entry else None, source=where)
+
+
+def source(path: str, class_name: str | None) -> str:
+    """Where thresholds come from, for the log: the file and the class (or all classes)."""
+    return f"{path} ({'all classes' if class_name is None else 'class ' + class_name})"
+
+
+def find_prototypes(thresholds_path: str, model_path: str) -> dict | None:
+    """The class prototypes beside the thresholds file, else beside the model; None (with a hint) without."""
+    folders = dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in (thresholds_path, model_path))
+    for folder in folders:
+        data = class_finder.load(os.path.join(folder, class_finder.FILE))
+        if data is not None:
+            return data
+    log.info(f"no {class_finder.FILE} in {' or '.join(folders)} (a run evaluated before class finding): every "
+             f"image is decided with the all-classes threshold; evaluate the run again (the training script's "
+             f"--eval_only, or crr_realiad_test.py) to find each image's class, or pass --class_name")
+    return None
+
+
+class Detector:
+    """A trained run, ready to score images. See the module docstring; the keyword arguments are the flags.
+
+    threshold: the image threshold (default: thresholds.json's, of `class_name`, else of the class found for
+    each image, else of all classes); thresholds: a thresholds.json other than the run folder's. The masks use
+    thresholds.mask_level; pictures the colour scale of thresholds.color_range."""
+
+    def __init__(self, checkpoint: str, *, seg_checkpoint: str | None = None, thresholds: str | None = None,
+                 threshold: float | None = None, class_name: str | None = None, device: str | None = None,
+                 max_ratio: float | None = None, fusion_alpha: float | None = None, image_size: int | None = None,
+                 crop_size: int | None = None, test_mask: str | None = None, mask_ratio: float | None = None):
+        if threshold is not None and not (np.isfinite(threshold) and threshold > 0):
+            raise UserError(f"--threshold {threshold} must be a positive number (scores are >= 0)")
+        self.model_path, seg_path = run_files(checkpoint, seg_checkpoint)
+        self.device = resolve_device(device)
+        calibration, calib_path = load_calibration(self.model_path, seg_path is not None, thresholds)
+        overrides = dict(image_size=image_size, crop_size=crop_size, test_mask=test_mask, mask_ratio=mask_ratio,
+                         max_ratio=max_ratio, fusion_alpha=fusion_alpha)
+        self.mapper, self.settings = load_mapper(self.model_path, seg_path, self.device, overrides, calibration)
+        self.image_size, self.crop_size = self.settings["image_size"], self.settings["crop_size"]
+        self.masked = self.mapper.model.test_mask == "on"
+        if self.masked:  # CRR's test-time masking is random: each image's mask is seeded with a hash of its pixels
+            self.mapper.model.mask_rng = "device"
+            log.info("CRR test-time masking is on (the run's setting): each image's random mask is seeded by its "
+                     "pixels, the same whatever its batch (evaluation drew other masks: scores differ from its "
+                     "scores.csv by up to several percent); --test_mask off (Python: test_mask='off') turns it off")
+        self._set_thresholds(calibration, calib_path, class_name, threshold)
+
+    def _set_thresholds(self, calibration: dict | None, path: str, class_name: str | None,
+                        threshold: float | None):
+        """self.default: the operating point of --threshold, --class_name or all classes; with class finding
+        (a multi-class run's class_prototypes.pt, neither given) self.points: each calibrated class's."""
+        if calibration is None:
+            if class_name is not None:
+                raise UserError(f"--class_name needs the run's thresholds, but {path} does not exist; evaluate "
+                                f"the model first or pass --thresholds")
+            if threshold is None:
+                raise UserError(f"no thresholds file {path}: evaluate the model first (evaluation writes "
+                                f"thresholds.json into its run folder; pass it as --thresholds), or pass --threshold")
+            self.classes, self.default = [], operating_point(None, "--threshold", threshold)
+        else:
+            self.classes = list(calibration["classes"])
+            check_settings(self.mapper, calibration, path, self.model_path)
+            self.default = operating_point(th.select(calibration, class_name, path), source(path, class_name),
+                                           threshold)
+        self.class_name, self.points = class_name, {}
+        self.prototypes = None
+        if class_name is None and threshold is None and len(self.classes) > 1:
+            self.prototypes = find_prototypes(path, self.model_path)
+        if self.prototypes is not None:
+            self.points = {c: operating_point(e, source(path, c)) for c, e in calibration["classes"].items()
+                           if e["image"]["threshold"] is not None}
+            log.info(f"each image is decided with the thresholds of its class, found by {class_finder.FILE} "
+                     f"({', '.join(self.prototypes['classes'])}); --class_name C uses one class's")
+        else:
+            log.info(f"threshold {self.default.threshold:.6g} from {self.default.source}; masks of anomalous images: "
+                     f"map >= {self.default.mask_threshold:.6g}")
+
+    def point(self, class_name: str | None) -> OperatingPoint:
+        """The operating point of a found class (the default one where it has none)."""
+        return self.points.get(class_name, self.default)
+
+    def prepare(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """An image (see as_rgb) -> (normalised crop [3, crop, crop], its (width, height))."""
+        rgb = as_rgb(image)
+        return ds.transform(rgb, self.image_size, self.crop_size), rgb.size
+
+    @torch.no_grad()
+    def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
+        """Normalised crops [B, 3, crop, crop] and their images' (width, height) -> one Prediction each."""
+        seeds = [models.mask_seed(x.numpy().tobytes()) for x in batch.cpu()] if self.masked else None
+        amaps, scores, *features = self.mapper(batch.to(self.device), seeds, features=self.prototypes is not None)
+        matches = class_finder.classify(self.prototypes, features[0]) if features else [None] * len(sizes)
+        out = []
+        for amap, score, (w, h), match in zip(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes, matches):
+            full, seen = uncrop(amap, w, h, self.image_size, self.crop_size)
+            point = self.point(match.class_name) if match else self.default
+            anomalous = score >= point.threshold
+            out.append(Prediction(score=score, is_anomalous=anomalous, threshold=point.threshold,
+                                  normalized_score=th.normalize(score, point.threshold, point.normal_min),
+                                  anomaly_map=full, seen=seen, mask_threshold=point.mask_threshold,
+                                  mask=anomalous & seen & (np.nan_to_num(full) >= point.mask_threshold),
+                                  class_name=match.class_name if match else self.class_name, class_match=match))
+        return out
+
+    def predict(self, images: list) -> list[Prediction]:
+        """Several images in one batch."""
+        prepared = [self.prepare(im) for im in images]
+        return self.predict_prepared(torch.stack([p[0] for p in prepared]), [p[1] for p in prepared])
+
+    def __call__(self, image) -> Prediction:
+        return self.predict([image])[0]
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
+class ImageFiles(Dataset):
+    """Image files -> (index, crop tensor or None, original RGB array or None, error message or None)."""
+
+    def __init__(self, paths: list[str], detector: Detector):
+        self.paths, self.image_size, self.crop_size = paths, detector.image_size, detector.crop_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            rgb = ds.load_image(self.paths[i])
+        except UserError as e:
+            return i, None, None, str(e)
+        return i, ds.transform(rgb, self.image_size, self.crop_size), np.asarray(rgb), None
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """One PNG name per image: its path below the images' common folder without the extension, '/' as '_'
+    (so its stem when all are in one folder); with the extension ('.' as '_') where only that tells two
+    apart; unique case-insensitively (for case-insensitive file systems)."""
+    absolute = [os.path.abspath(p) for p in paths]
+    common = os.path.commonpath([os.path.dirname(a) for a in absolute])
+    rel = [os.path.relpath(a, common).replace(os.sep, "_") for a in absolute]
+    stems = [os.path.splitext(r)[0] for r in rel]
+    counts = Counter(s.lower() for s in stems)
+    names, used = [], set()
+    for r, stem in zip(rel, stems):
+        name = base = stem if counts[stem.lower()] == 1 else r.replace(".", "_")
+        k = 2
+        while name.lower() in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
+def output_files(name: str) -> tuple[str, str]:
+    """The overlay's and the mask's paths relative to --out."""
+    return os.path.join("overlays", name + ".png"), os.path.join("masks", name + ".png")
+
+
+def write_outputs(out: str, name: str, rgb: np.ndarray, p: Prediction, detector: Detector):
+    """overlays/<name>.png and masks/<name>.png (output_files)."""
+    verdict = "ANOMALOUS" if p.is_anomalous else "normal"
+    found = f"  [{p.class_name} {p.class_match.confidence:.2f}]" if p.class_match else ""
+    caption = f"{verdict}  score {p.score:.4g} {'>=' if p.is_anomalous else '<'} {p.threshold:.4g}{found}"
+    overlay, mask = (os.path.join(out, f) for f in output_files(name))
+    try:
+        Image.fromarray(p.mask.astype(np.uint8) * 255).save(mask)
+    except OSError as e:
+        raise UserError(f"cannot write into {out} ({e}); pass a writable --out") from None
+    marks = {"threshold": p.threshold} if p.mask_threshold == p.threshold else \
+        {"threshold": p.threshold, "mask level": p.mask_threshold}
+    picture(overlay, lambda: write_png(overlay, overlay_picture(
+        rgb, p.anomaly_map, p.seen, p.mask, detector.point(p.class_name).color_range, caption, p.is_anomalous,
+        marks)))
+
+
+def predict(args):
+    paths = ds.find_images(args.input, skip_dir=args.out)  # before the model, which takes longer to load
+    if not paths:
+        raise UserError(f"every image given is inside --out {args.out}; pass other --input or --out")
+    detector = Detector(args.checkpoint, seg_checkpoint=args.seg_checkpoint, thresholds=args.thresholds,
+                        threshold=args.threshold, class_name=args.class_name, device=args.device,
+                        max_ratio=args.max_ratio, fusion_alpha=args.fusion_alpha, image_size=args.image_size,
+                        crop_size=args.crop_size, test_mask=args.test_mask, mask_ratio=args.mask_ratio)
+    names = output_names(paths)
+    guess = class_folder(paths, detector.classes)
+    if args.class_name is None and args.threshold is None and detector.prototypes is None and guess is not None:
+        log.info(f"the images all lie in a folder named {guess}, a class of this run: --class_name {guess} "
+                 f"decides with that class's threshold (recommended) instead of all classes'")
+    try:
+        for sub in ("overlays", "masks"):
+            os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {args.out} ({e.strerror}); pass another --out") from None
+    loader = DataLoader(ImageFiles(paths, detector), batch_size=args.batch_size, num_workers=args.num_workers,
+                        collate_fn=list)
+    rows, skipped = [], 0
+    header = ["image_path", "score", "decision", "threshold", "overlay", "mask", "class", "class_confidence"]
+    # rows are written (and flushed) batch by batch, before their pictures: a crash keeps the rows so far
+    try:
+        f = open(os.path.join(args.out, "predictions.csv"), "w", newline="", errors="backslashreplace")
+    except OSError as e:
+        raise UserError(f"cannot write into {args.out} ({e.strerror}); pass a writable --out") from None
+    with f, tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
+        table = csv.writer(f)
+        table.writerow(header + (["normalized_score"] if args.normalize else []))
+        for batch in loader:
+            for i, _, _, error in [b for b in batch if b[3] is not None]:
+                log.warning(f"skipped {paths[i]}: {error}")
+                skipped += 1
+            good = [b for b in batch if b[3] is None]
+            if good:
+                preds = detector.predict_prepared(torch.stack([b[1] for b in good]),
+                                                  [(b[2].shape[1], b[2].shape[0]) for b in good])
+                new = [[paths[i], repr(p.score), "anomalous" if p.is_anomalous else "normal", repr(p.threshold),
+                        *output_files(names[i]), p.class_name or "",
+                        repr(p.class_match.confidence) if p.class_match else ""] +
+                       ([repr(p.normalized_score)] if args.normalize else [])
+                       for (i, _, _, _), p in zip(good, preds)]
+                table.writerows(new)
+                f.flush()
+                rows += new
+                for (i, _, rgb, _), p in zip(good, preds):
+                    write_outputs(args.out, names[i], rgb, p, detector)
+                    warn_unmatched(paths[i], p)
+            bar.update(len(batch))
+    if not rows:
+        raise UserError(f"none of the {len(paths)} images could be read (see the lines above); check --input")
+    n_bad = sum(r[2] == "anomalous" for r in rows)
+    log.info(f"predicted {len(rows)} image{'s' * (len(rows) != 1)} ({n_bad} anomalous, {len(rows) - n_bad} normal; "
+             f"{decided_by(detector, [r[6] for r in rows])}), skipped {skipped} unreadable; "
+             f"predictions.csv, overlays/ and masks/ in {args.out}")
+
+
+def decided_by(detector: Detector, classes: list[str]) -> str:
+    """Which thresholds decided: 'threshold T from SOURCE', or the classes found and how often."""
+    if detector.prototypes is None:
+        return f"threshold {detector.default.threshold:.6g} from {detector.default.source}"
+    counts = Counter(classes)
+    return "classes found: " + ", ".join(f"{c} {counts[c]}" for c in detector.prototypes["classes"] if counts[c])
+
+
+def warn_unmatched(path: str, p: Prediction):
+    """A warning for an image far from every class of the run (class_finder.Match.well False)."""
+    m = p.class_match
+    if m is not None and not m.well:
+        log.warning(f"warning: {path} looks like no class of this run: the nearest, {m.class_name}, is at distance "
+                    f"{m.distance:.3g}, more than {class_finder.FAR:g} x the farthest of its training images "
+                    f"({m.radius:.3g}); decided with {m.class_name}'s thresholds, check it (or --class_name)")
+
+
+def class_folder(paths: list[str], classes: list[str]) -> str | None:
+    """The one calibrated class that names a folder above every path, if there is exactly one (and the run
+    has several: one class's threshold is the all-classes one)."""
+    found = [c for c in classes if all(c in os.path.abspath(p).split(os.sep)[:-1] for p in paths)]
+    return found[0] if len(found) == 1 and len(classes) > 1 else None
