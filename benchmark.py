@@ -48,15 +48,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dinomaly import dataset as ds
 from dinomaly import models, speed, utils
 from dinomaly.anomaly_map import AnomalyMapper
-from dinomaly.engine import (
-    CLIP_NORM,
-    HM_FACTOR,
-    SEG_LR,
-    reconstruction_optimizer,
-    repair_loss,
-    segmentation_loss,
-    train_step,
-)
+from dinomaly.engine import (CLIP_NORM, HM_FACTOR, SEG_LR, reconstruction_optimizer, repair_loss, segmentation_loss,
+                             train_step)
 from dinomaly.errors import UserError
 from dinomaly.image_cache import ImageCache
 from dinomaly.loss import global_cosine_hm

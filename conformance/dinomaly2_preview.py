@@ -116,13 +116,13 @@ def fast_init(P):
     skipped, while models are built whose weights are all set afterwards (random encoder weights, the
     trainable parts' init_weights, or strict loads); on a busy CPU the 37M draws of two ViT-S models take tens
     of seconds."""
-    from dinomaly.models import encoder as our_encoder
+    from dinomaly.models import vit as our_vit
 
     def clamped_normal(t, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
         with torch.no_grad():
             return t.normal_(mean, std, generator=generator).clamp_(a, b)
     places = [(torch.nn.init, "trunc_normal_"), (P.uad, "trunc_normal_"), (P.dinov2, "trunc_normal_"),
-              (our_encoder, "trunc_normal_"), (nn.Linear, "reset_parameters")]
+              (our_vit, "trunc_normal_"), (nn.Linear, "reset_parameters")]
     saved = [getattr(m, n) for m, n in places]
     for m, n in places[:-1]:
         setattr(m, n, clamped_normal)

@@ -9,17 +9,8 @@ import argparse
 import importlib
 import os
 
-from .flags import (
-    CACHE_MODES,
-    DATASET_NAMES,
-    FALSE_ALARM_RATE,
-    LC_CHOICES,
-    PRECISIONS,
-    VAL_SHARE,
-    ArgumentParser,
-    float_in,
-    int_at_least,
-)
+from .flags import (ADAM_EPS, CACHE_MODES, DATASET_NAMES, FALSE_ALARM_RATE, LC_CHOICES, PRECISIONS, VAL_SHARE,
+                    ArgumentParser, float_in, int_at_least)
 
 JOBS = ("dinomaly", "dinomaly2", "crr_stage1", "crr_stage2", "crr_test")
 
@@ -165,6 +156,14 @@ def build_parser(description: str, defaults: dict, job: str,
             train.add_argument("--lr_decay_ratio", type=float_in(0, 1), default=1.0,
                                help="the learning rate after warm-up falls on a cosine to this share of its start "
                                     "(1: constant)")
+        if trains_recon:
+            train.add_argument("--adam_eps", type=float_in(0, 1), default=ADAM_EPS, help="StableAdamW's epsilon")
+        if job in ("dinomaly", "dinomaly2"):
+            train.add_argument("--per_class", action="store_true",
+                               help="one model per class (the class-separated setting): each class is trained and "
+                                    "evaluated alone, as a run on that class alone would be, into <run>/<class>/; "
+                                    "the run folder gets the table of all classes and their mean, and predict.py "
+                                    "sends each image to its class's model")
         train.add_argument("--log_every", type=int_at_least(1), default=100,
                            help="log the mean loss every N iterations")
         train.add_argument("--save_every", type=int_at_least(1), default=1000,

@@ -22,6 +22,7 @@ from . import class_finder, fewshot, models, own_data, preflight, speed, train_s
 from . import dataset as ds
 from .anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt, check_max_ratio
 from .errors import UserError
+from .flags import ADAM_EPS
 from .image_cache import build_cache
 from .loss import focal_loss, global_cosine_hm, hard_mining_factor
 from .multiview import ObjectAccumulator
@@ -29,7 +30,7 @@ from .optimizers import StableAdamW, WarmCosineSchedule, WarmupRatioSchedule
 from .report import ClassReport
 from .run import Run, log, save_atomic, seed_everything
 from .thresholds import Calibration, PixelSample
-from .utils import ClassAccumulator, nanmean, write_metrics_csv
+from .utils import ClassAccumulator, nanmean, read_metrics_csv, write_metrics_csv
 
 # ----------------------------------------------------------------------------------------------- the recipes
 # Reconstruction training (Dinomaly, CRR Stage I, Dinomaly2): StableAdamW, warm-up then cosine, clipping, hard mining.
@@ -52,7 +53,7 @@ RECIPES = {
     "dinomaly2": Recipe(lr=2e-3, amsgrad=False, schedule="ratio"),
 }
 LR_FINAL, WARMUP_ITERS = 2e-4, 100
-BETAS, WEIGHT_DECAY, ADAM_EPS = (0.9, 0.999), 1e-4, 1e-10
+BETAS, WEIGHT_DECAY = (0.9, 0.999), 1e-4  # StableAdamW's; its epsilon is --adam_eps (flags.ADAM_EPS)
 CLIP_NORM = 0.1
 HM_MAX_P, HM_RAMP_ITERS, HM_FACTOR = 0.9, 1000, 0.1  # share of easy positions, iterations to reach it, their weight
 # CRR Stage II: Adam on the segmentation network, checkpoints Seg_model_3999.pth, Seg_model_7999.pth, ...
@@ -179,7 +180,7 @@ def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, met
     args = run.args
     repair = method == "crr"
     params = model.trainable_parameters()
-    optimizer = reconstruction_optimizer(model, method, getattr(args, "bottleneck_in_lr", None))
+    optimizer = reconstruction_optimizer(model, method, getattr(args, "bottleneck_in_lr", None), args.adam_eps)
     schedule = reconstruction_schedule(method, args.total_iters, getattr(args, "lr_decay_ratio", 1.0))
     net = ddp_wrap(run, model)
     model.train()
@@ -205,7 +206,8 @@ def train_reconstruction(run: Run, model: models.ViTill, loader: DataLoader, met
     log.info(f"saved {run.path('model.pth')}")
 
 
-def reconstruction_optimizer(model: models.ViTill, method: str, bottleneck_in_lr: float | None = None) -> StableAdamW:
+def reconstruction_optimizer(model: models.ViTill, method: str, bottleneck_in_lr: float | None = None,
+                             eps: float = ADAM_EPS) -> StableAdamW:
     """StableAdamW over the bottleneck and the decoder: one parameter group (Dinomaly, CRR), or, with
     `bottleneck_in_lr`, three as Dinomaly2's: the first bottleneck layer at that rate, the rest of the bottleneck,
     the decoder."""
@@ -216,7 +218,7 @@ def reconstruction_optimizer(model: models.ViTill, method: str, bottleneck_in_lr
         groups = [{"params": list(model.bottleneck[0].parameters()), "lr": bottleneck_in_lr},
                   {"params": list(model.bottleneck[1:].parameters())}, {"params": list(model.decoder.parameters())}]
     return StableAdamW(groups, lr=recipe.lr, betas=BETAS, weight_decay=WEIGHT_DECAY, amsgrad=recipe.amsgrad,
-                       eps=ADAM_EPS)
+                       eps=eps)
 
 
 def reconstruction_schedule(method: str, total_iters: int, final_ratio: float = 1.0):
@@ -335,15 +337,20 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
         score_rows += rows
     if not run.is_main:
         return results
-    mean = {k: nanmean([r[k] for r in results.values()]) for k in next(iter(results.values()))}
-    log.info(own_data.metrics_line("Mean", mean))
-    write_metrics_csv(run.path(f"metrics{tag}.csv"), results, mean)
+    write_results(run, results, tag)
     with open(run.path(f"scores{tag}.csv"), "w", newline="", errors="backslashreplace") as f:
         csv.writer(f).writerows([["class", "image_path", "label", "score"], *score_rows])
     calibration.save(run.path(f"thresholds{tag}.json"))
     for report, *what in reports:  # the pictures last: a failing picture costs a picture, not the results
         report.save(run.dir, tag, *what)
     return results
+
+
+def write_results(run: Run, results: dict, tag: str = ""):
+    """The mean over the classes (logged) and metrics<tag>.csv: a row per class and the mean."""
+    mean = {k: nanmean([r[k] for r in results.values()]) for k in next(iter(results.values()))}
+    log.info(own_data.metrics_line("Mean", mean))
+    write_metrics_csv(run.path(f"metrics{tag}.csv"), results, mean)
 
 
 def evaluate_shard(run: Run, mapper: AnomalyMapper, samples: list[ds.Sample], name: str, aupro: str,
@@ -500,7 +507,10 @@ def model_settings(args, method: str) -> dict:
 
 
 def training_setting(args) -> str:
-    """What the run is, in words, for config.json: "multi-class", "K-shot" or "multi-view"."""
+    """What the run is, in words, for config.json: "multi-class", "class-separated" (one model per class: the
+    run folder and each class's folder in it), "K-shot" or "multi-view"."""
+    if getattr(args, "per_class", False):
+        return models.SEPARATE
     if getattr(args, "shot", None):
         return f"{args.shot}-shot"
     return "multi-view" if getattr(args, "multiview", "off") == "on" else "multi-class"
@@ -541,12 +551,12 @@ def mask_seeds(seed: int, class_name: str, indices: list[int]) -> list[int]:
 
 def train_and_evaluate(args, method: str):
     """Dinomaly, Dinomaly2 or CRR Stage I (method "crr": reconstruction + repair with bottleneck masking): train
-    one model on all classes unless --eval_only, save model.pth, evaluate the reconstruction map."""
+    one model on all classes unless --eval_only, save model.pth, evaluate the reconstruction map. With --per_class
+    (or --eval_only of such a run): one model per class (per_class)."""
     check_max_ratio(args.max_ratio)
     if args.data_path is None:
         raise UserError(f"this script has no default data folder for --dataset {args.dataset}; pass --data_path "
                         f"(and --image_size and --crop_size)")
-    crr = method == "crr"
     if args.eval_only:
         if args.checkpoint is None:
             raise UserError("--eval_only needs --checkpoint (a run folder or model.pth)")
@@ -554,10 +564,6 @@ def train_and_evaluate(args, method: str):
             raise UserError("--resume and --overwrite are for training; --eval_only writes only metrics")
         run = Run(args, "config_eval.json")
         check_output_folder(run, args.checkpoint)
-        args.classes = own_data.find_classes(args)
-        preflight.check_data(args)  # the data before the model, which takes longer to load
-        model = trained_model(run, args.checkpoint, models.PAPER_SETTINGS[method])
-        run.save_config()
     else:
         args.encoder = args.encoder or models.DEFAULT_ENCODER
         if args.image_size is None or args.crop_size is None:
@@ -566,11 +572,30 @@ def train_and_evaluate(args, method: str):
         cfg = models.encoder_config(args.encoder)
         ds.check_sizes(args.image_size, args.crop_size, cfg.patch_size, cfg.fixed_grid)
         run = Run(args, "config.json")
-        args.classes = own_data.find_classes(args)
+    args.classes = own_data.find_classes(args)
+    if getattr(args, "per_class", False) or (args.eval_only and models.class_models(args.checkpoint)):
+        return per_class(run, method)
+    mapper = run_model(run, method)
+    evaluate(run, mapper, args.aupro, args.gt_binarize, tag="_recon" if method == "crr" else "")
+    save_class_prototypes(run, mapper)
+
+
+def run_model(run: Run, method: str, checked: bool = False) -> AnomalyMapper:
+    """The run's model in eval mode behind its AnomalyMapper: --checkpoint's with --eval_only, else trained now
+    (continued with --resume). The data is checked first unless `checked`."""
+    args = run.args
+    crr = method == "crr"
+    if args.eval_only:
+        if not checked:
+            preflight.check_data(args)  # the data before the model, which takes longer to load
+        model = trained_model(run, args.checkpoint, models.PAPER_SETTINGS[method])
+        run.save_config()
+    else:
         # what Stage II derived from an earlier model goes with it
         state = train_state.start(run, train_state.RECONSTRUCTION, ["model.pth", *SEGMENTATION_FILES])
         train_set = synthetic_train_set(args) if crr else train_dataset(run)
-        preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths if crr else ())
+        if not checked:
+            preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths if crr else ())
         settings = model_settings(args, method)
         model = fresh_model(run, settings)
         loader = train_loader(run, train_set, args.batch_size)
@@ -579,8 +604,41 @@ def train_and_evaluate(args, method: str):
     run.barrier()
     model.eval()
     seed_everything(args.seed)
-    mapper = AnomalyMapper(model, max_ratio=args.max_ratio, precision=args.precision)
-    evaluate(run, mapper, args.aupro, args.gt_binarize, tag="_recon" if crr else "")
+    return AnomalyMapper(model, max_ratio=args.max_ratio, precision=args.precision)
+
+
+def per_class(run: Run, method: str):
+    """One model per class (the class-separated setting): each class is trained (with --eval_only: --checkpoint's
+    <class>/model.pth loaded) and evaluated alone in <run>/<class>/, from the seed on, as a run on that class
+    alone would be; that folder is a complete one-class run. The run folder gets the table of every class and
+    their mean (metrics.csv), and the class prototypes with which predict.py sends each image to its class's
+    model. --resume skips the classes already evaluated and continues the one whose training stopped."""
+    args = run.args
+    preflight.check_data(args, None if args.eval_only else own_data.train_samples(args))
+    run.save_config(None if args.eval_only else model_settings(args, method))  # the setting marks the folder
+    results, mapper = {}, None
+    for i, name in enumerate(args.classes):
+        checkpoint = os.path.join(args.checkpoint, name) if args.eval_only else args.checkpoint
+        sub = run.subfolder(name, classes=[name], checkpoint=checkpoint)
+        log.info(f"class {name} ({i + 1} of {len(args.classes)}): {sub.dir}")
+        if args.resume and os.path.isfile(sub.path("metrics.csv")):
+            results[name] = read_metrics_csv(sub.path("metrics.csv")).get(name)
+            if results[name] is None:
+                raise UserError(f"{sub.path('metrics.csv')} has no row for {name}; delete it to evaluate {name} again")
+            log.info(f"{name}: trained and evaluated before (its metrics.csv); skipped")
+            continue
+        sub.args.resume = args.resume and os.path.isfile(sub.path(train_state.RECONSTRUCTION))
+        seed_everything(args.seed + run.rank)  # what a run on this class alone starts from
+        mapper = run_model(sub, method, checked=True)
+        results.update(evaluate(sub, mapper, args.aupro, args.gt_binarize))
+    if run.is_main:
+        log.info(f"one model per class, {len(results)} classes:")
+        for name, metrics in results.items():
+            log.info(own_data.metrics_line(name, metrics))
+        write_results(run, results)
+    if mapper is None:  # every class was done before: the prototypes come from one of their models
+        mapper = run_model(run.subfolder(args.classes[-1], classes=args.classes[-1:], eval_only=True,
+                                         checkpoint=run.path(args.classes[-1])), method, checked=True)
     save_class_prototypes(run, mapper)
 
 

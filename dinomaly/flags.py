@@ -13,6 +13,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")  # --precision, see speed.py
 CACHE_MODES = ("none", "memory", "disk")  # --cache_images, see image_cache.py
 VAL_SHARE = 0.2  # --val_share: good images of a class without a test folder held out for its threshold
 FALSE_ALARM_RATE = 0.01  # --false_alarm_rate: where there are no defect images, see thresholds.py
+ADAM_EPS = 1e-10  # --adam_eps: StableAdamW's epsilon in the multi-class scripts (the class-separated ones: 1e-8)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

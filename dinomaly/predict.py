@@ -207,7 +207,13 @@ class Detector:
 
     threshold: the image threshold (default: thresholds.json's, of `class_name`, else of the class found for
     each image, else of all classes); thresholds: a thresholds.json other than the run folder's. The masks use
-    thresholds.mask_level; pictures the colour scale of thresholds.color_range."""
+    thresholds.mask_level; pictures the colour scale of thresholds.color_range. A run with one model per class
+    (--per_class) gives a PerClassDetector."""
+
+    def __new__(cls, checkpoint: str, **options):
+        if cls is Detector and models.class_models(checkpoint) is not None:
+            return super().__new__(PerClassDetector)
+        return super().__new__(cls)
 
     def __init__(self, checkpoint: str, *, seg_checkpoint: str | None = None, thresholds: str | None = None,
                  threshold: float | None = None, class_name: str | None = None, device: str | None = None,
@@ -294,6 +300,70 @@ class Detector:
 
     def __call__(self, image) -> Prediction:
         return self.predict([image])[0]
+
+
+class PerClassDetector(Detector):
+    """A run with one model per class (--per_class): each image goes to the model of its class, `class_name` or
+    the one found with the run's class_prototypes.pt, and is decided with that class's thresholds. The models
+    are loaded as their classes come up; they share one encoder (its weights are the same in every class's
+    model: frozen, from the same file)."""
+
+    def __init__(self, checkpoint: str, *, seg_checkpoint: str | None = None, thresholds: str | None = None,
+                 class_name: str | None = None, **options):
+        self.runs = models.class_models(checkpoint)
+        if seg_checkpoint is not None or thresholds is not None:
+            raise UserError(f"{checkpoint} holds one model per class: --seg_checkpoint and --thresholds name one "
+                            f"model's files; pass one class's folder ({checkpoint}/<class>) to use them")
+        if class_name is not None and class_name not in self.runs:
+            raise UserError(f"no class named {class_name} in {checkpoint}; its classes: {', '.join(self.runs)}")
+        self.options, self.members = options, {}
+        self.classes, self.class_name = list(self.runs), class_name
+        self.prototypes = None
+        if class_name is None:
+            self.prototypes = class_finder.load(os.path.join(checkpoint, class_finder.FILE))
+            if self.prototypes is None:
+                raise UserError(f"{checkpoint} holds one model per class and no {class_finder.FILE} to find each "
+                                f"image's class; pass --class_name (one of {', '.join(self.runs)})")
+        self.finder = self.member(class_name or self.classes[0])  # its encoder's features find the classes
+        self.device, self.image_size, self.crop_size = self.finder.device, self.finder.image_size, \
+            self.finder.crop_size
+        self.default = self.finder.default
+        if self.prototypes is not None:
+            log.info(f"each image goes to the model of its class, found by {class_finder.FILE} "
+                     f"({', '.join(self.prototypes['classes'])}); --class_name C uses one class's")
+
+    def member(self, class_name: str) -> Detector:
+        """The one-class Detector of a class of the run, loaded on first use."""
+        if class_name not in self.members:
+            detector = Detector(self.runs[class_name], **self.options)
+            if self.members:
+                shared, own = self.finder.mapper.model.encoder, detector.mapper.model.encoder
+                same = all(torch.equal(a, b) for a, b in zip(shared.state_dict().values(),
+                                                             own.state_dict().values()))
+                if same and type(shared) is type(own):
+                    detector.mapper.model.encoder = shared
+            self.members[class_name] = detector
+        return self.members[class_name]
+
+    def point(self, class_name: str | None) -> OperatingPoint:
+        return self.member(class_name).default if class_name in self.runs else self.default
+
+    @torch.no_grad()
+    def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
+        if self.prototypes is None:
+            matches, names = [None] * len(sizes), [self.class_name] * len(sizes)
+        else:
+            features = self.finder.mapper(batch.to(self.device), features=True)[2]
+            matches = class_finder.classify(self.prototypes, features)
+            names = [m.class_name for m in matches]
+        out = [None] * len(sizes)
+        for name in dict.fromkeys(names):
+            index = [i for i, n in enumerate(names) if n == name]
+            found = self.member(name).predict_prepared(batch[index], [sizes[i] for i in index])
+            for i, p in zip(index, found):
+                p.class_name, p.class_match = name, matches[i]
+                out[i] = p
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- the command

@@ -5,6 +5,8 @@ Exit status: 0 success; 2 a user error or out of GPU memory (one line on stderr 
 thing and the fix); 128 + the signal when stopped by one (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP); 1 anything
 else (with its traceback).
 """
+import argparse
+import copy
 import errno
 import json
 import logging
@@ -151,6 +153,17 @@ class Run:
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
+
+    def subfolder(self, name: str, **changes) -> "Run":
+        """This invocation writing into <run folder>/<name> (one class's folder of a run with one model per
+        class), its arguments changed by `changes`; the lock, log, device and processes are the run's."""
+        sub = copy.copy(self)
+        sub.args = argparse.Namespace(**{**vars(self.args), **changes})
+        sub.dir = self.path(name)
+        if self.is_main:
+            os.makedirs(sub.dir, exist_ok=True)
+        self.barrier()
+        return sub
 
     def save_config(self, model_settings: dict | None = None, **extra):
         """Every setting of this job in its config file (config.json for training); `model_settings` are what

@@ -16,6 +16,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from scipy import ndimage
 
+from .errors import UserError
+
 METRIC_NAMES = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
 OBJECT_METRIC_NAMES = ["O-AUROC", "O-AP", "O-F1max", "S-AUROC"]  # multi-view evaluation only (multiview.py)
 AUPRO_VARIANTS = ("dinomaly", "exact")
@@ -484,3 +486,14 @@ def write_metrics_csv(path: str, results: dict, mean: dict):
         w.writerow(["class", *METRIC_NAMES, "mAD", *extra])
         for name, m in [*results.items(), ("mean", mean)]:
             w.writerow([name, *[cell(m[k]) for k in METRIC_NAMES], cell(mad(m)), *[cell(m[k]) for k in extra]])
+
+
+def read_metrics_csv(path: str) -> dict:
+    """A metrics.csv back: {class: metrics} (the mean row left out; empty cells NaN)."""
+    try:
+        with open(path, newline="", errors="surrogateescape") as f:
+            rows = list(csv.DictReader(f))
+        return {r["class"]: {k: float(v) if v else float("nan") for k, v in r.items() if k not in ("class", "mAD")}
+                for r in rows[:-1]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read {path} ({e}); delete it to evaluate that class again") from None

@@ -13,10 +13,7 @@ import sys
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
 
-from dinomaly import (
-    engine,  # noqa: E402
-    models,  # noqa: E402
-)
+from dinomaly import engine, models  # noqa: E402
 from dinomaly.cli import build_parser  # noqa: E402
 from dinomaly.run import main  # noqa: E402
 

@@ -17,19 +17,8 @@ import pytest
 import torch
 from PIL import Image
 from test_end_to_end import RUN, read_csv, run_cli
-from test_resume import (
-    SMALL,
-    crr_args,
-    dinomaly,
-    error_line,
-    exit_status,
-    final_line,
-    load,
-    signal_run,
-    stage1,
-    stage2,
-    stage2_args,
-)
+from test_resume import (SMALL, crr_args, dinomaly, error_line, exit_status, final_line, load, signal_run, stage1,
+                         stage2, stage2_args)
 
 from dinomaly import cli, engine, export, models, predict, runlock
 from dinomaly import dataset as ds

@@ -28,6 +28,7 @@ PAPER_SETTINGS = {
     "dinomaly2": dict(method="dinomaly2", encoder=None, image_size=448, crop_size=392, mask_ratio=0.0,
                       test_mask="off", attn_eps=1e-8, lc=2, cr=1, la=1),
 }
+SEPARATE = "class-separated"  # config.json's "setting" of a run with one model per class (--per_class)
 BOTTLENECK_OF = {"dinomaly": "mlp", "crr": "mlp", "dinomaly2": "two_stage"}  # method -> decoder.bottleneck kind
 # What saved_settings checks in config.json's "model" entry, key by key (keys not listed are left alone; a run
 # saved before a key existed lacks it, and the paper's value stands in).
@@ -243,6 +244,11 @@ def model_options(settings: dict) -> dict:
 def checkpoint_file(path: str) -> str:
     """A run folder's model.pth, or the file itself; a one-line UserError when there is none."""
     if os.path.isdir(path):
+        classes = class_models(path)
+        if classes:
+            first = next(iter(classes.values()))
+            raise UserError(f"{path} holds one model per class ({', '.join(classes)}): pass one class's folder, "
+                            f"e.g. {first}")
         path = os.path.join(path, "model.pth")
         if not os.path.isfile(path):
             raise UserError(f"no model.pth in the run folder {os.path.dirname(path)}; has its training finished? "
@@ -250,6 +256,20 @@ def checkpoint_file(path: str) -> str:
     elif not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}; pass a run folder or a model.pth as --checkpoint")
     return path
+
+
+def class_models(path: str) -> dict[str, str] | None:
+    """The classes of a run folder with one model per class (--per_class; config.json's setting SEPARATE) -> their
+    folders, each a one-class run; None for any other path."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model.pth")) or \
+            saved_settings(os.path.join(path, "model.pth")).get("setting") != SEPARATE:
+        return None
+    folders = {c: os.path.join(path, c) for c in sorted(os.listdir(path))
+               if os.path.isfile(os.path.join(path, c, "model.pth"))}
+    if not folders:
+        raise UserError(f"{path} is a run with one model per class, but none of its class folders holds a model.pth "
+                        f"yet; has its training started? (continue it with --resume)")
+    return folders
 
 
 def segmentation_file(run_dir: str) -> str | None:
