@@ -674,13 +674,15 @@ def crr_stage2_main(args):
     run = Run(args, "config_stage2.json")
     args.classes = own_data.find_classes(args)
     state = train_state.start(run, train_state.SEGMENTATION, ["Seg_model_*.pth"])
-    model = trained_model(run, args.checkpoint or run.dir, models.PAPER_SETTINGS["crr"])
-    model.requires_grad_(False)
-    if state is not None:
-        models.check_segmentation_owner(run.dir, model, models.checkpoint_file(args.checkpoint or run.dir),
-                                        run.path(train_state.SEGMENTATION))
+    checkpoint = models.checkpoint_file(args.checkpoint or run.dir)
+    # the Stage-I run's sizes, then the data checked before the model, which takes longer to load
+    models.follow_saved_settings(args, models.saved_settings(checkpoint), models.PAPER_SETTINGS["crr"])
     train_set = synthetic_train_set(args)
     preflight.check_data(args, train_set.samples, train_set.synthesizer.texture_paths, test=False)
+    model = trained_model(run, checkpoint, models.PAPER_SETTINGS["crr"])
+    model.requires_grad_(False)
+    if state is not None:
+        models.check_segmentation_owner(run.dir, model, checkpoint, run.path(train_state.SEGMENTATION))
     run.save_config(stage1_model=models.fingerprint(model))
     loader = train_loader(run, train_set, args.batch_size)
     train_segmentation(run, model, loader, state)

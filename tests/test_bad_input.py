@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from test_end_to_end import RUN
-from test_resume import dinomaly, error_line, exit_status
+from test_resume import dinomaly, error_line, exit_status, final_line, stage2
 from torch._utils import ExceptionWrapper
 
 from dinomaly import dataset as ds
@@ -126,6 +126,25 @@ def test_a_bad_test_image_stops_the_run_before_training(data, tmp_path, capsys):
     assert line.startswith(f"error: cannot read test image {bad} (") and "replace the file" in line
     assert (tmp_path / "run" / "log.txt").read_text().rstrip().splitlines()[-1] == line
     assert not (tmp_path / "run" / "model.pth").exists()
+
+
+def test_crr_stage2_checks_its_data_before_loading_the_stage1_model(data, tmp_path, capsys):
+    """The Stage-I model (its sizes from its config.json) is loaded only once the training images open."""
+    stage1 = tmp_path / "crr"
+    stage1.mkdir()
+    torch.save(ViTill(models.ENCODERS[TINY], mask_ratio=0.4).state_dict(), stage1 / "model.pth")
+    (stage1 / "config.json").write_text(json.dumps({"model": dict(method="crr", encoder=TINY, image_size=32,
+                                                                  crop_size=28, mask_ratio=0.4, test_mask="on")}))
+    bad = sorted(p for p in files_under(os.path.join(data["realiad"], "realiad_1024"), ["nut"])
+                 if "OK" in p.split(os.sep))[0]
+    with open(bad, "wb") as f:
+        f.write(b"")
+    argv = ["--data_path", data["realiad"], "--classes", "weave", "nut", "--save_dir", str(tmp_path),
+            "--save_name", "crr", "--anomaly_source_path", "none", "--batch_size", "2", "--total_iters", "2", *RUN]
+    assert exit_status(stage2, argv) == 2
+    out = capsys.readouterr()
+    assert final_line(out.err).startswith(f"error: cannot read training image {bad} (")
+    assert "loaded" not in out.out and not list(stage1.glob("Seg_model_*.pth"))
 
 
 @pytest.mark.parametrize("error,status,expected", [
