@@ -112,13 +112,9 @@ def count_flops(fn) -> int:
 
 
 def cycle(loader: DataLoader):
-    """The loader's batches, epoch after epoch (set_epoch called where the dataset has it)."""
-    epoch = 0
+    """The loader's batches, epoch after epoch."""
     while True:
-        if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(epoch)
         yield from loader
-        epoch += 1
 
 
 def time_steps(step, batches, device: torch.device, warmup: int, iters: int) -> dict:
@@ -213,7 +209,7 @@ def filled(cache: ImageCache) -> ImageCache:
 
 def loader(dataset, args, workers: int, pin_memory: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=workers > 0 and not hasattr(dataset, "set_epoch"))
+                      pin_memory=pin_memory, persistent_workers=workers > 0)
 
 
 # ----------------------------------------------------------------------------------------------- train

@@ -438,7 +438,6 @@ def compare_fewshot(P, shots=(1, 2, 3), image_size=64, crop_size=56, epochs=2):
         tf = P.dataset.get_strong_transforms(image_size, crop_size)
         worst, n = 0.0, 0
         for e in range(epochs):
-            data.set_epoch(e)
             for i, s in enumerate(samples):
                 item_seed = int(np.random.SeedSequence([1, e, i]).generate_state(1)[0])
                 with torch.random.fork_rng(devices=[]):
@@ -447,7 +446,7 @@ def compare_fewshot(P, shots=(1, 2, 3), image_size=64, crop_size=56, epochs=2):
                     random.seed(item_seed)
                     ref = tf(P.default_loader(s.image_path))
                     random.setstate(state)
-                got = data[i]
+                got = data[(e, i)]
                 worst, n = max(worst, (got - ref).abs().max().item()), n + 1
         rows.append((f"strong augmentation, {n} items ({image_size}->{crop_size})", f"max abs {worst:.3g}",
                      worst == 0.0))

@@ -332,19 +332,29 @@ class TestDataset(Dataset):
 class StripTrainDataset(TrainDataset):
     """MANTA training: item i is one view strip of image i, drawn uniformly (the preview: random.randint(0, 4)
     per item) from a generator seeded with (seed, epoch, i), so a resumed run and any number of loader workers
-    see the same strips. Call `set_epoch(e)` before each pass."""
+    see the same strips. Items are keyed by (epoch, index) (epoch_key)."""
+
+    keyed_by_epoch = True
 
     def __init__(self, samples: list[Sample], image_size: int, crop_size: int, seed: int = 1):
         super().__init__(samples, image_size, crop_size)
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
 
-    def set_epoch(self, epoch: int):
-        self.epoch = int(epoch)
-
-    def __getitem__(self, i):
-        strip = int(np.random.default_rng([self.seed, self.epoch, i]).integers(MANTA_VIEWS))
+    def __getitem__(self, key):
+        epoch, i = epoch_key(key)
+        strip = int(np.random.default_rng([self.seed, epoch, i]).integers(MANTA_VIEWS))
         path = self.samples[i].image_path
         return transform(view_strip(load_image(path), strip, path), self.image_size, self.crop_size)
+
+
+def epoch_key(key) -> tuple[int, int]:
+    """(epoch, index) of an item of a dataset whose items change with the epoch (`keyed_by_epoch`: few-shot
+    augmentation, MANTA's view strips, CRR's synthetic anomalies): the training sampler's (epoch, index) key
+    (train_state.EpochSampler), or a bare index for epoch 0. The epoch travels with each key, so the loader's
+    worker processes can live across epochs."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return 0, int(key)
 
 
 def view_strip(img: Image.Image, strip: int, path: str) -> Image.Image:

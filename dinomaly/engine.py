@@ -79,7 +79,7 @@ def train_loader(run: Run, dataset, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size // run.world_size, sampler=sampler,
                       num_workers=run.args.num_workers, drop_last=True, generator=g,
                       pin_memory=run.device.type == "cuda",
-                      persistent_workers=run.args.num_workers > 0 and not hasattr(dataset, "set_epoch"))
+                      persistent_workers=run.args.num_workers > 0)
 
 
 def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: list, optimizer,
@@ -98,8 +98,6 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
         while it < total_iters:
             epoch, done_in_epoch = divmod(it, per_epoch)
             loader.sampler.set_epoch(epoch, skip=done_in_epoch * loader.batch_size)
-            if hasattr(loader.dataset, "set_epoch"):
-                loader.dataset.set_epoch(epoch)
             for batch in data_wait.iterate(loader):
                 loss, updated, stopping = train_step(batch, it, loss_fn, params, optimizer, schedule, clip,
                                                      stop.signum if stop.requested else 0)

@@ -18,7 +18,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .dataset import IMAGENET_MEAN, IMAGENET_STD, Sample, load_image, resize
+from .dataset import IMAGENET_MEAN, IMAGENET_STD, Sample, epoch_key, load_image, resize
 from .errors import UserError
 
 SHOTS_FILE = "shots.txt"  # the chosen training images, in the run folder: "<class>\t<path>" per line
@@ -44,7 +44,10 @@ def select_shots(samples: list[Sample], shot: int, seed: int) -> list[Sample]:
 
 class AugmentedDataset(Dataset):
     """Few-shot training images -> strongly augmented, normalised tensors [3, crop, crop] (see the module's
-    docstring). `cache`: an optional ImageCache of the resized images. Call `set_epoch(e)` before each pass."""
+    docstring). `cache`: an optional ImageCache of the resized images. Items are keyed by (epoch, index)
+    (dataset.epoch_key): the augmentation of an image depends on the seed, the epoch and its index alone."""
+
+    keyed_by_epoch = True
 
     def __init__(self, samples: list[Sample], image_size: int, crop_size: int, seed: int = 1, cache=None):
         self.samples, self.image_size, self.crop_size, self.seed, self.cache = samples, image_size, crop_size, seed, \
@@ -53,10 +56,6 @@ class AugmentedDataset(Dataset):
         self.crop = T.RandomResizedCrop((crop_size, crop_size), scale=(scale, scale), ratio=ASPECT_RATIOS)
         self.flips = T.Compose([T.RandomHorizontalFlip(), T.RandomVerticalFlip()])
         self.normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = int(epoch)
 
     def __len__(self):
         return len(self.samples)
@@ -66,8 +65,9 @@ class AugmentedDataset(Dataset):
             return Image.fromarray(self.cache.get(path))
         return resize(load_image(path), self.image_size)
 
-    def __getitem__(self, i):
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
+    def __getitem__(self, key):
+        epoch, i = epoch_key(key)
+        seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
         img = self.resized(self.samples[i].image_path)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset
 
-from .dataset import image_to_tensor, load_image, mask_to_tensor, resize
+from .dataset import epoch_key, image_to_tensor, load_image, mask_to_tensor, resize
 from .errors import UserError
 from .image_cache import PIL_RGB, Reader, build_caches
 
@@ -439,23 +439,20 @@ class SyntheticAnomalyDataset(Dataset):
     A sample's `foreground_path` (see dataset.attach_foreground) gives F; without one F is all ones.
     `caches` (see synthesis_caches): the decoded, resized images, masks and textures; the tensors are the same.
 
-    The anomaly of index i depends only on (seed, epoch, i) via `np.random.default_rng([seed, epoch, i])`,
-    so it is the same whatever worker loads it. Call `set_epoch(e)` before each pass (with DataLoader
-    workers that are re-created per epoch, i.e. persistent_workers=False, the workers see the new epoch).
+    The anomaly of an item depends only on (seed, epoch, i) via `np.random.default_rng([seed, epoch, i])`,
+    so it is the same whatever worker loads it; items are keyed by (epoch, index) (dataset.epoch_key).
     """
+
+    keyed_by_epoch = True
 
     def __init__(self, samples, image_size: int = 448, crop_size: int = 392, texture_paths=None, seed: int = 1,
                  caches: dict | None = None):
         self.samples = samples
         self.image_size, self.crop_size = int(image_size), int(crop_size)
         self.seed = int(seed)
-        self.epoch = 0
         self.caches = caches or {}
         self.synthesizer = AnomalySynthesizer(texture_paths, size=self.image_size,
                                               texture_cache=self.caches.get("texture"))
-
-    def set_epoch(self, epoch: int):
-        self.epoch = int(epoch)
 
     def __len__(self):
         return len(self.samples)
@@ -473,9 +470,10 @@ class SyntheticAnomalyDataset(Dataset):
             base.put(path, cv2_base)
         return resized, cv2_base
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        epoch, i = epoch_key(key)
         s = self.samples[i]
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        rng = np.random.default_rng([self.seed, epoch, i])
         clean, base = self.images(s.image_path)
         fg = load_foreground(s.foreground_path, self.image_size, self.caches.get("foreground")) \
             if s.foreground_path else None

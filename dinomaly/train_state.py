@@ -168,18 +168,21 @@ def rng_states(run: Run) -> list[dict]:
 class EpochSampler(DistributedSampler):
     """Shuffled indices for one of `world_size` processes (one included), drop_last: epoch e's order comes from a
     generator seeded with seed + e, so it is the same after a restart. `set_epoch(e, skip)` starts epoch e after
-    its first `skip` indices (of this process), which are never loaded."""
+    its first `skip` indices (of this process), which are never loaded. For a dataset whose items change with
+    the epoch (`keyed_by_epoch`) it yields (epoch, index) keys (dataset.epoch_key)."""
 
     def __init__(self, dataset, world_size: int, rank: int, seed: int):
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.skip = 0
+        self.keyed = getattr(dataset, "keyed_by_epoch", False)
 
     def set_epoch(self, epoch: int, skip: int = 0):
         super().set_epoch(epoch)
         self.skip = skip
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
+        indices = itertools.islice(super().__iter__(), self.skip, None)
+        return ((self.epoch, i) for i in indices) if self.keyed else indices
 
     def __len__(self):
         return self.num_samples - self.skip

@@ -182,9 +182,33 @@ def test_strong_augmentation_is_the_preview_transform(tmp_path):
         assert all(torch.equal(cached[i], data[i]) for i in (0, 7, 39))
     # items are a function of (seed, epoch, index): the same twice, another epoch another draw
     torch.testing.assert_close(data[5], data[5], rtol=0, atol=0)
-    first = data[5]
-    data.set_epoch(1)
-    assert not torch.equal(first, data[5])
+    assert torch.equal(data[5], data[(0, 5)]) and not torch.equal(data[5], data[(1, 5)])
+
+
+def test_epoch_keyed_items_reach_workers_that_live_across_epochs(tmp_path):
+    """The training loader's workers persist across epochs: the sampler hands each item's epoch with its index,
+    so every batch of epoch e holds exactly the items data[(e, i)] in the sampler's order for e, as the
+    loader of one process computes them, with or without the loss of an epoch's first batches (a resume)."""
+    from dinomaly.train_state import EpochSampler
+    paths = []
+    for k in range(6):
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.fromarray(np.random.default_rng(k).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(paths[-1])
+    data = fewshot.AugmentedDataset([Sample(p, 0, None, "x") for p in paths], 40, 28, seed=5)
+    sampler = EpochSampler(data, world_size=1, rank=0, seed=5)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=sampler, num_workers=2, drop_last=True,
+                                         persistent_workers=True)
+    workers = set()
+    for epoch, skip in ((0, 0), (1, 0), (2, 2), (3, 0)):
+        sampler.set_epoch(epoch, skip=skip)
+        order = list(torch.randperm(6, generator=torch.Generator().manual_seed(5 + epoch)))[skip:]
+        batches = list(loader)
+        workers.add(id(loader._iterator))
+        assert len(batches) == len(order) // 2
+        for b, batch in enumerate(batches):
+            expected = torch.stack([data[(epoch, int(i))] for i in order[2 * b:2 * b + 2]])
+            assert torch.equal(batch, expected)
+    assert len(workers) == 1  # one set of worker processes for all the epochs
 
 
 def test_strong_augmentation_distributions(tmp_path):

@@ -235,10 +235,9 @@ def test_manta_strips_and_labels(tmp_path):
     strips = [ds.transform(full.crop((256 * v, 0, 1300 if v == 4 else 256 * (v + 1), 256)), 64, 56) for v in range(5)]
     drawn = []
     for epoch in range(12):
-        train.set_epoch(epoch)
-        x = train[0]
+        x = train[(epoch, 0)]
         drawn.append(next(v for v in range(5) if x.equal(strips[v])))
-        assert train[0].equal(x)
+        assert train[(epoch, 0)].equal(x)
     assert len(set(drawn)) > 2
 
 

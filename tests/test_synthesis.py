@@ -568,20 +568,17 @@ def test_dataset_reproducible_per_seed_epoch_index(tmp_path):
     _ = again[0], again[2]  # order of access must not matter
     for a, b in zip(first, again[1]):
         assert torch.equal(a, b)
-    data.set_epoch(1)
-    e1 = data[1]
+    e1 = data[(1, 1)]  # item 1 of epoch 1 (the training sampler's key)
     assert not torch.equal(first[2], e1[2])
     assert torch.equal(first[0], e1[0])  # the clean image does not change
-    data.set_epoch(0)
-    assert torch.equal(data[1][2], first[2])
+    assert torch.equal(data[(0, 1)][2], first[2])  # a bare index is epoch 0
     assert not torch.equal(first[2], S.SyntheticAnomalyDataset(samples, image_size=64, crop_size=56, seed=2)[1][2])
 
 
 def test_dataset_same_in_worker_processes(tmp_path):
     data = S.SyntheticAnomalyDataset(_samples(tmp_path, n=4), image_size=64, crop_size=56, seed=3)
-    data.set_epoch(2)
-    direct = [data[i][1] for i in range(4)]
-    loader = torch.utils.data.DataLoader(data, batch_size=1, num_workers=2, shuffle=False)
+    direct = [data[(2, i)][1] for i in range(4)]
+    loader = torch.utils.data.DataLoader(data, batch_size=1, num_workers=2, sampler=[(2, i) for i in range(4)])
     for i, (_, aug, _) in enumerate(loader):
         assert torch.equal(aug[0], direct[i])
 
@@ -598,18 +595,14 @@ def test_cached_synthetic_samples_are_bit_identical(tmp_path, texture_dir, mode,
     decoded = []
     monkeypatch.setattr(S, "load_image", lambda p: decoded.append(p) or ds.load_image(p))
     for epoch in range(6):  # the first pass fills the caches, the next ones read them
-        plain.set_epoch(epoch)
-        cached.set_epoch(epoch)
         for i in range(len(samples)):
-            for a, b in zip(plain[i], cached[i]):
+            for a, b in zip(plain[(epoch, i)], cached[(epoch, i)]):
                 assert torch.equal(a, b)
     assert all(c.filled_count() > 0 for c in caches.values())  # textures were pasted from the cache too
     assert len(decoded) == 6 * 4 + 4  # the uncached dataset every time, the cached one once per image
     np.testing.assert_array_equal(caches["foreground"].get(samples[0].foreground_path),
                                   cv2.resize(cv2.imread(samples[0].foreground_path, cv2.IMREAD_GRAYSCALE), (64, 64)))
-    cached.set_epoch(0)
     loader = torch.utils.data.DataLoader(cached, batch_size=2, num_workers=2, multiprocessing_context="fork")
-    plain.set_epoch(0)
     for k, batch in enumerate(loader):  # workers read (and would fill) the same shared caches
         for j in range(2):
             for a, b in zip(batch, plain[2 * k + j]):
