@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import class_finder, fewshot, models, own_data, preflight, speed, train_state
 from . import dataset as ds
+from . import thresholds as th
 from .anomaly_map import MAP_SIZE, AnomalyMapper, binarize_gt, check_max_ratio
 from .errors import UserError
 from .flags import ADAM_EPS
@@ -345,9 +346,11 @@ def evaluate(run: Run, mapper: AnomalyMapper, aupro: str, gt_mode: str, tag: str
 
 
 def write_results(run: Run, results: dict, tag: str = ""):
-    """The mean over the classes (logged) and metrics<tag>.csv: a row per class and the mean."""
+    """The mean over the classes (logged when there are several) and metrics<tag>.csv: a row per class and the
+    mean."""
     mean = {k: nanmean([r[k] for r in results.values()]) for k in next(iter(results.values()))}
-    log.info(own_data.metrics_line("Mean", mean))
+    if len(results) > 1:
+        log.info(own_data.metrics_line("Mean", mean))
     write_metrics_csv(run.path(f"metrics{tag}.csv"), results, mean)
 
 
@@ -428,8 +431,8 @@ def save_class_prototypes(run: Run, mapper: AnomalyMapper):
     data = class_finder.build(mapper, samples, args.image_size, args.crop_size, run.device, args.batch_size,
                               args.num_workers, args.seed)
     save_atomic(data, run.path(class_finder.FILE))
-    log.info(f"saved {run.path(class_finder.FILE)}: the prototypes of {len(samples)} classes, with which predict.py "
-             f"finds each image's class")
+    log.info(f"saved {run.path(class_finder.FILE)}: the prototypes of {len(samples)} "
+             f"class{'es' * (len(samples) != 1)}, with which predict.py finds each image's class")
 
 
 # ----------------------------------------------------------------------------------------------- data and models
@@ -612,7 +615,8 @@ def per_class(run: Run, method: str):
     their mean (metrics.csv), and the class prototypes with which predict.py sends each image to its class's
     model. --resume skips the classes already evaluated and continues the one whose training stopped."""
     args = run.args
-    preflight.check_data(args, None if args.eval_only else own_data.train_samples(args))
+    train = [s for name in args.classes for s in own_data.split_training(args, name)[0]]  # each class logs its own
+    preflight.check_data(args, None if args.eval_only else train)
     run.save_config(None if args.eval_only else model_settings(args, method))  # the setting marks the folder
     results, mapper = {}, None
     for i, name in enumerate(args.classes):
@@ -632,7 +636,9 @@ def per_class(run: Run, method: str):
     if run.is_main:
         log.info(f"one model per class, {len(results)} classes:")
         for name, metrics in results.items():
-            log.info(own_data.metrics_line(name, metrics))
+            calibration = os.path.join(run.dir, name, "thresholds.json")
+            entry = th.load(calibration)["classes"][name] if os.path.isfile(calibration) else None
+            log.info(own_data.metrics_line(name, metrics, entry))
         write_results(run, results)
     if mapper is None:  # every class was done before: the prototypes come from one of their models
         mapper = run_model(run.subfolder(args.classes[-1], classes=args.classes[-1:], eval_only=True,

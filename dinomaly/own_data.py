@@ -31,9 +31,16 @@ def find_classes(args) -> list[str]:
     if args.classes or not mvtec_layout(args) or not os.path.isdir(root) or \
             any(os.path.isdir(os.path.join(root, c)) for c in standard):
         return standard
-    found = [d for d in ds._list_subdirs(root) if is_class_folder(os.path.join(root, d))]
+    folders = ds._list_subdirs(root)
+    found = [d for d in folders if is_class_folder(os.path.join(root, d))]
+    above = [d for d in folders if d not in found and any(is_class_folder(os.path.join(root, d, c))
+                                                          for c in ds._list_subdirs(os.path.join(root, d)))]
     if found:
         log.info(f"classes: {', '.join(found)} (the class folders in {root}; --classes chooses)")
+    if above:  # --data_path one level too high: the classes are a folder further down
+        log.warning(f"warning: {', '.join(os.path.join(root, d) for d in above)} not used: it holds class folders "
+                    f"of its own; for those classes pass --data_path {os.path.join(root, above[0])}")
+    if found:
         return found
     if ds._list_images(root):
         raise UserError(f"{root} holds images but no class folders: move them into {root}/<class>/ (one folder per "

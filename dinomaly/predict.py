@@ -224,6 +224,8 @@ class Detector:
         self.model_path, seg_path = run_files(checkpoint, seg_checkpoint)
         self.device = resolve_device(device)
         calibration, calib_path = load_calibration(self.model_path, seg_path is not None, thresholds)
+        if calibration is not None:
+            th.select(calibration, class_name, calib_path)  # an unknown --class_name before the model loads
         overrides = dict(image_size=image_size, crop_size=crop_size, test_mask=test_mask, mask_ratio=mask_ratio,
                          max_ratio=max_ratio, fusion_alpha=fusion_alpha)
         self.mapper, self.settings = load_mapper(self.model_path, seg_path, self.device, overrides, calibration)
@@ -251,7 +253,8 @@ class Detector:
         else:
             self.classes = list(calibration["classes"])
             check_settings(self.mapper, calibration, path, self.model_path)
-            self.default = operating_point(th.select(calibration, class_name, path), source(path, class_name),
+            one = self.classes[0] if len(self.classes) == 1 else None  # a one-class run: its class's thresholds
+            self.default = operating_point(th.select(calibration, class_name, path), source(path, class_name or one),
                                            threshold)
         self.class_name, self.points = class_name, {}
         self.prototypes = None
@@ -325,6 +328,7 @@ class PerClassDetector(Detector):
                 raise UserError(f"{checkpoint} holds one model per class and no {class_finder.FILE} to find each "
                                 f"image's class; pass --class_name (one of {', '.join(self.runs)})")
         self.finder = self.member(class_name or self.classes[0])  # its encoder's features find the classes
+        self.options["device"] = str(self.finder.device)  # the others go there too (one warning about a CPU)
         self.device, self.image_size, self.crop_size = self.finder.device, self.finder.image_size, \
             self.finder.crop_size
         self.default = self.finder.default

@@ -100,4 +100,5 @@ def check_data(args, train: list[ds.Sample] | None = None, textures: list[str] =
         raise UserError(f"mask {m.path}{listed_in(args, m)} is {w}x{h} px, but its image {m.sample.image_path} is "
                         f"{iw}x{ih}; {others(wrong, len(masks), 'masks', 'differ from their image')}; fix the masks")
     matched = f", {len(masks)} masks match their images" if masks else ""
-    log.info(f"input check: {len(done)} image and mask files open{matched} ({time.time() - start:.1f}s)")
+    kinds = "image and mask files" if masks else "image files"
+    log.info(f"input check: {len(done)} {kinds} open{matched} ({time.time() - start:.1f}s)")

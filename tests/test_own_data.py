@@ -171,6 +171,20 @@ def test_classes_are_found_in_the_data_folder(parts, demo, tmp_path):
         classes(flat)
 
 
+def test_a_data_path_one_level_too_high_names_the_folder_it_skipped(parts, tmp_path, capsys):
+    """<root>/parts/<class>/ and <root>/new_images/*.png: new_images is a class folder, parts one level up from
+    its classes; the run says so and which --data_path was meant."""
+    from dinomaly.run import setup_logging
+    setup_logging(None)
+    shutil.copytree(parts, tmp_path / "parts")
+    shutil.copytree(parts / "nut", tmp_path / "new_images")
+    args = argparse.Namespace(dataset="mvtec", data_path=str(tmp_path), classes=None)
+    assert own_data.find_classes(args) == ["new_images"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"warning: {tmp_path / 'parts'} not used: it holds class folders of its own; for those classes pass "
+        f"--data_path {tmp_path / 'parts'}"]
+
+
 def test_mvtec_layout_given_to_a_real_iad_job_suggests_dataset_mvtec(demo, tmp_path, capsys):
     code = call(crr_test_main, crr_realiad_test, "crr_test", ["--data_path", demo["mvtec"], "--classes", "nut",
                                                               "--save_dir", tmp_path, "--device", "cpu"])

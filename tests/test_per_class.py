@@ -79,6 +79,13 @@ def test_the_table_holds_every_class_and_their_mean(runs):
         assert float(top["mean"][k]) == pytest.approx(np.mean([float(top[c][k]) for c in CLASSES]), abs=1e-12)
 
 
+def test_the_log_has_each_class_once_and_one_mean(runs):
+    log = (runs / "sep" / "log.txt").read_text()
+    summary = log[log.index("one model per class, 2 classes:"):].splitlines()
+    assert [line.split(":")[0] for line in summary[1:4]] == [*CLASSES, "Mean"]
+    assert log.count("Mean: ") == 1 and log.count("the prototypes of 2 classes") == 1
+
+
 def test_the_recipe_is_the_reference_scripts(runs):
     config = json.loads((runs / "sep" / "config.json").read_text())
     assert config["model"]["setting"] == "class-separated" and config["per_class"]

@@ -331,12 +331,13 @@ def test_user_errors_exit_2_with_one_line(run, inputs, tmp_path, capsys, case, e
         checkpoint.mkdir()
         shutil.copy(run / "model.pth", checkpoint / "model.pth")
         shutil.copy(run / "config.json", checkpoint / "config.json")
-    code = call(cli.predict_main, ["--checkpoint", checkpoint, "--input", target, "--out", tmp_path / "out", "--device",
-                          "cpu", "--num_workers", "0", *extra])
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    code = call(cli.predict_main, ["--checkpoint", checkpoint, "--input", target, "--out", tmp_path / "out",
+                                   "--device", "cpu", "--num_workers", "0", *extra])
+    out = capsys.readouterr()
+    err = [line for line in out.err.splitlines() if line.startswith("error")]
     assert code == 2 and len(err) == 1 and expected in err[0], err
     if case == "unknown_class":
-        assert "weave, nut" in err[0]
+        assert "weave, nut" in err[0] and "loaded" not in out.out  # found before the model loads
 
 
 def test_detector_on_arrays_images_and_files_agrees(run, inputs):

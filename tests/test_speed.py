@@ -180,5 +180,5 @@ def test_training_with_the_speed_options_logs_the_data_wait(tmp_path, device):
               "--device", device, "--save_dir", str(tmp_path), "--save_name", "run", "--precision", "bf16",
               "--cache_images", "disk", "--cache_dir", str(cache_dir), *gpu])
     log_text = (tmp_path / "run" / "log.txt").read_text()
-    assert "iter [2/2]" in log_text and "data wait " in log_text and "Mean: I-AUROC" in log_text
+    assert "iter [2/2]" in log_text and "data wait " in log_text and "\nnut: I-AUROC" in log_text
     assert len(os.listdir(cache_dir)) == 2  # the training images and the test images of "nut"

@@ -118,8 +118,8 @@ def read_encoder_weights(path: str, cfg: EncoderConfig) -> dict:
     """The publisher's weight file of an encoder, read and unwrapped (the backbone's keys only), checked before any
     model is built."""
     if not os.path.isfile(path):
-        raise UserError(f"encoder weight file not found: {path}; download {cfg.weight_file} from {cfg.url} "
-                        f"and put it there, or pass --encoder_weights PATH (or 'random' for a smoke run)")
+        raise UserError(f"encoder weight file not found: {os.path.abspath(path)}; download {cfg.weight_file} from "
+                        f"{cfg.url} and put it there, or pass --encoder_weights PATH (or 'random' for a smoke run)")
     sd = read_state_dict(path, "encoder weight file")
     if any(k.startswith("encoder.") for k in sd):
         raise UserError(f"{path} is a full reconstruction-model checkpoint, not an encoder's weight file; "
