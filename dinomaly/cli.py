@@ -259,8 +259,11 @@ Seg_model_*.pth) exports the fused map, with the test-time bottleneck masking of
 deployed model should give the same answer twice. The run's sizes and calibrated thresholds (its
 thresholds.json, or --thresholds FILE: for a CRR run, one from an evaluation with --test_mask off matches the
 exported map) are written into the model's metadata (image_size, crop_size, threshold, pixel_threshold,
-mask_threshold, class_thresholds, color_range). After writing, the file is checked with onnxruntime against
-PyTorch on random images.
+mask_threshold, class_thresholds, color_range). A run with several classes and its class_prototypes.pt also
+finds each image's class in the graph: outputs `class_index` [B] (int64, into the metadata's `classes`) and
+`class_distance` [B] (1 - cosine to that class's prototype; the image matches no class well when it exceeds
+class_far x class_radius[class_index]); pick class_thresholds[classes[class_index]] as predict.py does. After
+writing, the file is checked with onnxruntime against PyTorch on random images.
 """
 
 

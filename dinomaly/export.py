@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import class_finder
 from . import thresholds as th
 from .anomaly_map import MAP_SIZE, AnomalyMapper
 from .dataset import IMAGENET_MEAN, IMAGENET_STD
@@ -23,16 +24,26 @@ MISSING = ("ONNX export needs onnx and onnxruntime: pip install -r requirements-
 
 
 class ExportedMapper(nn.Module):
-    """[B, 3, crop, crop] RGB in [0, 1] -> (smoothed map [B, 1, 256, 256], score [B])."""
+    """[B, 3, crop, crop] RGB in [0, 1] -> (smoothed map [B, 1, 256, 256], score [B]); with the class prototypes
+    [C, F] (class_finder) also the nearest class's index [B] and its distance [B], as class_finder.classify."""
 
-    def __init__(self, mapper: AnomalyMapper):
+    def __init__(self, mapper: AnomalyMapper, prototypes: torch.Tensor | None = None):
         super().__init__()
         self.mapper = mapper
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.register_buffer("prototypes", None if prototypes is None else prototypes.float())
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mapper((image - self.mean) / self.std)
+    def outputs(self) -> list[str]:
+        return ["anomaly_map", "score"] + (["class_index", "class_distance"] if self.prototypes is not None else [])
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = (image - self.mean) / self.std
+        if self.prototypes is None:
+            return self.mapper(x)
+        amap, score, features = self.mapper(x, features=True)
+        distance, index = (1 - features @ self.prototypes.T).min(dim=1)
+        return amap, score, index, distance
 
 
 def levels(entry: dict | None) -> dict:
@@ -57,28 +68,29 @@ def for_export(mapper: AnomalyMapper, crop_size: int) -> AnomalyMapper:
     return mapper
 
 
-def export_onnx(model: nn.Module, crop_size: int, path: str):
+def export_onnx(model: ExportedMapper, crop_size: int, path: str):
     """torch.onnx's TorchScript exporter (no onnxscript needed): dynamic batch, opset OPSET."""
     dummy = torch.rand(1, 3, crop_size, crop_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and exporter notices about constants: expected here
         torch.onnx.export(model, (dummy,), path, dynamo=False, opset_version=OPSET, input_names=["image"],
-                          output_names=["anomaly_map", "score"],
-                          dynamic_axes={"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}})
+                          output_names=model.outputs(),
+                          dynamic_axes={name: {0: "batch"} for name in ["image", *model.outputs()]})
 
 
-def max_difference(model: nn.Module, path: str, crop_size: int, batch: int = 2) -> float:
-    """Largest |onnxruntime - PyTorch| over both outputs on `batch` random images."""
+def max_difference(model: ExportedMapper, path: str, crop_size: int, batch: int = 2) -> float:
+    """Largest |onnxruntime - PyTorch| over the outputs on `batch` random images."""
     import onnxruntime
     x = torch.rand(batch, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0))
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = session.run(["anomaly_map", "score"], {"image": x.numpy()})
+    got = session.run(model.outputs(), {"image": x.numpy()})
     with torch.no_grad():
         want = model(x)
     return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
 
 
-OUTPUT_SHAPES = {"anomaly_map": ["batch", 1, MAP_SIZE, MAP_SIZE], "score": ["batch"]}
+OUTPUT_SHAPES = {"anomaly_map": ["batch", 1, MAP_SIZE, MAP_SIZE], "score": ["batch"], "class_index": ["batch"],
+                 "class_distance": ["batch"]}
 
 
 def annotate(path: str, metadata: dict):
@@ -121,16 +133,23 @@ def export(args):
     exported = for_export(mapper, crop)
     if calibration:
         check_settings(exported, calibration, calib_path, model_path)
-    model = ExportedMapper(exported).eval()
+    prototypes = class_finder.load(os.path.join(os.path.dirname(os.path.abspath(model_path)), class_finder.FILE))
+    if prototypes is not None and len(prototypes["classes"]) < 2:
+        prototypes = None  # a one-class run: nothing to find
+    model = ExportedMapper(exported, None if prototypes is None else prototypes["prototypes"]).eval()
     export_onnx(model, crop, args.out)
     entry = calibration["all"] if calibration else None
     classes = {name: levels(c) for name, c in (calibration or {}).get("classes", {}).items()}
     scoring = exported.scoring_settings()
+    finding = {} if prototypes is None else dict(classes=prototypes["classes"], class_far=class_finder.FAR,
+                                                 class_radius=prototypes["radius"].tolist())
     annotate(args.out, dict(image_size=settings["image_size"], crop_size=crop, max_ratio=scoring["max_ratio"],
                             map=scoring["map"], **levels(entry), color_range=entry["color_range"] if entry else None,
-                            class_thresholds=classes))
+                            class_thresholds=classes, **finding))
     diff = max_difference(model, args.out, crop, args.check_batch)
+    found = ", class_index [B], class_distance [B]" if prototypes is not None else ""
     log.info(f"wrote {args.out}: image [B, 3, {crop}, {crop}] RGB in [0, 1] -> anomaly_map [B, 1, 256, 256], "
-             f"score [B]; onnxruntime vs PyTorch on {args.check_batch} random images: max difference {diff:.2g}")
+             f"score [B]{found}; onnxruntime vs PyTorch on {args.check_batch} random images: max difference "
+             f"{diff:.2g}")
     if diff > 1e-3:
         log.warning(f"warning: the ONNX model differs from PyTorch by {diff:.2g}; check the onnxruntime version")

@@ -458,16 +458,27 @@ def test_onnx_export_matches_pytorch(which, run, crr_run, tmp_path):
     x = torch.rand(3, 3, CROP, CROP, generator=torch.Generator().manual_seed(1))
     mean, std = torch.tensor(ds.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(ds.IMAGENET_STD).view(3, 1, 1)
     with torch.no_grad():
-        want_map, want_score = AnomalyMapper(model, segnet)((x - mean) / std)
+        want_map, want_score, features = AnomalyMapper(model, segnet)((x - mean) / std, features=True)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got_map, got_score = session.run(["anomaly_map", "score"], {"image": x.numpy()})
-    assert got_map.shape == (3, 1, 256, 256) and got_score.shape == (3,)
-    np.testing.assert_allclose(got_map, want_map.numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(got_score, want_score.numpy(), atol=1e-4, rtol=0)
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(names, {"image": x.numpy()})))
+    assert got["anomaly_map"].shape == (3, 1, 256, 256) and got["score"].shape == (3,)
+    np.testing.assert_allclose(got["anomaly_map"], want_map.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got["score"], want_score.numpy(), atol=1e-4, rtol=0)
     proto = onnx.load(str(path))
     declared = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
-    assert declared == {"anomaly_map": ["batch", 1, 256, 256], "score": ["batch"]}
     meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    if which == "dinomaly":  # the run's class prototypes: the graph finds the class as predict.py does
+        assert declared == {"anomaly_map": ["batch", 1, 256, 256], "score": ["batch"], "class_index": ["batch"],
+                            "class_distance": ["batch"]}
+        prototypes = class_finder.load(str(run / class_finder.FILE))
+        matches = class_finder.classify(prototypes, features)
+        assert meta["classes"] == prototypes["classes"] and meta["class_far"] == class_finder.FAR
+        assert [meta["classes"][i] for i in got["class_index"]] == [m.class_name for m in matches]
+        np.testing.assert_allclose(got["class_distance"], [m.distance for m in matches], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(meta["class_radius"], prototypes["radius"].numpy(), rtol=1e-6)
+    else:  # no class_prototypes.pt: the map and the score only
+        assert declared == {"anomaly_map": ["batch", 1, 256, 256], "score": ["batch"]}
     assert meta["crop_size"] == CROP and meta["image_size"] == SIZE
     if which == "dinomaly":
         calibration = json.loads((run / "thresholds.json").read_text())
