@@ -18,6 +18,7 @@ from dinomaly.run import main as run_main
 import dinomaly_mvtec_uni
 import dinomaly_sep
 from conftest import TINY
+from test_predict import call as cli_call
 from prepare_data.make_demo_data import make_demo_data
 
 CLASSES = ["weave", "nut"]
@@ -148,11 +149,3 @@ def test_resume_trains_only_what_is_missing(runs, data):
         assert call(dinomaly_sep, [*common, "--resume"]) == 0
     assert (run / "weave" / "model.pth").stat().st_mtime_ns == first
     assert table(run / "metrics.csv") == table(runs / "sep" / "metrics.csv")
-
-
-def cli_call(main, argv):
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
