@@ -641,8 +641,8 @@ def per_class(run: Run, method: str):
             log.info(own_data.metrics_line(name, metrics, entry))
         write_results(run, results)
     if mapper is None:  # every class was done before: the prototypes come from one of their models
-        mapper = run_model(run.subfolder(args.classes[-1], classes=args.classes[-1:], eval_only=True,
-                                         checkpoint=run.path(args.classes[-1])), method, checked=True)
+        model = trained_model(run, run.path(args.classes[-1]), models.PAPER_SETTINGS[method])
+        mapper = AnomalyMapper(model, max_ratio=args.max_ratio, precision=args.precision)
     save_class_prototypes(run, mapper)
 
 

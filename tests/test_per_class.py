@@ -147,5 +147,11 @@ def test_resume_trains_only_what_is_missing(runs, data):
             os.remove(run / "nut" / name)
         assert call(dinomaly_sep, common) == 2  # the folder holds results: --resume or --overwrite
         assert call(dinomaly_sep, [*common, "--resume"]) == 0
-    assert (run / "weave" / "model.pth").stat().st_mtime_ns == first
+        assert (run / "weave" / "model.pth").stat().st_mtime_ns == first
+        assert table(run / "metrics.csv") == table(runs / "sep" / "metrics.csv")
+        os.remove(run / "class_prototypes.pt")
+        assert call(dinomaly_sep, [*common, "--resume"]) == 0  # all done: the table and the prototypes again
     assert table(run / "metrics.csv") == table(runs / "sep" / "metrics.csv")
+    assert (run / "class_prototypes.pt").is_file()
+    for c in CLASSES:  # each class folder is still a run of its own
+        assert json.loads((run / c / "config.json").read_text())["model"]["setting"] == "class-separated"
