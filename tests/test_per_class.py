@@ -106,6 +106,8 @@ def test_predict_uses_each_images_class_model(runs, data):
                                                                       ("nut", os.listdir(os.path.join(data, "nut", "test"))[0]))]
     detector = Detector(str(runs / "sep"), device="cpu")
     got = detector.predict(images)
+    weave, nut = (detector.members[c].mapper.model for c in CLASSES)
+    assert weave.encoder is nut.encoder and weave.decoder is not nut.decoder  # one encoder for all the models
     for path, p in zip(images, got):
         c = path.split(os.sep)[-4]
         assert p.class_name == c
