@@ -227,15 +227,16 @@ image, in the image's own geometry.
 The run folder gives the model's settings (encoder, image and crop size, CRR masking) and, for a CRR run, the
 segmentation network (Seg_model_7999.pth, else Seg_model_last.pth): the fused map. Its thresholds.json
 (written by evaluation) gives the decision thresholds: those of the image's class, found by the run's
-class_prototypes.pt, or of one class with --class_name, else of all classes; --threshold T
-overrides them. An image is anomalous when score >= threshold.
+class_prototypes.pt, or of one class with --class_name, else of all classes; --threshold T overrides them. An
+image is anomalous when score >= threshold. A run with one model per class (--per_class) sends each image to
+its class's model and thresholds.
 
 Writes into --out: predictions.csv (image_path, score, decision, threshold, overlay, mask, class,
 class_confidence[, normalized_score]), overlays/<name>.png (the map over the image on the class's fixed colour
 scale, the predicted mask outlined, the border outside the centre crop, which the model never sees, hatched) and
 masks/<name>.png (0/255, the image's size; 0 outside the crop). The mask of an anomalous image is where its map
-reaches the pixel threshold capped by the image threshold, so it is never empty; a
-normal image's mask is empty. An unreadable image is reported and skipped.
+reaches the pixel threshold capped by the image threshold, so it is never empty; a normal image's mask is
+empty. An unreadable image is reported and skipped.
 
 In Python:
 
