@@ -119,6 +119,13 @@ class AnomalyMapper(nn.Module):
         seg = torch.softmax(seg.float(), dim=1)[:, 1:]
         return self.fusion_alpha * recon + (1 - self.fusion_alpha) * seg, en
 
+    def features(self, img: torch.Tensor) -> torch.Tensor:
+        """The pooled encoder features alone (class_finder), without the decoding the map needs: the same as
+        forward's with `features`."""
+        with speed.autocast(img.device, self.precision):
+            en = self.model.encoded(img)
+        return pooled_features(en)
+
     def forward(self, img: torch.Tensor, mask_seeds: list[int] | None = None,
                 features: bool = False) -> tuple[torch.Tensor, ...]:
         """(smoothed map, score), and with `features` the pooled encoder features (class_finder)."""

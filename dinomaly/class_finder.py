@@ -49,7 +49,7 @@ def build(mapper, samples: dict[str, list[ds.Sample]], image_size: int, crop_siz
             items = [items[i] for i in sorted(pick)]
         loader = DataLoader(ds.TrainDataset(items, image_size, crop_size), batch_size=batch_size,
                             num_workers=num_workers)
-        features = torch.cat([mapper(x.to(device), features=True)[2].cpu() for x in loader])
+        features = torch.cat([mapper.features(x.to(device)).cpu() for x in loader])
         prototype = F.normalize(features.mean(dim=0), dim=0)
         prototypes.append(prototype)
         radii.append((1 - features @ prototype).max())

@@ -357,7 +357,7 @@ class PerClassDetector(Detector):
         if self.prototypes is None:
             matches, names = [None] * len(sizes), [self.class_name] * len(sizes)
         else:
-            features = self.finder.mapper(batch.to(self.device), features=True)[2]
+            features = self.finder.mapper.features(batch.to(self.device))  # the encoder alone
             matches = class_finder.classify(self.prototypes, features)
             names = [m.class_name for m in matches]
         out = [None] * len(sizes)

@@ -194,3 +194,15 @@ def test_evaluation_hands_each_batch_over_with_its_own_maps(tiny_encoder):
     for (_, _, amap, score), (want_map, want_score) in zip(out, expected):
         torch.testing.assert_close(amap, want_map[:, 0], rtol=0, atol=0)
         torch.testing.assert_close(score, want_score, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recenter", [False, True])
+def test_features_alone_equal_those_of_the_full_forward(recenter):
+    """AnomalyMapper.features (the encoder only, for class finding) gives exactly forward's pooled features."""
+    from conftest import TINY_CFG
+    torch.manual_seed(0)
+    model = models.ViTill(TINY_CFG, recenter=recenter).eval()
+    mapper = anomaly_map.AnomalyMapper(model)
+    x = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(mapper.features(x), mapper(x, features=True)[2])

@@ -196,8 +196,11 @@ def test_mvtec_layout_given_to_a_real_iad_job_suggests_dataset_mvtec(demo, tmp_p
 class MeanColour:
     """A stand-in for an AnomalyMapper whose pooled features are the image's mean colour, normalised."""
 
+    def features(self, x):
+        return F.normalize(x.mean(dim=(2, 3)), dim=1)
+
     def __call__(self, x, mask_seeds=None, features=False):
-        return None, None, F.normalize(x.mean(dim=(2, 3)), dim=1)
+        return None, None, self.features(x)
 
 
 def coloured_images(folder, colour, n, seed):

@@ -102,7 +102,7 @@ class ViTill(nn.Module):
                                                                                        list[torch.Tensor]]:
         """[B, 3, H, W] -> (en, de): two lists (one map per group) of [B, D, H/14, W/14]. `mask_seeds`: one
         seed per image for eval-mode masks drawn on the device (see bottleneck_mask)."""
-        grid_h, grid_w = x.shape[-2] // self.encoder.cfg.patch_size, x.shape[-1] // self.encoder.cfg.patch_size
+        grid = x.shape[-2] // self.encoder.cfg.patch_size, x.shape[-1] // self.encoder.cfg.patch_size
         with torch.no_grad():
             taps = self.encoder(x)  # 8 x [B, T, D]
         x = mean_of(taps)
@@ -114,14 +114,28 @@ class ViTill(nn.Module):
             x = blk(x)
             outs.append(x)
         outs = outs[::-1]  # index 0 = last decoder block
+        de = [mean_of([outs[i] for i in g])[:, self.encoder.num_prefix_tokens:] for g in self.groups]
+        return self.group_features(taps, grid), [token_map(t, grid) for t in de]
+
+    def encoded(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """en alone (the frozen encoder's group features, nothing decoded): [B, 3, H, W] -> one [B, D, h, w] per
+        group, the same as forward's."""
+        with torch.no_grad():
+            taps = self.encoder(x)
+        return self.group_features(taps, (x.shape[-2] // self.encoder.cfg.patch_size,
+                                          x.shape[-1] // self.encoder.cfg.patch_size))
+
+    def group_features(self, taps: list[torch.Tensor], grid: tuple[int, int]) -> list[torch.Tensor]:
+        """The encoder's taps -> en: per group their mean (Dinomaly2: recentred), patch tokens as [B, D, h, w]."""
         p = self.encoder.num_prefix_tokens
         en = [mean_of([taps[i] for i in g]) for g in self.groups]
-        en = [recentered(e, p, self.encoder.cfg.embed_dim) if self.recenter else e[:, p:] for e in en]
-        de = [mean_of([outs[i] for i in g])[:, p:] for g in self.groups]
+        return [token_map(recentered(e, p, self.encoder.cfg.embed_dim) if self.recenter else e[:, p:], grid)
+                for e in en]
 
-        def to_map(t):  # patch tokens [B, N, D] -> [B, D, h, w]
-            return t.transpose(1, 2).reshape(t.shape[0], -1, grid_h, grid_w)
-        return [to_map(t) for t in en], [to_map(t) for t in de]
+
+def token_map(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Patch tokens [B, N, D] -> [B, D, h, w]."""
+    return t.transpose(1, 2).reshape(t.shape[0], -1, *grid)
 
 
 def init_weights(m: nn.Module):
