@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from . import dataset as ds
 from .errors import UserError
-from .models import load_file
+from .checkpoints import load_file
 
 FILE = "class_prototypes.pt"
 MAX_IMAGES = 200  # training images per class that make its prototype

@@ -1,218 +1,254 @@
-"""The command line of every script: every flag, its default and its validation, by job, and the entry points.
+"""The command line of every script, parsed once into typed objects (options.Settings), and the entry points.
 
-A script passes its defaults (data path, run name, iterations, batch, dropout, AUPRO variant, ground truth rule),
-optionally per --dataset (`dataset_defaults`: the values that depend on the dataset, filled in where not given),
-and its job: "dinomaly", "dinomaly2", "crr_stage1", "crr_stage2" or "crr_test". Each job offers only the flags it
-uses.
+A paper script gives its recipe (recipes.py), its options' defaults (data path, run name, AUPRO variant, ground
+truth rule, cuDNN mode, ...) and optionally a table of the values that depend on --dataset:
+
+    RECIPE = recipes.DINOMALY.replace(total_iters=10000, dropout=0.2)
+    DEFAULTS = dict(dataset="mvtec", data_path="../mvtec_anomaly_detection", save_name="...", aupro="dinomaly")
+    cli.main(__doc__, RECIPE, DEFAULTS)
+
+The recipe's flags are generated from its fields (recipes.flags); each job offers only the flags it uses. A
+value comes from, in order: the command line, the --dataset table, the script's DEFAULTS or RECIPE, the
+dataclass's default. Only what the command line gave is kept as given (Settings.given), which a loaded run's
+recipe yields to (--eval_only, CRR Stage II and test, predict).
 """
 import argparse
+import dataclasses
 import importlib
 import os
 
-from .flags import (ADAM_EPS, CACHE_MODES, DATASET_NAMES, FALSE_ALARM_RATE, LC_CHOICES, PRECISIONS, VAL_SHARE,
-                    ArgumentParser, float_in, int_at_least)
+from . import recipes
+from .arguments import CACHE_MODES, DATASET_NAMES, PRECISIONS, ArgumentParser, float_in, int_at_least
+from .options import DataOptions, EvalOptions, RunOptions, Settings
+from .recipes import Recipe, SegmentationRecipe
 
-JOBS = ("dinomaly", "dinomaly2", "crr_stage1", "crr_stage2", "crr_test")
-
-
-def launch(job_function: str, parser: ArgumentParser, argv: list[str] | None = None, module: str = "engine"):
-    """Parse the arguments first, so that --help and argument errors answer before PyTorch and the engine are
-    imported, then run <module>.<job_function> (engine.dinomaly_main, predict.predict, ...) under run.main."""
-    parser.parse_args(argv)
-    from .run import main
-    main(getattr(importlib.import_module(f"{__package__}.{module}"), job_function), parser, argv)
+JOBS = {"dinomaly": "dinomaly", "dinomaly2": "dinomaly2", "crr": "crr_stage1", "crr_stage2": "crr_stage2"}
+# the reconstruction recipe's fields that CRR Stage II and test take from the Stage-I run unless given
+FOLLOWED = ("image_size", "crop_size", "attn_eps", "mask_ratio", "test_mask")
+PREDICT_OVERRIDES = ("image_size", "crop_size", "test_mask", "mask_ratio")  # predict's, of the run's recipe
+OPTIONS = {f.name: cls for cls in (DataOptions, RunOptions, EvalOptions) for f in dataclasses.fields(cls)}
 
 
-def encoder_name(text: str) -> str:
-    """--encoder: one of models.ENCODERS (imported, with PyTorch, only when the flag is given)."""
-    from . import models
-    if text not in models.ENCODERS:
-        raise argparse.ArgumentTypeError(f"unknown encoder {text}; choose one of {', '.join(models.ENCODERS)}")
-    return text
+def job_of(recipe: Recipe | SegmentationRecipe | None) -> str:
+    """The job a script's recipe runs: "dinomaly", "dinomaly2", "crr_stage1", "crr_stage2" or (no recipe)
+    "crr_test"."""
+    return "crr_test" if recipe is None else JOBS[recipe.method]
 
 
-def dataset_defaults(datasets: dict[str, tuple[str, int, int]], save_name: str) -> dict[str, dict]:
-    """build_parser's dataset_defaults from {dataset: (data path, image size, crop size)} and a run-name pattern
-    with {dataset}."""
-    return {name: dict(data_path=path, image_size=size, crop_size=crop, save_name=save_name.format(dataset=name))
-            for name, (path, size, crop) in datasets.items()}
+def shown(value) -> str:
+    return " ".join(value) if isinstance(value, (list, tuple)) else str(value)
 
 
-def build_parser(description: str, defaults: dict, job: str,
-                 dataset_defaults: dict[str, dict] | None = None) -> ArgumentParser:
-    if job not in JOBS:
-        raise ValueError(f"unknown job {job!r}")
+class Flags:
+    """Adds flags whose default is shown in their help and left out of the parsed namespace (SUPPRESS), so that
+    the namespace holds exactly what the command line gave."""
+
+    def __init__(self, defaults: dict):
+        self.defaults = defaults
+
+    def __call__(self, group, name: str, help: str, default_text: str | None = None, **kwargs):
+        default = self.defaults.get(name)
+        text = default_text if default_text is not None else \
+            None if default in (None, False) else shown(default)
+        suffix = f" (default: {text})" if text else ""
+        group.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help + suffix, **kwargs)
+
+
+def recipe_flags(group, add: Flags, recipe_type, names=None, default_text: str | None = None):
+    """The flags of a recipe's fields (all with a help text, or those in `names`)."""
+    for f in recipes.flags(recipe_type):
+        if names is None or f.name in names:
+            add(group, f.name, f.metadata["help"], default_text, **f.metadata["flag"])
+
+
+def build_parser(description: str, recipe: Recipe | SegmentationRecipe | None, defaults: dict,
+                 datasets: dict[str, dict] | None = None) -> ArgumentParser:
+    job = job_of(recipe)
     trains_recon = job in ("dinomaly", "dinomaly2", "crr_stage1")
     trains = trains_recon or job == "crr_stage2"
     evaluates = job != "crr_stage2"
     crr = job.startswith("crr")
+    shown_defaults = defaults_of(recipe, defaults)
+    for name in {k for row in (datasets or {}).values() for k in row}:  # the --dataset table's
+        shown_defaults[name] = "per --dataset: " + ", ".join(f"{d} {shown(row[name])}" for d, row in datasets.items()
+                                                              if name in row)
+    add = Flags(shown_defaults)
     p = ArgumentParser(description)
 
     data = p.add_argument_group("data")
-    data.add_argument("--data_path", help="dataset root folder")
-    data.add_argument("--dataset", choices=sorted(DATASET_NAMES),
-                      help="reader and default classes: mvtec and visa read the MVTec layout (also MPDD, BTAD and "
-                           "your own data with --classes); realiad and realiad_variety read Real-IAD's JSON splits; "
-                           "manta reads MANTA-Tiny (five views side by side in each image)")
-    data.add_argument("--classes", nargs="+", metavar="CLASS",
-                      help="classes (folders) to use; default: the dataset's standard list")
-    data.add_argument("--realiad_resolution",
-                      help="Real-IAD image folder: realiad_1024 (default), realiad_512, realiad_256 or realiad_raw; "
-                           "Real-IAD Variety: realiadvariety_1024 where it exists (default), else realiadvariety_raw")
-    data.add_argument("--json_dir",
-                      help="Real-IAD split folder: realiad_jsons (default), realiad_jsons_sv (single view), "
-                           "realiad_jsons_fuiad_0.1, ... (fully unsupervised); Real-IAD Variety: realiadvariety_jsons")
-    from_run = "" if trains_recon else "; default: the Stage-I run's"  # later CRR stages follow Stage I
-    data.add_argument("--allow_outside_paths", action="store_true",
-                      help="Real-IAD: accept split-file paths that lead out of --data_path (../)")
-    data.add_argument("--image_size", type=int_at_least(14), default=448 if trains_recon else None,
-                      help="images are resized to this square size" + from_run)
-    data.add_argument("--crop_size", type=int_at_least(14), default=392 if trains_recon else None,
-                      help="then centre-cropped to this size, a multiple of the encoder's patch size (14 for "
-                           "DINOv2, 16 for DINOv3: e.g. 392 or 448, both a 28 x 28 grid)" + from_run)
-    data.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
-                      help="data loader worker processes")
-    data.add_argument("--val", metavar="DIR",
-                      help="good images to set the thresholds of classes without a test folder, DIR/<class>/ "
-                           "(default: hold out --val_share of their training images)")
-    data.add_argument("--val_share", type=float_in(0, 1, high_open=True), default=VAL_SHARE,
-                      help="share of the good images of a class without a test folder held out of training, "
-                           "chosen with --seed, to set its threshold")
+    add(data, "data_path", "dataset root folder")
+    add(data, "dataset", "reader and default classes: mvtec and visa read the MVTec layout (also MPDD, BTAD and "
+                         "your own data with --classes); realiad and realiad_variety read Real-IAD's JSON splits; "
+                         "manta reads MANTA-Tiny (five views side by side in each image)",
+        choices=sorted(DATASET_NAMES))
+    add(data, "classes", "classes (folders) to use; default: the dataset's standard list", nargs="+", metavar="CLASS")
+    add(data, "realiad_resolution", "Real-IAD image folder: realiad_1024 (default), realiad_512, realiad_256 or "
+                                    "realiad_raw; Real-IAD Variety: realiadvariety_1024 where it exists (default), "
+                                    "else realiadvariety_raw")
+    add(data, "json_dir", "Real-IAD split folder: realiad_jsons (default), realiad_jsons_sv (single view), "
+                          "realiad_jsons_fuiad_0.1, ... (fully unsupervised); Real-IAD Variety: realiadvariety_jsons")
+    add(data, "allow_outside_paths", "Real-IAD: accept split-file paths that lead out of --data_path (../)",
+        action="store_true")
+    add(data, "num_workers", "data loader worker processes", type=int_at_least(0))
+    add(data, "val", "good images to set the thresholds of classes without a test folder, DIR/<class>/ (default: "
+                     "hold out --val_share of their training images)", metavar="DIR")
+    add(data, "val_share", "share of the good images of a class without a test folder held out of training, "
+                           "chosen with --seed, to set its threshold", type=float_in(0, 1, high_open=True))
     if crr and job != "crr_test":
-        data.add_argument("--anomaly_source_path", default="../dtd",
-                          help="texture images for anomaly synthesis (the DTD dataset, <dtd>/images/*/*.jpg); "
-                               "'none': anomalies made from the image itself only (not the paper's recipe)")
-        data.add_argument("--foreground_path",
-                          help="object masks restricting where anomalies go, <DIR>/<class>/<image path with OK -> "
-                               "DISthresh> (default for Real-IAD: <data_path>/<resolution>_DISthresh, where the "
-                               "released code looks; without them anomalies may fall anywhere)")
+        add(data, "anomaly_source_path", "texture images for anomaly synthesis (the DTD dataset, "
+                                         "<dtd>/images/*/*.jpg); 'none': anomalies made from the image itself only "
+                                         "(not the paper's recipe)")
+        add(data, "foreground_path", "object masks restricting where anomalies go, <DIR>/<class>/<image path with "
+                                     "OK -> DISthresh> (default for Real-IAD: <data_path>/<resolution>_DISthresh, "
+                                     "where the released code looks; without them anomalies may fall anywhere)")
 
     run = p.add_argument_group("run")
-    run.add_argument("--save_dir", default="./saved_results", help="parent folder of the run folders")
-    run.add_argument("--save_name", help="run folder name under --save_dir")
-    run.add_argument("--device", help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda when available)")
-    run.add_argument("--seed", type=int_at_least(0, 2 ** 31), default=1, help="random seed")
-    run.add_argument("--cudnn", choices=["deterministic", "benchmark"],
-                     help="cuDNN mode: deterministic kernels, or the fastest found by benchmarking (the reference "
-                          "scripts use deterministic for MVTec AD, VisA and the CRR test, benchmark for CRR training)")
-    run.add_argument("--batch_size", type=int_at_least(1), help="images per step (the global batch under torchrun)")
+    add(run, "save_dir", "parent folder of the run folders")
+    add(run, "save_name", "run folder name under --save_dir")
+    add(run, "device", "torch device, e.g. cuda, cuda:1 or cpu (default: cuda when available)")
+    add(run, "seed", "random seed", type=int_at_least(0, 2 ** 31))
+    add(run, "cudnn", "cuDNN mode: deterministic kernels, or the fastest found by benchmarking (the reference "
+                      "scripts use deterministic for MVTec AD, VisA and the CRR test, benchmark for CRR training)",
+        choices=["deterministic", "benchmark"])
+    if not trains:
+        add(run, "batch_size", "images per evaluation batch", type=int_at_least(1))
 
-    model = p.add_argument_group("model")
+    model = p.add_argument_group("model" if trains_recon else "model (default: the Stage-I run's)")
     if trains_recon:
-        model.add_argument("--encoder", type=encoder_name,
-                           help="encoder to train with (default dinov2reg_vit_base_14; see the README's table); "
-                                "with --eval_only the architecture comes from the run or the checkpoint and this "
-                                "checks it, or names it for a checkpoint without config.json whose layout several "
-                                "encoders share")
-        model.add_argument("--encoder_weights",
-                           help="the encoder's weight file as its publisher distributes it, or 'random' for a "
-                                "smoke run (default: backbones/weights/<publisher's file name>; see the README)")
-        model.add_argument("--dropout", type=float_in(0, 1, high_open=True), help="bottleneck dropout rate")
-        model.add_argument("--eval_only", action="store_true", help="skip training; evaluate --checkpoint")
-    model.add_argument("--checkpoint",
-                       help="reconstruction model: a run folder or a model.pth (ours or official); its image "
-                            "size, crop size, encoder, mask ratio, test masking and attention epsilon are used "
-                            "unless given here" +
-                            ("; default: <save_dir>/<save_name>/model.pth" if not trains_recon else ""))
-    model.add_argument("--attn_eps", type=float_in(0, 1), default=0.0 if trains_recon else None,
-                       help="epsilon in the linear-attention denominator (0 = official; 1e-6 avoids NaNs)" + from_run)
+        add(model, "encoder_weights", "the encoder's weight file as its publisher distributes it, or 'random' for "
+                                      "a smoke run (default: backbones/weights/<publisher's file name>; see "
+                                      "docs/encoders.md)")
+        add(model, "eval_only", "skip training; evaluate --checkpoint", action="store_true")
+        recipe_flags(model, add, Recipe, [f.name for f in dataclasses.fields(Recipe)
+                                          if f.metadata["part"] == "model"])
+    else:
+        recipe_flags(model, add, Recipe, FOLLOWED, "the Stage-I run's")
+    add(model, "checkpoint", "reconstruction model: a run folder or a model.pth (ours or official); its recipe "
+                             "(sizes, encoder, masking, attention epsilon, ...) is used unless given here" +
+                             ("" if trains_recon else "; default: <save_dir>/<save_name>/model.pth"))
     if crr:
-        model.add_argument("--mask_ratio", type=float_in(0, 1, high_open=True), default=0.4 if trains_recon else None,
-                           help="bottleneck masking ratio" + from_run)
-        model.add_argument("--test_mask", choices=["on", "off"], default="on" if trains_recon else None,
-                           help="bottleneck masking of the frozen model in eval mode (on = the released code, "
-                                "seeded)" + from_run)
-        model.add_argument("--mask_rng", choices=["cpu", "device"], default="cpu",
-                           help="where the frozen model's masks are drawn in evaluation and Stage II: cpu (the "
-                                "released code's random stream, reproduced by --seed; slow next to a GPU) or device "
-                                "(on the model's device, the GPU; in evaluation each image's mask is seeded by --seed, "
-                                "its class and its index, so the metrics do not depend on the batch size or the "
-                                "number of processes)")
-    if job == "dinomaly2":
-        model.add_argument("--lc", type=int, choices=LC_CHOICES, default=2,
-                           help="groups of the 8 taps compared (loose constraint): 0 layer to layer, 1 one group, 2 "
-                                "two groups of 4, 3 three, 4 four, 11 the last tap, 12 taps 4 and 8, 14 taps 2, 4, 6, 8")
-        model.add_argument("--cr", type=int, choices=[0, 1], default=1,
-                           help="context-aware recentering of the encoder targets: LN(patch tokens - CLS) (1), or the "
-                                "raw tokens as Dinomaly (0)")
-        model.add_argument("--la", type=int, choices=[0, 1], default=1,
-                           help="decoder attention: linear (1), or softmax (0)")
+        add(model, "mask_rng", "where the frozen model's masks are drawn in evaluation and Stage II: cpu (the "
+                               "released code's random stream, reproduced by --seed; slow next to a GPU) or device "
+                               "(on the model's device, the GPU; in evaluation each image's mask is seeded by "
+                               "--seed, its class and its index, so the metrics do not depend on the batch size or "
+                               "the number of processes)", choices=["cpu", "device"])
     if job == "crr_test":
-        model.add_argument("--seg_checkpoint",
-                           help="segmentation network (default: Seg_model_7999.pth, else Seg_model_last.pth, "
-                                "beside the model, else in the run folder)")
-        model.add_argument("--fusion_alpha", type=float_in(0, 1), default=0.7,
-                           help="fused map = a * reconstruction + (1 - a) * segmentation")
+        add(model, "seg_checkpoint", "segmentation network (default: Seg_model_7999.pth, else Seg_model_last.pth, "
+                                     "beside the model, else in the run folder)")
 
     if trains:
-        train = p.add_argument_group("training")
-        train.add_argument("--total_iters", type=int_at_least(1), help="training iterations")
-        if job == "dinomaly2":
-            train.add_argument("--shot", type=int_at_least(1),
-                               help="few-shot: train on this many images per class (chosen with --seed as the "
-                                    "preview code does), with strong augmentation (default: all images)")
-            train.add_argument("--bottleneck_in_lr", type=float_in(0, 1), default=2e-4,
-                               help="learning rate of the first bottleneck layer (D -> 256); the rest use 2e-3")
-            train.add_argument("--lr_decay_ratio", type=float_in(0, 1), default=1.0,
-                               help="the learning rate after warm-up falls on a cosine to this share of its start "
-                                    "(1: constant)")
+        train = p.add_argument_group("training (the recipe)")
         if trains_recon:
-            train.add_argument("--adam_eps", type=float_in(0, 1), default=ADAM_EPS, help="StableAdamW's epsilon")
+            recipe_flags(train, add, Recipe, [f.name for f in dataclasses.fields(Recipe)
+                                              if f.metadata["part"] != "model"])
+        else:
+            recipe_flags(train, add, SegmentationRecipe)
         if job in ("dinomaly", "dinomaly2"):
-            train.add_argument("--per_class", action="store_true",
-                               help="one model per class (the class-separated setting): each class is trained and "
+            add(train, "per_class", "one model per class (the class-separated setting): each class is trained and "
                                     "evaluated alone, as a run on that class alone would be, into <run>/<class>/; "
                                     "the run folder gets the table of all classes and their mean, and predict.py "
-                                    "sends each image to its class's model")
-        train.add_argument("--log_every", type=int_at_least(1), default=100,
-                           help="log the mean loss every N iterations")
-        train.add_argument("--save_every", type=int_at_least(1), default=1000,
-                           help="save the model and the training state (for --resume) every N iterations")
+                                    "sends each image to its class's model", action="store_true")
+        add(train, "log_every", "log the mean loss every N iterations", type=int_at_least(1))
+        add(train, "save_every", "save the model and the training state (for --resume) every N iterations",
+            type=int_at_least(1))
         start = train.add_mutually_exclusive_group()
-        start.add_argument("--resume", action="store_true",
-                           help="continue the run folder's interrupted training from its train_state" +
-                                ("_stage2" if job == "crr_stage2" else "") + ".pth, with the same settings")
-        start.add_argument("--overwrite", action="store_true",
-                           help="start afresh in a run folder that holds a trained " +
-                                ("segmentation network (Seg_model_*.pth), deleting it" if job == "crr_stage2" else
-                                 "model (model.pth), deleting it and Stage II's Seg_model_*.pth made from it"))
+        add(start, "resume", "continue the run folder's interrupted training from its train_state" +
+            ("_stage2" if job == "crr_stage2" else "") + ".pth, with the same settings", action="store_true")
+        add(start, "overwrite", "start afresh in a run folder that holds a trained " +
+            ("segmentation network (Seg_model_*.pth), deleting it" if job == "crr_stage2" else
+             "model (model.pth), deleting it and Stage II's Seg_model_*.pth made from it"), action="store_true")
 
     fast = p.add_argument_group("speed (the defaults reproduce the papers)")
-    fast.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                      help="fp32; tf32 (TF32 tensor-core matmuls); bf16 (bfloat16 autocast of the forward pass and "
-                           "the loss; float32 weights, maps and scores)")
-    fast.add_argument("--compile", action="store_true", help="torch.compile the network blocks (slow first steps)")
-    fast.add_argument("--cache_images", choices=CACHE_MODES, default="none",
-                      help="keep decoded, resized images (identical tensors): memory (training images, shared by "
-                           "the loader workers) or disk (memory-mapped files in --cache_dir, kept for later runs: "
-                           "training and test images)" +
-                           ("; CRR training also keeps its object masks and textures" if crr and trains else ""))
-    fast.add_argument("--cache_dir", help="folder of disk image caches (default: <save_dir>/image_cache)")
+    add(fast, "precision", "fp32; tf32 (TF32 tensor-core matmuls); bf16 (bfloat16 autocast of the forward pass "
+                           "and the loss; float32 weights, maps and scores)", choices=PRECISIONS)
+    add(fast, "compile", "torch.compile the network blocks (slow first steps)", action="store_true")
+    add(fast, "cache_images", "keep decoded, resized images (identical tensors): memory (training images, shared "
+                              "by the loader workers) or disk (memory-mapped files in --cache_dir, kept for later "
+                              "runs: training and test images)" +
+        ("; CRR training also keeps its object masks and textures" if crr and trains else ""), choices=CACHE_MODES)
+    add(fast, "cache_dir", "folder of disk image caches (default: <save_dir>/image_cache)")
 
     if evaluates:
         ev = p.add_argument_group("evaluation")
-        ev.add_argument("--aupro", choices=["exact", "dinomaly"],
-                        help="AUPRO: exact (MVTec definition) or dinomaly (200 thresholds, as the Dinomaly paper)")
-        ev.add_argument("--gt_binarize", choices=["dinomaly", "crr"],
-                        help="pixel ground truth at 256: nearest then >0 (dinomaly) or >=0.5, bilinear, >=0.5 (crr)")
-        ev.add_argument("--multiview", choices=["on", "off"], default="off",
-                        help="Real-IAD, Real-IAD Variety, MANTA-Tiny: on = Dinomaly2's multi-view evaluation: test "
+        add(ev, "aupro", "AUPRO: exact (MVTec definition) or dinomaly (200 thresholds, as the Dinomaly paper)",
+            choices=["exact", "dinomaly"])
+        add(ev, "gt_binarize", "pixel ground truth at 256: nearest then >0 (dinomaly) or >=0.5, bilinear, >=0.5 "
+                               "(crr)", choices=["dinomaly", "crr"])
+        add(ev, "multiview", "Real-IAD, Real-IAD Variety, MANTA-Tiny: on = Dinomaly2's multi-view evaluation: test "
                              "views grouped into objects, an anomalous view without a mask counted normal, and the "
-                             "object level (O-AUROC, O-AP, O-F1max) and Real-IAD's sample level (S-AUROC) added")
-        ev.add_argument("--max_ratio", type=float_in(0, 1), default=0.01,
-                        help="image score = mean of this top share of the map (0 = its maximum)")
-        ev.add_argument("--replace_results", action="store_true",
-                        help="evaluate another run's --checkpoint into a --save_name folder that holds a trained "
-                             "model, replacing that run's thresholds.json, metrics, scores and pictures")
-        ev.add_argument("--false_alarm_rate", type=float_in(0, 1, high_open=True), default=FALSE_ALARM_RATE,
-                        help="for classes tested on good images only: the image threshold calls about this share of "
-                             "good images anomalous (with defect images the threshold maximises F1)")
-        ev.add_argument("--save_heatmaps", type=int_at_least(0), default=0, metavar="N",
-                        help="write image | ground truth | anomaly map PNGs for the first N anomalous test images "
-                             "of each class")
-    p.set_defaults(**defaults)
-    p.dataset_defaults = dataset_defaults or {}
+                             "object level (O-AUROC, O-AP, O-F1max) and Real-IAD's sample level (S-AUROC) added",
+            choices=["on", "off"])
+        add(ev, "max_ratio", "image score = mean of this top share of the map (0 = its maximum)", type=float_in(0, 1))
+        if job == "crr_test":
+            add(ev, "fusion_alpha", "fused map = a * reconstruction + (1 - a) * segmentation", type=float_in(0, 1))
+        add(ev, "replace_results", "evaluate another run's --checkpoint into a --save_name folder that holds a "
+                                   "trained model, replacing that run's thresholds.json, metrics, scores and "
+                                   "pictures", action="store_true")
+        add(ev, "false_alarm_rate", "for classes tested on good images only: the image threshold calls about this "
+                                    "share of good images anomalous (with defect images the threshold maximises F1)",
+            type=float_in(0, 1, high_open=True))
+        add(ev, "save_heatmaps", "write image | ground truth | anomaly map PNGs for the first N anomalous test "
+                                 "images of each class", type=int_at_least(0), metavar="N")
     return p
+
+
+def defaults_of(recipe, defaults: dict) -> dict:
+    """Every flag's default: the dataclasses', the script's recipe, then its DEFAULTS."""
+    out = {name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+           for cls in (DataOptions, RunOptions, EvalOptions) for f in dataclasses.fields(cls)
+           for name in [f.name]}
+    if recipe is not None:
+        out.update(dataclasses.asdict(recipe))
+    return dict(out, **defaults)
+
+
+def parse(description: str, recipe: Recipe | SegmentationRecipe | None, defaults: dict,
+          datasets: dict[str, dict] | None = None, argv: list[str] | None = None) -> Settings:
+    """The command line -> Settings (argument errors: one line, exit status 2)."""
+    given = vars(build_parser(description, recipe, defaults, datasets).parse_args(argv))
+    values = defaults_of(recipe, defaults)
+    dataset = given.get("dataset", values["dataset"])
+    if datasets is not None:
+        row = datasets.get(dataset, {})
+        for name in {k for r in datasets.values() for k in r}:  # outside the table: no default
+            values[name] = row.get(name)
+    values.update(given)
+    if isinstance(values.get("save_name"), str):
+        values["save_name"] = values["save_name"].format(dataset=dataset)
+    values["save_name_given"] = "save_name" in given
+    if values.get("classes") is not None:
+        values["classes"] = tuple(values["classes"])
+    if not values.get("cache_dir"):
+        values["cache_dir"] = os.path.join(values["save_dir"], "image_cache")
+    if recipe is not None:
+        recipe = recipe.replace(**{f.name: values[f.name] for f in dataclasses.fields(recipe)})
+        if isinstance(recipe, Recipe):
+            recipes.check(recipe)
+    if "batch_size" not in given and recipe is not None:  # a training job evaluates at its training batch
+        values["batch_size"] = recipe.batch_size
+    recipe_names = {f.name for cls in (Recipe, SegmentationRecipe) for f in dataclasses.fields(cls)}
+
+    def options(cls):
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+    return Settings(job=job_of(recipe), recipe=recipe,
+                    given={k: v for k, v in given.items() if k in recipe_names and k not in OPTIONS},
+                    data=options(DataOptions), run=options(RunOptions), evaluation=options(EvalOptions))
+
+
+def main(description: str, recipe: Recipe | SegmentationRecipe | None, defaults: dict,
+         datasets: dict[str, dict] | None = None, argv: list[str] | None = None):
+    """A paper script: parse its command line first, so that --help and argument errors answer before PyTorch
+    is imported, then run its job (jobs.JOBS) under run.main."""
+    settings = parse(description, recipe, defaults, datasets, argv)
+    from .run import main as run_main
+    jobs = importlib.import_module(f"{__package__}.jobs")
+    run_main(jobs.JOBS[settings.job], settings)
+
+
+def run_script(module, argv: list[str] | None = None):
+    """A paper script module (its RECIPE, DEFAULTS and, where it has one, DATASETS) run with `argv`."""
+    main(module.__doc__, module.RECIPE, module.DEFAULTS, getattr(module, "DATASETS", None), argv)
 
 
 # ----------------------------------------------------------------------------------------------- predict and export
@@ -288,10 +324,9 @@ def predict_parser() -> ArgumentParser:
                    help="image reading processes")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     over = p.add_argument_group("overrides (default: the run's)")
-    over.add_argument("--image_size", type=int_at_least(14))
-    over.add_argument("--crop_size", type=int_at_least(14))
-    over.add_argument("--test_mask", choices=["on", "off"], help="CRR bottleneck masking at test time")
-    over.add_argument("--mask_ratio", type=float_in(0, 1, high_open=True))
+    for f in recipes.flags(Recipe):
+        if f.name in PREDICT_OVERRIDES:
+            over.add_argument(f"--{f.name}", help=f.metadata["help"], **f.metadata["flag"])
     over.add_argument("--max_ratio", type=float_in(0, 1), help="image score = mean of this top share of the map")
     over.add_argument("--fusion_alpha", type=float_in(0, 1), help="CRR: a * reconstruction + (1 - a) * segmentation")
     return p
@@ -309,11 +344,20 @@ def export_parser() -> ArgumentParser:
     return p
 
 
+def launch(module: str, options: str, parser: ArgumentParser, argv: list[str] | None):
+    """Parse first (--help and argument errors before PyTorch is imported), then run <module>.main with the
+    module's typed `options` (predict.PredictOptions, export.ExportOptions) under run.main."""
+    given = vars(parser.parse_args(argv))
+    from .run import main as run_main
+    target = importlib.import_module(f"{__package__}.{module}")
+    run_main(target.main, getattr(target, options)(**given))
+
+
 def predict_main(argv: list[str] | None = None):
     """predict.py and the `dinomaly-predict` command."""
-    launch("predict", predict_parser(), argv, module="predict")
+    launch("predict", "PredictOptions", predict_parser(), argv)
 
 
 def export_main(argv: list[str] | None = None):
     """export.py and the `dinomaly-export` command."""
-    launch("export", export_parser(), argv, module="export")
+    launch("export", "ExportOptions", export_parser(), argv)

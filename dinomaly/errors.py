@@ -7,8 +7,6 @@ against a table of key -> `Expect` (number, integer, choice, kind), one UserErro
 import math
 import re
 
-import torch
-
 
 class UserError(Exception):
     """A problem the user can fix: reported as one line naming the thing and what to do, exit status 2."""
@@ -23,6 +21,7 @@ def one_line(e: BaseException) -> str:
 def user_message(e: BaseException) -> str:
     """The one line reported for a UserError (also one re-raised from a data-loader worker, whose message then
     carries the worker's traceback) or for running out of GPU memory."""
+    import torch  # this module is imported without PyTorch (recipes.py)
     if isinstance(e, torch.OutOfMemoryError):
         size = re.search(r"Tried to allocate ([\d.]+ \w+)", str(e))
         asked = f" (it asked for {size.group(1)} more)" if size else ""

@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -119,17 +120,28 @@ def check_out(out: str):
         raise UserError(f"cannot write {out} (permission denied); pass another --out")
 
 
-def export(args):
+@dataclass(frozen=True)
+class ExportOptions:
+    """The export command's flags (cli.export_parser)."""
+    checkpoint: str
+    out: str
+    seg_checkpoint: str | None = None
+    thresholds: str | None = None
+    check_batch: int = 2
+
+
+def main(options: ExportOptions):
+    """The export command: the run's map computation into one ONNX file, checked against PyTorch."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
         raise UserError(MISSING) from None
-    check_out(args.out)
-    model_path, seg_path = run_files(args.checkpoint, args.seg_checkpoint)
-    calibration, calib_path = load_calibration(model_path, seg_path is not None, args.thresholds)
-    mapper, settings = load_mapper(model_path, seg_path, torch.device("cpu"), {}, calibration)
-    crop = settings["crop_size"]
+    check_out(options.out)
+    model_path, seg_path = run_files(options.checkpoint, options.seg_checkpoint)
+    calibration, calib_path = load_calibration(model_path, seg_path is not None, options.thresholds)
+    mapper, recipe = load_mapper(model_path, seg_path, torch.device("cpu"), {}, {}, calibration)
+    crop = recipe.crop_size
     exported = for_export(mapper, crop)
     if calibration:
         check_settings(exported, calibration, calib_path, model_path)
@@ -137,19 +149,19 @@ def export(args):
     if prototypes is not None and len(prototypes["classes"]) < 2:
         prototypes = None  # a one-class run: nothing to find
     model = ExportedMapper(exported, None if prototypes is None else prototypes["prototypes"]).eval()
-    export_onnx(model, crop, args.out)
+    export_onnx(model, crop, options.out)
     entry = calibration["all"] if calibration else None
     classes = {name: levels(c) for name, c in (calibration or {}).get("classes", {}).items()}
     scoring = exported.scoring_settings()
     finding = {} if prototypes is None else dict(classes=prototypes["classes"], class_far=class_finder.FAR,
                                                  class_radius=prototypes["radius"].tolist())
-    annotate(args.out, dict(image_size=settings["image_size"], crop_size=crop, max_ratio=scoring["max_ratio"],
+    annotate(options.out, dict(image_size=recipe.image_size, crop_size=crop, max_ratio=scoring["max_ratio"],
                             map=scoring["map"], **levels(entry), color_range=entry["color_range"] if entry else None,
                             class_thresholds=classes, **finding))
-    diff = max_difference(model, args.out, crop, args.check_batch)
+    diff = max_difference(model, options.out, crop, options.check_batch)
     found = ", class_index [B], class_distance [B]" if prototypes is not None else ""
-    log.info(f"wrote {args.out}: image [B, 3, {crop}, {crop}] RGB in [0, 1] -> anomaly_map [B, 1, 256, 256], "
-             f"score [B]{found}; onnxruntime vs PyTorch on {args.check_batch} random images: max difference "
+    log.info(f"wrote {options.out}: image [B, 3, {crop}, {crop}] RGB in [0, 1] -> anomaly_map [B, 1, 256, 256], "
+             f"score [B]{found}; onnxruntime vs PyTorch on {options.check_batch} random images: max difference "
              f"{diff:.2g}")
     if diff > 1e-3:
         log.warning(f"warning: the ONNX model differs from PyTorch by {diff:.2g}; check the onnxruntime version")

@@ -23,7 +23,7 @@ import numpy as np
 
 from .dataset import load_image, resize
 from .errors import UserError
-from .flags import CACHE_MODES as MODES
+from .arguments import CACHE_MODES as MODES
 
 _ALIGN = 4096  # the pixels start on a page boundary after the per-image "filled" flags
 

@@ -1,7 +1,6 @@
-"""Run a trained model on new images: the Detector (a score, a decision, a map and a mask for each image, in
-the image's own geometry) and the predict command (`predict.py`, `dinomaly-predict`; its flags and outputs are
-described in cli.PREDICT_HELP)."""
-import argparse
+"""Run a trained model on new images: `Detector(run)` (a ModelDetector, or a PerClassDetector for a run with one
+model per class: a score, a decision, a map and a mask for each image, in the image's own geometry) and the
+predict command (`predict.py`, `dinomaly-predict`; its flags and outputs are described in cli.PREDICT_HELP)."""
 import csv
 import os
 from collections import Counter
@@ -13,11 +12,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import class_finder, models
+from . import checkpoints, class_finder, models
 from . import dataset as ds
 from . import thresholds as th
 from .anomaly_map import AnomalyMapper, check_max_ratio
 from .errors import UserError
+from .recipes import Recipe
 from .report import picture, write_png
 from .run import log, resolve_device
 from .visualize import overlay_picture
@@ -109,9 +109,9 @@ def as_rgb(image) -> Image.Image:
 def run_files(checkpoint: str, seg_checkpoint: str | None) -> tuple[str, str | None]:
     """(model.pth, the segmentation network or None): --seg_checkpoint, else the run folder's
     Seg_model_7999.pth or Seg_model_last.pth when there is one (a CRR run)."""
-    path = models.checkpoint_file(checkpoint)
+    path = checkpoints.checkpoint_file(checkpoint)
     if seg_checkpoint is None:
-        seg_checkpoint = models.segmentation_file(os.path.dirname(os.path.abspath(path)))
+        seg_checkpoint = checkpoints.segmentation_file(os.path.dirname(os.path.abspath(path)))
     return path, seg_checkpoint
 
 
@@ -127,25 +127,24 @@ def load_calibration(model_path: str, fused: bool, path: str | None = None) -> t
     return (th.load(path) if os.path.isfile(path) else None), path
 
 
-def load_mapper(path: str, seg_path: str | None, device: torch.device, overrides: dict,
-                calibration: dict | None) -> tuple[AnomalyMapper, dict]:
-    """The model and, for CRR, the segmentation network, as an AnomalyMapper on `device`, with the run's
-    settings unless `overrides` (not None) give others. max_ratio and fusion_alpha: the overrides, else those
-    the thresholds were calibrated with, else the defaults. Returns it and the model's settings."""
-    given = {k: v for k, v in overrides.items() if v is not None}
+def load_mapper(path: str, seg_path: str | None, device: torch.device, given: dict, scoring: dict,
+                calibration: dict | None) -> tuple[AnomalyMapper, Recipe]:
+    """The model and, for CRR, the segmentation network, as an AnomalyMapper on `device`, and the model's recipe:
+    the run's, with the recipe fields in `given` overriding it. max_ratio and fusion_alpha: `scoring`'s where
+    not None, else those the thresholds were calibrated with, else the defaults."""
     saved = calibration["settings"] if calibration else {}
-    scoring = {k: given.pop(k, saved.get(k, default)) for k, default in SCORING_DEFAULTS.items()}
+    scoring = {k: scoring[k] if scoring.get(k) is not None else saved.get(k, default)
+               for k, default in SCORING_DEFAULTS.items()}
     check_max_ratio(scoring["max_ratio"])
-    args = argparse.Namespace(explicit=list(given), **given)
-    model = models.load_trained(path, args, models.PAPER_SETTINGS["crr" if seg_path else "dinomaly"]).to(device)
+    model, recipe = checkpoints.load_trained(path, given, "crr" if seg_path else "dinomaly")
+    model = model.to(device)
     segnet = None
     if seg_path:
-        models.check_segmentation_owner(os.path.dirname(os.path.abspath(seg_path)), model, path, seg_path)
-        segnet = models.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(device).eval()
+        checkpoints.check_segmentation_owner(os.path.dirname(os.path.abspath(seg_path)), model, path, seg_path)
+        segnet = checkpoints.load_segmentation_net(seg_path, model.encoder.cfg.embed_dim).to(device).eval()
         log.info(f"loaded {seg_path}; map: {scoring['fusion_alpha']} * reconstruction + "
                  f"{1 - scoring['fusion_alpha']:.4g} * segmentation")
-    used = {k: getattr(args, k) for k in models.PAPER_SETTINGS["dinomaly"]}
-    return AnomalyMapper(model, segnet, scoring["fusion_alpha"], scoring["max_ratio"]), used
+    return AnomalyMapper(model, segnet, scoring["fusion_alpha"], scoring["max_ratio"]), recipe
 
 
 def check_settings(mapper: AnomalyMapper, calibration: dict, path: str, model_path: str):
@@ -154,7 +153,7 @@ def check_settings(mapper: AnomalyMapper, calibration: dict, path: str, model_pa
     test_mask (its config.json) stands in."""
     saved = dict(calibration["settings"])
     if "test_mask" not in saved:
-        saved["test_mask"] = models.saved_settings(model_path).get("test_mask")
+        saved["test_mask"] = checkpoints.saved_settings(model_path).get("test_mask")
     used = mapper.scoring_settings()
     relevant = dict(fusion_alpha=used["map"] == "fused", mask_ratio=saved["test_mask"] == used["test_mask"])
     other = [k for k, v in used.items() if saved.get(k) not in (None, v) and relevant.get(k, True)]
@@ -202,18 +201,43 @@ def find_prototypes(thresholds_path: str, model_path: str) -> dict | None:
     return None
 
 
-class Detector:
-    """A trained run, ready to score images. See the module docstring; the keyword arguments are the flags.
+def Detector(checkpoint: str, **options) -> "ModelDetector | PerClassDetector":
+    """A trained run, ready to score images: a PerClassDetector for a run with one model per class (--per_class),
+    else a ModelDetector. The keyword arguments are the predict command's flags (ModelDetector)."""
+    if checkpoints.class_models(checkpoint) is not None:
+        return PerClassDetector(checkpoint, **options)
+    return ModelDetector(checkpoint, **options)
+
+
+class Scoring:
+    """What every detector does with images: prepare them as the model sees them and predict in batches. A
+    detector sets image_size and crop_size and implements predict_prepared."""
+    image_size: int
+    crop_size: int
+
+    def prepare(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """An image (see as_rgb) -> (normalised crop [3, crop, crop], its (width, height))."""
+        rgb = as_rgb(image)
+        return ds.transform(rgb, self.image_size, self.crop_size), rgb.size
+
+    def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
+        raise NotImplementedError
+
+    def predict(self, images: list) -> list[Prediction]:
+        """Several images in one batch."""
+        prepared = [self.prepare(im) for im in images]
+        return self.predict_prepared(torch.stack([p[0] for p in prepared]), [p[1] for p in prepared])
+
+    def __call__(self, image) -> Prediction:
+        return self.predict([image])[0]
+
+
+class ModelDetector(Scoring):
+    """A run's one model, ready to score images. See the module docstring; the keyword arguments are the flags.
 
     threshold: the image threshold (default: thresholds.json's, of `class_name`, else of the class found for
     each image, else of all classes); thresholds: a thresholds.json other than the run folder's. The masks use
-    thresholds.mask_level; pictures the colour scale of thresholds.color_range. A run with one model per class
-    (--per_class) gives a PerClassDetector."""
-
-    def __new__(cls, checkpoint: str, **options):
-        if cls is Detector and models.class_models(checkpoint) is not None:
-            return super().__new__(PerClassDetector)
-        return super().__new__(cls)
+    thresholds.mask_level; pictures the colour scale of thresholds.color_range."""
 
     def __init__(self, checkpoint: str, *, seg_checkpoint: str | None = None, thresholds: str | None = None,
                  threshold: float | None = None, class_name: str | None = None, device: str | None = None,
@@ -226,10 +250,11 @@ class Detector:
         calibration, calib_path = load_calibration(self.model_path, seg_path is not None, thresholds)
         if calibration is not None:
             th.select(calibration, class_name, calib_path)  # an unknown --class_name before the model loads
-        overrides = dict(image_size=image_size, crop_size=crop_size, test_mask=test_mask, mask_ratio=mask_ratio,
-                         max_ratio=max_ratio, fusion_alpha=fusion_alpha)
-        self.mapper, self.settings = load_mapper(self.model_path, seg_path, self.device, overrides, calibration)
-        self.image_size, self.crop_size = self.settings["image_size"], self.settings["crop_size"]
+        given = {k: v for k, v in dict(image_size=image_size, crop_size=crop_size, test_mask=test_mask,
+                                       mask_ratio=mask_ratio).items() if v is not None}
+        self.mapper, self.recipe = load_mapper(self.model_path, seg_path, self.device, given,
+                                               dict(max_ratio=max_ratio, fusion_alpha=fusion_alpha), calibration)
+        self.image_size, self.crop_size = self.recipe.image_size, self.recipe.crop_size
         self.masked = self.mapper.model.test_mask == "on"
         if self.masked:  # CRR's test-time masking is random: each image's mask is seeded with a hash of its pixels
             self.mapper.model.mask_rng = "device"
@@ -273,11 +298,6 @@ class Detector:
         """The operating point of a found class (the default one where it has none)."""
         return self.points.get(class_name, self.default)
 
-    def prepare(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
-        """An image (see as_rgb) -> (normalised crop [3, crop, crop], its (width, height))."""
-        rgb = as_rgb(image)
-        return ds.transform(rgb, self.image_size, self.crop_size), rgb.size
-
     @torch.no_grad()
     def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
         """Normalised crops [B, 3, crop, crop] and their images' (width, height) -> one Prediction each."""
@@ -296,16 +316,8 @@ class Detector:
                                   class_name=match.class_name if match else self.class_name, class_match=match))
         return out
 
-    def predict(self, images: list) -> list[Prediction]:
-        """Several images in one batch."""
-        prepared = [self.prepare(im) for im in images]
-        return self.predict_prepared(torch.stack([p[0] for p in prepared]), [p[1] for p in prepared])
 
-    def __call__(self, image) -> Prediction:
-        return self.predict([image])[0]
-
-
-class PerClassDetector(Detector):
+class PerClassDetector(Scoring):
     """A run with one model per class (--per_class): each image goes to the model of its class, `class_name` or
     the one found with the run's class_prototypes.pt, and is decided with that class's thresholds. The models
     are loaded as their classes come up; they share one encoder (its weights are the same in every class's
@@ -313,7 +325,7 @@ class PerClassDetector(Detector):
 
     def __init__(self, checkpoint: str, *, seg_checkpoint: str | None = None, thresholds: str | None = None,
                  class_name: str | None = None, **options):
-        self.runs = models.class_models(checkpoint)
+        self.runs = checkpoints.class_models(checkpoint)
         if seg_checkpoint is not None or thresholds is not None:
             raise UserError(f"{checkpoint} holds one model per class: --seg_checkpoint and --thresholds name one "
                             f"model's files; pass one class's folder ({checkpoint}/<class>) to use them")
@@ -336,10 +348,10 @@ class PerClassDetector(Detector):
             log.info(f"each image goes to the model of its class, found by {class_finder.FILE} "
                      f"({', '.join(self.prototypes['classes'])}); --class_name C uses one class's")
 
-    def member(self, class_name: str) -> Detector:
-        """The one-class Detector of a class of the run, loaded on first use."""
+    def member(self, class_name: str) -> ModelDetector:
+        """The one-class detector of a class of the run, loaded on first use."""
         if class_name not in self.members:
-            detector = Detector(self.runs[class_name], **self.options)
+            detector = ModelDetector(self.runs[class_name], **self.options)
             if self.members:
                 shared, own = self.finder.mapper.model.encoder, detector.mapper.model.encoder
                 same = all(torch.equal(a, b) for a, b in zip(shared.state_dict().values(),
@@ -375,7 +387,7 @@ class PerClassDetector(Detector):
 class ImageFiles(Dataset):
     """Image files -> (index, crop tensor or None, original RGB array or None, error message or None)."""
 
-    def __init__(self, paths: list[str], detector: Detector):
+    def __init__(self, paths: list[str], detector: Scoring):
         self.paths, self.image_size, self.crop_size = paths, detector.image_size, detector.crop_size
 
     def __len__(self):
@@ -414,7 +426,7 @@ def output_files(name: str) -> tuple[str, str]:
     return os.path.join("overlays", name + ".png"), os.path.join("masks", name + ".png")
 
 
-def write_outputs(out: str, name: str, rgb: np.ndarray, p: Prediction, detector: Detector):
+def write_outputs(out: str, name: str, rgb: np.ndarray, p: Prediction, detector: Scoring):
     """overlays/<name>.png and masks/<name>.png (output_files)."""
     verdict = "ANOMALOUS" if p.is_anomalous else "normal"
     found = f"  [{p.class_name} {p.class_match.confidence:.2f}]" if p.class_match else ""
@@ -431,36 +443,60 @@ def write_outputs(out: str, name: str, rgb: np.ndarray, p: Prediction, detector:
         marks)))
 
 
-def predict(args):
-    paths = ds.find_images(args.input, skip_dir=args.out)  # before the model, which takes longer to load
+@dataclass(frozen=True)
+class PredictOptions:
+    """The predict command's flags (cli.predict_parser)."""
+    checkpoint: str
+    input: list[str]
+    out: str
+    threshold: float | None = None
+    class_name: str | None = None
+    thresholds: str | None = None
+    normalize: bool = False
+    seg_checkpoint: str | None = None
+    batch_size: int = 8
+    num_workers: int = 0
+    device: str | None = None
+    image_size: int | None = None
+    crop_size: int | None = None
+    test_mask: str | None = None
+    mask_ratio: float | None = None
+    max_ratio: float | None = None
+    fusion_alpha: float | None = None
+
+
+def main(options: PredictOptions):
+    """The predict command: every image of --input scored, decided and pictured into --out."""
+    paths = ds.find_images(options.input, skip_dir=options.out)  # before the model, which takes longer to load
     if not paths:
-        raise UserError(f"every image given is inside --out {args.out}; pass other --input or --out")
-    detector = Detector(args.checkpoint, seg_checkpoint=args.seg_checkpoint, thresholds=args.thresholds,
-                        threshold=args.threshold, class_name=args.class_name, device=args.device,
-                        max_ratio=args.max_ratio, fusion_alpha=args.fusion_alpha, image_size=args.image_size,
-                        crop_size=args.crop_size, test_mask=args.test_mask, mask_ratio=args.mask_ratio)
+        raise UserError(f"every image given is inside --out {options.out}; pass other --input or --out")
+    o = options
+    detector = Detector(o.checkpoint, seg_checkpoint=o.seg_checkpoint, thresholds=o.thresholds,
+                        threshold=o.threshold, class_name=o.class_name, device=o.device, max_ratio=o.max_ratio,
+                        fusion_alpha=o.fusion_alpha, image_size=o.image_size, crop_size=o.crop_size,
+                        test_mask=o.test_mask, mask_ratio=o.mask_ratio)
     names = output_names(paths)
     guess = class_folder(paths, detector.classes)
-    if args.class_name is None and args.threshold is None and detector.prototypes is None and guess is not None:
+    if options.class_name is None and options.threshold is None and detector.prototypes is None and guess is not None:
         log.info(f"the images all lie in a folder named {guess}, a class of this run: --class_name {guess} "
                  f"decides with that class's threshold (recommended) instead of all classes'")
     try:
         for sub in ("overlays", "masks"):
-            os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+            os.makedirs(os.path.join(options.out, sub), exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the output folder {args.out} ({e.strerror}); pass another --out") from None
-    loader = DataLoader(ImageFiles(paths, detector), batch_size=args.batch_size, num_workers=args.num_workers,
+        raise UserError(f"cannot create the output folder {options.out} ({e.strerror}); pass another --out") from None
+    loader = DataLoader(ImageFiles(paths, detector), batch_size=options.batch_size, num_workers=options.num_workers,
                         collate_fn=list)
     rows, skipped = [], 0
     header = ["image_path", "score", "decision", "threshold", "overlay", "mask", "class", "class_confidence"]
     # rows are written (and flushed) batch by batch, before their pictures: a crash keeps the rows so far
     try:
-        f = open(os.path.join(args.out, "predictions.csv"), "w", newline="", errors="backslashreplace")
+        f = open(os.path.join(options.out, "predictions.csv"), "w", newline="", errors="backslashreplace")
     except OSError as e:
-        raise UserError(f"cannot write into {args.out} ({e.strerror}); pass a writable --out") from None
+        raise UserError(f"cannot write into {options.out} ({e.strerror}); pass a writable --out") from None
     with f, tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True, disable=None) as bar:
         table = csv.writer(f)
-        table.writerow(header + (["normalized_score"] if args.normalize else []))
+        table.writerow(header + (["normalized_score"] if options.normalize else []))
         for batch in loader:
             for i, _, _, error in [b for b in batch if b[3] is not None]:
                 log.warning(f"skipped {paths[i]}: {error}")
@@ -472,13 +508,13 @@ def predict(args):
                 new = [[paths[i], repr(p.score), "anomalous" if p.is_anomalous else "normal", repr(p.threshold),
                         *output_files(names[i]), p.class_name or "",
                         repr(p.class_match.confidence) if p.class_match else ""] +
-                       ([repr(p.normalized_score)] if args.normalize else [])
+                       ([repr(p.normalized_score)] if options.normalize else [])
                        for (i, _, _, _), p in zip(good, preds)]
                 table.writerows(new)
                 f.flush()
                 rows += new
                 for (i, _, rgb, _), p in zip(good, preds):
-                    write_outputs(args.out, names[i], rgb, p, detector)
+                    write_outputs(options.out, names[i], rgb, p, detector)
                     warn_unmatched(paths[i], p)
             bar.update(len(batch))
     if not rows:
@@ -486,10 +522,10 @@ def predict(args):
     n_bad = sum(r[2] == "anomalous" for r in rows)
     log.info(f"predicted {len(rows)} image{'s' * (len(rows) != 1)} ({n_bad} anomalous, {len(rows) - n_bad} normal; "
              f"{decided_by(detector, [r[6] for r in rows])}), skipped {skipped} unreadable; "
-             f"predictions.csv, overlays/ and masks/ in {args.out}")
+             f"predictions.csv, overlays/ and masks/ in {options.out}")
 
 
-def decided_by(detector: Detector, classes: list[str]) -> str:
+def decided_by(detector: Scoring, classes: list[str]) -> str:
     """Which thresholds decided: 'threshold T from SOURCE', or the classes found and how often."""
     if detector.prototypes is None:
         return f"threshold {detector.default.threshold:.6g} from {detector.default.source}"

@@ -1,7 +1,7 @@
 """Checks of a job's input files before any training or evaluation starts, so that a bad file stops the run at
 once with one line naming it (not hours later, inside a data-loader worker).
 
-`check_data(args, train)`: every training image (with its foreground mask), texture and test image opens,
+`check_data(data, seed, train)`: every training image (with its foreground mask), texture and test image opens,
 every test mask exists, opens and has its image's size. Only headers and file structure are read, not the
 pixels (PIL's `Image.open` + `verify`), in a thread pool, so that a dataset of 100k images takes seconds.
 """
@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from . import dataset as ds
-from . import own_data
+from . import samples
 from .errors import UserError, one_line
+from .options import DataOptions
 from .run import log
 
 THREADS = 16  # file opening waits on the disk more than on the CPU
@@ -42,7 +43,8 @@ def probe(item: Item) -> Item:
     return item
 
 
-def items(args, train: list[ds.Sample] | None, textures: list[str], test: bool) -> list[Item]:
+def items(data: DataOptions, seed: int, train: list[ds.Sample] | None, textures: list[str],
+          test: bool) -> list[Item]:
     """The files a job reads: training images and their foreground masks, textures, test images and masks."""
     out = []
     for s in train or []:
@@ -50,8 +52,8 @@ def items(args, train: list[ds.Sample] | None, textures: list[str], test: bool) 
         if s.foreground_path:
             out.append(Item(s.foreground_path, "foreground mask", s))
     out += [Item(p, "texture image") for p in textures]
-    for c in ds.class_names(args.dataset, args.classes) if test else []:
-        for s in own_data.test_samples(args, c)[0]:
+    for c in ds.class_names(data.dataset, data.classes) if test else []:
+        for s in samples.test_samples(data, seed, c)[0]:
             if s.strip:  # MANTA: the file of views 2 to 5 is that of view 1
                 continue
             out.append(Item(s.image_path, "test image", s))
@@ -60,12 +62,12 @@ def items(args, train: list[ds.Sample] | None, textures: list[str], test: bool) 
     return out
 
 
-def listed_in(args, item: Item) -> str:
+def listed_in(data: DataOptions, item: Item) -> str:
     """' (listed in <split file>)' for a Real-IAD (Variety) image or mask, whose path comes from a split file."""
-    if args.dataset not in ds.REALIAD_FOLDERS or item.sample is None or item.what == "foreground mask":
+    if data.dataset not in ds.REALIAD_FOLDERS or item.sample is None or item.what == "foreground mask":
         return ""
-    json_dir = ds.realiad_folders(args.dataset, args.data_path, args.realiad_resolution, args.json_dir)[1]
-    json_path = ds.realiad_json_path(args.data_path, item.sample.class_name, json_dir)
+    json_dir = ds.realiad_folders(data.dataset, data.data_path, data.realiad_resolution, data.json_dir)[1]
+    json_path = ds.realiad_json_path(data.data_path, item.sample.class_name, json_dir)
     return f" (listed in {json_path})"
 
 
@@ -76,17 +78,18 @@ def others(bad: list, checked: int, noun: str, fault: str) -> str:
     return f"{len(bad) - 1} more of the {checked} {noun} checked {fault} too"
 
 
-def check_data(args, train: list[ds.Sample] | None = None, textures: list[str] = (), test: bool = True):
+def check_data(data: DataOptions, seed: int, train: list[ds.Sample] | None = None, textures: list[str] = (),
+               test: bool = True):
     """Every file the job will read opens, and every mask has its image's size; one UserError naming the first
     bad file (and how many others were checked) otherwise. Logs how many files were checked."""
     start = time.time()
-    todo = items(args, train, list(textures), test)
+    todo = items(data, seed, train, list(textures), test)
     with ThreadPoolExecutor(THREADS) as pool:
         done = list(pool.map(probe, todo))
     bad = [i for i in done if i.problem]
     if bad:
         i, fault = bad[0], "are missing or unreadable"
-        where, rest = listed_in(args, i), others(bad, len(done), "files", fault)
+        where, rest = listed_in(data, i), others(bad, len(done), "files", fault)
         if i.problem == "not found":
             raise UserError(f"{i.what} not found: {i.path}{where}; {rest}; add the file, or fix the dataset")
         raise UserError(f"cannot read {i.what} {i.path}{where} ({i.problem}); {rest}; replace the file, or remove "
@@ -97,7 +100,7 @@ def check_data(args, train: list[ds.Sample] | None = None, textures: list[str] =
     if wrong:
         m = wrong[0]
         (w, h), (iw, ih) = m.size, sizes[m.sample.image_path]
-        raise UserError(f"mask {m.path}{listed_in(args, m)} is {w}x{h} px, but its image {m.sample.image_path} is "
+        raise UserError(f"mask {m.path}{listed_in(data, m)} is {w}x{h} px, but its image {m.sample.image_path} is "
                         f"{iw}x{ih}; {others(wrong, len(masks), 'masks', 'differ from their image')}; fix the masks")
     matched = f", {len(masks)} masks match their images" if masks else ""
     kinds = "image and mask files" if masks else "image files"

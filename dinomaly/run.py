@@ -1,11 +1,10 @@
 """One invocation of a script: exit codes, logging, device and DDP setup, seeds, the run folder (held by its lock,
-runlock.py) and its config, atomic checkpoint writing (the argument parser is in flags.py).
+runlock.py) and its config, atomic checkpoint writing (the command line is parsed in cli.py).
 
 Exit status: 0 success; 2 a user error or out of GPU memory (one line on stderr and in log.txt naming the
 thing and the fix); 128 + the signal when stopped by one (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP); 1 anything
 else (with its traceback).
 """
-import argparse
 import copy
 import errno
 import json
@@ -23,7 +22,7 @@ import torch.distributed as dist
 
 from . import runlock
 from .errors import UserError, user_message
-from .flags import ArgumentParser
+from .options import RunOptions
 
 log = logging.getLogger("anomaly")
 
@@ -41,14 +40,12 @@ _FORMAT = _Formatter("%(message)s")
 
 # ----------------------------------------------------------------------------------------------- command line
 
-def main(fn, parser: ArgumentParser, argv: list[str] | None = None):
-    """Parse, call fn(args), and turn failures into exit codes. `args.explicit` lists the options given."""
+def main(fn, settings):
+    """Call fn(settings) (the parsed command line) and turn failures into exit codes."""
     setup_logging(None)
-    args = parser.parse_args(argv)
-    args.explicit = sorted(parser.explicit(argv))
     code = 0
     try:
-        fn(args)
+        fn(settings)
     except (UserError, torch.OutOfMemoryError) as e:
         log.error(f"error: {user_message(e)}")
         code = 2
@@ -104,12 +101,12 @@ def setup_logging(log_file: str | None):
 class Run:
     """Device, distributed state, run folder, logging and seed of one script invocation."""
 
-    def __init__(self, args, config_name: str):
-        self.args = args
+    def __init__(self, options: RunOptions, config_name: str):
+        self.options = options
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.is_main = self.rank == 0
-        self.dir = os.path.join(args.save_dir, args.save_name)
+        self.dir = os.path.join(options.save_dir, options.save_name)
         try:
             os.makedirs(self.dir, exist_ok=True)
         except OSError as e:
@@ -117,14 +114,14 @@ class Run:
         problem = self._lock() if self.is_main else None
         if problem is None:
             setup_logging(os.path.join(self.dir, "log.txt") if self.is_main else None)
-        self.device = self._device(args.device)
+        self.device = self._device(options.device)
         problem = self.gather(problem)[0]  # every process stops when the main one could not take the folder
         if problem is not None:
             raise UserError(problem)
         self.config_name = config_name
-        seed_everything(args.seed + self.rank)
-        torch.backends.cudnn.deterministic = args.cudnn == "deterministic"
-        torch.backends.cudnn.benchmark = args.cudnn == "benchmark"
+        seed_everything(options.seed + self.rank)
+        torch.backends.cudnn.deterministic = options.cudnn == "deterministic"
+        torch.backends.cudnn.benchmark = options.cudnn == "benchmark"
         log.info(f"run folder: {self.dir}  device: {self.device}  processes: {self.world_size}")
 
     def _lock(self) -> str | None:
@@ -156,22 +153,18 @@ class Run:
 
     def subfolder(self, name: str, **changes) -> "Run":
         """This invocation writing into <run folder>/<name> (one class's folder of a run with one model per
-        class), its arguments changed by `changes`; the lock, log, device and processes are the run's."""
+        class), its options changed by `changes`; the lock, log, device and processes are the run's."""
         sub = copy.copy(self)
-        sub.args = argparse.Namespace(**{**vars(self.args), **changes})
+        sub.options = self.options.replace(**changes)
         sub.dir = self.path(name)
         if self.is_main:
             os.makedirs(sub.dir, exist_ok=True)
         self.barrier()
         return sub
 
-    def save_config(self, model_settings: dict | None = None, **extra):
-        """Every setting of this job in its config file (config.json for training); `model_settings` are what
-        a later job needs to rebuild the trained model (see models.saved_settings); `extra`: more entries."""
+    def save_config(self, config: dict):
+        """Every setting of this job (options.Settings.config) in its config file (config.json for training)."""
         if self.is_main:
-            config = dict(vars(self.args), **extra)
-            if model_settings is not None:
-                config["model"] = model_settings
             with open(self.path(self.config_name), "w") as f:
                 json.dump(config, f, indent=2)
 

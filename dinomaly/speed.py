@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .flags import PRECISIONS
+from .arguments import PRECISIONS
 
 
 def configure(precision: str):

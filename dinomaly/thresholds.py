@@ -22,8 +22,10 @@ import math
 import numpy as np
 
 from .errors import Expect, UserError, check_entries, choice, kind, number
-from .flags import FALSE_ALARM_RATE
+from .options import EvalOptions
 from .run import write_atomic
+
+FALSE_ALARM_RATE = EvalOptions.false_alarm_rate  # --false_alarm_rate's default
 
 PIXEL_SAMPLE = 1 << 21  # map values kept per class: 32 maps of 256 x 256
 

@@ -8,7 +8,8 @@ hard-mining share are functions of the iteration, and the data order is a functi
 
 - `start(run, state_name, results)`: what to do with a run folder that already holds this job's results:
   stop (one line), start afresh (--overwrite) or load the state to continue from (--resume).
-- `restore(run, state, module, optimizer, train_images) -> (iteration, settings)` and `save(run, path, module,
+- `settings(...)`: what a resumed run must share with the saved one; `restore(run, state, module, optimizer,
+  settings) -> iteration` and `save(run, path, module,
   optimizer, iteration, settings)`.
 - `EpochSampler`: the shuffled order of each epoch, on one process or many, from any batch of the epoch.
 - `StopRequest`: Ctrl-C during training asks the loop to finish its step, save and stop.
@@ -25,7 +26,9 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from .errors import UserError, check_entries, integer, kind
-from .models import load_file
+from .checkpoints import load_file
+from .options import DataOptions
+from .recipes import Recipe
 from .run import Run, log, save_atomic
 
 RECONSTRUCTION = "train_state.pth"  # Dinomaly, CRR Stage I
@@ -53,8 +56,8 @@ def start(run: Run, state_name: str, results: list[str]) -> dict | None:
     """The saved state to continue from (--resume), or None for a fresh start. A run folder that holds this
     job's results (`results`: file names or glob patterns; the state file counts too) is never overwritten
     silently: without --resume or --overwrite the job stops; --overwrite deletes them first."""
-    args, path = run.args, run.path(state_name)
-    if args.resume:
+    path = run.path(state_name)
+    if run.options.resume:
         visible = run.gather(os.path.isfile(path))  # every process decides alike (multi-node: each its own disk)
         if not any(visible):
             raise UserError(f"nothing to resume: {run.dir} has no {state_name}; run without --resume to start")
@@ -64,7 +67,7 @@ def start(run: Run, state_name: str, results: list[str]) -> dict | None:
         return load(path)
     found = sorted({os.path.basename(p) for pattern in [*results, state_name] for p in glob.glob(run.path(pattern))})
     found = run.gather(found)[0]  # the main process's folder decides for all
-    if found and not args.overwrite:
+    if found and not run.options.overwrite:
         raise UserError(f"{run.dir} already holds {', '.join(found)}; pass --resume to continue its training, "
                         f"--overwrite to start afresh (deleting them), or another --save_name")
     if found:
@@ -90,11 +93,16 @@ def load(path: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------- save, restore
 
-def settings(args, train_images: int, world_size: int) -> dict:
-    """The settings a resumed run must share with the saved one (FIXED), and those whose change is logged."""
-    out = {k: getattr(args, k, None) for k in FIXED + LOGGED}
-    out.update(train_images=train_images, processes=world_size)
-    return out
+def settings(data: DataOptions, model: Recipe, batch_size: int, total_iters: int, seed: int, train_images: int,
+             world_size: int) -> dict:
+    """The settings a resumed run must share with the saved one (FIXED), and those whose change is logged
+    (LOGGED): of the data, the model's recipe, the training's length and batch, and the seed."""
+    values = dict(dataset=data.dataset, classes=list(data.classes), realiad_resolution=data.realiad_resolution,
+                  json_dir=data.json_dir, encoder=model.encoder, image_size=model.image_size,
+                  crop_size=model.crop_size, batch_size=batch_size, total_iters=total_iters, seed=seed,
+                  dropout=model.dropout, attn_eps=model.attn_eps, mask_ratio=model.mask_ratio,
+                  test_mask=model.test_mask)
+    return dict(values, train_images=train_images, processes=world_size)
 
 
 def save(run: Run, path: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
@@ -107,12 +115,11 @@ def save(run: Run, path: str, module: torch.nn.Module, optimizer: torch.optim.Op
 
 
 def restore(run: Run, state: dict | None, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            train_images: int) -> tuple[int, dict]:
-    """(finished iterations, this run's settings). With a saved `state`, first checks that the settings match
-    and loads the weights, the optimiser and this process's RNG states from it."""
-    current = settings(run.args, train_images, run.world_size)
+            current: dict) -> int:
+    """The finished iterations. With a saved `state`, first checks that this run's settings (`current`, see
+    settings) match and loads the weights, the optimiser and this process's RNG states from it."""
     if state is None:
-        return 0, current
+        return 0
     saved = state["settings"]
     for key in FIXED + ("train_images", "processes"):
         if saved.get(key) != current[key]:
@@ -127,7 +134,7 @@ def restore(run: Run, state: dict | None, module: torch.nn.Module, optimizer: to
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"][run.rank], run.device)
     log.info(f"resuming at iteration {state['iteration']} of {current['total_iters']}")
-    return state["iteration"], current
+    return state["iteration"]
 
 
 def _describe(key: str, value) -> str:

@@ -1,12 +1,12 @@
-"""Your own images: the classes found in the data folder, classes with good images only, and what the log says
-about them.
+"""Which samples a run uses: its classes (also those found in your own data folder), each class's training
+images and those held out of them, its test images, and the per-class log line.
 
-- `find_classes(args)`: --classes; else the dataset's standard classes; else, for an MVTec-layout folder that
+- `find_classes(data)`: --classes; else the dataset's standard classes; else, for an MVTec-layout folder that
   holds none of them, its class folders (each with train/good/ or images directly inside).
-- `train_samples(args, name)`, `test_samples(args, name)`: one class's samples. A class without a test folder
-  is evaluated on good images only: those of `--val DIR` (`DIR/<class>/`), else a seeded share (`--val_share`)
-  of its training images, held out of training. Its image threshold is then set at `--false_alarm_rate` of
-  those good images (thresholds.false_alarm_threshold).
+- `train_samples(data, seed)`: every class's training samples; `test_samples(data, seed, name)`: one class's.
+  A class without a test folder is evaluated on good images only: those of `--val DIR` (`DIR/<class>/`), else a
+  seeded share (`--val_share`) of its training images, held out of training. Its image threshold is then set at
+  `--false_alarm_rate` of those good images (thresholds.false_alarm_threshold).
 - `metrics_line(name, metrics, entry)`: the per-class log line; a class without defect images gets one line
   saying why it has no metrics, and what its threshold rests on, instead of a row of nan.
 """
@@ -19,16 +19,16 @@ import numpy as np
 from . import dataset as ds
 from . import thresholds as th
 from .errors import UserError
-from .flags import VAL_SHARE
+from .options import DataOptions
 from .run import log
 from .utils import METRIC_NAMES, format_metrics
 
 
-def find_classes(args) -> list[str]:
+def find_classes(data: DataOptions) -> list[str]:
     """The classes of the run (see the module docstring); logs them when they were found in the folder."""
-    standard = ds.class_names(args.dataset, args.classes)
-    root = args.data_path
-    if args.classes or not mvtec_layout(args) or not os.path.isdir(root) or \
+    standard = ds.class_names(data.dataset, data.classes)
+    root = data.data_path
+    if data.classes or not mvtec_layout(data) or not os.path.isdir(root) or \
             any(os.path.isdir(os.path.join(root, c)) for c in standard):
         return standard
     folders = ds._list_subdirs(root)
@@ -48,9 +48,9 @@ def find_classes(args) -> list[str]:
     return standard  # the reader names the first missing class folder
 
 
-def mvtec_layout(args) -> bool:
+def mvtec_layout(data: DataOptions) -> bool:
     """Whether the dataset is read in the MVTec layout (not through Real-IAD's split files or MANTA's)."""
-    return args.dataset not in (*ds.REALIAD_FOLDERS, "manta")
+    return data.dataset not in (*ds.REALIAD_FOLDERS, "manta")
 
 
 def is_class_folder(folder: str) -> bool:
@@ -58,57 +58,55 @@ def is_class_folder(folder: str) -> bool:
     return any(os.path.isdir(os.path.join(folder, d)) for d in ("train", "test")) or bool(ds._list_images(folder))
 
 
-def held_out(args, name: str, samples: list[ds.Sample]) -> list[int]:
+def held_out(data: DataOptions, seed: int, name: str, samples: list[ds.Sample]) -> list[int]:
     """Indices of the training samples of class `name` held out for its threshold: a seeded share (--val_share,
     at least one, at most all but one) when the class has no test folder and no --val folder is given."""
-    if not mvtec_layout(args) or getattr(args, "val", None) or \
-            os.path.isdir(os.path.join(args.data_path, name, "test")):
+    if not mvtec_layout(data) or data.val or os.path.isdir(os.path.join(data.data_path, name, "test")):
         return []
-    share = getattr(args, "val_share", VAL_SHARE)
+    share = data.val_share
     if len(samples) < 2:
         raise UserError(f"class {name} has {len(samples)} good image and no test folder: at least 2 are needed, "
                         f"to train on some and set the threshold on the others; add images or pass --val DIR")
     n = min(max(1, round(share * len(samples))), len(samples) - 1)
-    rng = np.random.default_rng([args.seed, zlib.crc32(name.encode())])
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     return sorted(rng.choice(len(samples), n, replace=False).tolist())
 
 
-def split_training(args, name: str) -> tuple[list[ds.Sample], list[ds.Sample]]:
+def split_training(data: DataOptions, seed: int, name: str) -> tuple[list[ds.Sample], list[ds.Sample]]:
     """(the training samples of class `name`, those held out of them for its threshold)."""
-    samples = ds.class_samples(args.dataset, args.data_path, name, "train", args.realiad_resolution,
-                               args.json_dir, allow_outside=getattr(args, "allow_outside_paths", False))[0]
-    hold = set(held_out(args, name, samples))
+    samples = ds.class_samples(data.dataset, data.data_path, name, "train", data.realiad_resolution,
+                               data.json_dir, allow_outside=data.allow_outside_paths)[0]
+    hold = set(held_out(data, seed, name, samples))
     return [s for i, s in enumerate(samples) if i not in hold], [samples[i] for i in sorted(hold)]
 
 
-def train_samples(args) -> list[ds.Sample]:
+def train_samples(data: DataOptions, seed: int) -> list[ds.Sample]:
     """The training samples of every class, without the held-out ones (logged per class)."""
     out = []
-    for name in ds.class_names(args.dataset, args.classes):
-        kept, held = split_training(args, name)
+    for name in ds.class_names(data.dataset, data.classes):
+        kept, held = split_training(data, seed, name)
         if held:
             log.info(f"{name}: no test folder: {len(held)} of its {len(kept) + len(held)} good images are held out "
-                     f"of training to set its threshold (--val_share {getattr(args, 'val_share', VAL_SHARE)}, "
-                     f"--seed {args.seed}; --val DIR gives other good images)")
+                     f"of training to set its threshold (--val_share {data.val_share}, --seed {seed}; --val DIR "
+                     f"gives other good images)")
         out += kept
     return out
 
 
-def test_samples(args, name: str, multiview: bool = False) -> tuple[list[ds.Sample], int]:
+def test_samples(data: DataOptions, seed: int, name: str, multiview: bool = False) -> tuple[list[ds.Sample], int]:
     """The test samples of one class and the number of anomalous ones without a mask: its test folder's, else
     good images only (--val DIR/<class>/, else those held out of its training images). `multiview`: see
     dataset.class_samples."""
-    val = getattr(args, "val", None)
-    if val:
-        folder = os.path.join(val, name)
+    if data.val:
+        folder = os.path.join(data.val, name)
         if not os.path.isdir(folder):
             raise UserError(f"--val folder of class {name} not found: {folder}; put good images of {name} there")
         return [ds.Sample(p, 0, None, name, rel_path=os.path.relpath(p, folder).replace(os.sep, "/"))
                 for p in ds.find_images([folder])], 0
-    if mvtec_layout(args) and not os.path.isdir(os.path.join(args.data_path, name, "test")):
-        return split_training(args, name)[1], 0
-    return ds.class_samples(args.dataset, args.data_path, name, "test", args.realiad_resolution, args.json_dir,
-                            multiview, allow_outside=getattr(args, "allow_outside_paths", False))
+    if mvtec_layout(data) and not os.path.isdir(os.path.join(data.data_path, name, "test")):
+        return split_training(data, seed, name)[1], 0
+    return ds.class_samples(data.dataset, data.data_path, name, "test", data.realiad_resolution, data.json_dir,
+                            multiview, allow_outside=data.allow_outside_paths)
 
 
 def metrics_line(name: str, metrics: dict, entry: dict | None = None) -> str:
