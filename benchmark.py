@@ -6,7 +6,7 @@
     python benchmark.py metrics [--maps 2000 --size 256]
 
 `train` times the Dinomaly step, the CRR Stage I step (anomaly synthesis included, through the real loader)
-and the CRR Stage II step, with engine.py's losses and optimisers; `infer` times anomaly_map.AnomalyMapper
+and the CRR Stage II step, with train.py's losses and optimisers and each method's recipe (recipes.py); `infer` times anomaly_map.AnomalyMapper
 (images/s, ms/image) for the Dinomaly map and CRR's fused map. Both run each in two modes in one process and
 print the ratio fast / reference:
 - reference: fp32, eager, every image decoded and resized by PIL at every step, no pinned memory, the reference
@@ -17,7 +17,7 @@ print the ratio fast / reference:
   tensor's clip factor back to the CPU);
 - fast: --precision (bf16), --compile (inductor), --cache (memory: decoded images, CRR's too), pinned memory,
   cuDNN benchmark mode, the frozen CRR model's masks drawn on the device (--mask_rng device), and
-  engine.train_step, the step our training loop runs (its non-finite check reads one flag back per step).
+  train.train_step, the step our training loop runs (its non-finite check reads one flag back per step).
 Achieved TFLOP/s use the FLOPs of one step counted once per setting with torch.utils.flop_counter (the same in
 both modes). Peak GPU memory is torch.cuda.max_memory_allocated per mode; peak host memory is the process's
 (and the loader workers') maximum resident size so far.
@@ -46,10 +46,10 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from dinomaly import dataset as ds
-from dinomaly import models, speed, utils
+from dinomaly import checkpoints, models, speed, utils
 from dinomaly.anomaly_map import AnomalyMapper
-from dinomaly.engine import (CLIP_NORM, HM_FACTOR, SEG_LR, reconstruction_optimizer, repair_loss, segmentation_loss,
-                             train_step)
+from dinomaly.recipes import CRR_STAGE2, PAPER
+from dinomaly.train import reconstruction_optimizer, repair_loss, segmentation_loss, train_step
 from dinomaly.errors import UserError
 from dinomaly.image_cache import ImageCache
 from dinomaly.loss import global_cosine_hm
@@ -58,7 +58,6 @@ from dinomaly.synthesis import SyntheticAnomalyDataset, synthesis_caches
 from prepare_data.make_demo_data import CLASSES as DEMO_CLASSES
 from prepare_data.make_demo_data import make_demo_data
 
-HM_P = 0.9  # the hard-mining share after the ramp: the steady state of a long run
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class Mode:
     compile: str = "none"  # a torch.compile backend, or "none"
     cache: str = "none"  # image cache: none, memory or disk
     pin_memory: bool = False
-    engine_step: bool = False  # engine.train_step, else the reference code's step (the loss read back each step)
+    engine_step: bool = False  # train.train_step, else the reference code's step (the loss read back each step)
     crr_one_pass: bool = False  # CRR Stage I: clean and synthetic images in one forward pass
     cudnn_benchmark: bool = False  # cuDNN picks its fastest convolutions (the scripts' --cudnn benchmark)
     mask_rng: str = "cpu"  # where the frozen CRR model's masks are drawn (the scripts' --mask_rng)
@@ -215,10 +214,8 @@ def loader(dataset, args, workers: int, pin_memory: bool = False) -> DataLoader:
 # ----------------------------------------------------------------------------------------------- train
 
 def method_model(encoder: str, method: str) -> models.ViTill:
-    """A random model of `method` ("dinomaly", "dinomaly2" or "crr") with the paper's settings and dropout."""
-    settings = models.PAPER_SETTINGS[method]
-    return models.build_model(encoder, "random", dropout=0.4 if method == "dinomaly2" else 0.2,
-                              bottleneck_kind=models.BOTTLENECK_OF[method], **models.model_options(settings))
+    """A random model of `method` ("dinomaly", "dinomaly2" or "crr") built as its recipe says (recipes.PAPER)."""
+    return checkpoints.build_model(encoder, "random", **checkpoints.model_options(PAPER[method]))
 
 
 def reconstruction_model(args, mode: Mode, method: str) -> models.ViTill:
@@ -229,8 +226,9 @@ def reconstruction_model(args, mode: Mode, method: str) -> models.ViTill:
 
 def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
     """(step function, loader) of the Dinomaly ("dinomaly"), Dinomaly2 ("dinomaly2"), CRR Stage I ("crr_stage1") or
-    Stage II ("crr_stage2") step in `mode`, with engine.py's losses and optimisers. The fast mode runs
-    engine.train_step, the training loop's step; the reference mode the reference code's (backward, clip, step, loss.item())."""
+    Stage II ("crr_stage2") step in `mode`, with train.py's losses and optimisers and the method's recipe, at the
+    hard-mining share after the ramp (the steady state of a long run). The fast mode runs train.train_step, the
+    training loop's step; the reference mode the reference code's (backward, clip, step, loss.item())."""
     device = args.device
     speed.configure(mode.precision)
     torch.backends.cudnn.benchmark = mode.cudnn_benchmark
@@ -239,6 +237,8 @@ def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
         return x.to(device, non_blocking=mode.pin_memory)
 
     method = {"dinomaly": "dinomaly", "dinomaly2": "dinomaly2"}.get(name, "crr")
+    recipe = PAPER[method]
+    hm_p, hm_factor = recipe.hm_max_p, recipe.hm_factor
     if method == "crr":
         data = synthetic_data(samples, args, mode.cache)
     else:
@@ -249,17 +249,17 @@ def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
     def dinomaly_loss(img, it):
         with speed.autocast(device, mode.precision):
             en, de = model(to(img))
-            return global_cosine_hm(en, de, p=HM_P, factor=HM_FACTOR)
+            return global_cosine_hm(en, de, p=hm_p, factor=hm_factor)
 
     def crr_loss(batch, it):
         img, aug = to(batch[0]), to(batch[1])
         with speed.autocast(device, mode.precision):
             if mode.crr_one_pass:
-                return repair_loss(model, img, aug, HM_P)
+                return repair_loss(model, img, aug, hm_p, hm_factor)
             en, de = model(img)
             _, de_aug = model(aug)
-            return global_cosine_hm(en, de, p=HM_P, factor=HM_FACTOR) + \
-                global_cosine_hm(en, de_aug, p=HM_P, factor=HM_FACTOR)
+            return global_cosine_hm(en, de, p=hm_p, factor=hm_factor) + \
+                global_cosine_hm(en, de_aug, p=hm_p, factor=hm_factor)
 
     def stage2_loss(batch, it):
         return segmentation_loss(model, segnet, to(batch[1]), to(batch[2]), mode.precision)
@@ -272,10 +272,10 @@ def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
         segnet = models.segmentation_net(model.encoder.cfg.embed_dim).to(device).train()
         speed.maybe_compile(segnet, mode.compile != "none", mode.compile)
         params, clip = list(segnet.parameters()), None
-        optimizer = torch.optim.Adam(params, lr=SEG_LR)
+        optimizer = torch.optim.Adam(params, lr=CRR_STAGE2.lr)
     else:
-        params, clip = model.trainable_parameters(), CLIP_NORM
-        optimizer = reconstruction_optimizer(model, method, 2e-4 if method == "dinomaly2" else None)
+        params, clip = model.trainable_parameters(), recipe.clip_norm
+        optimizer = reconstruction_optimizer(model, recipe)
 
     def reference_step(batch):
         loss = loss_fn(batch, 0)

@@ -13,7 +13,7 @@ copies the same weights into ours (strict loads both ways), then compares in flo
   captured where it hands them to the metrics);
 - N training steps on the same batches: the preview's loop body (forward, global_cosine_hm_percent with the p
   ramp, zero_grad, backward, clip_grad_norm 0.1, its StableAdamW with three groups, WarmupCosineScheduler)
-  against engine.train_step with our optimiser and schedule; the dropout generator is seeded identically before
+  against train.train_step with our optimiser and schedule; the dropout generator is seeded identically before
   each forward. In float32 and, side by side, in float64: float64 shows whether the formulas agree; float32
   gaps are set against the preview's own float32 rounding (its float32 run against its float64 run), which
   Adam's normalised early steps amplify (a gradient that is zero but for rounding, such as the key bias's
@@ -49,10 +49,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from dinomaly import dataset as our_ds  # noqa: E402
-from dinomaly import (
-    engine,  # noqa: E402
-    fewshot,  # noqa: E402
-)
+from dinomaly import fewshot, recipes, train  # noqa: E402
 from dinomaly.anomaly_map import AnomalyMapper  # noqa: E402
 from dinomaly.loss import global_cosine_hm, hard_mining_factor  # noqa: E402
 from dinomaly.models import ENCODERS, ViTill  # noqa: E402
@@ -346,11 +343,12 @@ def preview_steps(P, prev, batches, seeds, total_iters, warmup=100, final_ratio=
 
 
 def our_steps(ours, batches, seeds, total_iters, warmup=None, final_ratio=1.0, p_offset=0):
-    """Our training steps (engine.train_step with the Dinomaly2 recipe's optimiser and schedule); yields as
+    """Our training steps (train.train_step with the Dinomaly2 recipe's optimiser and schedule); yields as
     preview_steps."""
     params = ours.trainable_parameters()
-    optimizer = engine.reconstruction_optimizer(ours, "dinomaly2", bottleneck_in_lr=2e-4)
-    schedule = engine.reconstruction_schedule("dinomaly2", total_iters, final_ratio) if warmup is None \
+    recipe = recipes.DINOMALY2.replace(total_iters=total_iters, lr_decay_ratio=final_ratio)
+    optimizer = train.reconstruction_optimizer(ours, recipe)
+    schedule = train.reconstruction_schedule(recipe) if warmup is None \
         else WarmupRatioSchedule(total_iters, warmup, final_ratio)
     rngs = []
 
@@ -358,12 +356,12 @@ def our_steps(ours, batches, seeds, total_iters, warmup=None, final_ratio=1.0, p
         torch.manual_seed(seeds[it])
         en, de = ours(batch)
         rngs.append(torch.get_rng_state())
-        return global_cosine_hm(en, de, p=hard_mining_factor(it + p_offset, engine.HM_MAX_P, engine.HM_RAMP_ITERS),
-                                factor=engine.HM_FACTOR)
+        return global_cosine_hm(en, de, p=hard_mining_factor(it + p_offset, recipe.hm_max_p, recipe.hm_ramp_iters),
+                                factor=recipe.hm_factor)
     yield optimizer
     ours.train()
     for it, img in enumerate(batches):
-        loss, updated, _ = engine.train_step(img, it, loss_fn, params, optimizer, schedule, engine.CLIP_NORM, False)
+        loss, updated, _ = train.train_step(img, it, loss_fn, params, optimizer, schedule, recipe.clip_norm, False)
         assert updated
         yield loss.item(), [g["lr"] for g in optimizer.param_groups], params, rngs[-1]
 
@@ -497,32 +495,31 @@ def preview_argparse_defaults(path: str, script: str) -> dict:
 
 
 def compare_script_defaults(path: str) -> list:
-    """The defaults of dinomaly2_2d.py and dinomaly2_fewshot.py (their parsers, --dataset mvtec) against the
+    """The defaults of dinomaly2_2d.py and dinomaly2_fewshot.py (their recipes, --dataset mvtec) against the
     preview's dinomaly_2D.py and dinomaly_fewshot.py, and the model our scripts build from them against the
     one compared above (our_model)."""
-    from dinomaly import models as our_models
-    from dinomaly.cli import build_parser, dataset_defaults
+    from dinomaly import checkpoints, cli
 
     import dinomaly2_2d
     import dinomaly2_fewshot
     rows = []
     for ours_mod, script in ((dinomaly2_2d, "dinomaly_2D.py"), (dinomaly2_fewshot, "dinomaly_fewshot.py")):
-        a = build_parser(ours_mod.__doc__, ours_mod.DEFAULTS, "dinomaly2",
-                         dataset_defaults(dinomaly2_2d.DATASETS, "x_{dataset}")).parse_args([])
+        s = cli.parse(ours_mod.__doc__, ours_mod.RECIPE, ours_mod.DEFAULTS, ours_mod.DATASETS, [])
+        a = s.recipe
         d = preview_argparse_defaults(path, script)
         pairs = {"backbone": a.encoder, "dropout": a.dropout, "la": a.la, "lc": a.lc, "cr": a.cr,
-                 "ll": 1, "ll_ratio": engine.HM_MAX_P, "ll_factor": engine.HM_FACTOR, "image_size": a.image_size,
+                 "ll": 1, "ll_ratio": a.hm_max_p, "ll_factor": a.hm_factor, "image_size": a.image_size,
                  "crop_size": a.crop_size, "total_iters": a.total_iters, "lr_decay_ratio": a.lr_decay_ratio,
-                 "batch_size": a.batch_size, "seed": a.seed}
+                 "batch_size": a.batch_size, "seed": s.run.seed}
         if "shot" in d:
             pairs["shot"] = a.shot
         differ = {k: (d.get(k), v) for k, v in pairs.items() if d.get(k) != v}
         rows.append((f"{script} defaults vs {ours_mod.__name__}.py ({len(pairs)} settings)",
                      "same" if not differ else f"DIFFER (preview, ours): {differ}", not differ))
-        options = our_models.model_options(engine.model_settings(a, "dinomaly2"))
-        built = dict(options, dropout=a.dropout, kind=our_models.BOTTLENECK_OF["dinomaly2"], encoder=a.encoder)
+        built = dict(checkpoints.model_options(a), encoder=a.encoder)
         compared = dict(mask_ratio=0.0, mask_in_eval=False, attn_eps=1e-8, lc=2, recenter=True,
-                        linear_attention=True, dropout=0.4, kind="two_stage", encoder=ENCODER)
+                        linear_attention=True, dropout=0.4, decoder_depth=8, bottleneck_kind="two_stage",
+                        encoder=ENCODER)
         rows.append((f"{ours_mod.__name__}.py builds the model compared here", "same" if built == compared else
                      f"DIFFER: {built} vs {compared}", built == compared))
     return rows

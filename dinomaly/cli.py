@@ -54,9 +54,9 @@ class Flags:
         group.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help + suffix, **kwargs)
 
 
-def recipe_flags(group, add: Flags, recipe_type, names=None, default_text: str | None = None):
-    """The flags of a recipe's fields (all with a help text, or those in `names`)."""
-    for f in recipes.flags(recipe_type):
+def recipe_flags(group, add: Flags, recipe_type, method: str | None, names=None, default_text: str | None = None):
+    """The flags of a recipe's fields: those of `method` (all with a help text), or those in `names`."""
+    for f in recipes.flags(recipe_type, method):
         if names is None or f.name in names:
             add(group, f.name, f.metadata["help"], default_text, **f.metadata["flag"])
 
@@ -119,10 +119,10 @@ def build_parser(description: str, recipe: Recipe | SegmentationRecipe | None, d
                                       "a smoke run (default: backbones/weights/<publisher's file name>; see "
                                       "docs/encoders.md)")
         add(model, "eval_only", "skip training; evaluate --checkpoint", action="store_true")
-        recipe_flags(model, add, Recipe, [f.name for f in dataclasses.fields(Recipe)
-                                          if f.metadata["part"] == "model"])
+        recipe_flags(model, add, Recipe, recipe.method, [f.name for f in dataclasses.fields(Recipe)
+                                                         if f.metadata["part"] == "model"])
     else:
-        recipe_flags(model, add, Recipe, FOLLOWED, "the Stage-I run's")
+        recipe_flags(model, add, Recipe, None, FOLLOWED, "the Stage-I run's")
     add(model, "checkpoint", "reconstruction model: a run folder or a model.pth (ours or official); its recipe "
                              "(sizes, encoder, masking, attention epsilon, ...) is used unless given here" +
                              ("" if trains_recon else "; default: <save_dir>/<save_name>/model.pth"))
@@ -139,10 +139,10 @@ def build_parser(description: str, recipe: Recipe | SegmentationRecipe | None, d
     if trains:
         train = p.add_argument_group("training (the recipe)")
         if trains_recon:
-            recipe_flags(train, add, Recipe, [f.name for f in dataclasses.fields(Recipe)
-                                              if f.metadata["part"] != "model"])
+            recipe_flags(train, add, Recipe, recipe.method, [f.name for f in dataclasses.fields(Recipe)
+                                                             if f.metadata["part"] != "model"])
         else:
-            recipe_flags(train, add, SegmentationRecipe)
+            recipe_flags(train, add, SegmentationRecipe, None)
         if job in ("dinomaly", "dinomaly2"):
             add(train, "per_class", "one model per class (the class-separated setting): each class is trained and "
                                     "evaluated alone, as a run on that class alone would be, into <run>/<class>/; "
@@ -212,9 +212,9 @@ def parse(description: str, recipe: Recipe | SegmentationRecipe | None, defaults
         row = datasets.get(dataset, {})
         for name in {k for r in datasets.values() for k in r}:  # outside the table: no default
             values[name] = row.get(name)
-    values.update(given)
-    if isinstance(values.get("save_name"), str):
+    if isinstance(values.get("save_name"), str):  # a script's default run name may name the dataset
         values["save_name"] = values["save_name"].format(dataset=dataset)
+    values.update(given)
     values["save_name_given"] = "save_name" in given
     if values.get("classes") is not None:
         values["classes"] = tuple(values["classes"])

@@ -34,10 +34,12 @@ METHODS = ("dinomaly", "dinomaly2", "crr")
 BOTTLENECKS = {"dinomaly": "mlp", "crr": "mlp", "dinomaly2": "two_stage"}  # method -> models.decoder kind
 
 
-def setting(default, help: str | None = None, part: str = "training", **flag):
-    """A recipe field. With `help` it is a command-line flag (`flag`: argparse's type, choices, metavar);
-    part "model": saved in config.json's "model" entry (it rebuilds the trained network)."""
-    return field(default=default, metadata=dict(help=help, part=part, flag=flag))
+def setting(default, help: str | None = None, part: str = "training", methods: tuple[str, ...] | None = None,
+            **flag):
+    """A recipe field. With `help` it is a command-line flag (`flag`: argparse's type, choices, metavar) of the
+    scripts of `methods` (None: of every method); part "model": saved in config.json's "model" entry (it
+    rebuilds the trained network)."""
+    return field(default=default, metadata=dict(help=help, part=part, methods=methods, flag=flag))
 
 
 @dataclass(frozen=True)
@@ -55,28 +57,29 @@ class Recipe:
     decoder_depth: int = setting(8, "decoder blocks", part="model", type=int_at_least(1))
     attn_eps: float = setting(0.0, "epsilon in the linear-attention denominator (0 = Dinomaly's official code; "
                               "1e-6 avoids NaNs)", part="model", type=float_in(0, 1))
-    mask_ratio: float = setting(0.0, "bottleneck masking ratio (CRR)", part="model",
+    mask_ratio: float = setting(0.0, "bottleneck masking ratio", part="model", methods=("crr",),
                                 type=float_in(0, 1, high_open=True))
-    test_mask: str = setting("off", "bottleneck masking of the trained model in eval mode (CRR's released code: "
-                             "on, seeded)", part="model", choices=["on", "off"])
+    test_mask: str = setting("off", "bottleneck masking of the trained model in eval mode (on = the released "
+                             "code, seeded)", part="model", methods=("crr",), choices=["on", "off"])
     lc: int = setting(2, "groups of the 8 taps compared (loose constraint): 0 layer to layer, 1 one group, 2 two "
                       "groups of 4, 3 three, 4 four, 11 the last tap, 12 taps 4 and 8, 14 taps 2, 4, 6, 8",
-                      part="model", type=int, choices=LC_CHOICES)
+                      part="model", methods=("dinomaly2",), type=int, choices=LC_CHOICES)
     cr: int = setting(0, "context-aware recentering of the encoder targets: LN(patch tokens - CLS) (1, "
-                      "Dinomaly2), or the raw tokens (0)", part="model", type=int, choices=[0, 1])
-    la: int = setting(1, "decoder attention: linear (1), or softmax (0)", part="model", type=int, choices=[0, 1])
+                      "Dinomaly2), or the raw tokens (0)", part="model", methods=("dinomaly2",), type=int,
+                      choices=[0, 1])
+    la: int = setting(1, "decoder attention: linear (1), or softmax (0)", part="model", methods=("dinomaly2",),
+                      type=int, choices=[0, 1])
     # data and run length
     total_iters: int = setting(10000, "training iterations", type=int_at_least(1))
     batch_size: int = setting(16, "images per step (the global batch under torchrun; also the evaluation's)",
                               type=int_at_least(1))
     shot: int | None = setting(None, "few-shot: train on this many images per class (chosen with --seed as the "
                                "Dinomaly2 preview code does), with strong augmentation (default: all images)",
-                               type=int_at_least(1))
+                               methods=("dinomaly2",), type=int_at_least(1))
     # optimisation: StableAdamW over the bottleneck and the decoder
     lr: float = setting(2e-3, "learning rate of the bottleneck and the decoder", type=float_in(0, 1))
     bottleneck_in_lr: float | None = setting(None, "learning rate of the first bottleneck layer, in a parameter "
-                                             "group of its own (Dinomaly2; default: one group at --lr)",
-                                             type=float_in(0, 1))
+                                             "group of its own", methods=("dinomaly2",), type=float_in(0, 1))
     betas: tuple[float, float] = setting((0.9, 0.999))
     adam_eps: float = setting(1e-10, "StableAdamW's epsilon", type=float_in(0, 1))
     weight_decay: float = setting(1e-4, "StableAdamW's decoupled weight decay", type=float_in(0, 1))
@@ -87,10 +90,10 @@ class Recipe:
     # WarmupCosineScheduler; ratio 1: constant)
     schedule: str = setting("cosine")
     warmup_iters: int = setting(100, "learning-rate warm-up iterations", type=int_at_least(0))
-    lr_final: float = setting(2e-4, "the learning rate at the end of the cosine (Dinomaly's schedule)",
+    lr_final: float = setting(2e-4, "the learning rate at the end of the cosine", methods=("dinomaly", "crr"),
                               type=float_in(0, 1))
-    lr_decay_ratio: float = setting(1.0, "Dinomaly2's schedule: after warm-up the rate falls on a cosine to this "
-                                    "share of its start (1: constant)", type=float_in(0, 1))
+    lr_decay_ratio: float = setting(1.0, "after warm-up each group's rate falls on a cosine to this share of its "
+                                    "start (1: constant)", methods=("dinomaly2",), type=float_in(0, 1))
     # hard mining: the share of easy positions ramps to hm_max_p over hm_ramp_iters; their gradient * hm_factor
     hm_max_p: float = setting(0.9, "hard mining: the share of easy positions after the ramp",
                               type=float_in(0, 1))
@@ -123,9 +126,10 @@ CRR_STAGE2 = SegmentationRecipe()
 PAPER = {"dinomaly": DINOMALY, "crr": CRR_STAGE1, "dinomaly2": DINOMALY2}  # a run saved without its recipe
 
 
-def flags(recipe_type) -> list[dataclasses.Field]:
-    """The fields of a recipe class that are command-line flags."""
-    return [f for f in dataclasses.fields(recipe_type) if f.metadata["help"]]
+def flags(recipe_type, method: str | None = None) -> list[dataclasses.Field]:
+    """The fields of a recipe class that are command-line flags (of `method`'s scripts when given)."""
+    return [f for f in dataclasses.fields(recipe_type) if f.metadata["help"] and
+            (method is None or f.metadata["methods"] is None or method in f.metadata["methods"])]
 
 
 def model_part(recipe: Recipe) -> dict:

@@ -13,18 +13,13 @@ import sys
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
 
-from dinomaly import engine, models  # noqa: E402
-from dinomaly.cli import build_parser  # noqa: E402
-from dinomaly.run import main  # noqa: E402
+from dinomaly import cli, models, train  # noqa: E402
 
 from conftest import TINY, TINY_CFG  # noqa: E402
 
-JOBS = {"dinomaly_mvtec_uni": "dinomaly", "crr_realiad_stage1": "crr_stage1", "crr_realiad_stage2": "crr_stage2"}
-
-
 def signal_at(sig: signal.Signals, at: int):
-    """Wrap engine.train_step so that the signal is sent just before iteration `at` is computed."""
-    step = engine.train_step
+    """Wrap train.train_step so that the signal is sent just before iteration `at` is computed."""
+    step = train.train_step
 
     launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
@@ -33,7 +28,7 @@ def signal_at(sig: signal.Signals, at: int):
             os.kill(launcher or os.getpid(), sig)
         return step(batch, it, *args, **kwargs)
 
-    engine.train_step = hooked
+    train.train_step = hooked
 
 
 if __name__ == "__main__":
@@ -41,5 +36,4 @@ if __name__ == "__main__":
     models.ENCODERS[TINY] = TINY_CFG
     signal_at(signal.Signals[name], at)
     module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
-    job = JOBS[module.__name__]
-    main(getattr(engine, f"{job}_main"), build_parser(module.__doc__, module.DEFAULTS, job), argv)
+    cli.run_script(module, argv)

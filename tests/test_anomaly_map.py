@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinomaly import anomaly_map, models
+from dinomaly import anomaly_map, checkpoints, models
 
 # The 1-D weights of the 5x5, sigma-4 smoothing kernel, computed by hand: exp(-x^2 / 32), x = -2..2, normalised.
 KERNEL_WEIGHTS = np.array([0.187627, 0.206068, 0.212609, 0.206068, 0.187627])
@@ -95,7 +95,7 @@ def test_mapper_raw_maps_follow_the_formulas(tiny_encoder):
     alpha * (the same distances straight to 256, align_corners=True) + (1 - alpha) * softmax channel 1 of the
     segmentation network."""
     torch.manual_seed(0)
-    model = models.build_model(tiny_encoder, "random").eval()
+    model = checkpoints.build_model(tiny_encoder, "random").eval()
     segnet = models.segmentation_net(model.encoder.cfg.embed_dim).eval()
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
@@ -164,7 +164,7 @@ def test_maps_on_cuda_equal_the_cpu_maps(crr, tiny_encoder, monkeypatch):
     """fp32 on the GPU (TF32 off for cuDNN too) gives the CPU's maps and scores: the Dinomaly map, and CRR's fused
     map with test-time masks from the CPU generator (mask_rng "cpu"), the same masks on both devices."""
     torch.manual_seed(0)
-    model = models.build_model(tiny_encoder, "random", mask_ratio=0.4 if crr else 0.0, mask_in_eval=crr).eval()
+    model = checkpoints.build_model(tiny_encoder, "random", mask_ratio=0.4 if crr else 0.0, mask_in_eval=crr).eval()
     segnet = models.segmentation_net(model.encoder.cfg.embed_dim).eval() if crr else None
     x = torch.randn(3, 3, 56, 56)
     results = []
@@ -179,15 +179,15 @@ def test_maps_on_cuda_equal_the_cpu_maps(crr, tiny_encoder, monkeypatch):
 
 
 def test_evaluation_hands_each_batch_over_with_its_own_maps(tiny_encoder):
-    """engine.mapped_batches (the evaluation loop's one-batch-ahead pipeline): every batch comes back with the
+    """evaluate.mapped_batches (the evaluation loop's one-batch-ahead pipeline): every batch comes back with the
     map and score of its own images, in order, and the seeds are asked for image by image."""
-    from dinomaly import engine
+    from dinomaly import evaluate
     torch.manual_seed(0)
-    mapper = anomaly_map.AnomalyMapper(models.build_model(tiny_encoder, "random").eval())
+    mapper = anomaly_map.AnomalyMapper(checkpoints.build_model(tiny_encoder, "random").eval())
     batches = [(torch.randn(n, 3, 56, 56), f"batch {i}") for i, n in enumerate((2, 2, 1))]
     asked = []
     with torch.no_grad():
-        out = list(engine.mapped_batches(mapper, batches, torch.device("cpu"), lambda i, n: asked.append((i, n))))
+        out = list(evaluate.mapped_batches(mapper, batches, torch.device("cpu"), lambda i, n: asked.append((i, n))))
         expected = [mapper(img) for img, _ in batches]
     assert [b[1] for _, b, _, _ in out] == ["batch 0", "batch 1", "batch 2"] and asked == [(0, 2), (2, 2), (4, 1)]
     assert [first for first, _, _, _ in out] == [0, 2, 4]

@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 import shutil
-from argparse import Namespace
 
 import pytest
 import torch
@@ -15,9 +14,10 @@ from test_resume import dinomaly, error_line, exit_status, final_line, stage2
 from torch._utils import ExceptionWrapper
 
 from dinomaly import dataset as ds
-from dinomaly import engine, models, preflight
+from dinomaly import checkpoints, models, preflight, train
 from dinomaly.errors import UserError, user_message
 from dinomaly.models.vitill import ViTill
+from dinomaly.options import DataOptions
 
 from conftest import TINY
 from prepare_data.make_demo_data import make_demo_data
@@ -38,8 +38,8 @@ def data(demo, tmp_path):
     return {k: str(tmp_path / "data" / os.path.basename(v)) for k, v in demo.items() if k != "foreground"}
 
 
-def args_for(root: str, dataset: str = "mvtec") -> Namespace:
-    return Namespace(dataset=dataset, data_path=root, classes=["weave", "nut"], realiad_resolution="realiad_1024",
+def args_for(root: str, dataset: str = "mvtec") -> DataOptions:
+    return DataOptions(dataset=dataset, data_path=root, classes=("weave", "nut"), realiad_resolution="realiad_1024",
                      json_dir="realiad_jsons")
 
 
@@ -61,7 +61,7 @@ def test_an_unreadable_image_is_named_with_how_many_others_were_checked(data):
     with open(bad, "wb") as f:
         f.write(b"not an image")
     with pytest.raises(UserError) as e:
-        preflight.check_data(args, train_samples(args))
+        preflight.check_data(args, 1, train_samples(args))
     assert str(e.value).startswith(f"cannot read training image {bad} (cannot identify image file")
     assert f"the other {len(every) - 1} files checked are fine" in str(e.value)
     test_image = sorted(p for p in every if os.sep + "test" + os.sep in p)[-1]
@@ -69,7 +69,7 @@ def test_an_unreadable_image_is_named_with_how_many_others_were_checked(data):
     with open(test_image, "wb") as f:
         f.write(data[:len(data) // 2])  # a truncated PNG: its header still reads
     with pytest.raises(UserError, match=f"1 more of the {len(every)} files checked are missing or unreadable too"):
-        preflight.check_data(args, train_samples(args))
+        preflight.check_data(args, 1, train_samples(args))
 
 
 def test_masks_must_match_their_images(data):
@@ -81,7 +81,7 @@ def test_masks_must_match_their_images(data):
     Image.open(mask).resize((40, 30)).save(mask)
     n_masks = sum(os.sep + "ground_truth" + os.sep in p for p in files_under(root, args.classes))
     with pytest.raises(UserError) as e:
-        preflight.check_data(args)
+        preflight.check_data(args, 1)
     assert str(e.value) == (f"mask {mask} is 40x30 px, but its image {image} is 32x32; the other {n_masks - 1} "
                             f"masks checked are fine; fix the masks")
 
@@ -103,7 +103,7 @@ def test_realiad_split_problems_name_the_split_file_and_the_field_or_file(data):
     missing = os.path.join(root, "realiad_1024", "nut", split["test"][-1]["mask_path"])
     os.remove(missing)
     with pytest.raises(UserError) as e:
-        preflight.check_data(args)
+        preflight.check_data(args, 1)
     assert str(e.value).startswith(f"mask not found: {missing} (listed in {json_path}); the other ")
     del split["train"][1]["anomaly_class"]
     with open(json_path, "w") as f:
@@ -157,7 +157,7 @@ def test_out_of_memory_is_a_user_error_and_a_bug_keeps_its_traceback(error, stat
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(engine, "global_cosine_hm", fail)
+    monkeypatch.setattr(train, "global_cosine_hm", fail)
     argv = ["--data_path", demo["mvtec"], "--encoder", TINY, "--encoder_weights", "random", "--image_size", "32",
             "--crop_size", "28", "--batch_size", "2", "--total_iters", "2", "--save_dir", str(tmp_path), *RUN]
     assert exit_status(dinomaly, argv) == status
@@ -196,7 +196,7 @@ def test_a_crafted_pickle_is_refused_and_runs_nothing(how, tmp_path):
     else:
         torch.save({"encoder.cls_token": torch.zeros(1), "x": Payload(marker)}, path)
     with pytest.raises(UserError) as e:
-        models.load_model(str(path))
+        checkpoints.load_model(str(path))
     message = str(e.value)
     assert "holds Python objects" in message and "can run code" in message and "\n" not in message
     assert "weights_only" not in message and not marker.exists()
@@ -212,7 +212,7 @@ def test_files_that_are_not_checkpoints(tmp_path):
                                   ("cut.pth", whole[:len(whole) // 2], "it is truncated or damaged")]:
         (tmp_path / name).write_bytes(content)
         with pytest.raises(UserError) as e:
-            models.load_model(str(tmp_path / name))
+            checkpoints.load_model(str(tmp_path / name))
         assert str(e.value).startswith(f"cannot read checkpoint {tmp_path / name}: {reason}")
 
 
@@ -224,15 +224,15 @@ def test_checkpoints_of_the_wrong_kind(tmp_path, tiny_encoder):
     torch.save(dict(format="dinomaly training state", iteration=3, optimizer={}, module={}),
                tmp_path / "train_state.pth")
     with pytest.raises(UserError, match="is a training state, not a checkpoint; continue its training with --resume"):
-        models.load_model(str(tmp_path / "train_state.pth"))
+        checkpoints.load_model(str(tmp_path / "train_state.pth"))
     with pytest.raises(UserError, match="is a segmentation network .*; pass it as --seg_checkpoint"):
-        models.build_model(TINY, str(tmp_path / "Seg_model_last.pth"))
+        checkpoints.build_model(TINY, str(tmp_path / "Seg_model_last.pth"))
     with pytest.raises(UserError, match="is a full reconstruction-model checkpoint, not an encoder"):
-        models.build_model(TINY, str(tmp_path / "model.pth"))
+        checkpoints.build_model(TINY, str(tmp_path / "model.pth"))
     with pytest.raises(UserError, match="is a reconstruction model; pass it as --checkpoint"):
-        models.load_segmentation_net(str(tmp_path / "model.pth"), cfg.embed_dim)
+        checkpoints.load_segmentation_net(str(tmp_path / "model.pth"), cfg.embed_dim)
     with pytest.raises(UserError, match="is a segmentation network"):
-        models.load_model(str(tmp_path / "Seg_model_last.pth"))
+        checkpoints.load_model(str(tmp_path / "Seg_model_last.pth"))
 
 
 def test_a_cuda_device_by_index_is_checked_and_made_current(monkeypatch):

@@ -14,13 +14,10 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from dinomaly import cli, engine, fewshot, models
-from dinomaly.cli import build_parser, dataset_defaults
+from dinomaly import checkpoints, cli, fewshot, models, recipes, train
 from dinomaly.dataset import IMAGENET_MEAN, IMAGENET_STD, Sample
-from dinomaly.engine import dinomaly2_main
 from dinomaly.models.vitill import GROUPINGS
 from dinomaly.optimizers import WarmupRatioSchedule
-from dinomaly.run import main as run_main
 
 import dinomaly2_2d
 import dinomaly2_fewshot
@@ -99,19 +96,19 @@ def test_softmax_attention_option_is_standard_attention():
 
 def test_optimizer_groups_and_amsgrad():
     model = dinomaly2()
-    opt = engine.reconstruction_optimizer(model, "dinomaly2", bottleneck_in_lr=2e-4)
+    opt = train.reconstruction_optimizer(model, recipes.DINOMALY2)
     ids = [[id(p) for p in g["params"]] for g in opt.param_groups]
     assert ids == [[id(p) for p in model.bottleneck[0].parameters()], [id(p) for p in model.bottleneck[1].parameters()],
                    [id(p) for p in model.decoder.parameters()]]
     assert [g["lr"] for g in opt.param_groups] == [2e-4, 2e-3, 2e-3]
     assert all(g["amsgrad"] is False and g["eps"] == 1e-10 and g["weight_decay"] == 1e-4 for g in opt.param_groups)
-    assert engine.reconstruction_optimizer(dinomaly2(), "dinomaly").param_groups[0]["amsgrad"] is True
+    assert train.reconstruction_optimizer(dinomaly2(), recipes.DINOMALY).param_groups[0]["amsgrad"] is True
 
 
 def test_schedule_warmup_then_cosine_to_the_ratio():
     # the numbers of the preview code's WarmupCosineScheduler, run with warm-up 1, T 10, r 0.1
     model = dinomaly2()
-    opt = engine.reconstruction_optimizer(model, "dinomaly2", bottleneck_in_lr=2e-4)
+    opt = train.reconstruction_optimizer(model, recipes.DINOMALY2)
     schedule = WarmupRatioSchedule(10, warmup_iters=1, final_ratio=0.1)
     seen = []
     for it in range(3):
@@ -122,7 +119,7 @@ def test_schedule_warmup_then_cosine_to_the_ratio():
     # the default: warm-up lr0 * it / 100, then constant
     s = WarmupRatioSchedule(40000)
     assert [s(it) for it in (0, 1, 99, 100, 20000, 39999)] == pytest.approx([0, 0.01, 0.99, 1, 1, 1], abs=1e-15)
-    assert engine.reconstruction_schedule("dinomaly2", 40000)(50) == 0.5
+    assert train.reconstruction_schedule(recipes.DINOMALY2)(50) == 0.5
 
 
 def class_folder(root, name, n):
@@ -246,8 +243,7 @@ SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", "64",
 
 
 def run_script(module, argv, save_name):
-    run_main(dinomaly2_main, build_parser("", module.DEFAULTS, "dinomaly2",
-                                          dataset_defaults(dinomaly2_2d.DATASETS, save_name)), argv)
+    cli.run_script(module, ["--save_name", save_name, *argv])
 
 
 @pytest.fixture(scope="module")
@@ -285,10 +281,8 @@ def test_a_preview_checkpoint_without_config_loads_as_dinomaly2(d2_run, tmp_path
                                            nn.Dropout(0.4))])
     assert set(preview.state_dict()) == {k[len("bottleneck."):] for k in sd if k.startswith("bottleneck.")}
     torch.save(sd, tmp_path / "model.pth")
-    import argparse
-    args = argparse.Namespace(explicit=[])
-    model = models.load_trained(str(tmp_path / "model.pth"), args, models.PAPER_SETTINGS["dinomaly"])
-    assert args.method == "dinomaly2" and model.recenter and args.attn_eps == 1e-8
+    model, recipe = checkpoints.load_trained(str(tmp_path / "model.pth"), {}, "dinomaly")
+    assert recipe.method == "dinomaly2" and model.recenter and recipe.attn_eps == 1e-8
     assert model.decoder[0].attn.eps == 1e-8
 
 
@@ -336,18 +330,18 @@ def test_interrupted_fewshot_run_resumes_bit_exactly(demo, tmp_path, monkeypatch
     argv = ["--data_path", demo["mvtec"], "--total_iters", "5", "--shot", "3", "--save_dir", str(tmp_path),
             "--save_every", "2", *SMALL[:-4], "--batch_size", "2", "--log_every", "1"]
     run_script(dinomaly2_fewshot, [*argv, "--save_name", "whole"], "unused")
-    step = engine.train_step
+    step = train.train_step
 
     def interrupted(batch, it, *args, **kwargs):
         if it == 2:  # the flag is read with the next step: the state after iteration 4 is saved
             os.kill(os.getpid(), __import__("signal").SIGINT)
         return step(batch, it, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_step", interrupted)
+    monkeypatch.setattr(train, "train_step", interrupted)
     with pytest.raises(SystemExit) as e:
         run_script(dinomaly2_fewshot, [*argv, "--save_name", "cut"], "unused")
     assert e.value.code == 130
-    monkeypatch.setattr(engine, "train_step", step)
+    monkeypatch.setattr(train, "train_step", step)
     assert torch.load(tmp_path / "cut" / "train_state.pth", weights_only=True)["iteration"] == 4
     run_script(dinomaly2_fewshot, [*argv, "--save_name", "cut", "--resume"], "unused")
     whole = torch.load(tmp_path / "whole" / "model.pth", weights_only=True)

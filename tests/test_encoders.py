@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinomaly import cli, engine, models, predict
+from dinomaly import checkpoints, cli, jobs, models, predict
 from dinomaly import dataset as ds
-from dinomaly.cli import build_parser
 from dinomaly.errors import UserError
 from dinomaly.models import ENCODERS, ViTill, build_encoder
 from dinomaly.models.encoder import EncoderConfig
@@ -143,7 +142,7 @@ def test_dinov3_matches_a_float64_reading_of_metas_layout(tmp_path, swiglu):
     torch.save(sd, path)
     enc = build_encoder(cfg).eval()
     assert sorted(enc.state_dict()) == sorted(sd)  # Meta's layout, key for key
-    models.load_encoder_weights(enc, str(path))
+    checkpoints.load_encoder_weights(enc, str(path))
     assert enc.num_prefix_tokens == 5
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))  # a 4 x 6 grid: not square
     with torch.no_grad():
@@ -206,7 +205,7 @@ def test_dinov3_file_with_an_unset_k_mask_is_refused(tmp_path):
     path = tmp_path / "bad.pth"
     torch.save(sd, path)
     with pytest.raises(UserError, match="blocks.2.attn.qkv.bias_mask is not Meta's k-bias mask"):
-        models.load_encoder_weights(build_encoder(cfg), str(path))
+        checkpoints.load_encoder_weights(build_encoder(cfg), str(path))
 
 
 def preview_code(tmp_path):
@@ -243,7 +242,7 @@ def test_dinov3_equals_metas_code_and_preview_checkpoints_load_both_ways(tmp_pat
                **{k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}}
     torch.save(preview, tmp_path / "model.pth")
     monkeypatch.setitem(models.ENCODERS, V3, cfg)
-    loaded = models.load_model(str(tmp_path / "model.pth")).eval()
+    loaded = checkpoints.load_model(str(tmp_path / "model.pth")).eval()
     x = torch.randn(2, 3, 80, 48, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         theirs = meta._get_intermediate_layers_not_chunked(x, list(cfg.taps))
@@ -353,7 +352,7 @@ def test_vit_families_match_a_float64_reading_of_the_publishers_layout(tmp_path,
     torch.save(WRAPPINGS[name](sd), path)
     enc = build_encoder(cfg).eval()
     assert sorted(enc.state_dict()) == sorted(sd)
-    models.load_encoder_weights(enc, str(path))
+    checkpoints.load_encoder_weights(enc, str(path))
     p = cfg.patch_size
     x = torch.randn(2, 3, 5 * p, 7 * p, generator=torch.Generator().manual_seed(1))  # 5 x 7: resampled, not square
     with torch.no_grad():
@@ -439,7 +438,7 @@ def test_beit_matches_a_float64_reading_of_its_layout(tmp_path, name):
     enc = build_encoder(cfg).eval()
     backbone = {k: v for k, v in sd.items() if not k.startswith("head.") and "relative_position_index" not in k}
     assert sorted(enc.state_dict()) == sorted(backbone)
-    models.load_encoder_weights(enc, str(path))
+    checkpoints.load_encoder_weights(enc, str(path))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = enc(x)
@@ -473,25 +472,25 @@ def test_wrong_file_for_an_encoder_is_one_line_naming_it(tmp_path):
     path = tmp_path / "vit_b.pth"
     torch.save(vit_file(base), path)
     with pytest.raises(UserError, match=r"^encoder weight file .*vit_b.pth does not match the model: .*wrong shape"):
-        models.load_encoder_weights(build_encoder(small), str(path))
+        checkpoints.load_encoder_weights(build_encoder(small), str(path))
     v3 = tiny("dinov3_vit_small_16")
     path = tmp_path / "dinov3_b.pth"
     torch.save(dinov3_file(dataclasses.replace(v3, embed_dim=96, num_heads=6)), path)
     with pytest.raises(UserError, match=r"^encoder weight file .*dinov3_b.pth does not match the model: .*wrong shape"):
-        models.load_encoder_weights(build_encoder(v3), str(path))
+        checkpoints.load_encoder_weights(build_encoder(v3), str(path))
     torch.save(vit_file(small), path)  # a plain ViT file for DINOv3
     with pytest.raises(UserError, match=r"dinov3_b.pth does not match the model: .*missing.*unexpected"):
-        models.load_encoder_weights(build_encoder(v3), str(path))
+        checkpoints.load_encoder_weights(build_encoder(v3), str(path))
 
 
 def test_missing_weight_file_names_the_publishers_address(tmp_path):
     cfg = ENCODERS["mae_vit_large_16"]
     with pytest.raises(UserError) as e:
-        models.build_model("mae_vit_large_16", str(tmp_path / "nope.pth"))
+        checkpoints.build_model("mae_vit_large_16", str(tmp_path / "nope.pth"))
     assert str(e.value) == (f"encoder weight file not found: {tmp_path / 'nope.pth'}; download "
                             f"mae_pretrain_vit_large.pth from {cfg.url} and put it there, or pass "
                             f"--encoder_weights PATH (or 'random' for a smoke run)")
-    assert models.default_encoder_weights("dinov3_vit_large_16") == \
+    assert checkpoints.default_encoder_weights("dinov3_vit_large_16") == \
         os.path.join("backbones", "weights", "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth")
 
 
@@ -509,25 +508,25 @@ def test_checkpoint_encoder_detection(monkeypatch):
         monkeypatch.setitem(models.ENCODERS, name, cfg)
     for name in (V3, "dinov3_tiny_swiglu", TINY, "dinov2_tiny_noreg", "beit_tiny"):
         sd = ViTill(tiny_cfgs[name]).state_dict()
-        assert models.architecture_from_state_dict(sd, "m.pth") == (name, 8, "mlp")
-        assert models.encoder_from_state_dict(sd, "m.pth", name) == name
+        assert checkpoints.architecture_from_state_dict(sd, "m.pth") == (name, 8, "mlp")
+        assert checkpoints.encoder_from_state_dict(sd, "m.pth", name) == name
     # Dinomaly2 (two-stage bottleneck, recentred targets) on DINOv3: detected, and its maps have the patch grid
     dinomaly2 = ViTill(V3_CFG, bottleneck_kind="two_stage", recenter=True).eval()
-    assert models.architecture_from_state_dict(dinomaly2.state_dict(), "m.pth") == (V3, 8, "two_stage")
+    assert checkpoints.architecture_from_state_dict(dinomaly2.state_dict(), "m.pth") == (V3, 8, "two_stage")
     with torch.no_grad():
         en, de = dinomaly2(torch.randn(1, 3, 48, 80))
     assert [t.shape for t in en + de] == [(1, 64, 3, 5)] * 4
     sd = ViTill(plain).state_dict()  # DINO, MAE, DeiT, iBOT share one layout: the run's config.json tells
     with pytest.raises(UserError, match=r"m.pth fits several encoders \(vit_tiny_a, vit_tiny_b\) and has no "
                                         r"config.json beside it; pass --encoder NAME"):
-        models.encoder_from_state_dict(sd, "m.pth")
-    assert models.encoder_from_state_dict(sd, "m.pth", "vit_tiny_b") == "vit_tiny_b"
+        checkpoints.encoder_from_state_dict(sd, "m.pth")
+    assert checkpoints.encoder_from_state_dict(sd, "m.pth", "vit_tiny_b") == "vit_tiny_b"
     with pytest.raises(UserError, match=f"holds a vit_tiny_a / vit_tiny_b model, not {V3}"):
-        models.encoder_from_state_dict(sd, "m.pth", V3)
+        checkpoints.encoder_from_state_dict(sd, "m.pth", V3)
     sd = ViTill(V3_CFG).state_dict()
     sd["encoder.cls_token"] = torch.zeros(1, 1, 48)
     with pytest.raises(UserError, match=r"no known encoder has this layout \(dinov3, embed dim 48, 8 blocks\)"):
-        models.encoder_from_state_dict(sd, "m.pth")
+        checkpoints.encoder_from_state_dict(sd, "m.pth")
 
 
 # ----------------------------------------------------------------------------------------------- patch size
@@ -542,11 +541,10 @@ def test_crop_not_a_multiple_of_the_patch_is_one_line_with_suggestions():
         ds.check_sizes(64, 20, 14)
     with pytest.raises(UserError, match=r"use 16 \("):
         ds.check_sizes(64, 10, 16)
-    args = build_parser("", dinomaly_mvtec_uni.DEFAULTS, "dinomaly").parse_args(
-        ["--encoder", V3, "--data_path", "/nonexistent/mvtec", "--encoder_weights", "random"])
-    args.explicit = []
+    settings = cli.parse("", dinomaly_mvtec_uni.RECIPE, dinomaly_mvtec_uni.DEFAULTS, argv=[
+        "--encoder", V3, "--data_path", "/nonexistent/mvtec", "--encoder_weights", "random"])
     with pytest.raises(UserError, match="--crop_size 392 is not a multiple of the encoder's patch size 16; use 384"):
-        engine.train_and_evaluate(args, "dinomaly")
+        jobs.train_and_evaluate(settings)
     with pytest.raises(UserError, match="patch size 16"):
         benchmark.main(["infer", "--encoder", V3, "--device", "cpu", "--crop_size", "56"])
 
@@ -557,15 +555,13 @@ def test_dinomaly_trains_with_a_tiny_dinov3_and_the_run_folder_remembers_it(tmp_
     from test_end_to_end import RUN, run_script
     demo = make_demo_data(str(tmp_path / "data"), size=64, seed=0, n_train=4, n_test_good=2, n_test_bad=2)
     small = ["--encoder_weights", "random", "--image_size", "64", "--crop_size", "64", *RUN]
-    run_script(dinomaly_mvtec_uni, engine.dinomaly_main, "dinomaly",
-               ["--data_path", demo["mvtec"], "--encoder", V3, "--total_iters", "2", "--batch_size", "2",
+    run_script(dinomaly_mvtec_uni, ["--data_path", demo["mvtec"], "--encoder", V3, "--total_iters", "2", "--batch_size", "2",
                 "--save_dir", str(tmp_path), "--save_name", "v3", *small])
     sd = torch.load(tmp_path / "v3" / "model.pth", weights_only=True)
     assert "encoder.storage_tokens" in sd and "encoder.blocks.0.attn.qkv.bias_mask" in sd
-    assert models.architecture_from_state_dict(sd, "model.pth") == (V3, 8, "mlp")
+    assert checkpoints.architecture_from_state_dict(sd, "model.pth") == (V3, 8, "mlp")
     first = (tmp_path / "v3" / "scores.csv").read_text()
-    run_script(dinomaly_mvtec_uni, engine.dinomaly_main, "dinomaly",
-               ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(tmp_path / "v3"),
+    run_script(dinomaly_mvtec_uni, ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(tmp_path / "v3"),
                 "--save_dir", str(tmp_path), "--save_name", "again", *RUN])
     again = (tmp_path / "again" / "scores.csv").read_text()
     assert [r.split(",")[:3] for r in again.splitlines()] == [r.split(",")[:3] for r in first.splitlines()]
@@ -582,20 +578,15 @@ def test_dinomaly_trains_with_a_tiny_dinov3_and_the_run_folder_remembers_it(tmp_
 def test_dinomaly2_few_shot_trains_with_a_tiny_dinov3_and_reloads(tmp_path):
     from test_end_to_end import RUN
 
-    from dinomaly.cli import dataset_defaults
-    from dinomaly.run import main as run_main
-
-    import dinomaly2_2d
     import dinomaly2_fewshot
     demo = make_demo_data(str(tmp_path / "data"), size=64, seed=0, n_train=4, n_test_good=2, n_test_bad=2)
     argv = ["--data_path", demo["mvtec"], "--encoder", V3, "--encoder_weights", "random", "--image_size", "64",
             "--crop_size", "64", "--total_iters", "2", "--batch_size", "2", "--shot", "2", "--save_dir",
             str(tmp_path), *RUN]
-    run_main(engine.dinomaly2_main, build_parser("", dinomaly2_fewshot.DEFAULTS, "dinomaly2",
-                                                 dataset_defaults(dinomaly2_2d.DATASETS, "v3_{dataset}")), argv)
+    cli.run_script(dinomaly2_fewshot, ["--save_name", "v3_mvtec", *argv])
     run = tmp_path / "v3_mvtec"
     sd = torch.load(run / "model.pth", weights_only=True)
-    assert models.architecture_from_state_dict(sd, "model.pth") == (V3, 8, "two_stage")
+    assert checkpoints.architecture_from_state_dict(sd, "model.pth") == (V3, 8, "two_stage")
     config = json.loads((run / "config.json").read_text())["model"]
     assert (config["encoder"], config["method"], config["setting"]) == (V3, "dinomaly2", "2-shot")
     detector = predict.Detector(str(run), device="cpu")

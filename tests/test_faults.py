@@ -20,7 +20,7 @@ from test_end_to_end import RUN, read_csv, run_cli
 from test_resume import (SMALL, crr_args, dinomaly, error_line, exit_status, final_line, load, signal_run, stage1,
                          stage2, stage2_args)
 
-from dinomaly import cli, engine, export, models, predict, runlock
+from dinomaly import checkpoints, cli, export, models, predict, runlock
 from dinomaly import dataset as ds
 from dinomaly import run as run_module
 from dinomaly.errors import UserError
@@ -231,7 +231,7 @@ def test_stage1_overwrite_removes_stage2_and_a_stale_segmentation_network_is_ref
     import crr_realiad_test
     run = copy_run(crr, tmp_path, "run")
     with open(run / "config_stage2.json") as f:
-        assert json.load(f)["stage1_model"] == models.fingerprint(models.load_model(str(run / "model.pth")))
+        assert json.load(f)["stage1_model"] == checkpoints.fingerprint(checkpoints.load_model(str(run / "model.pth")))
     assert predict.Detector(str(run), threshold=1.0, device="cpu").mapper.segnet is not None
     # Stage I trained again (its model.pth replaced): test, predict and a resumed Stage II refuse the old network
     stale = load(run / "model.pth")
@@ -241,7 +241,7 @@ def test_stage1_overwrite_removes_stage2_and_a_stale_segmentation_network_is_ref
         predict.Detector(str(run), threshold=1.0, device="cpu")
     test_argv = ["--data_path", demo["realiad"], "--save_dir", str(tmp_path), "--save_name", "run", *RUN]
     with pytest.raises(SystemExit):
-        run_script(crr_realiad_test, engine.crr_test_main, "crr_test", test_argv)
+        run_script(crr_realiad_test, test_argv)
     assert "was trained on another reconstruction model" in error_line(capsys)
     # --overwrite of Stage I deletes what Stage II made from the old model
     stage1([*crr_args(demo, tmp_path, "run"), "--total_iters", "2", "--overwrite"])
@@ -418,7 +418,7 @@ def test_predictions_csv_keeps_the_rows_of_a_run_that_crashes(trained, demo, tmp
     images = sorted(os.path.join(d, n) for d, _, names in os.walk(os.path.join(demo["mvtec"], "weave", "test"))
                     for n in names)
     calls = []
-    real = predict.Detector.predict_prepared
+    real = predict.ModelDetector.predict_prepared
 
     def crash_on_the_second_batch(self, *args):
         calls.append(1)
@@ -426,7 +426,7 @@ def test_predictions_csv_keeps_the_rows_of_a_run_that_crashes(trained, demo, tmp
             raise RuntimeError("the machine went away")
         return real(self, *args)
 
-    monkeypatch.setattr(predict.Detector, "predict_prepared", crash_on_the_second_batch)
+    monkeypatch.setattr(predict.ModelDetector, "predict_prepared", crash_on_the_second_batch)
     with pytest.raises(SystemExit):
         cli.predict_main(["--checkpoint", str(trained), "--input", *images, "--out", str(tmp_path), "--batch_size", "1",
                       "--num_workers", "0", "--device", "cpu"])

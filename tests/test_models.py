@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinomaly import models
+from dinomaly import checkpoints, models
 from dinomaly.errors import UserError
 from dinomaly.models.decoder import LinearAttention
 from dinomaly.models.encoder import ENCODERS
@@ -128,18 +128,18 @@ def test_meta_layout_loads_strictly(tmp_path):
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(sd, path)
     fresh = ViTEncoder(cfg)
-    models.load_encoder_weights(fresh, str(path))
+    checkpoints.load_encoder_weights(fresh, str(path))
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, sd[k]), k
     del sd["blocks.3.ls1.gamma"]
     torch.save(sd, path)
     with pytest.raises(UserError, match="missing.*blocks.3.ls1.gamma"):
-        models.load_encoder_weights(ViTEncoder(cfg), str(path))
+        checkpoints.load_encoder_weights(ViTEncoder(cfg), str(path))
 
 
 def test_missing_weight_file_names_path_and_source(tmp_path):
     with pytest.raises(UserError) as e:
-        models.build_model("dinov2reg_vit_base_14", str(tmp_path / "nope.pth"))
+        checkpoints.build_model("dinov2reg_vit_base_14", str(tmp_path / "nope.pth"))
     msg = str(e.value)
     assert "nope.pth" in msg and "dinov2_vitb14_reg4_pretrain.pth" in msg and "\n" not in msg
 
@@ -150,19 +150,19 @@ def test_official_layout_checkpoint_round_trip(tmp_path):
     sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     path = tmp_path / "model.pth"
     torch.save(sd, path)
-    loaded = models.load_model(str(path))
+    loaded = checkpoints.load_model(str(path))
     assert loaded.encoder.cfg == ENCODERS["dinov2reg_vit_small_14"]
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, sd[k]), k
     with pytest.raises(UserError, match="not dinov2reg_vit_base_14"):
-        models.load_model(str(path), encoder="dinov2reg_vit_base_14")
+        checkpoints.load_model(str(path), encoder="dinov2reg_vit_base_14")
     backbone = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save({k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}, backbone)
     with pytest.raises(UserError, match="plain encoder weight file"):
-        models.load_model(str(backbone))
+        checkpoints.load_model(str(backbone))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
-        models.load_model(str(tmp_path / "junk.pth"))
+        checkpoints.load_model(str(tmp_path / "junk.pth"))
 
 
 @pytest.mark.parametrize("name,count", [("dinov2reg_vit_small_14", 15_377_280), ("dinov2reg_vit_base_14", 61_425_408),
@@ -253,11 +253,11 @@ def test_eval_masks_cpu_stream_or_seeded_per_image(tiny_encoder, device):
 
 
 def test_mask_seeds_per_seed_class_and_image():
-    from dinomaly import engine
-    seeds = engine.mask_seeds(1, "nut", [0, 1, 2]) + engine.mask_seeds(1, "weave", [0, 1]) + \
-        engine.mask_seeds(2, "nut", [0])
+    from dinomaly import evaluate
+    seeds = evaluate.mask_seeds(1, "nut", [0, 1, 2]) + evaluate.mask_seeds(1, "weave", [0, 1]) + \
+        evaluate.mask_seeds(2, "nut", [0])
     assert len(set(seeds)) == 6 and all(0 <= s < 2 ** 64 for s in seeds)
-    assert engine.mask_seeds(1, "nut", [2, 0]) == [seeds[2], seeds[0]]  # a function of the image, not the batch
+    assert evaluate.mask_seeds(1, "nut", [2, 0]) == [seeds[2], seeds[0]]  # a function of the image, not the batch
 
 
 def test_segmentation_input_formula():

@@ -13,11 +13,9 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from dinomaly import dataset as ds
-from dinomaly.cli import build_parser
-from dinomaly.engine import dinomaly2_main, dinomaly_main
+from dinomaly import cli
 from dinomaly.errors import UserError
 from dinomaly.multiview import ObjectAccumulator, sample_key
-from dinomaly.run import main as run_main
 
 import dinomaly2_multiview
 import dinomaly_mvtec_uni
@@ -249,11 +247,10 @@ def test_manta_image_too_narrow(tmp_path):
 
 
 def test_crr_training_refuses_manta():
-    import argparse
-
-    from dinomaly import engine
+    from dinomaly.options import DataOptions
+    from dinomaly.training_data import synthetic_train_set
     with pytest.raises(UserError, match="MANTA-Tiny's five-view images"):
-        engine.synthetic_train_set(argparse.Namespace(dataset="manta"))
+        synthetic_train_set(DataOptions(dataset="manta"), 1, 64, 56)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,8 +278,7 @@ def mv_run(mv_demo, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         from dinomaly import models
         mp.setitem(models.ENCODERS, TINY, __import__("conftest").TINY_CFG)
-        run_main(dinomaly_main, build_parser("", dinomaly_mvtec_uni.DEFAULTS, "dinomaly"),
-                 ["--dataset", "realiad", "--data_path", mv_demo["realiad"], "--classes", "weave", "nut",
+        cli.run_script(dinomaly_mvtec_uni, ["--dataset", "realiad", "--data_path", mv_demo["realiad"], "--classes", "weave", "nut",
                   "--multiview", "on", "--encoder", TINY, "--total_iters", "2", "--batch_size", "4",
                   "--save_dir", str(save_dir), "--save_name", "run", *SMALL])
     return save_dir / "run"
@@ -311,8 +307,7 @@ def test_realiad_multiview_end_to_end(mv_run):
 
 def test_manta_end_to_end_with_dinomaly2(mv_demo, tmp_path):
     """Dinomaly2's multi-view script on MANTA: trained on one view strip per image, evaluated per view and object."""
-    run_main(dinomaly2_main, build_parser("", dinomaly2_multiview.DEFAULTS, "dinomaly2"),
-             ["--dataset", "manta", "--data_path", mv_demo["manta"], "--classes", "demo/weave", "demo/nut",
+    cli.run_script(dinomaly2_multiview, ["--dataset", "manta", "--data_path", mv_demo["manta"], "--classes", "demo/weave", "demo/nut",
               "--multiview", "on", "--encoder", TINY, "--total_iters", "2", "--batch_size", "4",
               "--save_dir", str(tmp_path), "--save_name", "manta", *SMALL])
     log_text = (tmp_path / "manta" / "log.txt").read_text()

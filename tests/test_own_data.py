@@ -1,6 +1,5 @@
 """Your own images: plain class folders of good images, thresholds from good images alone (a false-alarm rate),
 the classes found in the data folder, class finding for prediction, and masks that always show where."""
-import argparse
 import csv
 import json
 import math
@@ -13,13 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinomaly import class_finder, cli, own_data
+from dinomaly import class_finder, cli, samples
 from dinomaly import dataset as ds
 from dinomaly import thresholds as th
-from dinomaly.cli import build_parser
-from dinomaly.engine import crr_test_main, dinomaly_main
+from dinomaly.options import DataOptions
 from dinomaly.errors import UserError
-from dinomaly.run import main as run_main
 
 import crr_realiad_test
 import dinomaly_mvtec_uni
@@ -31,9 +28,9 @@ SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", "64",
 N_GOOD = 11  # good images per class: 2 held out (round(0.2 * 11)), 9 trained on
 
 
-def call(main, module, job, argv):
+def call(module, argv):
     try:
-        run_main(main, build_parser("", module.DEFAULTS, job), [str(a) for a in argv])
+        cli.run_script(module, [str(a) for a in argv])
     except SystemExit as e:
         return e.code
     return 0
@@ -67,7 +64,7 @@ def good_only_run(parts, tmp_path_factory):
 
         from conftest import TINY_CFG
         mp.setitem(models.ENCODERS, TINY, TINY_CFG)
-        assert call(dinomaly_main, dinomaly_mvtec_uni, "dinomaly", ["--data_path", parts, *SMALL, "--save_dir",
+        assert call(dinomaly_mvtec_uni, ["--data_path", parts, *SMALL, "--save_dir",
                                                                        save_dir, "--save_name", "run"]) == 0
     return save_dir / "run"
 
@@ -127,9 +124,9 @@ def test_plain_class_folders_train_with_held_out_thresholds(good_only_run, parts
         assert len(held) == 2 and all(r["label"] == "0" for r in held)
         assert {os.path.dirname(r["image_path"]) for r in held} == {str(parts / c)}
         # the same images, again: held out with the seed, not among the training images
-        args = argparse.Namespace(dataset="mvtec", data_path=str(parts), seed=1, val=None, val_share=0.2,
-                                  realiad_resolution="realiad_1024", json_dir="realiad_jsons")
-        kept, out = own_data.split_training(args, c)
+        options = DataOptions(dataset="mvtec", data_path=str(parts), val=None, val_share=0.2,
+                              realiad_resolution="realiad_1024", json_dir="realiad_jsons")
+        kept, out = samples.split_training(options, 1, c)
         assert [s.image_path for s in out] == [r["image_path"] for r in held]
         assert len(kept) == N_GOOD - 2 and not {s.image_path for s in kept} & {s.image_path for s in out}
         entry = data["classes"][c]["image"]
@@ -148,18 +145,18 @@ def test_plain_class_folders_train_with_held_out_thresholds(good_only_run, parts
 def test_val_folder_sets_the_threshold_instead_of_held_out_images(parts, tmp_path):
     val = tmp_path / "val"
     shutil.copytree(parts / "nut", val / "nut")
-    args = argparse.Namespace(dataset="mvtec", data_path=str(parts), seed=1, val=str(val), val_share=0.2,
-                              realiad_resolution="realiad_1024", json_dir="realiad_jsons", classes=["nut"])
-    assert len(own_data.split_training(args, "nut")[0]) == N_GOOD  # nothing held out
-    samples, missing = own_data.test_samples(args, "nut")
-    assert len(samples) == N_GOOD and missing == 0 and {s.label for s in samples} == {0}
+    data = DataOptions(dataset="mvtec", data_path=str(parts), val=str(val), val_share=0.2,
+                       realiad_resolution="realiad_1024", json_dir="realiad_jsons", classes=("nut",))
+    assert len(samples.split_training(data, 1, "nut")[0]) == N_GOOD  # nothing held out
+    found, missing = samples.test_samples(data, 1, "nut")
+    assert len(found) == N_GOOD and missing == 0 and {s.label for s in found} == {0}
     with pytest.raises(UserError, match="--val folder of class weave not found"):
-        own_data.test_samples(args, "weave")
+        samples.test_samples(data, 1, "weave")
 
 
 def test_classes_are_found_in_the_data_folder(parts, demo, tmp_path):
     def classes(root, given=None, dataset="mvtec"):
-        return own_data.find_classes(argparse.Namespace(dataset=dataset, data_path=str(root), classes=given))
+        return samples.find_classes(DataOptions(dataset=dataset, data_path=str(root), classes=given))
     assert classes(parts) == ["nut", "weave"]  # none of MVTec AD's classes there: the class folders
     assert classes(demo["mvtec"]) == ["nut", "weave", "woodgrain"]  # MVTec layout
     assert classes(parts, ["weave"]) == ["weave"]
@@ -178,15 +175,14 @@ def test_a_data_path_one_level_too_high_names_the_folder_it_skipped(parts, tmp_p
     setup_logging(None)
     shutil.copytree(parts, tmp_path / "parts")
     shutil.copytree(parts / "nut", tmp_path / "new_images")
-    args = argparse.Namespace(dataset="mvtec", data_path=str(tmp_path), classes=None)
-    assert own_data.find_classes(args) == ["new_images"]
+    assert samples.find_classes(DataOptions(dataset="mvtec", data_path=str(tmp_path))) == ["new_images"]
     assert capsys.readouterr().err.strip().splitlines() == [
         f"warning: {tmp_path / 'parts'} not used: it holds class folders of its own; for those classes pass "
         f"--data_path {tmp_path / 'parts'}"]
 
 
 def test_mvtec_layout_given_to_a_real_iad_job_suggests_dataset_mvtec(demo, tmp_path, capsys):
-    code = call(crr_test_main, crr_realiad_test, "crr_test", ["--data_path", demo["mvtec"], "--classes", "nut",
+    code = call(crr_realiad_test, ["--data_path", demo["mvtec"], "--classes", "nut",
                                                               "--save_dir", tmp_path, "--device", "cpu"])
     assert code == 2 and "pass --dataset mvtec" in capsys.readouterr().err.strip().splitlines()[-1]
 
@@ -245,8 +241,8 @@ def test_class_finder_on_generated_classes(tmp_path):
 @pytest.mark.parametrize("script, expect", [("dinomaly_mvtec_uni.py", "--false_alarm_rate"),
                                              ("predict.py", "--class_name"), ("export.py", "--check_batch")])
 def test_scripts_parse_before_importing_torch(script, expect):
-    """--help and argument errors answer without PyTorch (cli.launch imports the engine, predict or export after
-    parsing)."""
+    """--help and argument errors answer without PyTorch (cli.main and cli.launch import the jobs, predict or
+    export after parsing)."""
     import subprocess
     import sys
 
@@ -260,10 +256,10 @@ def test_scripts_parse_before_importing_torch(script, expect):
 
 
 def test_flag_names_match_the_modules_they_name():
-    from dinomaly import flags
-    assert set(flags.DATASET_NAMES) == set(ds.DATASETS)
+    from dinomaly import arguments
+    assert set(arguments.DATASET_NAMES) == set(ds.DATASETS)
     from dinomaly.models.vitill import GROUPINGS
-    assert flags.LC_CHOICES == tuple(sorted(GROUPINGS))
+    assert arguments.LC_CHOICES == tuple(sorted(GROUPINGS))
 
 
 def test_metrics_line_names_what_cannot_be_computed():
@@ -271,10 +267,10 @@ def test_metrics_line_names_what_cannot_be_computed():
     nan = float("nan")
     partial = dict(zip(METRIC_NAMES, [0.9, 0.8, 0.7, nan, nan, nan, nan]))
     entry = {"image": {"n_anomalous": 4, "n_normal": 3, "threshold": 0.5}}
-    assert own_data.metrics_line("nut", partial, entry) == (
+    assert samples.metrics_line("nut", partial, entry) == (
         "nut: I-AUROC 0.9000, I-AP 0.8000, I-F1max 0.7000; not computable: P-AUROC, P-AP, P-F1max, AUPRO "
         "(no ground-truth masks)")
     full = dict(zip(METRIC_NAMES, [0.5] * 7))
-    assert own_data.metrics_line("nut", full, entry).endswith("AUPRO 0.5000, mAD 0.5000")
-    assert own_data.metrics_line("Mean", dict.fromkeys(METRIC_NAMES, nan)) == \
+    assert samples.metrics_line("nut", full, entry).endswith("AUPRO 0.5000, mAD 0.5000")
+    assert samples.metrics_line("Mean", dict.fromkeys(METRIC_NAMES, nan)) == \
         "Mean: no metrics (no class has defect images)"

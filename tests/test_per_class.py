@@ -9,11 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dinomaly import Detector, cli, models
-from dinomaly.cli import build_parser
-from dinomaly.engine import ADAM_EPS, dinomaly_main
+from dinomaly import Detector, cli, models, recipes
 from dinomaly.errors import UserError
-from dinomaly.run import main as run_main
 
 import dinomaly_mvtec_uni
 import dinomaly_sep
@@ -28,8 +25,7 @@ SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", "64",
 
 def call(module, argv):
     try:
-        run_main(dinomaly_main, build_parser("", module.DEFAULTS, "dinomaly",
-                                             getattr(module, "DATASET_DEFAULTS", None)), [str(a) for a in argv])
+        cli.run_script(module, [str(a) for a in argv])
     except SystemExit as e:
         return e.code
     return 0
@@ -90,15 +86,17 @@ def test_the_log_has_each_class_once_and_one_mean(runs):
 def test_the_recipe_is_the_reference_scripts(runs):
     config = json.loads((runs / "sep" / "config.json").read_text())
     assert config["model"]["setting"] == "class-separated" and config["per_class"]
-    assert config["adam_eps"] == 1e-8 and config["dropout"] == 0.2
+    assert config["training"]["adam_eps"] == 1e-8 and config["model"]["dropout"] == 0.2
     assert json.loads((runs / "sep" / "weave" / "config.json").read_text())["classes"] == ["weave"]
-    args = build_parser("", dinomaly_sep.DEFAULTS, "dinomaly", dinomaly_sep.DATASET_DEFAULTS).parse_args([])
-    assert (args.total_iters, args.adam_eps, args.per_class, args.dropout) == (5000, 1e-8, True, 0.2)
-    real = build_parser("", dinomaly_sep.DEFAULTS, "dinomaly", dinomaly_sep.DATASET_DEFAULTS).parse_args(
-        ["--dataset", "realiad"])
-    assert real.adam_eps == 1e-10 and real.save_name.startswith("vitill_realiad_sep")
-    uni = build_parser("", dinomaly_mvtec_uni.DEFAULTS, "dinomaly").parse_args([])
-    assert (uni.adam_eps, uni.per_class) == (ADAM_EPS, False) == (1e-10, False)
+    def parse(module, argv):
+        return cli.parse("", module.RECIPE, module.DEFAULTS, getattr(module, "DATASETS", None), argv)
+    args = parse(dinomaly_sep, [])
+    assert (args.recipe.total_iters, args.recipe.adam_eps, args.run.per_class, args.recipe.dropout) == \
+        (5000, 1e-8, True, 0.2)
+    real = parse(dinomaly_sep, ["--dataset", "realiad"])
+    assert real.recipe.adam_eps == 1e-10 and real.run.save_name.startswith("vitill_realiad_sep")
+    uni = parse(dinomaly_mvtec_uni, [])
+    assert (uni.recipe.adam_eps, uni.run.per_class) == (recipes.DINOMALY.adam_eps, False) == (1e-10, False)
 
 
 def test_predict_uses_each_images_class_model(runs, data):

@@ -10,8 +10,7 @@ import pytest
 import torch
 from test_end_to_end import RUN, run_script
 
-from dinomaly import engine
-from dinomaly.engine import crr_stage1_main, crr_stage2_main, dinomaly_main
+from dinomaly import models, train
 
 import crr_realiad_stage1
 import crr_realiad_stage2
@@ -40,15 +39,15 @@ def demo(tmp_path_factory):
 
 
 def dinomaly(argv):
-    run_script(dinomaly_mvtec_uni, dinomaly_main, "dinomaly", argv)
+    run_script(dinomaly_mvtec_uni, argv)
 
 
 def stage1(argv):
-    run_script(crr_realiad_stage1, crr_stage1_main, "crr_stage1", argv)
+    run_script(crr_realiad_stage1, argv)
 
 
 def stage2(argv):
-    run_script(crr_realiad_stage2, crr_stage2_main, "crr_stage2", argv)
+    run_script(crr_realiad_stage2, argv)
 
 
 def signal_run(sig: str, at: int, script: str, argv: list[str]) -> subprocess.CompletedProcess:
@@ -123,7 +122,7 @@ def crr_whole(demo, tmp_path_factory):
     """An uninterrupted CRR Stage I run (8 iterations), then Stage II (6 iterations) in a copy of its folder."""
     save_dir = tmp_path_factory.mktemp("crr")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(engine.models.ENCODERS, TINY, __import__("conftest").TINY_CFG)
+        mp.setitem(models.ENCODERS, TINY, __import__("conftest").TINY_CFG)
         stage1(crr_args(demo, save_dir, "whole"))
         shutil.copytree(save_dir / "whole", save_dir / "stage1", ignore=shutil.ignore_patterns("train_state*"))
         stage2([*stage2_args(demo, save_dir, "whole")])
@@ -156,17 +155,17 @@ def test_ctrl_c_saves_the_state_and_resume_continues(demo, crr_whole, tmp_path):
 def test_stage2_resumes_after_ctrl_c(demo, crr_whole, tmp_path, monkeypatch, capsys):
     shutil.copytree(crr_whole / "stage1", tmp_path / "run")
     argv = stage2_args(demo, tmp_path, "run")
-    step = engine.train_step
+    step = train.train_step
 
     def interrupted(batch, it, *args):
         if it == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return step(batch, it, *args)
 
-    monkeypatch.setattr(engine, "train_step", interrupted)
+    monkeypatch.setattr(train, "train_step", interrupted)
     assert exit_status(stage2, argv) == 130
     assert load(tmp_path / "run" / "train_state_stage2.pth")["iteration"] == 5  # mid-epoch
-    monkeypatch.setattr(engine, "train_step", step)
+    monkeypatch.setattr(train, "train_step", step)
     capsys.readouterr()
     assert exit_status(stage2, argv) == 2
     assert "already holds train_state_stage2.pth; pass --resume" in error_line(capsys)
@@ -178,14 +177,14 @@ def test_stage2_resumes_after_ctrl_c(demo, crr_whole, tmp_path, monkeypatch, cap
 def test_non_finite_losses_are_skipped_then_stop_the_run(demo, tmp_path, monkeypatch, capsys):
     bad = {1, *range(4, 14)}  # one alone (skipped), then ten in a row (the run stops after iteration 14)
     calls = []
-    loss = engine.global_cosine_hm
+    loss = train.global_cosine_hm
 
     def sometimes_nan(*args, **kwargs):
         calls.append(1)
         value = loss(*args, **kwargs)
         return value * float("nan") if len(calls) - 1 in bad else value
 
-    monkeypatch.setattr(engine, "global_cosine_hm", sometimes_nan)
+    monkeypatch.setattr(train, "global_cosine_hm", sometimes_nan)
     argv = ["--data_path", demo["mvtec"], "--save_dir", str(tmp_path), "--save_name", "nan", "--total_iters", "20",
             *SMALL]
     assert exit_status(dinomaly, argv) == 2
@@ -206,8 +205,8 @@ class MachinesRun:
     `folder`, the other process's view of the same question is other(this process's answer)."""
 
     def __init__(self, folder, other, resume=False, overwrite=False, is_main=True):
-        from argparse import Namespace
-        self.args, self.dir, self.other = Namespace(resume=resume, overwrite=overwrite), str(folder), other
+        from dinomaly.options import RunOptions
+        self.options, self.dir, self.other = RunOptions(resume=resume, overwrite=overwrite), str(folder), other
         self.is_main, self.barriers = is_main, 0
 
     def path(self, name):

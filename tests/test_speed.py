@@ -6,13 +6,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dinomaly import models, speed
+from dinomaly import checkpoints, models, speed
 from dinomaly.anomaly_map import AnomalyMapper
-from dinomaly.cli import build_parser
-from dinomaly.engine import dinomaly_main
+from dinomaly import cli
 from dinomaly.loss import global_cosine_hm
 from dinomaly.optimizers import StableAdamW
-from dinomaly.run import main as run_main
 
 import dinomaly_mvtec_uni
 from conftest import DEVICES, TINY
@@ -34,7 +32,7 @@ def fp32_afterwards():
 def test_reduced_precision_maps_stay_close_to_fp32(precision, device):
     for seed in range(3):
         torch.manual_seed(seed)
-        model = models.build_model(TINY, "random").to(device).eval()
+        model = checkpoints.build_model(TINY, "random").to(device).eval()
         x = torch.randn(4, 3, 56, 56, device=device)
         with torch.no_grad():
             ref_map, ref_score = AnomalyMapper(model)(x)
@@ -65,8 +63,8 @@ def train_step(model: models.ViTill, x: torch.Tensor, precision: str = "fp32") -
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_blocks_keep_hard_mining_gradients_and_state_dict_names(device):
     torch.manual_seed(0)
-    eager = models.build_model(TINY, "random", dropout=0.0).to(device).train()
-    compiled = models.build_model(TINY, "random", dropout=0.0).to(device)
+    eager = checkpoints.build_model(TINY, "random", dropout=0.0).to(device).train()
+    compiled = checkpoints.build_model(TINY, "random", dropout=0.0).to(device)
     compiled.load_state_dict(eager.state_dict())
     backend = "inductor" if device == "cuda" else "aot_eager"  # inductor's codegen is slow on a CPU
     speed.maybe_compile(compiled.train(), True, backend=backend)
@@ -90,7 +88,7 @@ def test_compiled_blocks_keep_hard_mining_gradients_and_state_dict_names(device)
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_training_step_keeps_float32_parameters_and_gradients(device):
     torch.manual_seed(0)
-    model = models.build_model(TINY, "random").to(device).train()
+    model = checkpoints.build_model(TINY, "random").to(device).train()
     loss = train_step(model, torch.randn(2, 3, 56, 56, device=device), "bf16")
     assert torch.isfinite(loss)
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.trainable_parameters())
@@ -174,8 +172,7 @@ def test_training_with_the_speed_options_logs_the_data_wait(tmp_path, device):
     cache_dir = tmp_path / "cache"
     # on a GPU also compiled, with loader processes feeding pinned memory
     gpu = ["--compile", "--num_workers", "2"] if device == "cuda" else ["--num_workers", "0"]
-    run_main(dinomaly_main, build_parser("", dinomaly_mvtec_uni.DEFAULTS, "dinomaly"),
-             ["--data_path", data["mvtec"], "--classes", "nut", "--encoder", TINY, "--encoder_weights", "random",
+    cli.run_script(dinomaly_mvtec_uni, ["--data_path", data["mvtec"], "--classes", "nut", "--encoder", TINY, "--encoder_weights", "random",
               "--image_size", "64", "--crop_size", "56", "--total_iters", "2", "--batch_size", "2", "--log_every", "1",
               "--device", device, "--save_dir", str(tmp_path), "--save_name", "run", "--precision", "bf16",
               "--cache_images", "disk", "--cache_dir", str(cache_dir), *gpu])

@@ -134,11 +134,11 @@ def test_repair_loss_gradients_reach_decoder_only(tiny_encoder):
 
 
 def test_repair_loss_in_one_pass_equals_two_passes(tiny_encoder):
-    from dinomaly.engine import repair_loss
+    from dinomaly.train import repair_loss
     torch.manual_seed(0)
     model = ViTill(models.encoder_config(TINY), dropout=0.0).train()
     img, aug = torch.randn(3, 3, 56, 56), torch.randn(3, 3, 56, 56)
-    loss = repair_loss(model, img, aug, p=0.9)
+    loss = repair_loss(model, img, aug, p=0.9, factor=0.1)
     loss.backward()
     one_pass = [p.grad.clone() for p in model.trainable_parameters()]
     model.zero_grad()
@@ -156,13 +156,13 @@ def test_stage2_batchnorm_synced_under_torchrun_on_gpus():
     same state-dict names; one process, or CPU processes (SyncBatchNorm needs CUDA): BatchNorm as it is."""
     from types import SimpleNamespace
 
-    from dinomaly import engine
+    from dinomaly import train
     net = models.segmentation_net(32)
     names = list(net.state_dict())
     kinds = {}
     for world, device in ((1, "cuda"), (2, "cpu"), (2, "cuda")):
         run = SimpleNamespace(world_size=world, device=torch.device(device))
-        converted = engine.synced_batchnorm(run, models.segmentation_net(32))
+        converted = train.synced_batchnorm(run, models.segmentation_net(32))
         assert list(converted.state_dict()) == names
         norms = (m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
         kinds[world, device] = {type(m) for m in norms}
