@@ -6,8 +6,8 @@
     python benchmark.py metrics [--maps 2000 --size 256]
 
 `train` times the Dinomaly step, the CRR Stage I step (anomaly synthesis included, through the real loader)
-and the CRR Stage II step, with train.py's losses and optimisers and each method's recipe (recipes.py); `infer` times anomaly_map.AnomalyMapper
-(images/s, ms/image) for the Dinomaly map and CRR's fused map. Both run each in two modes in one process and
+and the CRR Stage II step, with train.py's losses and optimisers and each method's recipe (recipes.py); `infer`
+times anomaly_map.AnomalyMapper (images/s, ms/image) for the Dinomaly map and CRR's fused map. Both run each in two modes in one process and
 print the ratio fast / reference:
 - reference: fp32, eager, every image decoded and resized by PIL at every step, no pinned memory, the reference
   code's training step (the loss read back every step), CRR Stage I in two forward passes, the frozen CRR

@@ -24,6 +24,7 @@ from .recipes import Recipe, SegmentationRecipe
 
 JOBS = {"dinomaly": "dinomaly", "dinomaly2": "dinomaly2", "crr": "crr_stage1", "crr_stage2": "crr_stage2"}
 # the reconstruction recipe's fields that CRR Stage II and test take from the Stage-I run unless given
+MODEL_FIELDS = [f.name for f in dataclasses.fields(Recipe) if f.metadata["part"] == "model"]
 FOLLOWED = ("image_size", "crop_size", "attn_eps", "mask_ratio", "test_mask")
 PREDICT_OVERRIDES = ("image_size", "crop_size", "test_mask", "mask_ratio")  # predict's, of the run's recipe
 OPTIONS = {f.name: cls for cls in (DataOptions, RunOptions, EvalOptions) for f in dataclasses.fields(cls)}
@@ -63,19 +64,27 @@ def recipe_flags(group, add: Flags, recipe_type, method: str | None, names=None,
 
 def build_parser(description: str, recipe: Recipe | SegmentationRecipe | None, defaults: dict,
                  datasets: dict[str, dict] | None = None) -> ArgumentParser:
+    """The script's parser: each job offers only the flags it uses, each with the script's default in its help."""
     job = job_of(recipe)
-    trains_recon = job in ("dinomaly", "dinomaly2", "crr_stage1")
-    trains = trains_recon or job == "crr_stage2"
-    evaluates = job != "crr_stage2"
-    crr = job.startswith("crr")
+    method = recipe.method if isinstance(recipe, Recipe) else None  # a reconstruction method's training
     shown_defaults = defaults_of(recipe, defaults)
     for name in {k for row in (datasets or {}).values() for k in row}:  # the --dataset table's
         shown_defaults[name] = "per --dataset: " + ", ".join(f"{d} {shown(row[name])}" for d, row in datasets.items()
                                                               if name in row)
     add = Flags(shown_defaults)
     p = ArgumentParser(description)
+    data_flags(p.add_argument_group("data"), add, job)
+    run_flags(p.add_argument_group("run"), add, job)
+    model_flags(p.add_argument_group("model" if method else "model (default: the Stage-I run's)"), add, job, method)
+    if job != "crr_test":
+        training_flags(p.add_argument_group("training (the recipe)"), add, job, method)
+    speed_flags(p.add_argument_group("speed (the defaults reproduce the papers)"), add, job)
+    if job != "crr_stage2":
+        evaluation_flags(p.add_argument_group("evaluation"), add, job)
+    return p
 
-    data = p.add_argument_group("data")
+
+def data_flags(data, add: Flags, job: str):
     add(data, "data_path", "dataset root folder")
     add(data, "dataset", "reader and default classes: mvtec and visa read the MVTec layout (also MPDD, BTAD and "
                          "your own data with --classes); realiad and realiad_variety read Real-IAD's JSON splits; "
@@ -94,7 +103,7 @@ def build_parser(description: str, recipe: Recipe | SegmentationRecipe | None, d
                      "hold out --val_share of their training images)", metavar="DIR")
     add(data, "val_share", "share of the good images of a class without a test folder held out of training, "
                            "chosen with --seed, to set its threshold", type=float_in(0, 1, high_open=True))
-    if crr and job != "crr_test":
+    if job in ("crr_stage1", "crr_stage2"):
         add(data, "anomaly_source_path", "texture images for anomaly synthesis (the DTD dataset, "
                                          "<dtd>/images/*/*.jpg); 'none': anomalies made from the image itself only "
                                          "(not the paper's recipe)")
@@ -102,7 +111,8 @@ def build_parser(description: str, recipe: Recipe | SegmentationRecipe | None, d
                                      "OK -> DISthresh> (default for Real-IAD: <data_path>/<resolution>_DISthresh, "
                                      "where the released code looks; without them anomalies may fall anywhere)")
 
-    run = p.add_argument_group("run")
+
+def run_flags(run, add: Flags, job: str):
     add(run, "save_dir", "parent folder of the run folders")
     add(run, "save_name", "run folder name under --save_dir")
     add(run, "device", "torch device, e.g. cuda, cuda:1 or cpu (default: cuda when available)")
@@ -110,23 +120,25 @@ def build_parser(description: str, recipe: Recipe | SegmentationRecipe | None, d
     add(run, "cudnn", "cuDNN mode: deterministic kernels, or the fastest found by benchmarking (the reference "
                       "scripts use deterministic for MVTec AD, VisA and the CRR test, benchmark for CRR training)",
         choices=["deterministic", "benchmark"])
-    if not trains:
+    if job == "crr_test":
         add(run, "batch_size", "images per evaluation batch", type=int_at_least(1))
 
-    model = p.add_argument_group("model" if trains_recon else "model (default: the Stage-I run's)")
-    if trains_recon:
+
+def model_flags(model, add: Flags, job: str, method: str | None):
+    """The model's recipe flags (a training job's), or those a later CRR stage may override, and where the
+    model comes from."""
+    if method is not None:
         add(model, "encoder_weights", "the encoder's weight file as its publisher distributes it, or 'random' for "
                                       "a smoke run (default: backbones/weights/<publisher's file name>; see "
                                       "docs/encoders.md)")
         add(model, "eval_only", "skip training; evaluate --checkpoint", action="store_true")
-        recipe_flags(model, add, Recipe, recipe.method, [f.name for f in dataclasses.fields(Recipe)
-                                                         if f.metadata["part"] == "model"])
+        recipe_flags(model, add, Recipe, method, MODEL_FIELDS)
     else:
         recipe_flags(model, add, Recipe, None, FOLLOWED, "the Stage-I run's")
     add(model, "checkpoint", "reconstruction model: a run folder or a model.pth (ours or official); its recipe "
                              "(sizes, encoder, masking, attention epsilon, ...) is used unless given here" +
-                             ("" if trains_recon else "; default: <save_dir>/<save_name>/model.pth"))
-    if crr:
+                             ("" if method is not None else "; default: <save_dir>/<save_name>/model.pth"))
+    if job.startswith("crr"):
         add(model, "mask_rng", "where the frozen model's masks are drawn in evaluation and Stage II: cpu (the "
                                "released code's random stream, reproduced by --seed; slow next to a GPU) or device "
                                "(on the model's device, the GPU; in evaluation each image's mask is seeded by "
@@ -136,60 +148,62 @@ def build_parser(description: str, recipe: Recipe | SegmentationRecipe | None, d
         add(model, "seg_checkpoint", "segmentation network (default: Seg_model_7999.pth, else Seg_model_last.pth, "
                                      "beside the model, else in the run folder)")
 
-    if trains:
-        train = p.add_argument_group("training (the recipe)")
-        if trains_recon:
-            recipe_flags(train, add, Recipe, recipe.method, [f.name for f in dataclasses.fields(Recipe)
-                                                             if f.metadata["part"] != "model"])
-        else:
-            recipe_flags(train, add, SegmentationRecipe, None)
-        if job in ("dinomaly", "dinomaly2"):
-            add(train, "per_class", "one model per class (the class-separated setting): each class is trained and "
-                                    "evaluated alone, as a run on that class alone would be, into <run>/<class>/; "
-                                    "the run folder gets the table of all classes and their mean, and predict.py "
-                                    "sends each image to its class's model", action="store_true")
-        add(train, "log_every", "log the mean loss every N iterations", type=int_at_least(1))
-        add(train, "save_every", "save the model and the training state (for --resume) every N iterations",
-            type=int_at_least(1))
-        start = train.add_mutually_exclusive_group()
-        add(start, "resume", "continue the run folder's interrupted training from its train_state" +
-            ("_stage2" if job == "crr_stage2" else "") + ".pth, with the same settings", action="store_true")
-        add(start, "overwrite", "start afresh in a run folder that holds a trained " +
-            ("segmentation network (Seg_model_*.pth), deleting it" if job == "crr_stage2" else
-             "model (model.pth), deleting it and Stage II's Seg_model_*.pth made from it"), action="store_true")
 
-    fast = p.add_argument_group("speed (the defaults reproduce the papers)")
+def training_flags(train, add: Flags, job: str, method: str | None):
+    """The training recipe's flags (a reconstruction method's, or CRR Stage II's), its length and its state."""
+    if method is not None:
+        recipe_flags(train, add, Recipe, method, [f.name for f in dataclasses.fields(Recipe)
+                                                  if f.name not in MODEL_FIELDS])
+    else:
+        recipe_flags(train, add, SegmentationRecipe, None)
+    if job in ("dinomaly", "dinomaly2"):
+        add(train, "per_class", "one model per class (the class-separated setting): each class is trained and "
+                                "evaluated alone, as a run on that class alone would be, into <run>/<class>/; "
+                                "the run folder gets the table of all classes and their mean, and predict.py "
+                                "sends each image to its class's model", action="store_true")
+    add(train, "log_every", "log the mean loss every N iterations", type=int_at_least(1))
+    add(train, "save_every", "save the model and the training state (for --resume) every N iterations",
+        type=int_at_least(1))
+    start = train.add_mutually_exclusive_group()
+    add(start, "resume", "continue the run folder's interrupted training from its train_state" +
+        ("_stage2" if job == "crr_stage2" else "") + ".pth, with the same settings", action="store_true")
+    add(start, "overwrite", "start afresh in a run folder that holds a trained " +
+        ("segmentation network (Seg_model_*.pth), deleting it" if job == "crr_stage2" else
+         "model (model.pth), deleting it and Stage II's Seg_model_*.pth made from it"), action="store_true")
+
+
+def speed_flags(fast, add: Flags, job: str):
     add(fast, "precision", "fp32; tf32 (TF32 tensor-core matmuls); bf16 (bfloat16 autocast of the forward pass "
                            "and the loss; float32 weights, maps and scores)", choices=PRECISIONS)
     add(fast, "compile", "torch.compile the network blocks (slow first steps)", action="store_true")
     add(fast, "cache_images", "keep decoded, resized images (identical tensors): memory (training images, shared "
                               "by the loader workers) or disk (memory-mapped files in --cache_dir, kept for later "
                               "runs: training and test images)" +
-        ("; CRR training also keeps its object masks and textures" if crr and trains else ""), choices=CACHE_MODES)
+        ("; CRR training also keeps its object masks and textures" if job in ("crr_stage1", "crr_stage2") else ""),
+        choices=CACHE_MODES)
     add(fast, "cache_dir", "folder of disk image caches (default: <save_dir>/image_cache)")
 
-    if evaluates:
-        ev = p.add_argument_group("evaluation")
-        add(ev, "aupro", "AUPRO: exact (MVTec definition) or dinomaly (200 thresholds, as the Dinomaly paper)",
-            choices=["exact", "dinomaly"])
-        add(ev, "gt_binarize", "pixel ground truth at 256: nearest then >0 (dinomaly) or >=0.5, bilinear, >=0.5 "
-                               "(crr)", choices=["dinomaly", "crr"])
-        add(ev, "multiview", "Real-IAD, Real-IAD Variety, MANTA-Tiny: on = Dinomaly2's multi-view evaluation: test "
-                             "views grouped into objects, an anomalous view without a mask counted normal, and the "
-                             "object level (O-AUROC, O-AP, O-F1max) and Real-IAD's sample level (S-AUROC) added",
-            choices=["on", "off"])
-        add(ev, "max_ratio", "image score = mean of this top share of the map (0 = its maximum)", type=float_in(0, 1))
-        if job == "crr_test":
-            add(ev, "fusion_alpha", "fused map = a * reconstruction + (1 - a) * segmentation", type=float_in(0, 1))
-        add(ev, "replace_results", "evaluate another run's --checkpoint into a --save_name folder that holds a "
-                                   "trained model, replacing that run's thresholds.json, metrics, scores and "
-                                   "pictures", action="store_true")
-        add(ev, "false_alarm_rate", "for classes tested on good images only: the image threshold calls about this "
-                                    "share of good images anomalous (with defect images the threshold maximises F1)",
-            type=float_in(0, 1, high_open=True))
-        add(ev, "save_heatmaps", "write image | ground truth | anomaly map PNGs for the first N anomalous test "
-                                 "images of each class", type=int_at_least(0), metavar="N")
-    return p
+
+def evaluation_flags(ev, add: Flags, job: str):
+    add(ev, "aupro", "AUPRO: exact (MVTec definition) or dinomaly (200 thresholds, as the Dinomaly paper)",
+        choices=["exact", "dinomaly"])
+    add(ev, "gt_binarize", "pixel ground truth at 256: nearest then >0 (dinomaly) or >=0.5, bilinear, >=0.5 "
+                           "(crr)", choices=["dinomaly", "crr"])
+    add(ev, "multiview", "Real-IAD, Real-IAD Variety, MANTA-Tiny: on = Dinomaly2's multi-view evaluation: test "
+                         "views grouped into objects, an anomalous view without a mask counted normal, and the "
+                         "object level (O-AUROC, O-AP, O-F1max) and Real-IAD's sample level (S-AUROC) added",
+        choices=["on", "off"])
+    add(ev, "max_ratio", "image score = mean of this top share of the map (0 = its maximum)", type=float_in(0, 1))
+    if job == "crr_test":
+        add(ev, "fusion_alpha", "fused map = a * reconstruction + (1 - a) * segmentation", type=float_in(0, 1))
+    add(ev, "replace_results", "evaluate another run's --checkpoint into a --save_name folder that holds a "
+                               "trained model, replacing that run's thresholds.json, metrics, scores and "
+                               "pictures", action="store_true")
+    add(ev, "false_alarm_rate", "for classes tested on good images only: the image threshold calls about this "
+                                "share of good images anomalous (with defect images the threshold maximises F1)",
+        type=float_in(0, 1, high_open=True))
+    add(ev, "save_heatmaps", "write image | ground truth | anomaly map PNGs for the first N anomalous test "
+                             "images of each class", type=int_at_least(0), metavar="N")
 
 
 def defaults_of(recipe, defaults: dict) -> dict:

@@ -555,14 +555,15 @@ def test_dinomaly_trains_with_a_tiny_dinov3_and_the_run_folder_remembers_it(tmp_
     from test_end_to_end import RUN, run_script
     demo = make_demo_data(str(tmp_path / "data"), size=64, seed=0, n_train=4, n_test_good=2, n_test_bad=2)
     small = ["--encoder_weights", "random", "--image_size", "64", "--crop_size", "64", *RUN]
-    run_script(dinomaly_mvtec_uni, ["--data_path", demo["mvtec"], "--encoder", V3, "--total_iters", "2", "--batch_size", "2",
+    run_script(dinomaly_mvtec_uni,
+               ["--data_path", demo["mvtec"], "--encoder", V3, "--total_iters", "2", "--batch_size", "2",
                 "--save_dir", str(tmp_path), "--save_name", "v3", *small])
     sd = torch.load(tmp_path / "v3" / "model.pth", weights_only=True)
     assert "encoder.storage_tokens" in sd and "encoder.blocks.0.attn.qkv.bias_mask" in sd
     assert checkpoints.architecture_from_state_dict(sd, "model.pth") == (V3, 8, "mlp")
     first = (tmp_path / "v3" / "scores.csv").read_text()
     run_script(dinomaly_mvtec_uni, ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(tmp_path / "v3"),
-                "--save_dir", str(tmp_path), "--save_name", "again", *RUN])
+                                    "--save_dir", str(tmp_path), "--save_name", "again", *RUN])
     again = (tmp_path / "again" / "scores.csv").read_text()
     assert [r.split(",")[:3] for r in again.splitlines()] == [r.split(",")[:3] for r in first.splitlines()]
     scores = [[float(r.split(",")[3]) for r in t.splitlines()[1:]] for t in (first, again)]

@@ -58,7 +58,8 @@ def dinomaly_run(demo, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(models.ENCODERS, TINY, __import__("conftest").TINY_CFG)
-        run_script(dinomaly_mvtec_uni, ["--data_path", demo["mvtec"], "--encoder", TINY, "--total_iters", "3", "--batch_size", "4",
+        run_script(dinomaly_mvtec_uni,
+                   ["--data_path", demo["mvtec"], "--encoder", TINY, "--total_iters", "3", "--batch_size", "4",
                     "--save_dir", str(save_dir), "--save_name", "run", "--save_heatmaps", "1", *SMALL])
     return save_dir / "run"
 
@@ -89,12 +90,13 @@ def test_dinomaly_run_folder(dinomaly_run):
 def test_eval_only_reproduces_scores_and_handles_missing_ground_truth(dinomaly_run, demo, tmp_path):
     # The run folder alone: the sizes (64 -> 56, not the default 448 -> 392) and the encoder come from config.json.
     run_script(dinomaly_mvtec_uni, ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(dinomaly_run),
-                "--save_dir", str(tmp_path), "--save_name", "again", *RUN])
+                                    "--save_dir", str(tmp_path), "--save_name", "again", *RUN])
     first, again = read_csv(dinomaly_run / "scores.csv"), read_csv(tmp_path / "again" / "scores.csv")
     np.testing.assert_allclose([float(r[3]) for r in again[1:]], [float(r[3]) for r in first[1:]], rtol=1e-6)
     assert "64 -> 56 px" in (tmp_path / "again" / "log.txt").read_text()
     # An explicit flag overrides the run's setting, and the log says so.
-    run_script(dinomaly_mvtec_uni, ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(dinomaly_run / "model.pth"),
+    run_script(dinomaly_mvtec_uni,
+               ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(dinomaly_run / "model.pth"),
                 "--crop_size", "42", "--save_dir", str(tmp_path), "--save_name", "other", *RUN])
     log_text = (tmp_path / "other" / "log.txt").read_text()
     assert "--crop_size 42 given; the model was trained with 56" in log_text and "64 -> 42 px" in log_text
@@ -102,7 +104,8 @@ def test_eval_only_reproduces_scores_and_handles_missing_ground_truth(dinomaly_r
     data = tmp_path / "no_gt"
     shutil.copytree(os.path.join(demo["mvtec"], "nut"), data / "nut")
     shutil.rmtree(data / "nut" / "ground_truth")
-    run_script(dinomaly_mvtec_uni, ["--data_path", str(data), "--eval_only", "--checkpoint", str(dinomaly_run / "model.pth"),
+    run_script(dinomaly_mvtec_uni,
+               ["--data_path", str(data), "--eval_only", "--checkpoint", str(dinomaly_run / "model.pth"),
                 "--save_dir", str(tmp_path), "--save_name", "nogt", *SMALL[:-3], "--classes", "nut"])
     row = read_csv(tmp_path / "nogt" / "metrics.csv")[1]
     assert row[1] != "" and row[4:] == ["", "", "", "", ""]
@@ -110,7 +113,8 @@ def test_eval_only_reproduces_scores_and_handles_missing_ground_truth(dinomaly_r
 
 def test_crr_three_stages(demo, dinomaly_run, tmp_path, capsys):
     common = ["--data_path", demo["realiad"], "--save_dir", str(tmp_path), "--save_name", "crr", *SMALL]
-    run_script(crr_realiad_stage1, [*common, "--encoder", TINY, "--total_iters", "2", "--batch_size", "4", "--mask_ratio", "0.25",
+    run_script(crr_realiad_stage1,
+               [*common, "--encoder", TINY, "--total_iters", "2", "--batch_size", "4", "--mask_ratio", "0.25",
                 "--attn_eps", "1e-6", "--save_heatmaps", "1", "--anomaly_source_path", "none"])
     run = tmp_path / "crr"
     assert "\r" not in capsys.readouterr().err  # training and evaluation: no progress bars, not a terminal
@@ -119,8 +123,8 @@ def test_crr_three_stages(demo, dinomaly_run, tmp_path, capsys):
     stage1 = file_hash(run / "model.pth")
     later = common[:6] + RUN  # Stage II and test take sizes, mask ratio and attention epsilon from Stage I
     run_script(crr_realiad_stage2, [*later, "--total_iters", "2", "--batch_size", "2",
-                                                                     "--anomaly_source_path", "none",
-                                                                     "--cache_images", "disk"])
+                                    "--anomaly_source_path", "none",
+                                    "--cache_images", "disk"])
     assert (run / "Seg_model_last.pth").exists() and file_hash(run / "model.pth") == stage1
     assert sorted(f.rsplit("_", 2)[0] for f in os.listdir(tmp_path / "image_cache")) == \
         ["foreground", "images", "images_cv2"]  # the clean and the synthesis' images, the object masks
@@ -140,13 +144,14 @@ def test_crr_three_stages(demo, dinomaly_run, tmp_path, capsys):
         files = ["--checkpoint", str(run)] if name == "t2" else \
             ["--checkpoint", str(run / "model.pth"), "--seg_checkpoint", str(run / "Seg_model_last.pth")]
         run_script(crr_realiad_test, [*later, "--save_name", name, *files, "--test_mask", mask, "--mask_rng", rng,
-                    *(["--batch_size", "5"] if name == "t5" else [])])
+                                      *(["--batch_size", "5"] if name == "t5" else [])])
     scores = {n: [float(r[3]) for r in read_csv(tmp_path / n / "scores.csv")[1:]] for n, _, _ in runs}
     assert scores["t1"] == scores["t2"] and scores["t3"] == scores["t4"]  # seeded, and deterministic without masking
     assert f"loaded {run / 'Seg_model_last.pth'}" in (tmp_path / "t2" / "log.txt").read_text()
     assert scores["t1"] != scores["t3"] and scores["t5"] not in (scores["t1"], scores["t3"])
     # per-image seeds: an image's score does not depend on its batch
-    run_script(crr_realiad_test, [*later, "--save_name", "t5", "--checkpoint", str(run / "model.pth"), "--seg_checkpoint",
+    run_script(crr_realiad_test,
+               [*later, "--save_name", "t5", "--checkpoint", str(run / "model.pth"), "--seg_checkpoint",
                 str(run / "Seg_model_last.pth"), "--mask_rng", "device", "--batch_size", "2"])
     assert [float(r[3]) for r in read_csv(tmp_path / "t5" / "scores.csv")[1:]] == scores["t5"]
     assert read_csv(tmp_path / "t1" / "metrics.csv")[0] == METRICS_HEADER
@@ -155,7 +160,7 @@ def test_crr_three_stages(demo, dinomaly_run, tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_script(crr_realiad_test, [*later, "--save_name", "dino", "--checkpoint",
-                                                                 str(dinomaly_run)])
+                                      str(dinomaly_run)])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1
     assert f"no segmentation network (Seg_model_7999.pth or Seg_model_last.pth) in {dinomaly_run} or " in err[0]
@@ -170,17 +175,20 @@ def test_runs_on_cuda_with_the_fast_options(demo, dinomaly_run, tmp_path):
     fast = [*gpu, "--precision", "bf16", "--compile", "--cache_images", "memory", "--mask_rng", "device"]
     common = ["--data_path", demo["realiad"], "--save_dir", str(tmp_path), "--save_name", "crr", *SMALL]
     run_script(crr_realiad_stage1, [*common, *fast, "--encoder", TINY, "--total_iters", "2", "--batch_size", "4",
-                "--anomaly_source_path", "none"])
-    run_script(crr_realiad_stage2, [*common[:6], *RUN, *fast, "--total_iters", "2", "--batch_size", "2", "--anomaly_source_path", "none"])
+                                    "--anomaly_source_path", "none"])
+    run_script(crr_realiad_stage2,
+               [*common[:6], *RUN, *fast, "--total_iters", "2", "--batch_size", "2", "--anomaly_source_path", "none"])
     scores = {}
     for batch in ("5", "2"):  # fp32: an image's mask and score do not depend on its batch on the GPU either
-        run_script(crr_realiad_test, [*common[:4], "--save_name", f"test{batch}", *RUN, *gpu, "--checkpoint", str(tmp_path / "crr"),
+        run_script(crr_realiad_test,
+                   [*common[:4], "--save_name", f"test{batch}", *RUN, *gpu, "--checkpoint", str(tmp_path / "crr"),
                     "--mask_rng", "device", "--batch_size", batch])
         scores[batch] = [float(r[3]) for r in read_csv(tmp_path / f"test{batch}" / "scores.csv")[1:]]
     assert len(scores["5"]) == 14 and scores["5"] == pytest.approx(scores["2"], rel=1e-4)
     assert "Mean: I-AUROC" in (tmp_path / "crr" / "log.txt").read_text()
     # the CPU-trained Dinomaly run on the GPU (fp32; cuDNN's default TF32 convolutions: close, not equal)
-    run_script(dinomaly_mvtec_uni, ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(dinomaly_run), "--save_dir",
+    run_script(dinomaly_mvtec_uni,
+               ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(dinomaly_run), "--save_dir",
                 str(tmp_path), "--save_name", "dinomaly", *RUN, *gpu])
     on_cpu, on_gpu = (read_csv(folder / "scores.csv")[1:] for folder in (dinomaly_run, tmp_path / "dinomaly"))
     assert [float(r[3]) for r in on_gpu] == pytest.approx([float(r[3]) for r in on_cpu], abs=5e-3)
@@ -247,7 +255,8 @@ def test_torchrun_two_processes_on_cpu(script, data, tag, demo, tmp_path):
 
 
 def test_crr_stage1_on_mvtec_layout(demo, tmp_path):
-    run_script(crr_realiad_stage1, ["--dataset", "mvtec", "--data_path", demo["mvtec"], "--encoder", TINY, "--total_iters", "2",
+    run_script(crr_realiad_stage1,
+               ["--dataset", "mvtec", "--data_path", demo["mvtec"], "--encoder", TINY, "--total_iters", "2",
                 "--batch_size", "4", "--save_dir", str(tmp_path), "--save_name", "crr_mvtec", *SMALL,
                 "--anomaly_source_path", "none"])
     rows = read_csv(tmp_path / "crr_mvtec" / "metrics_recon.csv")

@@ -278,9 +278,10 @@ def mv_run(mv_demo, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         from dinomaly import models
         mp.setitem(models.ENCODERS, TINY, __import__("conftest").TINY_CFG)
-        cli.run_script(dinomaly_mvtec_uni, ["--dataset", "realiad", "--data_path", mv_demo["realiad"], "--classes", "weave", "nut",
-                  "--multiview", "on", "--encoder", TINY, "--total_iters", "2", "--batch_size", "4",
-                  "--save_dir", str(save_dir), "--save_name", "run", *SMALL])
+        cli.run_script(dinomaly_mvtec_uni,
+                       ["--dataset", "realiad", "--data_path", mv_demo["realiad"], "--classes", "weave", "nut",
+                        "--multiview", "on", "--encoder", TINY, "--total_iters", "2", "--batch_size", "4",
+                        "--save_dir", str(save_dir), "--save_name", "run", *SMALL])
     return save_dir / "run"
 
 
@@ -307,9 +308,10 @@ def test_realiad_multiview_end_to_end(mv_run):
 
 def test_manta_end_to_end_with_dinomaly2(mv_demo, tmp_path):
     """Dinomaly2's multi-view script on MANTA: trained on one view strip per image, evaluated per view and object."""
-    cli.run_script(dinomaly2_multiview, ["--dataset", "manta", "--data_path", mv_demo["manta"], "--classes", "demo/weave", "demo/nut",
-              "--multiview", "on", "--encoder", TINY, "--total_iters", "2", "--batch_size", "4",
-              "--save_dir", str(tmp_path), "--save_name", "manta", *SMALL])
+    cli.run_script(dinomaly2_multiview,
+                   ["--dataset", "manta", "--data_path", mv_demo["manta"], "--classes", "demo/weave", "demo/nut",
+                    "--multiview", "on", "--encoder", TINY, "--total_iters", "2", "--batch_size", "4",
+                    "--save_dir", str(tmp_path), "--save_name", "manta", *SMALL])
     log_text = (tmp_path / "manta" / "log.txt").read_text()
     assert "train images: 4" in log_text  # two five-view images per class (8 normal training images, 5 per image)
     rows = read_csv(tmp_path / "manta" / "metrics.csv")

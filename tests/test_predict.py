@@ -39,10 +39,11 @@ def run(demo, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(models.ENCODERS, TINY, TINY_CFG)
-        cli.run_script(dinomaly_mvtec_uni, ["--data_path", demo["mvtec"], "--encoder", TINY, "--encoder_weights", "random", "--total_iters", "2",
-                  "--batch_size", "4", "--image_size", str(SIZE), "--crop_size", str(CROP), "--num_workers", "0",
-                  "--device", "cpu", "--classes", "weave", "nut", "--save_dir", str(save_dir), "--save_name", "run",
-                  "--save_heatmaps", "1"])
+        cli.run_script(dinomaly_mvtec_uni, [
+            "--data_path", demo["mvtec"], "--encoder", TINY, "--encoder_weights", "random", "--total_iters", "2",
+            "--batch_size", "4", "--image_size", str(SIZE), "--crop_size", str(CROP), "--num_workers", "0",
+            "--device", "cpu", "--classes", "weave", "nut", "--save_dir", str(save_dir), "--save_name", "run",
+            "--save_heatmaps", "1"])
     return save_dir / "run"
 
 

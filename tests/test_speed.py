@@ -172,10 +172,11 @@ def test_training_with_the_speed_options_logs_the_data_wait(tmp_path, device):
     cache_dir = tmp_path / "cache"
     # on a GPU also compiled, with loader processes feeding pinned memory
     gpu = ["--compile", "--num_workers", "2"] if device == "cuda" else ["--num_workers", "0"]
-    cli.run_script(dinomaly_mvtec_uni, ["--data_path", data["mvtec"], "--classes", "nut", "--encoder", TINY, "--encoder_weights", "random",
-              "--image_size", "64", "--crop_size", "56", "--total_iters", "2", "--batch_size", "2", "--log_every", "1",
-              "--device", device, "--save_dir", str(tmp_path), "--save_name", "run", "--precision", "bf16",
-              "--cache_images", "disk", "--cache_dir", str(cache_dir), *gpu])
+    cli.run_script(dinomaly_mvtec_uni, [
+        "--data_path", data["mvtec"], "--classes", "nut", "--encoder", TINY, "--encoder_weights", "random",
+        "--image_size", "64", "--crop_size", "56", "--total_iters", "2", "--batch_size", "2", "--log_every", "1",
+        "--device", device, "--save_dir", str(tmp_path), "--save_name", "run", "--precision", "bf16",
+        "--cache_images", "disk", "--cache_dir", str(cache_dir), *gpu])
     log_text = (tmp_path / "run" / "log.txt").read_text()
     assert "iter [2/2]" in log_text and "data wait " in log_text and "\nnut: I-AUROC" in log_text
     assert len(os.listdir(cache_dir)) == 2  # the training images and the test images of "nut"
