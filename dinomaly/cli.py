@@ -19,12 +19,13 @@ import os
 
 from . import recipes
 from .arguments import CACHE_MODES, DATASET_NAMES, PRECISIONS, ArgumentParser, float_in, int_at_least
+from .errors import UserError
 from .options import DataOptions, EvalOptions, RunOptions, Settings
 from .recipes import Recipe, SegmentationRecipe
 
 JOBS = {"dinomaly": "dinomaly", "dinomaly2": "dinomaly2", "crr": "crr_stage1", "crr_stage2": "crr_stage2"}
-# the reconstruction recipe's fields that CRR Stage II and test take from the Stage-I run unless given
 MODEL_FIELDS = [f.name for f in dataclasses.fields(Recipe) if f.metadata["part"] == "model"]
+# the reconstruction recipe's fields that CRR Stage II and test take from the Stage-I run unless given
 FOLLOWED = ("image_size", "crop_size", "attn_eps", "mask_ratio", "test_mask")
 PREDICT_OVERRIDES = ("image_size", "crop_size", "test_mask", "mask_ratio")  # predict's, of the run's recipe
 OPTIONS = {f.name: cls for cls in (DataOptions, RunOptions, EvalOptions) for f in dataclasses.fields(cls)}
@@ -50,7 +51,7 @@ class Flags:
     def __call__(self, group, name: str, help: str, default_text: str | None = None, **kwargs):
         default = self.defaults.get(name)
         text = default_text if default_text is not None else \
-            None if default in (None, False) else shown(default)
+            None if default is None or default is False else shown(default)
         suffix = f" (default: {text})" if text else ""
         group.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help + suffix, **kwargs)
 
@@ -208,9 +209,8 @@ def evaluation_flags(ev, add: Flags, job: str):
 
 def defaults_of(recipe, defaults: dict) -> dict:
     """Every flag's default: the dataclasses', the script's recipe, then its DEFAULTS."""
-    out = {name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-           for cls in (DataOptions, RunOptions, EvalOptions) for f in dataclasses.fields(cls)
-           for name in [f.name]}
+    out = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+           for cls in (DataOptions, RunOptions, EvalOptions) for f in dataclasses.fields(cls)}
     if recipe is not None:
         out.update(dataclasses.asdict(recipe))
     return dict(out, **defaults)
@@ -219,7 +219,8 @@ def defaults_of(recipe, defaults: dict) -> dict:
 def parse(description: str, recipe: Recipe | SegmentationRecipe | None, defaults: dict,
           datasets: dict[str, dict] | None = None, argv: list[str] | None = None) -> Settings:
     """The command line -> Settings (argument errors: one line, exit status 2)."""
-    given = vars(build_parser(description, recipe, defaults, datasets).parse_args(argv))
+    parser = build_parser(description, recipe, defaults, datasets)
+    given = vars(parser.parse_args(argv))
     values = defaults_of(recipe, defaults)
     dataset = given.get("dataset", values["dataset"])
     if datasets is not None:
@@ -237,7 +238,10 @@ def parse(description: str, recipe: Recipe | SegmentationRecipe | None, defaults
     if recipe is not None:
         recipe = recipe.replace(**{f.name: values[f.name] for f in dataclasses.fields(recipe)})
         if isinstance(recipe, Recipe):
-            recipes.check(recipe)
+            try:
+                recipes.check(recipe)
+            except UserError as e:
+                parser.error(str(e))
     if "batch_size" not in given and recipe is not None:  # a training job evaluates at its training batch
         values["batch_size"] = recipe.batch_size
     recipe_names = {f.name for cls in (Recipe, SegmentationRecipe) for f in dataclasses.fields(cls)}

@@ -47,8 +47,9 @@ class Recipe:
     """A reconstruction method: Dinomaly, Dinomaly2 or CRR Stage I."""
     # architecture: what the trained network is ("model")
     method: str = setting("dinomaly", part="model")
-    encoder: str = setting(DEFAULT_ENCODER, "the encoder (see docs/encoders.md); with --eval_only the run's, "
-                           "and this checks it", part="model", type=encoder_name)
+    encoder: str = setting(DEFAULT_ENCODER, "the encoder to train with (see docs/encoders.md); with --eval_only the "
+                           "run's is used and this checks it, or names it for a checkpoint without config.json "
+                           "whose layout several encoders share", part="model", type=encoder_name)
     image_size: int = setting(448, "images are resized to this square size", part="model", type=int_at_least(14))
     crop_size: int = setting(392, "then centre-cropped to this size, a multiple of the encoder's patch size (14 "
                              "for DINOv2, 16 for DINOv3)", part="model", type=int_at_least(14))
