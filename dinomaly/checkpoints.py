@@ -32,6 +32,7 @@ SAVED_SETTINGS = {
     "attn_eps": number(0, 1).optional(),
     "dropout": number(0, 1, hi_open=True).or_null().optional(),
     "decoder_depth": integer(1).optional(),
+    "taps": kind(list, "a list of 8 block indices").or_null().optional(),
     "lc": choice(*GROUPINGS).optional(),
     "cr": choice(0, 1).optional(),
     "la": choice(0, 1).optional(),
@@ -223,7 +224,7 @@ def model_options(recipe: Recipe) -> dict:
     """ViTill's keyword arguments for a recipe's architecture, but the encoder (build_model, load_model)."""
     return dict(dropout=recipe.dropout, decoder_depth=recipe.decoder_depth, bottleneck_kind=recipe.bottleneck,
                 mask_ratio=recipe.mask_ratio, mask_in_eval=recipe.test_mask == "on", attn_eps=recipe.attn_eps,
-                lc=recipe.lc, recenter=bool(recipe.cr), linear_attention=bool(recipe.la))
+                lc=recipe.lc, recenter=bool(recipe.cr), linear_attention=bool(recipe.la), taps=recipe.taps)
 
 
 def checkpoint_file(path: str) -> str:
@@ -290,8 +291,9 @@ def saved_recipe(checkpoint: str, method: str) -> Recipe:
     base = recipes.PAPER[saved.get("method", method)]
     names = {f.name for f in dataclasses.fields(Recipe)}
     values = {k: v for k, v in {**saved_training(checkpoint), **saved}.items() if k in names and v is not None}
-    if isinstance(values.get("betas"), list):
-        values["betas"] = tuple(values["betas"])
+    for key in ("betas", "taps"):  # JSON lists
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
     return base.replace(**dict(dict(encoder=""), **values))
 
 

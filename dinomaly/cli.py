@@ -220,7 +220,8 @@ def parse(description: str, recipe: Recipe | SegmentationRecipe | None, defaults
           datasets: dict[str, dict] | None = None, argv: list[str] | None = None) -> Settings:
     """The command line -> Settings (argument errors: one line, exit status 2)."""
     parser = build_parser(description, recipe, defaults, datasets)
-    given = vars(parser.parse_args(argv))
+    given = {k: tuple(v) if isinstance(v, list) else v  # lists (--classes, --taps) as tuples: frozen settings
+             for k, v in vars(parser.parse_args(argv)).items()}
     values = defaults_of(recipe, defaults)
     dataset = given.get("dataset", values["dataset"])
     if datasets is not None:
@@ -231,7 +232,7 @@ def parse(description: str, recipe: Recipe | SegmentationRecipe | None, defaults
         values["save_name"] = values["save_name"].format(dataset=dataset)
     values.update(given)
     values["save_name_given"] = "save_name" in given
-    if values.get("classes") is not None:
+    if isinstance(values.get("classes"), list):  # a script's DEFAULTS
         values["classes"] = tuple(values["classes"])
     if not values.get("cache_dir"):
         values["cache_dir"] = os.path.join(values["save_dir"], "image_cache")
@@ -365,7 +366,8 @@ def export_parser() -> ArgumentParser:
 def launch(module: str, options: str, parser: ArgumentParser, argv: list[str] | None):
     """Parse first (--help and argument errors before PyTorch is imported), then run <module>.main with the
     module's typed `options` (predict.PredictOptions, export.ExportOptions) under run.main."""
-    given = vars(parser.parse_args(argv))
+    given = {k: tuple(v) if isinstance(v, list) else v  # lists (--classes, --taps) as tuples: frozen settings
+             for k, v in vars(parser.parse_args(argv)).items()}
     from .run import main as run_main
     target = importlib.import_module(f"{__package__}.{module}")
     run_main(target.main, getattr(target, options)(**given))

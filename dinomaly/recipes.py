@@ -53,6 +53,10 @@ class Recipe:
     image_size: int = setting(448, "images are resized to this square size", part="model", type=int_at_least(14))
     crop_size: int = setting(392, "then centre-cropped to this size, a multiple of the encoder's patch size (14 "
                              "for DINOv2, 16 for DINOv3)", part="model", type=int_at_least(14))
+    taps: tuple[int, ...] | None = setting(None, "the 8 encoder blocks (0-based) whose outputs are reconstructed, "
+                                           "the first 4 one group and the last 4 the other (default: the "
+                                           "encoder's, e.g. 2 to 9 of a 12-block ViT; docs/encoders.md)",
+                                           part="model", type=int_at_least(0), nargs=8, metavar="BLOCK")
     bottleneck: str = setting("mlp", part="model")  # "mlp" (Dinomaly, CRR) or "two_stage" (Dinomaly2)
     dropout: float = setting(0.2, "bottleneck dropout rate", part="model", type=float_in(0, 1, high_open=True))
     decoder_depth: int = setting(8, "decoder blocks", part="model", type=int_at_least(1))

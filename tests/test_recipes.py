@@ -29,7 +29,7 @@ UNUSED = object()  # a field the method's reference code has no value for (its s
 # 0.999), weight decay 1e-4, AMSGrad, eps 1e-10 (l.165-166), WarmCosineScheduler 2e-3 -> 2e-4, warm-up 100
 # (l.167-168), hard mining p = min(0.9 it / 1000, 0.9), factor 0.1 (l.184-186), clip_grad_norm 0.1 (l.191).
 DINOMALY_MVTEC = dict(
-    method="dinomaly", encoder="dinov2reg_vit_base_14", image_size=448, crop_size=392, bottleneck="mlp",
+    method="dinomaly", encoder="dinov2reg_vit_base_14", image_size=448, crop_size=392, taps=None, bottleneck="mlp",
     dropout=0.2, decoder_depth=8, attn_eps=0.0, mask_ratio=0.0, test_mask="off", lc=2, cr=0, la=1,
     total_iters=10000, batch_size=16, shot=None, lr=2e-3, bottleneck_in_lr=None, betas=(0.9, 0.999), adam_eps=1e-10,
     weight_decay=1e-4, amsgrad=True, clip_norm=0.1, schedule="cosine", warmup_iters=100, lr_final=2e-4,
@@ -170,3 +170,49 @@ def test_recipes_and_options_import_without_torch():
     code = ("import sys; import dinomaly.recipes, dinomaly.options, dinomaly.cli; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
+
+
+def test_default_taps_are_the_reference_codes():
+    """taps None: the encoder's own, which are the reference scripts' target_layers (dinomaly_mvtec_uni.py
+    l.116 and l.130: blocks 2-9 of ViT-S/B, 4, 6, ..., 18 of ViT-L)."""
+    from dinomaly import models
+    for name in ("dinov2reg_vit_small_14", "dinov2reg_vit_base_14"):
+        assert models.ENCODERS[name].taps == (2, 3, 4, 5, 6, 7, 8, 9)
+    assert models.ENCODERS["dinov2reg_vit_large_14"].taps == (4, 6, 8, 10, 12, 14, 16, 18)
+
+
+def test_taps_given_are_trained_saved_and_reloaded(monkeypatch, tmp_path, capsys):
+    """--taps chooses other encoder blocks: the model taps them (their outputs are those blocks' outputs in an
+    encoder with the standard taps), config.json records them, and every later use rebuilds the model with them; impossible taps are one
+    line."""
+    import torch
+
+    from dinomaly import checkpoints, models
+    from dinomaly.models.vitill import ViTill
+
+    from conftest import TINY_CFG
+    from prepare_data.make_demo_data import make_demo_data
+    deep = dataclasses.replace(TINY_CFG, depth=10)
+    monkeypatch.setitem(models.ENCODERS, "tiny10", deep)
+    demo = make_demo_data(str(tmp_path / "data"), size=32, seed=0, n_train=4, n_test_good=1, n_test_bad=1)
+    taps = ["1", "2", "3", "4", "6", "7", "8", "9"]
+    argv = ["--data_path", demo["mvtec"], "--classes", "nut", "--encoder", "tiny10", "--encoder_weights", "random",
+            "--image_size", "32", "--crop_size", "28", "--total_iters", "1", "--batch_size", "2", "--num_workers",
+            "0", "--device", "cpu", "--save_dir", str(tmp_path), "--save_name", "taps", "--taps", *taps]
+    cli.run_script(dinomaly_mvtec_uni, argv)
+    run = tmp_path / "taps"
+    assert json.loads((run / "config.json").read_text())["model"]["taps"] == [int(t) for t in taps]
+    model, recipe = checkpoints.load_trained(str(run), {}, "dinomaly")
+    assert recipe.taps == model.encoder.cfg.taps == (1, 2, 3, 4, 6, 7, 8, 9)
+    standard = ViTill(deep).eval()  # the same blocks tapped at 0, 1, ..., 7
+    standard.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 28, 28)
+    ours, blocks = model.encoder(x), standard.encoder(x)
+    for i, block in enumerate((1, 2, 3, 4, 6, 7)):
+        torch.testing.assert_close(ours[i], blocks[block], rtol=0, atol=0)
+    with pytest.raises(SystemExit) as e:
+        cli.run_script(dinomaly_mvtec_uni, [*argv[:-8], "0", "1", "2", "3", "4", "5", "6", "12", "--overwrite"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --taps 0 1 2 3 4 5 6 12: give 8 different blocks in increasing order, from 0 to 9 (this encoder "
+        "has 10)")

@@ -4,12 +4,14 @@ bottleneck, context-aware recentering of the encoder targets, a choice of tap gr
 The state dict is the official one: `encoder.*` (the publisher's names), `bottleneck.*` (decoder.bottleneck),
 `decoder.{i}.*`.
 """
+import dataclasses
 import hashlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UserError
 from .decoder import bottleneck, decoder_block
 from .encoder import EncoderConfig, build_encoder
 
@@ -37,6 +39,16 @@ GROUPINGS = {
     14: [[1], [3], [5], [7]],
 }
 RECENTER_EPS = 1e-8  # the layer norm of Dinomaly2's recentred targets
+TAPS = 8  # the groupings pair 8 taps with the 8 decoder outputs
+
+
+def checked_taps(taps, depth: int) -> tuple[int, ...]:
+    """8 distinct blocks of an encoder of `depth` blocks, in increasing order (--taps)."""
+    taps = tuple(taps)
+    if len(taps) != TAPS or list(taps) != sorted(set(taps)) or taps[0] < 0 or taps[-1] >= depth:
+        raise UserError(f"--taps {' '.join(map(str, taps))}: give {TAPS} different blocks in increasing order, "
+                        f"from 0 to {depth - 1} (this encoder has {depth})")
+    return taps
 
 
 def recentered(tokens: torch.Tensor, num_prefix: int, dim: int) -> torch.Tensor:
@@ -49,11 +61,14 @@ def recentered(tokens: torch.Tensor, num_prefix: int, dim: int) -> torch.Tensor:
 class ViTill(nn.Module):
     def __init__(self, encoder_cfg: EncoderConfig, dropout: float = 0.2, decoder_depth: int = 8,
                  mask_ratio: float = 0.0, mask_in_eval: bool = False, attn_eps: float = 0.0,
-                 bottleneck_kind: str = "mlp", recenter: bool = False, lc: int = 2, linear_attention: bool = True):
+                 bottleneck_kind: str = "mlp", recenter: bool = False, lc: int = 2, linear_attention: bool = True,
+                 taps: tuple[int, ...] | None = None):
         super().__init__()
         d, heads = encoder_cfg.embed_dim, encoder_cfg.num_heads
         if lc not in GROUPINGS:
             raise ValueError(f"unknown tap grouping lc={lc} (expected one of {sorted(GROUPINGS)})")
+        if taps is not None:  # other blocks than the encoder's standard taps
+            encoder_cfg = dataclasses.replace(encoder_cfg, taps=checked_taps(taps, encoder_cfg.depth))
         self.encoder = build_encoder(encoder_cfg)
         self.encoder.requires_grad_(False)
         self.bottleneck = bottleneck(bottleneck_kind, d, dropout)
