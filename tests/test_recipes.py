@@ -183,8 +183,8 @@ def test_default_taps_are_the_reference_codes():
 
 def test_taps_given_are_trained_saved_and_reloaded(monkeypatch, tmp_path, capsys):
     """--taps chooses other encoder blocks: the model taps them (their outputs are those blocks' outputs in an
-    encoder with the standard taps), config.json records them, and every later use rebuilds the model with them; impossible taps are one
-    line."""
+    encoder with the standard taps), config.json records them, and every later use rebuilds the model with them;
+    impossible taps are one line."""
     import torch
 
     from dinomaly import checkpoints, models
