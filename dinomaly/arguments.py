@@ -2,10 +2,11 @@
 answer at once, and the values flags choose from (cli.py builds the scripts' flags with them).
 """
 import argparse
+import difflib
 import sys
 
 # The names of the datasets (dataset.DATASETS), for --dataset; the tests check that they and LC_CHOICES match
-# their modules. --encoder is checked against models.ENCODERS when given (encoder_name).
+# their modules. --encoder is checked against encoders.ENCODERS (encoder_name).
 DATASET_NAMES = ("mvtec", "visa", "realiad", "mpdd", "btad", "miad", "unimedical", "realiad_variety", "manta")
 LC_CHOICES = (0, 1, 2, 3, 4, 11, 12, 14)  # Dinomaly2's --lc: the keys of models.vitill.GROUPINGS
 PRECISIONS = ("fp32", "tf32", "bf16")  # --precision, see speed.py
@@ -23,14 +24,27 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with visible defaults, no abbreviated flags, and one-line errors with exit status 2."""
+    """argparse with visible defaults, no abbreviated flags, and one-line errors with exit status 2. An unknown
+    flag is named with the closest known one, or with the scripts that offer it (`elsewhere`: flag -> where)."""
 
-    def __init__(self, description: str | None = None):
-        super().__init__(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+    def __init__(self, description: str | None = None, epilog: str | None = None):
+        super().__init__(description=description, epilog=epilog, formatter_class=HelpFormatter, allow_abbrev=False)
+        self.elsewhere: dict[str, str] = {}
 
     def error(self, message):
+        if message.startswith("unrecognized arguments: "):
+            message += self.unknown_hint(message.split(": ", 1)[1].split())
         print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
         sys.exit(2)
+
+    def unknown_hint(self, words: list[str]) -> str:
+        flags = [w.split("=")[0] for w in words if w.startswith("--")]
+        for flag in flags:
+            if flag in self.elsewhere:
+                return f" ({flag} is a flag of {self.elsewhere[flag]}, not of this script)"
+        known = [o for a in self._actions for o in a.option_strings]
+        close = [m for f in flags for m in difflib.get_close_matches(f, known, n=1, cutoff=0.8)]
+        return f" (did you mean {close[0]}?)" if close else ""
 
 
 def int_at_least(low: int, high: int | None = None):
@@ -58,8 +72,8 @@ def float_in(low: float, high: float, high_open: bool = False):
 
 
 def encoder_name(text: str) -> str:
-    """--encoder: one of models.ENCODERS (imported, with PyTorch, only when the flag is given)."""
-    from . import models
-    if text not in models.ENCODERS:
-        raise argparse.ArgumentTypeError(f"unknown encoder {text}; choose one of {', '.join(models.ENCODERS)}")
+    """--encoder: one of the registry's (encoders.ENCODERS)."""
+    from .encoders import ENCODERS
+    if text not in ENCODERS:
+        raise argparse.ArgumentTypeError(f"unknown encoder {text}; choose one of {', '.join(ENCODERS)}")
     return text

@@ -238,7 +238,8 @@ def checkpoint_file(path: str) -> str:
         path = os.path.join(path, "model.pth")
         if not os.path.isfile(path):
             raise UserError(f"no model.pth in the run folder {os.path.dirname(path)}; has its training finished? "
-                            f"(or check --save_dir and --save_name)")
+                            f"(--checkpoint takes a run folder that holds one, or the model.pth; without it the run "
+                            f"folder is --save_dir/--save_name)")
     elif not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}; pass a run folder or a model.pth as --checkpoint")
     return path
@@ -336,9 +337,10 @@ def load_trained(path: str, given: dict, method: str) -> tuple[ViTill, Recipe]:
     r = r.replace(encoder=name, decoder_depth=decoder_depth, bottleneck=kind)
     model = load_model(path, encoder=name, sd=sd, **model_options(r))
     check_sizes(r.image_size, r.crop_size, model.encoder.cfg.patch_size, model.encoder.cfg.fixed_grid)
+    options = f", mask ratio {r.mask_ratio}, test masking {r.test_mask}" if r.method == "crr" else \
+        f", lc {r.lc}, cr {r.cr}, la {r.la}" if r.method == "dinomaly2" else ""
     log.info(f"loaded {path} ({r.method}: {model.encoder.cfg.embed_dim}-d encoder, {len(model.decoder)} decoder "
-             f"blocks; {r.image_size} -> {r.crop_size} px, mask ratio {r.mask_ratio}, test masking "
-             f"{r.test_mask}, attention epsilon {r.attn_eps}, lc {r.lc}, cr {r.cr}, la {r.la})")
+             f"blocks; {r.image_size} -> {r.crop_size} px, attention epsilon {r.attn_eps}{options})")
     return model.eval(), r
 
 

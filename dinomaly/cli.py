@@ -38,7 +38,7 @@ def job_of(recipe: Recipe | SegmentationRecipe | None) -> str:
 
 
 def shown(value) -> str:
-    return " ".join(value) if isinstance(value, (list, tuple)) else str(value)
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 class Flags:
@@ -73,7 +73,10 @@ def build_parser(description: str, recipe: Recipe | SegmentationRecipe | None, d
         shown_defaults[name] = "per --dataset: " + ", ".join(f"{d} {shown(row[name])}" for d, row in datasets.items()
                                                               if name in row)
     add = Flags(shown_defaults)
-    p = ArgumentParser(description)
+    p = ArgumentParser(description, fixed_recipe(recipe))
+    p.elsewhere = {f"--{f.name}": "the " + " and ".join(f.metadata["methods"]).replace("crr", "CRR").replace(
+        "dinomaly", "Dinomaly") + " scripts" for f in recipes.flags(Recipe) if method and f not in
+        recipes.flags(Recipe, method)}
     data_flags(p.add_argument_group("data"), add, job)
     run_flags(p.add_argument_group("run"), add, job)
     model_flags(p.add_argument_group("model" if method else "model (default: the Stage-I run's)"), add, job, method)
@@ -83,6 +86,15 @@ def build_parser(description: str, recipe: Recipe | SegmentationRecipe | None, d
     if job != "crr_stage2":
         evaluation_flags(p.add_argument_group("evaluation"), add, job)
     return p
+
+
+def fixed_recipe(recipe: Recipe | SegmentationRecipe | None) -> str | None:
+    """The --help epilog: the recipe's fields that are not flags (fixed by the method)."""
+    if recipe is None:
+        return None
+    fixed = [f"{f.name} {shown(getattr(recipe, f.name))}" for f in dataclasses.fields(recipe)
+             if not f.metadata["help"]]
+    return f"Fixed by the method (dinomaly/recipes.py): {', '.join(fixed)}."
 
 
 def data_flags(data, add: Flags, job: str):

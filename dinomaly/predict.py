@@ -289,7 +289,7 @@ class ModelDetector(Scoring):
             self.points = {c: operating_point(e, source(path, c)) for c, e in calibration["classes"].items()
                            if e["image"]["threshold"] is not None}
             log.info(f"each image is decided with the thresholds of its class, found by {class_finder.FILE} "
-                     f"({', '.join(self.prototypes['classes'])}); --class_name C uses one class's")
+                     f"({', '.join(self.prototypes['classes'])}); --class_name C uses one class's thresholds")
         else:
             log.info(f"threshold {self.default.threshold:.6g} from {self.default.source}; masks of anomalous images: "
                      f"map >= {self.default.mask_threshold:.6g}")
@@ -346,7 +346,7 @@ class PerClassDetector(Scoring):
         self.default = self.finder.default
         if self.prototypes is not None:
             log.info(f"each image goes to the model of its class, found by {class_finder.FILE} "
-                     f"({', '.join(self.prototypes['classes'])}); --class_name C uses one class's")
+                     f"({', '.join(self.prototypes['classes'])}); --class_name C uses one class's thresholds")
 
     def member(self, class_name: str) -> ModelDetector:
         """The one-class detector of a class of the run, loaded on first use."""

@@ -27,9 +27,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .arguments import LC_CHOICES, encoder_name, float_in, int_at_least
+from .encoders import DEFAULT_ENCODER
 from .errors import UserError
 
-DEFAULT_ENCODER = "dinov2reg_vit_base_14"  # the references' default (models.encoder.DEFAULT_ENCODER)
 METHODS = ("dinomaly", "dinomaly2", "crr")
 BOTTLENECKS = {"dinomaly": "mlp", "crr": "mlp", "dinomaly2": "two_stage"}  # method -> models.decoder kind
 

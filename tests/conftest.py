@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dinomaly import models  # noqa: E402
-from dinomaly.models.encoder import EncoderConfig  # noqa: E402
+from dinomaly.encoders import EncoderConfig  # noqa: E402
 
 # The devices a test runs on where it takes `device`: the CPU always, and CUDA where there is a GPU (run just those
 # with `pytest -k cuda`).

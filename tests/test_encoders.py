@@ -18,7 +18,7 @@ from dinomaly import checkpoints, cli, jobs, models, predict
 from dinomaly import dataset as ds
 from dinomaly.errors import UserError
 from dinomaly.models import ENCODERS, ViTill, build_encoder
-from dinomaly.models.encoder import EncoderConfig
+from dinomaly.encoders import EncoderConfig
 
 import benchmark
 import dinomaly_mvtec_uni

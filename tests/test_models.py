@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dinomaly import checkpoints, models
 from dinomaly.errors import UserError
 from dinomaly.models.decoder import LinearAttention
-from dinomaly.models.encoder import ENCODERS
+from dinomaly.encoders import ENCODERS
 from dinomaly.models.segnet import SegmentationNet, segmentation_input
 from dinomaly.models.vit import ViTEncoder, interpolate_patch_pos_embed
 from dinomaly.models.vitill import ViTill

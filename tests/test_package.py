@@ -23,7 +23,7 @@ assert dinomaly.__file__.startswith(sys.argv[1]), dinomaly.__file__
 assert "torch" not in sys.modules                  # importing the package is light
 from dinomaly import Detector
 from dinomaly import models as dm
-from dinomaly.models.encoder import EncoderConfig
+from dinomaly.encoders import EncoderConfig
 dm.ENCODERS[{tiny!r}] = EncoderConfig(embed_dim=32, num_heads=2, depth=8, taps=tuple(range(8)),
                                       weight_file="tiny_test.pth", pretrain_grid=6)
 import numpy as np

@@ -131,12 +131,23 @@ def test_the_command_line_changes_the_recipe_and_records_what_it_gave():
         parse(dinomaly_mvtec_uni, ["--warmup_iters", "-1"])
 
 
-def test_bottleneck_in_lr_needs_dinomalys2_schedule():
-    """A flag of Dinomaly2's scripts only; a recipe built in Python that asks for it with Dinomaly's one-rate
-    schedule is refused."""
+def test_an_unknown_flag_is_named_with_the_closest_or_where_it_is(capsys):
+    for argv, hint in ((["--totl_iters", "5"], "(did you mean --total_iters?)"),
+                       (["--mask_ratio", "0.3"], "(--mask_ratio is a flag of the CRR scripts, not of this script)"),
+                       (["--lc", "1"], "(--lc is a flag of the Dinomaly2 scripts, not of this script)")):
+        with pytest.raises(SystemExit) as e:
+            parse(dinomaly_mvtec_uni, argv)
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and f"unrecognized arguments: {' '.join(argv)} {hint}" in line
+
+
+def test_bottleneck_in_lr_needs_dinomalys2_schedule(capsys):
+    """A flag of Dinomaly2's scripts only (the error says where it is); a recipe built in Python that asks for
+    it with Dinomaly's one-rate schedule is refused."""
     from dinomaly.errors import UserError
     with pytest.raises(SystemExit):
         parse(dinomaly_mvtec_uni, ["--bottleneck_in_lr", "1e-4"])
+    assert "(--bottleneck_in_lr is a flag of the Dinomaly2 scripts, not of this script)" in capsys.readouterr().err
     with pytest.raises(UserError, match="--bottleneck_in_lr needs Dinomaly2's schedule"):
         recipes.check(recipes.DINOMALY.replace(bottleneck_in_lr=1e-4))
     recipes.check(recipes.DINOMALY2)
