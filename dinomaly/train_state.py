@@ -9,8 +9,7 @@ hard-mining share are functions of the iteration, and the data order is a functi
 - `start(run, state_name, results)`: what to do with a run folder that already holds this job's results:
   stop (one line), start afresh (--overwrite) or load the state to continue from (--resume).
 - `settings(...)`: what a resumed run must share with the saved one; `restore(run, state, module, optimizer,
-  settings) -> iteration` and `save(run, path, module,
-  optimizer, iteration, settings)`.
+  settings) -> iteration` and `save(run, path, module, optimizer, iteration, settings)`.
 - `EpochSampler`: the shuffled order of each epoch, on one process or many, from any batch of the epoch.
 - `StopRequest`: Ctrl-C during training asks the loop to finish its step, save and stop.
 """
