@@ -266,47 +266,46 @@ def segmentation_file(run_dir: str) -> str | None:
     return found[0] if found else None
 
 
-def saved_settings(checkpoint: str) -> dict:
-    """The settings a model was trained with (encoder, image_size, crop_size, mask_ratio, test_mask, attn_eps,
-    ...): the "model" section of the config.json beside the checkpoint; {} without one (an official file)."""
+def saved_entries(checkpoint: str) -> tuple[dict, dict]:
+    """The "model" entry (checked, SAVED_SETTINGS) and the "training" entry of the config.json beside the
+    checkpoint, read once; ({}, {}) without one (an official file)."""
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
     if not os.path.isfile(path):
-        return {}
+        return {}, {}
     try:
         with open(path) as f:
-            settings = json.load(f).get("model", {})
-    except (OSError, ValueError, AttributeError) as e:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot read the run's settings {path} ({e}); fix or remove that file") from None
+    if not isinstance(config, dict):
+        raise UserError(f"cannot read the run's settings {path} (not a JSON object); fix or remove that file")
+    settings, training = config.get("model", {}), config.get("training", {})
     if not isinstance(settings, dict):
         raise UserError(f"{path}: its \"model\" entry is not a mapping; fix or remove that file")
     check_entries(settings, SAVED_SETTINGS, f"the run's settings {path} (\"model\" entry)",
                   "fix or remove that file, or train the model again")
-    return settings
+    return settings, training if isinstance(training, dict) else {}
 
 
-def saved_recipe(checkpoint: str, method: str) -> Recipe:
-    """The recipe a model was trained with: its config.json's "model" and "training" entries over the recipe of
-    its method (recipes.PAPER; `method` for a checkpoint without a config.json, an official file, or a run saved
-    before the entry existed). The encoder is the saved one, else "" (found from the checkpoint's shapes)."""
-    saved = saved_settings(checkpoint)
+def saved_settings(checkpoint: str) -> dict:
+    """The settings a model was trained with (encoder, image_size, crop_size, mask_ratio, test_mask, attn_eps,
+    ...): the "model" section of the config.json beside the checkpoint; {} without one (an official file)."""
+    return saved_entries(checkpoint)[0]
+
+
+def saved_recipe(checkpoint: str, method: str) -> tuple[Recipe, set[str]]:
+    """The recipe a model was trained with, and the fields its run recorded: its config.json's "model" and
+    "training" entries over the recipe of its method (recipes.PAPER; `method` for a checkpoint without a
+    config.json, an official file, or a run saved before the entry existed; Dinomaly2's for such a checkpoint
+    with Dinomaly2's bottleneck). The encoder is the saved one, else "" (found from the checkpoint's shapes)."""
+    saved, training = saved_entries(checkpoint)
     base = recipes.PAPER[saved.get("method", method)]
     names = {f.name for f in dataclasses.fields(Recipe)}
-    values = {k: v for k, v in {**saved_training(checkpoint), **saved}.items() if k in names and v is not None}
+    values = {k: v for k, v in {**training, **saved}.items() if k in names and v is not None}
     for key in ("betas", "taps"):  # JSON lists
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
-    return base.replace(**dict(dict(encoder=""), **values))
-
-
-def saved_training(checkpoint: str) -> dict:
-    """config.json's "training" entry beside the checkpoint ({} without one); read after saved_settings, which
-    reports an unreadable file."""
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        training = json.load(f).get("training", {})
-    return training if isinstance(training, dict) else {}
+    return base.replace(**dict(dict(encoder=""), **values)), set(saved) | set(training)
 
 
 def followed(saved: Recipe, given: dict, known: set[str]) -> Recipe:
@@ -324,18 +323,17 @@ def load_trained(path: str, given: dict, method: str) -> tuple[ViTill, Recipe]:
     lc/cr/la, ...), with the recipe fields given on the command line (`given`) overriding them. A checkpoint
     without a config.json gets the recipe of `method`, or Dinomaly2's when its bottleneck is Dinomaly2's."""
     path = checkpoint_file(path)
-    saved = saved_settings(path)
     sd = read_state_dict(path, "checkpoint")
     kind = bottleneck_kind(sd)
-    if kind == "two_stage" and saved.get("method", "dinomaly2") == "dinomaly2":
-        method = "dinomaly2"
-    r = followed(saved_recipe(path, method), given, set(saved) | set(saved_training(path)))
-    if kind not in (None, recipes.BOTTLENECKS.get(r.method)):
+    saved, recorded = saved_recipe(path, "dinomaly2" if kind == "two_stage" else method)
+    r = followed(saved, given, recorded)
+    if kind not in (None, recipes.PAPER[r.method].bottleneck):
         raise UserError(f"checkpoint {path} has a {kind} bottleneck, but its run says method "
                         f"{r.method}; fix the run's config.json or pass the right checkpoint")
     name, decoder_depth, kind = architecture_from_state_dict(sd, path, r.encoder or None)
     r = r.replace(encoder=name, decoder_depth=decoder_depth, bottleneck=kind)
-    model = load_model(path, encoder=name, sd=sd, **model_options(r))
+    model = ViTill(encoder_config(name), **model_options(r))
+    load_strict(model, sd, path, "checkpoint")
     check_sizes(r.image_size, r.crop_size, model.encoder.cfg.patch_size, model.encoder.cfg.fixed_grid)
     options = f", mask ratio {r.mask_ratio}, test masking {r.test_mask}" if r.method == "crr" else \
         f", lc {r.lc}, cr {r.cr}, la {r.la}" if r.method == "dinomaly2" else ""

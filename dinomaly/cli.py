@@ -74,9 +74,8 @@ def build_parser(description: str, recipe: Recipe | SegmentationRecipe | None, d
                                                               if name in row)
     add = Flags(shown_defaults)
     p = ArgumentParser(description, fixed_recipe(recipe))
-    p.elsewhere = {f"--{f.name}": "the " + " and ".join(f.metadata["methods"]).replace("crr", "CRR").replace(
-        "dinomaly", "Dinomaly") + " scripts" for f in recipes.flags(Recipe) if method and f not in
-        recipes.flags(Recipe, method)}
+    p.elsewhere = {f"--{f.name}": f"the {' and '.join(recipes.METHODS[m] for m in f.metadata['methods'])} scripts"
+                   for f in recipes.flags(Recipe) if method and f not in recipes.flags(Recipe, method)}
     data_flags(p.add_argument_group("data"), add, job)
     run_flags(p.add_argument_group("run"), add, job)
     model_flags(p.add_argument_group("model" if method else "model (default: the Stage-I run's)"), add, job, method)

@@ -46,13 +46,18 @@ def train_and_evaluate(settings: Settings):
         cfg = models.encoder_config(recipe.encoder)
         ds.check_sizes(recipe.image_size, recipe.crop_size, cfg.patch_size, cfg.fixed_grid)
         run = Run(options, "config.json")
-    settings = settings.replace(data=data.replace(classes=tuple(samples.find_classes(data))))
+    settings = with_classes(settings)
     if options.per_class or (options.eval_only and checkpoints.class_models(options.checkpoint)):
         return per_class(run, settings)
     mapper, used = run_model(run, settings)
     evaluate(run, mapper, settings.data, settings.evaluation, used.image_size, used.crop_size,
              tag="_recon" if recipe.method == "crr" else "")
     save_class_prototypes(run, mapper, settings.data, used.image_size, used.crop_size, settings.evaluation.batch_size)
+
+
+def with_classes(settings: Settings) -> Settings:
+    """The settings with the run's classes: --classes, the dataset's, or the class folders found (samples.py)."""
+    return settings.replace(data=settings.data.replace(classes=tuple(samples.find_classes(settings.data))))
 
 
 def run_model(run: Run, settings: Settings, checked: bool = False) -> tuple[AnomalyMapper, Recipe]:
@@ -182,19 +187,19 @@ def crr_stage2(settings: Settings):
     """CRR Stage II: train the segmentation network on the frozen Stage-I model (never written)."""
     options, recipe = settings.run, settings.recipe
     run = Run(options, "config_stage2.json")
-    data = settings.data.replace(classes=tuple(samples.find_classes(settings.data)))
+    settings = with_classes(settings)
+    data = settings.data
     state = train_state.start(run, train_state.SEGMENTATION, ["Seg_model_*.pth"])
     checkpoint = checkpoints.checkpoint_file(options.checkpoint or run.dir)
     # the Stage-I run's sizes, then the data checked before the model, which takes longer to load
-    sizes = checkpoints.saved_recipe(checkpoint, "crr").replace(**settings.given)
+    sizes = checkpoints.saved_recipe(checkpoint, "crr")[0].replace(**settings.given)
     train_set = synthetic_train_set(data, options.seed, sizes.image_size, sizes.crop_size)
     preflight.check_data(data, options.seed, train_set.samples, train_set.synthesizer.texture_paths, test=False)
     model, stage1 = trained_model(run, checkpoint, settings.given, "crr")
     model.requires_grad_(False)
     if state is not None:
         checkpoints.check_segmentation_owner(run.dir, model, checkpoint, run.path(train_state.SEGMENTATION))
-    run.save_config(settings.replace(data=data).config(model=stage1, training=recipe,
-                                                       stage1_model=checkpoints.fingerprint(model)))
+    run.save_config(settings.config(model=stage1, training=recipe, stage1_model=checkpoints.fingerprint(model)))
     loader = train_loader(run, train_set, recipe.batch_size, data.num_workers)
     resume = train_state.settings(data, stage1, recipe.batch_size, recipe.total_iters, options.seed, len(train_set),
                                   run.world_size)
@@ -208,10 +213,11 @@ def crr_test(settings: Settings):
     run = Run(options, "config_test.json")
     if options.checkpoint is not None:
         check_output_folder(run, options.checkpoint, evaluation.replace_results)
-    data = settings.data.replace(classes=tuple(samples.find_classes(settings.data)))
+    settings = with_classes(settings)
+    data = settings.data
     preflight.check_data(data, options.seed)  # the data before the model, which takes longer to load
     model, recipe = trained_model(run, options.checkpoint or run.dir, settings.given, "crr")
-    run.save_config(settings.replace(data=data).config(model=recipe))
+    run.save_config(settings.config(model=recipe))
     checkpoint = checkpoints.checkpoint_file(options.checkpoint or run.dir)
     folder = os.path.dirname(checkpoint)  # Stage II's network beside Stage I's model
     seg_path = options.seg_checkpoint or checkpoints.segmentation_file(folder) or \

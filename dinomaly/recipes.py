@@ -30,8 +30,7 @@ from .arguments import LC_CHOICES, encoder_name, float_in, int_at_least
 from .encoders import DEFAULT_ENCODER
 from .errors import UserError
 
-METHODS = ("dinomaly", "dinomaly2", "crr")
-BOTTLENECKS = {"dinomaly": "mlp", "crr": "mlp", "dinomaly2": "two_stage"}  # method -> models.decoder kind
+METHODS = {"dinomaly": "Dinomaly", "dinomaly2": "Dinomaly2", "crr": "CRR"}  # the reconstruction methods, by name
 
 
 def setting(default, help: str | None = None, part: str = "training", methods: tuple[str, ...] | None = None,

@@ -168,13 +168,13 @@ def test_config_json_is_the_recipe_and_loads_back(tmp_path):
         {"setting"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     path = str(tmp_path / "model.pth")
-    assert checkpoints.saved_recipe(path, "dinomaly") == recipe
+    assert checkpoints.saved_recipe(path, "dinomaly")[0] == recipe
     assert checkpoints.followed(recipe, {"image_size": 320}, set(config["model"])) == recipe.replace(image_size=320)
     (tmp_path / "config.json").write_text(json.dumps({"model": dict(method="crr", image_size=64, crop_size=56)}))
-    assert checkpoints.saved_recipe(path, "dinomaly") == recipes.CRR_STAGE1.replace(encoder="", image_size=64,
+    assert checkpoints.saved_recipe(path, "dinomaly")[0] == recipes.CRR_STAGE1.replace(encoder="", image_size=64,
                                                                                      crop_size=56)
     (tmp_path / "config.json").unlink()
-    assert checkpoints.saved_recipe(path, "dinomaly2") == recipes.DINOMALY2.replace(encoder="")
+    assert checkpoints.saved_recipe(path, "dinomaly2")[0] == recipes.DINOMALY2.replace(encoder="")
 
 
 def test_recipes_and_options_import_without_torch():
