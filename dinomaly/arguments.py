@@ -60,12 +60,13 @@ def int_at_least(low: int, high: int | None = None):
     return parse
 
 
-def float_in(low: float, high: float, high_open: bool = False):
-    """A float in [low, high] (or [low, high) with high_open)."""
+def float_in(low: float, high: float, high_open: bool = False, low_open: bool = False):
+    """A float in [low, high] (open at either end with high_open, low_open)."""
     def parse(text: str) -> float:
         value = float(text)
-        if not (low <= value <= high) or (high_open and value == high):
-            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}{')' if high_open else ']'}")
+        if not (low <= value <= high) or (high_open and value == high) or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"{value} is not in {'(' if low_open else '['}{low}, {high}"
+                                             f"{')' if high_open else ']'}")
         return value
     parse.__name__ = "number"
     return parse

@@ -115,7 +115,12 @@ def read_encoder_weights(path: str, cfg: EncoderConfig) -> dict:
     for prefix in cfg.unwrap:
         if any(k.startswith(prefix) for k in sd):
             sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
-    return {k: v for k, v in sd.items() if not any(re.match(pattern, k) for pattern in cfg.extra_keys)}
+    sd = {k: v for k, v in sd.items() if not any(re.match(pattern, k) for pattern in cfg.extra_keys)}
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # every training step would be skipped as non-finite
+        raise UserError(f"encoder weight file {path} holds NaN or infinite values ({len(bad)} tensor{'s' * (len(bad) != 1)}, e.g. "
+                        f"{bad[0]}); it is damaged: download {cfg.weight_file} again from {cfg.url}")
+    return sd
 
 
 def load_encoder_weights(encoder: torch.nn.Module, path: str):
@@ -266,11 +271,43 @@ def segmentation_file(run_dir: str) -> str | None:
     return found[0] if found else None
 
 
+# Where a model's settings are: its training run's config.json, else the config of an evaluation of the model in
+# its own folder (an official model.pth evaluated there: the sizes its thresholds were made at).
+SETTINGS_FILES = ("config.json", "config_eval.json", "config_test.json")
+# Files that show a folder is a run (ours), whose settings file must then be there.
+RUN_FILES = ("thresholds.json", "train_state.pth", "scores.csv", "metrics.csv", "class_prototypes.pt")
+
+
+def settings_file(checkpoint: str) -> str | None:
+    """The settings file beside a checkpoint (SETTINGS_FILES), None without one (an official file)."""
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    found = [p for p in (os.path.join(folder, n) for n in SETTINGS_FILES) if os.path.isfile(p)]
+    return found[0] if found else None
+
+
+def check_settings_file(checkpoint: str, given: dict, recipe: Recipe):
+    """A run folder (RUN_FILES) whose settings file is gone is refused unless the sizes are given: rebuilt at
+    its method's default sizes, the model would be decided with thresholds made at the run's own sizes."""
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    found = [n for n in RUN_FILES if os.path.exists(os.path.join(folder, n))]
+    if settings_file(checkpoint) is not None or not found:
+        return
+    if "image_size" in given and "crop_size" in given:
+        log.warning(f"warning: {folder} has no config.json: the model is rebuilt with the sizes given and the "
+                    f"{recipe.method} recipe's other settings")
+        return
+    raise UserError(f"{folder} holds a run ({', '.join(found)}) but no config.json, where its settings are (image "
+                    f"and crop size, encoder, ...): without it the model would be rebuilt at {recipe.method}'s "
+                    f"default {recipe.image_size} -> {recipe.crop_size} px, which may not be the run's; copy the "
+                    f"run's config.json back, or give the sizes it was trained at (--image_size and --crop_size; "
+                    f"Python: image_size=..., crop_size=...)")
+
+
 def saved_entries(checkpoint: str) -> tuple[dict, dict]:
-    """The "model" entry (checked, SAVED_SETTINGS) and the "training" entry of the config.json beside the
-    checkpoint, read once; ({}, {}) without one (an official file)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
-    if not os.path.isfile(path):
+    """The "model" entry (checked, SAVED_SETTINGS) and the "training" entry of the settings file beside the
+    checkpoint (settings_file), read once; ({}, {}) without one (an official file)."""
+    path = settings_file(checkpoint)
+    if path is None:
         return {}, {}
     try:
         with open(path) as f:
@@ -326,6 +363,7 @@ def load_trained(path: str, given: dict, method: str) -> tuple[ViTill, Recipe]:
     sd = read_state_dict(path, "checkpoint")
     kind = bottleneck_kind(sd)
     saved, recorded = saved_recipe(path, "dinomaly2" if kind == "two_stage" else method)
+    check_settings_file(path, given, saved)
     r = followed(saved, given, recorded)
     if kind not in (None, recipes.PAPER[r.method].bottleneck):
         raise UserError(f"checkpoint {path} has a {kind} bottleneck, but its run says method "

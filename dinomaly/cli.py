@@ -213,7 +213,7 @@ def evaluation_flags(ev, add: Flags, job: str):
                                "pictures", action="store_true")
     add(ev, "false_alarm_rate", "for classes tested on good images only: the image threshold calls about this "
                                 "share of good images anomalous (with defect images the threshold maximises F1)",
-        type=float_in(0, 1, high_open=True))
+        type=float_in(0, 1, high_open=True, low_open=True))
     add(ev, "save_heatmaps", "write image | ground truth | anomaly map PNGs for the first N anomalous test "
                              "images of each class", type=int_at_least(0), metavar="N")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .errors import UserError, one_line
@@ -141,9 +141,12 @@ def _open(path: str, what: str, where: str) -> Image.Image:
     return img
 
 
-def load_image(path: str) -> Image.Image:
-    """Open an image file as 8-bit RGB (see to_rgb)."""
-    return to_rgb(_open(path, "image", "the dataset folder"))
+def load_image(path: str, upright: bool = False, where: str = "the dataset folder") -> Image.Image:
+    """Open an image file as 8-bit RGB (see to_rgb). The readers of training and test images keep the pixels as
+    stored, as the reference code does; `upright` (prediction) applies the file's EXIF orientation first, as
+    image viewers do. `where`: what to check when the file is missing."""
+    img = _open(path, "image", where)
+    return to_rgb(ImageOps.exif_transpose(img) if upright else img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -12,6 +12,11 @@ class UserError(Exception):
     """A problem the user can fix: reported as one line naming the thing and what to do, exit status 2."""
 
 
+class InputError(UserError, ValueError):
+    """A value the Python API cannot use (an image array of the wrong shape, type or range, an empty list): a
+    UserError that is also a ValueError, so `except ValueError` catches it as well."""
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (its type name when it has none)."""
     text = " ".join(str(e).split())

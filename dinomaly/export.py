@@ -4,6 +4,7 @@ cli.EXPORT_HELP)."""
 import copy
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -118,6 +119,11 @@ def check_out(out: str):
         raise UserError(f"folder not found: {out_dir}; create it or pass another --out")
     if not os.access(out_dir, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
         raise UserError(f"cannot write {out} (permission denied); pass another --out")
+    try:  # what access() cannot tell (a read-only or special file system such as /proc, a full quota)
+        tempfile.NamedTemporaryFile(dir=out_dir, prefix=".export-check-").close()
+    except OSError as e:
+        raise UserError(f"cannot create a file in {out_dir} ({e.strerror or e}) to write {out}; pass another "
+                        f"--out") from None
 
 
 @dataclass(frozen=True)

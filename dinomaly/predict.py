@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -16,7 +16,7 @@ from . import checkpoints, class_finder, models
 from . import dataset as ds
 from . import thresholds as th
 from .anomaly_map import AnomalyMapper, check_max_ratio
-from .errors import UserError
+from .errors import InputError, UserError
 from .recipes import Recipe
 from .report import picture, write_png
 from .run import log, resolve_device
@@ -83,27 +83,56 @@ def uncrop(amap: np.ndarray, width: int, height: int, image_size: int, crop_size
 
 # ----------------------------------------------------------------------------------------------- the detector
 
+IMAGE_FORMS = ("a path, a PIL image or a numpy array: H x W (grey), H x W x 3 (RGB) or H x W x 4 (RGBA), of uint8, "
+               "uint16, bool, or float in [0, 1] or [0, 255]")
+
+
 def as_rgb(image) -> Image.Image:
-    """A path, a PIL image or a numpy array (H x W grey, H x W x 3 RGB or x 4 RGBA; uint8, uint16, or float
-    in [0, 1] or 0..255) -> 8-bit RGB PIL image."""
+    """The one check and conversion of what a detector is given (IMAGE_FORMS) -> 8-bit RGB PIL image. A file or a
+    PIL image is turned upright by its EXIF orientation (as viewers show it; the training and evaluation readers
+    keep the reference's pixels as stored). Anything else is an InputError naming it and the expected form."""
     if isinstance(image, (str, os.PathLike)):
-        return ds.load_image(os.fspath(image))
+        return ds.load_image(os.fspath(image), upright=True, where="the path")
     if isinstance(image, np.ndarray):
-        a = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
-        if a.dtype == bool:
-            a = a.astype(np.uint8) * 255
-        elif a.ndim == 3 and a.dtype in (np.uint16, np.float32, np.float64):  # colour PIL cannot take as it is
-            scale = 255 / 65535 if a.dtype == np.uint16 else 255.0 if np.nanmax(a) <= 1 else 1.0
-            a = np.clip(np.nan_to_num(a) * scale + 0.5, 0, 255).astype(np.uint8)
-        try:
-            image = Image.fromarray(a)
-        except TypeError:
-            raise UserError(f"cannot use an array of shape {image.shape} and type {image.dtype} as an image; "
-                            f"pass H x W or H x W x 3 (RGB) uint8") from None
+        image = array_image(image)
     if not isinstance(image, Image.Image):
-        raise UserError(f"cannot use a {type(image).__name__} as an image; pass a path, a PIL image or a "
-                        f"numpy array")
-    return ds.to_rgb(image)
+        raise InputError(f"cannot use a {type(image).__name__} as an image; pass {IMAGE_FORMS}")
+    return ds.to_rgb(ImageOps.exif_transpose(image))
+
+
+def array_image(a: np.ndarray) -> Image.Image:
+    """A numpy array (IMAGE_FORMS) -> PIL image, checked: shape, channels, type, finite values and range. Floats
+    are read as [0, 1] when they all fit there, else as 0..255; uint16 as 0..65535."""
+    def refuse(problem: str):
+        raise InputError(f"cannot use an array of shape {a.shape} and type {a.dtype} as an image ({problem}); "
+                         f"pass {IMAGE_FORMS.split(': ', 1)[1]}")
+
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3):
+        refuse(f"{a.ndim} dimension{'s' * (a.ndim != 1)}")
+    if a.ndim == 3 and a.shape[2] not in (3, 4):
+        refuse(f"{a.shape[2]} channels")
+    if a.size == 0:
+        refuse("it is empty")
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype == np.uint16:
+        a = (a * (255 / 65535) + 0.5).astype(np.uint8)
+    elif a.dtype.kind in "iu" and a.dtype != np.uint8:
+        if a.min() < 0 or a.max() > 255:
+            refuse(f"values from {a.min()} to {a.max()}: integers other than uint16 must lie in 0..255")
+        a = a.astype(np.uint8)
+    elif a.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        if bad:
+            refuse(f"{bad} of its values are NaN or infinite")
+        if a.min() < 0 or a.max() > 255:
+            refuse(f"values from {a.min():g} to {a.max():g}, outside [0, 255]")
+        a = (a.astype(np.float64) * (255.0 if a.max() <= 1 else 1.0) + 0.5).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        refuse("not a number type")
+    return Image.fromarray(np.ascontiguousarray(a))
 
 
 def run_files(checkpoint: str, seg_checkpoint: str | None) -> tuple[str, str | None]:
@@ -225,6 +254,12 @@ class Scoring:
 
     def predict(self, images: list) -> list[Prediction]:
         """Several images in one batch."""
+        if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray) and
+                                                                    images.ndim < 4):
+            raise InputError(f"predict() takes a list of images, not a {type(images).__name__}; for one image "
+                             f"call the detector itself: detector(image)")
+        if len(images) == 0:
+            raise InputError("predict() was given an empty list; pass a list of one image or more")
         prepared = [self.prepare(im) for im in images]
         return self.predict_prepared(torch.stack([p[0] for p in prepared]), [p[1] for p in prepared])
 
@@ -395,7 +430,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i):
         try:
-            rgb = ds.load_image(self.paths[i])
+            rgb = ds.load_image(self.paths[i], upright=True, where="--input")
         except UserError as e:
             return i, None, None, str(e)
         return i, ds.transform(rgb, self.image_size, self.crop_size), np.asarray(rgb), None

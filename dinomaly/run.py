@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -40,10 +41,39 @@ _FORMAT = _Formatter("%(message)s")
 
 # ----------------------------------------------------------------------------------------------- command line
 
+class Interrupted(KeyboardInterrupt):
+    """The job stopped on a signal (after saving, in training); main exits with 128 + signum."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # what a scheduler or a closed terminal sends; Ctrl-C is SIGINT
+
+
+def _stop(signum, frame):
+    """SIGTERM or SIGHUP outside training (which saves first, train_state.StopRequest): stop like Ctrl-C, so that
+    the job says so and releases its run folder. A forked loader worker dies as by default."""
+    if os.getpid() != _main_pid:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise Interrupted(f"{signal.Signals(signum).name} received: stopped (files written before it are kept)",
+                      signum)
+
+
+_main_pid = os.getpid()
+
+
 def main(fn, settings):
-    """Call fn(settings) (the parsed command line) and turn failures into exit codes."""
+    """Call fn(settings) (the parsed command line) and turn failures and stop signals into exit codes."""
+    global _main_pid
     setup_logging(None)
-    code = 0
+    code, previous = 0, {}
+    if threading.current_thread() is threading.main_thread():
+        _main_pid = os.getpid()
+        previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
     try:
         fn(settings)
     except (UserError, torch.OutOfMemoryError) as e:
@@ -60,6 +90,8 @@ def main(fn, settings):
             dist.destroy_process_group()
         runlock.release_all()
         setup_logging(None)  # closes the run's log.txt: later messages in this process do not go into it
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if code:
         sys.exit(code)
 

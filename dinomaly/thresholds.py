@@ -61,8 +61,16 @@ def false_alarm_threshold(normal_scores: np.ndarray, rate: float) -> tuple[float
     return float(s[min(k, s.size) - 1]), k <= s.size
 
 
+def check_rate(rate: float):
+    """A false-alarm rate must lie in (0, 1): at 0 no threshold set on finitely many good images honours it."""
+    if not (isinstance(rate, (int, float)) and 0 < rate < 1):
+        raise UserError(f"false-alarm rate {rate} is not in (0, 1) (--false_alarm_rate; 0 would need infinitely "
+                        f"many good images); pass e.g. 0.01")
+
+
 def images_needed(rate: float) -> int:
-    """The fewest good images for which false_alarm_threshold can honour `rate`."""
+    """The fewest good images for which false_alarm_threshold can honour `rate` (in (0, 1), check_rate)."""
+    check_rate(rate)
     return math.ceil(1 / rate - 1 - 1e-9)
 
 
@@ -151,6 +159,7 @@ class Calibration:
     it scores the same way."""
 
     def __init__(self, settings: dict, false_alarm_rate: float = FALSE_ALARM_RATE):
+        check_rate(false_alarm_rate)  # before the evaluation, which would otherwise end without its results
         self.settings, self.false_alarm_rate = settings, false_alarm_rate
         self.classes: dict[str, dict] = {}
         self.samples: dict[str, tuple] = {}  # class -> (labels, scores, px_values, px_flags, px_normal)

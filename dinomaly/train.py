@@ -13,7 +13,7 @@ from .errors import UserError
 from .loss import focal_loss, global_cosine_hm, hard_mining_factor
 from .optimizers import StableAdamW, WarmCosineSchedule, WarmupRatioSchedule
 from .recipes import Recipe, SegmentationRecipe
-from .run import Run, log, save_atomic
+from .run import Interrupted, Run, log, save_atomic
 
 MAX_BAD_STEPS = 10  # non-finite losses in a row that stop a run
 
@@ -65,11 +65,16 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
                     losses = []
                 if on_iter_end is not None:
                     on_iter_end(it)
+                if start == 0 and skipped == it and (it == total_iters or bad_in_row == MAX_BAD_STEPS):
+                    # the model is still the untrained one: nothing to save
+                    raise UserError(f"the loss was not finite in any of the {it} iterations: every step was skipped, "
+                                    f"so no model is saved; check the encoder weights (--encoder_weights) and the "
+                                    f"images, or try --attn_eps 1e-6")
                 if save_state is not None and (it % run.options.save_every == 0 or it == total_iters or stopping
                                                or bad_in_row == MAX_BAD_STEPS):
                     save_state(it)
                 if stopping:
-                    raise train_state.Interrupted(f"the training state at iteration {it} is saved in {run.dir}; "
+                    raise Interrupted(f"the training state at iteration {it} is saved in {run.dir}; "
                                                   f"continue with --resume", stopping)
                 if bad_in_row == MAX_BAD_STEPS:
                     raise UserError(f"the loss was not finite in {MAX_BAD_STEPS} iterations in a row (up to "

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from .errors import UserError, check_entries, integer, kind
-from .checkpoints import load_file
+from .errors import UserError, check_entries, integer, kind, one_line
+from .checkpoints import load_file, load_strict
 from .options import DataOptions
 from .recipes import Recipe
-from .run import Run, log, save_atomic
+from .run import Interrupted, Run, log, save_atomic
 
 RECONSTRUCTION = "train_state.pth"  # Dinomaly, CRR Stage I
 SEGMENTATION = "train_state_stage2.pth"  # CRR Stage II
@@ -87,7 +87,7 @@ def load(path: str) -> dict:
     if len(state["rng"]) != state["settings"]["processes"]:
         raise UserError(f"the training state {path}: rng holds {len(state['rng'])} states for "
                         f"{state['settings']['processes']} processes; {fix}")
-    return state
+    return dict(state, path=path)
 
 
 # ----------------------------------------------------------------------------------------------- save, restore
@@ -129,8 +129,16 @@ def restore(run: Run, state: dict | None, module: torch.nn.Module, optimizer: to
         if saved.get(key) != current[key]:
             log.info(f"{_describe(key, current[key])} given; the saved training state was made with "
                      f"{_describe(key, saved.get(key))}")
-    module.load_state_dict(state["module"])
-    optimizer.load_state_dict(state["optimizer"])
+    path, fix = state.get("path", "file"), "remove it, or pass --overwrite instead of --resume to start afresh"
+    try:
+        load_strict(module, state["module"], path, "the training state")
+    except UserError as e:
+        raise UserError(f"{e}; {fix}") from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise UserError(f"cannot restore the optimiser from the training state {path} ({one_line(e)}); {fix}") \
+            from None
     set_rng_state(state["rng"][run.rank], run.device)
     log.info(f"resuming at iteration {state['iteration']} of {current['total_iters']}")
     return state["iteration"]
@@ -197,14 +205,6 @@ class EpochSampler(DistributedSampler):
 # ----------------------------------------------------------------------------------------------- Ctrl-C, SIGTERM
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; SLURM, Kubernetes, torchrun; a closed terminal
-
-
-class Interrupted(KeyboardInterrupt):
-    """The run stopped on a signal after saving; run.main exits with 128 + signum."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 class StopRequest:

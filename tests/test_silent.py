@@ -1,0 +1,243 @@
+"""Nothing silent (issue 25): the Python API refuses what it cannot use (a run folder without its settings, image
+arrays of the wrong shape, type, channels or range, non-finite values, an empty list) with one line naming the input
+and the form expected; the last ways to lose results end in one line with the results so far kept; misleading
+messages and silent omissions are warned about or fixed."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_resume import SMALL, dinomaly, error_line, exit_status
+
+from dinomaly import checkpoints, cli, models, predict
+from dinomaly.errors import InputError, UserError
+
+from conftest import TINY, TINY_CFG
+from prepare_data.make_demo_data import make_demo_data
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo_data(str(tmp_path_factory.mktemp("demo")), size=32, seed=0, n_train=4, n_test_good=1,
+                          n_test_bad=1)
+
+
+def common(demo, save_dir, name, iters=2):
+    return ["--data_path", demo["mvtec"], "--save_dir", str(save_dir), "--save_name", name, "--total_iters",
+            str(iters), *SMALL]
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory):
+    """A finished tiny Dinomaly run (2 iterations, 32 -> 28 px) with its thresholds.json."""
+    save_dir = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(models.ENCODERS, TINY, TINY_CFG)
+        dinomaly(common(demo, save_dir, "run"))
+    return save_dir / "run"
+
+
+@pytest.fixture(scope="module")
+def detector(trained):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(models.ENCODERS, TINY, TINY_CFG)
+        return predict.Detector(str(trained), device="cpu")
+
+
+def copy_run(run, tmp_path, name="copy"):
+    shutil.copytree(run, tmp_path / name, ignore=shutil.ignore_patterns("run.lock"))
+    return tmp_path / name
+
+
+# ----------------------------------------------------------------------------------------------- silent results
+
+def test_a_run_folder_without_its_config_json_is_refused_unless_the_sizes_are_given(trained, demo, tmp_path,
+                                                                                     capsys):
+    """Before: rebuilt at the paper's 448 -> 392 px and decided with the run's thresholds, without a word."""
+    run = copy_run(trained, tmp_path)
+    (run / "config.json").unlink()
+    with pytest.raises(UserError) as e:
+        predict.Detector(str(run), device="cpu")
+    assert str(e.value).startswith(f"{run} holds a run (thresholds.json") and "no config.json" in str(e.value)
+    assert "448 -> 392 px" in str(e.value) and "--image_size and --crop_size" in str(e.value)
+    image = os.path.join(demo["mvtec"], "nut", "test", "good", os.listdir(os.path.join(demo["mvtec"], "nut", "test",
+                                                                                      "good"))[0])
+    assert exit_status(cli.predict_main, ["--checkpoint", str(run), "--input", image, "--out", str(tmp_path / "p"),
+                                          "--device", "cpu", "--num_workers", "0"]) == 2
+    assert "no config.json" in error_line(capsys)
+    given = predict.Detector(str(run), device="cpu", image_size=32, crop_size=28)(image)
+    assert given.score == predict.Detector(str(trained), device="cpu")(image).score
+    assert "has no config.json: the model is rebuilt with the sizes given" in capsys.readouterr().err
+    # an official model.pth alone in its folder keeps its method's recipe, as before
+    official = tmp_path / "official"
+    official.mkdir()
+    shutil.copy(run / "model.pth", official / "model.pth")
+    assert checkpoints.load_trained(str(official), {}, "dinomaly")[1].image_size == 448
+
+
+def test_an_official_model_evaluated_in_its_own_folder_keeps_the_evaluations_sizes(trained, tmp_path):
+    """The settings file of such a folder is the evaluation's config_eval.json."""
+    run = copy_run(trained, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").unlink()
+    (run / "config_eval.json").write_text(json.dumps({"model": config["model"]}))
+    assert predict.Detector(str(run), device="cpu").image_size == 32
+
+
+@pytest.mark.parametrize("array,problem", [
+    (np.zeros((0, 0, 3), np.uint8), "it is empty"),
+    (np.zeros(12288, np.uint8), "1 dimension)"),
+    (np.zeros((2, 8, 8, 3), np.uint8), "4 dimensions"),
+    (np.zeros((20, 20, 2), np.uint8), "2 channels"),
+    (np.full((20, 20, 3), np.nan, np.float32), "1200 of its values are NaN or infinite"),
+    (np.full((20, 20), np.inf), "400 of its values are NaN or infinite"),
+    (np.full((20, 20, 3), 300.0), "values from 300 to 300, outside [0, 255]"),
+    (np.full((20, 20, 3), -0.5, np.float32), "values from -0.5 to -0.5, outside [0, 255]"),
+    (np.full((20, 20, 3), 1000, np.int32), "values from 1000 to 1000: integers other than uint16"),
+    (np.full((20, 20, 3), 1 + 1j), "not a number type"),
+])
+def test_detector_refuses_arrays_it_cannot_read_as_images(detector, array, problem):
+    """Before: an empty array answered "normal" with a 0 x 0 map, a 1-D one was read as a 12288 x 1 image, NaN was
+    painted black, H x W x 2 read as grey + alpha, inf and values above 255 clipped."""
+    with pytest.raises(InputError) as e:
+        detector(array)
+    assert isinstance(e.value, ValueError) and isinstance(e.value, UserError)
+    message = str(e.value)
+    assert message.startswith(f"cannot use an array of shape {array.shape} and type {array.dtype} as an image")
+    assert problem in message and "pass H x W (grey), H x W x 3 (RGB) or H x W x 4 (RGBA)" in message
+
+
+def test_detector_reads_the_array_forms_it_promises_alike(detector):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    want = detector(rgb).score
+    assert detector(rgb.astype(np.float64)).score == want  # 0..255 floats
+    assert detector(rgb.astype(np.float32) / 255).score == want  # [0, 1] floats
+    assert detector(rgb.astype(np.int64)).score == want
+    assert detector(rgb.astype(np.uint16) * 257).score == want  # 16 bits
+    assert detector(np.dstack([rgb, np.full((40, 30), 7, np.uint8)])).score == want  # alpha dropped
+    grey = rgb[..., 0]
+    assert detector(grey).score == detector(grey[..., None]).score == detector(np.dstack([grey] * 3)).score
+    assert detector(grey > 127).score == detector(np.where(grey > 127, 255, 0).astype(np.uint8)).score
+
+
+def test_detector_predict_refuses_an_empty_list_and_a_single_image(detector):
+    """Before: RuntimeError: stack expects a non-empty TensorList."""
+    with pytest.raises(InputError, match=r"predict\(\) was given an empty list; pass a list of one image or more"):
+        detector.predict([])
+    with pytest.raises(InputError, match=r"predict\(\) takes a list of images, not a str; .*detector\(image\)"):
+        detector.predict("image.png")
+    with pytest.raises(InputError, match="cannot use a Tensor as an image; pass a path, a PIL image or a numpy"):
+        detector(torch.zeros(3, 8, 8))
+
+
+def test_exif_orientation_is_applied_to_the_images_predicted(detector, trained, tmp_path):
+    """Before: the map and mask of an image stored 80 x 64 and shown (EXIF orientation 6) as 64 x 80 were 80 x 64."""
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    stored.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    shown = Image.open(tmp_path / "turned.jpg").transpose(Image.Transpose.ROTATE_270)
+    assert shown.size == (64, 80)
+    for image in (str(tmp_path / "turned.jpg"), Image.open(tmp_path / "turned.jpg")):
+        r = detector(image)
+        assert r.anomaly_map.shape == r.mask.shape == (80, 64)
+        assert r.score == detector(np.asarray(shown)).score
+    cli.predict_main(["--checkpoint", str(trained), "--input", str(tmp_path / "turned.jpg"), "--out",
+                      str(tmp_path / "p"), "--device", "cpu", "--num_workers", "0"])
+    with Image.open(tmp_path / "p" / "masks" / "turned.png") as mask:
+        assert mask.size == (64, 80)
+
+
+# ----------------------------------------------------------------------------------------------- lost results
+
+def test_a_false_alarm_rate_of_zero_is_refused_before_anything_runs(demo, tmp_path, capsys):
+    """Before: accepted; the evaluation then ended in ZeroDivisionError without thresholds.json, metrics or scores."""
+    assert exit_status(dinomaly, [*common(demo, tmp_path, "zero"), "--false_alarm_rate", "0"]) == 2
+    assert "--false_alarm_rate: 0.0 is not in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "zero").exists()
+    from dinomaly import samples, thresholds as th
+    with pytest.raises(UserError, match=r"false-alarm rate 0 is not in \(0, 1\)"):
+        th.Calibration({}, false_alarm_rate=0)
+    with pytest.raises(UserError, match=r"false-alarm rate 0 is not in \(0, 1\)"):
+        th.images_needed(0)
+    entry = th.Calibration({}, 0.01).add("c", np.zeros(5), np.arange(5.0), *th.PixelSample(1).arrays())
+    assert "fewer than the 99 a false-alarm rate of 0.01 needs" in samples.too_few_warning("c", entry)
+
+
+def test_nan_encoder_weights_are_refused_and_a_run_of_skipped_steps_saves_no_model(demo, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Before: every step was skipped as non-finite, model.pth was saved anyway, then the evaluation crashed."""
+    model = models.ViTill(TINY_CFG)
+    weights = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    weights["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    torch.save(weights, tmp_path / "nan.pth")
+    argv = [*common(demo, tmp_path, "nan"), "--encoder_weights", str(tmp_path / "nan.pth")]
+    assert exit_status(dinomaly, argv) == 2
+    line = error_line(capsys)
+    assert f"encoder weight file {tmp_path / 'nan.pth'} holds NaN or infinite values (1 tensor, e.g. " \
+           f"blocks.0.attn.qkv.weight)" in line
+    # a loss that is never finite (whatever the cause): no model.pth, one line
+    from dinomaly import train
+    monkeypatch.setattr(train, "global_cosine_hm", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    assert exit_status(dinomaly, common(demo, tmp_path, "never", iters=3)) == 2
+    assert "the loss was not finite in any of the 3 iterations: every step was skipped, so no model is saved" in \
+        error_line(capsys)
+    assert not (tmp_path / "never" / "model.pth").exists()
+
+
+def test_a_training_state_missing_a_tensor_is_one_line(demo, trained, tmp_path, capsys):
+    """Before: RuntimeError from load_state_dict, with its traceback."""
+    run = copy_run(trained, tmp_path)
+    state = torch.load(run / "train_state.pth", weights_only=True)
+    removed = sorted(state["module"])[-1]
+    del state["module"][removed]
+    torch.save(state, run / "train_state.pth")
+    assert exit_status(dinomaly, [*common(demo, tmp_path, "copy"), "--resume"]) == 2
+    line = error_line(capsys)
+    assert line == (f"error: the training state {run / 'train_state.pth'} does not match the model: 1 missing (e.g. "
+                    f"{removed}); remove it, or pass --overwrite instead of --resume to start afresh")
+    state = torch.load(trained / "train_state.pth", weights_only=True)
+    state["optimizer"]["param_groups"][0]["params"] = state["optimizer"]["param_groups"][0]["params"][1:]
+    torch.save(state, run / "train_state.pth")
+    assert exit_status(dinomaly, [*common(demo, tmp_path, "copy"), "--resume"]) == 2
+    assert f"cannot restore the optimiser from the training state {run / 'train_state.pth'} (" in error_line(capsys)
+
+
+def test_export_to_a_folder_where_no_file_can_be_created_stops_before_the_model_loads(trained, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """Before: export.py --out /proc/model.onnx loaded the model, then FileNotFoundError."""
+    from dinomaly import export
+    loaded = []
+    monkeypatch.setattr(export, "load_mapper", lambda *a, **k: loaded.append(1))
+    assert exit_status(cli.export_main, ["--checkpoint", str(trained), "--out", "/proc/model.onnx"]) == 2
+    assert "cannot create a file in /proc (" in error_line(capsys) and not loaded
+
+
+def test_sigterm_during_evaluation_says_so_and_releases_the_run_folder(trained, demo, tmp_path):
+    """Before: the process ended with no message and left run.lock behind."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    code = f"""
+import os, signal, sys
+sys.path[:0] = [{ROOT!r}, os.path.join({ROOT!r}, "tests")]
+from dinomaly import cli, evaluate, models
+from conftest import TINY, TINY_CFG
+models.ENCODERS[TINY] = TINY_CFG
+real = evaluate.evaluate_shard
+def hooked(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+evaluate.evaluate_shard = hooked
+import dinomaly_mvtec_uni
+cli.run_script(dinomaly_mvtec_uni, sys.argv[1:])
+"""
+    argv = [*common(demo, tmp_path, "eval"), "--eval_only", "--checkpoint", str(trained)]
+    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 128 + 15, r.stderr[-2000:]
+    assert "interrupted; SIGTERM received: stopped (files written before it are kept)" in r.stderr
+    assert not (tmp_path / "eval" / "run.lock").exists()
