@@ -372,7 +372,10 @@ def load_trained(path: str, given: dict, method: str) -> tuple[ViTill, Recipe]:
     r = r.replace(encoder=name, decoder_depth=decoder_depth, bottleneck=kind)
     model = ViTill(encoder_config(name), **model_options(r))
     load_strict(model, sd, path, "checkpoint")
-    check_sizes(r.image_size, r.crop_size, model.encoder.cfg.patch_size, model.encoder.cfg.fixed_grid)
+    source = settings_file(path)
+    origin = {k: f"the run's settings {source}" if k in recorded else f"{r.method}'s recipe"
+              for k in ("image_size", "crop_size") if k not in given}
+    check_sizes(r.image_size, r.crop_size, model.encoder.cfg.patch_size, model.encoder.cfg.fixed_grid, origin)
     options = f", mask ratio {r.mask_ratio}, test masking {r.test_mask}" if r.method == "crr" else \
         f", lc {r.lc}, cr {r.cr}, la {r.la}" if r.method == "dinomaly2" else ""
     log.info(f"loaded {path} ({r.method}: {model.encoder.cfg.embed_dim}-d encoder, {len(model.decoder)} decoder "

@@ -11,6 +11,7 @@ Readers:
 - `manta_samples(root, class_name, phase)`: MANTA-Tiny, MVTec layout, each image five views side by side.
 - `attach_foreground(samples, foreground_root)`: CRR's object masks, where the released code looks for them.
 """
+import errno
 import glob
 import json
 import logging
@@ -135,6 +136,9 @@ def _open(path: str, what: str, where: str) -> Image.Image:
         with Image.open(path) as img:
             img.load()
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise UserError(f"cannot read {what} {path} (a symbolic link to {os.readlink(path)}, which does not "
+                            f"exist); fix or remove the link") from None
         raise UserError(f"{what} not found: {path}; check {where}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read {what} {path} ({one_line(e)}); replace or remove the file") from None
@@ -211,19 +215,26 @@ def mask_to_tensor(mask: Image.Image, crop_size: int) -> torch.Tensor:
     return torch.from_numpy(arr)[None]
 
 
-def check_sizes(image_size: int, crop_size: int, patch_size: int, grid: int | None = None):
+def check_sizes(image_size: int, crop_size: int, patch_size: int, grid: int | None = None,
+                origin: dict[str, str] | None = None):
     """The crop must be a whole number of the encoder's patches (`grid` of them a side, for an encoder that takes
-    one grid only) and fit in the resized image."""
+    one grid only) and fit in the resized image. `origin`: where a size not given as a flag comes from (field ->
+    e.g. "the run's settings <path>"), which the message names instead of the flag."""
+    origin = origin or {}
+
+    def named(field: str, value: int) -> str:
+        return f"{field} {value} (from {origin[field]})" if field in origin else f"--{field} {value}"
+
     if grid is not None and crop_size != grid * patch_size:
-        raise UserError(f"--crop_size {crop_size}: this encoder takes {grid * patch_size}-px crops only ({grid} x "
-                        f"{grid} patches of {patch_size}); use --crop_size {grid * patch_size}")
+        raise UserError(f"{named('crop_size', crop_size)}: this encoder takes {grid * patch_size}-px crops only "
+                        f"({grid} x {grid} patches of {patch_size}); use --crop_size {grid * patch_size}")
     if crop_size % patch_size:
         low = crop_size // patch_size * patch_size
         nearest = " or ".join(str(c) for c in (low, low + patch_size) if c > 0)
-        raise UserError(f"--crop_size {crop_size} is not a multiple of the encoder's patch size {patch_size}; "
-                        f"use {nearest} (with a --image_size at least that large)")
+        raise UserError(f"{named('crop_size', crop_size)} is not a multiple of the encoder's patch size "
+                        f"{patch_size}; use {nearest} (with a --image_size at least that large)")
     if crop_size > image_size:
-        raise UserError(f"--crop_size {crop_size} is larger than --image_size {image_size}")
+        raise UserError(f"{named('crop_size', crop_size)} is larger than {named('image_size', image_size)}")
 
 
 def load_tensor(path: str, image_size: int, crop_size: int, cache=None) -> torch.Tensor:
@@ -242,14 +253,16 @@ def transform(img: Image.Image, image_size: int, crop_size: int) -> torch.Tensor
 def find_images(inputs: list[str], skip_dir: str | None = None) -> list[str]:
     """Image files named directly or by a glob pattern, and the images under named folders (recursively:
     a folder's own files sorted, then its subfolders); no duplicates, nothing under `skip_dir` (an output
-    folder). A missing path, or a folder or pattern without images, is a UserError."""
+    folder). A missing path, or a folder or pattern without images, is a UserError. An image name that is a
+    symbolic link leading nowhere (a missing target, a loop) is listed: reading it fails and says why (predict
+    reports and skips it); a folder link that loops is skipped with a warning."""
     skip = os.path.realpath(skip_dir) + os.sep if skip_dir else None
     found, seen = [], set()
     for item in inputs:
         pattern = glob.has_magic(item)
         if pattern:
             matches = sorted(glob.glob(item, recursive=True))
-        elif os.path.exists(item):
+        elif os.path.lexists(item):
             matches = [item]
         else:
             raise UserError(f"file or folder not found: {item}; check --input")
@@ -270,13 +283,14 @@ def find_images(inputs: list[str], skip_dir: str | None = None) -> list[str]:
 
 
 def _walk_images(folder: str, visited: set[str]) -> list[str]:
-    """The images in `folder` (sorted), then those in its subfolders, recursively; each folder once."""
+    """The images in `folder` (sorted), then those in its subfolders, recursively; each folder once; broken
+    links as find_images says."""
     real = os.path.realpath(folder)
     if real in visited:  # a symbolic link back up the tree
         return []
     visited.add(real)
-    images = [os.path.join(folder, name) for name in _list_images(folder)]
-    for sub in _list_subdirs(folder):
+    images = [os.path.join(folder, name) for name in _list_images(folder, keep_broken=True)]
+    for sub in _list_subdirs(folder, keep_broken=True):
         images += _walk_images(os.path.join(folder, sub), visited)
     return images
 
@@ -378,9 +392,10 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _entries(folder: str, wanted) -> list[str]:
+def _entries(folder: str, wanted, on_broken=None) -> list[str]:
     """Sorted names of the entries of `folder` for which wanted(entry) holds. An entry that cannot be examined
-    (a symbolic link that points to itself) is a UserError naming it."""
+    (a symbolic link that loops) is a UserError naming it, or on_broken(entry, error)'s when given (True: list
+    it)."""
     names = []
     with os.scandir(folder) as it:
         for e in it:
@@ -388,18 +403,44 @@ def _entries(folder: str, wanted) -> list[str]:
                 if wanted(e):
                     names.append(e.name)
             except OSError as err:
-                raise UserError(f"cannot read {e.path} ({err.strerror}: a symbolic link that points to itself?); "
-                                f"remove or fix it") from None
+                if on_broken is None:
+                    raise UserError(f"cannot read {e.path} ({err.strerror}: a symbolic link that points to "
+                                    f"itself?); remove or fix it") from None
+                if on_broken(e, err):
+                    names.append(e.name)
     return sorted(names)
 
 
-def _list_images(folder: str) -> list[str]:
-    """Sorted file names of the images directly in `folder` (hidden files and other extensions skipped)."""
-    return _entries(folder, lambda e: _is_image_name(e.name) and e.is_file())
+def _list_images(folder: str, keep_broken: bool = False) -> list[str]:
+    """Sorted file names of the images directly in `folder` (hidden files and other extensions skipped). An image
+    name that is a symbolic link leading nowhere (to a missing file, or round in a loop) is a UserError naming it
+    (the dataset readers: a test set is never silently smaller), or listed with keep_broken (find_images)."""
+    def broken(e, err):
+        if not keep_broken:
+            raise UserError(f"cannot read {e.path} ({err.strerror}: a symbolic link to {os.readlink(e.path)}); "
+                            f"remove or fix it")
+        return True
+
+    def wanted(e):
+        if not _is_image_name(e.name) or e.is_file():
+            return _is_image_name(e.name)
+        if e.is_symlink() and not os.path.exists(e.path):  # is_file() is False for a link to a missing file
+            return broken(e, FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)))
+        return False  # a folder named like an image
+
+    return _entries(folder, wanted, broken)
 
 
-def _list_subdirs(folder: str) -> list[str]:
-    return _entries(folder, lambda e: not e.name.startswith(".") and e.is_dir())
+def _list_subdirs(folder: str, keep_broken: bool = False) -> list[str]:
+    """Sorted names of the folders in `folder` (hidden ones skipped). A link that loops is a UserError, or with
+    keep_broken skipped (with a warning unless its name is an image's: _list_images lists it)."""
+    def skipped(e, err):
+        if not _is_image_name(e.name):
+            logging.getLogger("anomaly").warning(f"warning: skipped {e.path} ({err.strerror}: a symbolic link that "
+                                                 f"points to itself?)")
+        return False
+
+    return _entries(folder, lambda e: not e.name.startswith(".") and e.is_dir(), skipped if keep_broken else None)
 
 
 def _name_map(folder: str) -> dict[str, str]:

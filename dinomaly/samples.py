@@ -35,8 +35,12 @@ def find_classes(data: DataOptions) -> list[str]:
     found = [d for d in folders if is_class_folder(os.path.join(root, d))]
     above = [d for d in folders if d not in found and any(is_class_folder(os.path.join(root, d, c))
                                                           for c in ds._list_subdirs(os.path.join(root, d)))]
+    empty = [d for d in folders if d not in found and d not in above]
     if found:
         log.info(f"classes: {', '.join(found)} (the class folders in {root}; --classes chooses)")
+    if found and empty:  # e.g. a class whose images are not copied yet
+        log.warning(f"warning: {', '.join(os.path.join(root, d) for d in empty)} not used as a class: no images in "
+                    f"it (directly, or in train/ or test/)")
     if above:  # --data_path one level too high: the classes are a folder further down
         log.warning(f"warning: {', '.join(os.path.join(root, d) for d in above)} not used: it holds class folders "
                     f"of its own; for those classes pass --data_path {os.path.join(root, above[0])}")

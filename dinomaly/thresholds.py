@@ -189,7 +189,6 @@ class Calibration:
 # What load checks in a thresholds file (other keys are left alone): the settings the scores were made with,
 # then in the "all" entry and in each class's entry what prediction and export read.
 SETTINGS = {
-    "settings": kind(dict, "a mapping"),
     "settings.map": kind(str, "the name of a map").optional(),
     "settings.max_ratio": number(0, 1).optional(),
     "settings.fusion_alpha": number(0, 1).or_null().optional(),
@@ -218,9 +217,12 @@ def load(path: str) -> dict:
         raise UserError(f"cannot read the thresholds file {path} ({e}); evaluate the model again or pass "
                         f"--threshold") from None
     fix = "evaluate the model again or pass --threshold"
-    if not isinstance(data, dict) or not isinstance(data.get("all"), dict) or \
-            not isinstance(data.get("classes"), dict):
-        raise UserError(f"{path} is not a thresholds file (no 'all' and 'classes' entries); {fix}")
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a thresholds file (not a JSON object); {fix}")
+    missing = [k for k in ("settings", "all", "classes") if not isinstance(data.get(k), dict)]
+    if missing:
+        raise UserError(f"{path} is not a complete thresholds file (no {' and '.join(map(repr, missing))} "
+                        f"entr{'ies' if len(missing) > 1 else 'y'}, which evaluation writes); {fix}")
     check_entries(data, SETTINGS, f"the thresholds file {path}", fix)
     for name, entry in [("all", data["all"]), *data["classes"].items()]:
         check_entries(entry if isinstance(entry, dict) else {}, ENTRY, f"the thresholds file {path} (entry "

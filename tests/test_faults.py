@@ -463,8 +463,7 @@ def test_a_symbolic_link_that_loops_is_one_line(demo, tmp_path, capsys):
     os.symlink("loop.png", loop)
     assert exit_status(dinomaly, [*common(demo, tmp_path, "run")[2:], "--data_path", str(data)]) == 2
     assert f"cannot read {loop} (Too many levels of symbolic links" in error_line(capsys)
-    with pytest.raises(UserError, match="a symbolic link that points to itself"):
-        ds.find_images([str(data / "nut")])
+    assert str(loop) in ds.find_images([str(data / "nut")])  # predict.py reports and skips it (test_silent.py)
 
 
 def refuse_writes_under(monkeypatch, folder):

@@ -241,3 +241,75 @@ cli.run_script(dinomaly_mvtec_uni, sys.argv[1:])
     assert r.returncode == 128 + 15, r.stderr[-2000:]
     assert "interrupted; SIGTERM received: stopped (files written before it are kept)" in r.stderr
     assert not (tmp_path / "eval" / "run.lock").exists()
+
+
+# ----------------------------------------------------------------------------------------------- misleading
+
+def test_predict_skips_and_reports_links_that_lead_nowhere(trained, demo, tmp_path, capsys):
+    """Before: one self-looping link stopped the whole run; a dangling .png link was neither counted nor reported."""
+    folder = tmp_path / "in"
+    shutil.copytree(os.path.join(demo["mvtec"], "nut", "test"), folder)
+    good = sorted(str(p) for p in folder.rglob("*.png"))
+    os.symlink("loop.png", folder / "loop.png")
+    os.symlink("gone.png", folder / "dangling.png")
+    os.symlink("loop_dir", folder / "loop_dir")
+    cli.predict_main(["--checkpoint", str(trained), "--input", str(folder), "--out", str(tmp_path / "p"), "--device",
+                      "cpu", "--num_workers", "0"])
+    out = capsys.readouterr()
+    with open(tmp_path / "p" / "predictions.csv") as f:
+        assert sorted(line.split(",")[0] for line in f.read().splitlines()[1:]) == good
+    assert f"skipped {folder / 'loop.png'}: cannot read image {folder / 'loop.png'} (" in out.err
+    assert f"skipped {folder / 'dangling.png'}: cannot read image {folder / 'dangling.png'} (a symbolic link to " \
+           f"gone.png, which does not exist)" in out.err
+    assert f"warning: skipped {folder / 'loop_dir'} (Too many levels of symbolic links" in out.err
+    assert f"predicted {len(good)} images" in out.out and "skipped 2 unreadable" in out.out
+
+
+def test_a_dangling_link_in_a_test_folder_is_one_line(demo, tmp_path, capsys):
+    """Before: left out of the test set without a word."""
+    data = tmp_path / "data"
+    shutil.copytree(demo["mvtec"], data)
+    link = data / "nut" / "test" / "good" / "gone.png"
+    os.symlink("nothing_here.png", link)
+    assert exit_status(dinomaly, [*common(demo, tmp_path, "run"), "--data_path", str(data)]) == 2
+    assert f"cannot read {link} (No such file or directory: a symbolic link to nothing_here.png); remove or fix it" \
+        in error_line(capsys)
+
+
+def test_an_empty_class_folder_is_warned_about(demo, tmp_path, capsys):
+    """Before: silently left out of the class list."""
+    from dinomaly import samples
+    from dinomaly.options import DataOptions
+    data = tmp_path / "data"
+    shutil.copytree(demo["mvtec"], data)
+    (data / "bracket").mkdir()
+    assert samples.find_classes(DataOptions(dataset="mvtec", data_path=str(data))) == ["nut", "weave", "woodgrain"]
+    assert f"warning: {data / 'bracket'} not used as a class: no images in it" in capsys.readouterr().err
+
+
+def test_a_size_from_the_runs_settings_is_named_as_such_not_as_a_flag(trained, tmp_path):
+    """Before: "--crop_size 113 is not a multiple ..." for a value the user never gave."""
+    run = copy_run(trained, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["crop_size"] = 113
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as e:
+        predict.Detector(str(run), device="cpu")
+    assert str(e.value).startswith(f"crop_size 113 (from the run's settings {run / 'config.json'}) is not a multiple "
+                                   f"of the encoder's patch size 14; use 112 or 126")
+    with pytest.raises(UserError, match=r"^--crop_size 29 is not a multiple"):
+        predict.Detector(str(run), device="cpu", crop_size=29)
+
+
+@pytest.mark.parametrize("missing,expected", [(("settings",), "no 'settings' entry"),
+                                              (("all", "classes"), "no 'all' and 'classes' entries")])
+def test_a_thresholds_file_names_the_entries_it_lacks(missing, expected, trained, tmp_path):
+    """Before: a file without "settings" was said to lack "all" and "classes"."""
+    data = json.loads((trained / "thresholds.json").read_text())
+    for key in missing:
+        del data[key]
+    (tmp_path / "t.json").write_text(json.dumps(data))
+    with pytest.raises(UserError) as e:
+        predict.Detector(str(trained), thresholds=str(tmp_path / "t.json"), device="cpu")
+    assert str(e.value) == (f"{tmp_path / 't.json'} is not a complete thresholds file ({expected}, which evaluation "
+                            f"writes); evaluate the model again or pass --threshold")
