@@ -50,6 +50,7 @@ from dinomaly import checkpoints, models, speed, utils
 from dinomaly.anomaly_map import AnomalyMapper
 from dinomaly.recipes import CRR_STAGE2, PAPER
 from dinomaly.train import reconstruction_optimizer, repair_loss, segmentation_loss, train_step
+from dinomaly.encoders import check_sizes
 from dinomaly.errors import UserError
 from dinomaly.image_cache import ImageCache
 from dinomaly.loss import global_cosine_hm
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.device = torch.device(args.device)
     if hasattr(args, "encoder"):
         cfg = models.encoder_config(args.encoder)
-        ds.check_sizes(args.image_size, args.crop_size, cfg.patch_size, cfg.fixed_grid)
+        check_sizes(args.image_size, args.crop_size, cfg.patch_size, cfg.fixed_grid)
     with contextlib.ExitStack() as stack:
         if getattr(args, "cache_dir", "") is None:
             args.cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="benchmark_cache_"))

@@ -13,8 +13,8 @@ import warnings
 import torch
 
 from . import recipes
-from .dataset import check_sizes
 from .errors import UserError, check_entries, choice, integer, kind, number
+from .encoders import check_sizes
 from .models import ENCODERS, GROUPINGS, EncoderConfig, SegmentationNet, ViTill, encoder_config, segmentation_net
 from .recipes import Recipe
 
@@ -103,8 +103,10 @@ def read_encoder_weights(path: str, cfg: EncoderConfig) -> dict:
     """The publisher's weight file of an encoder, read and unwrapped (the backbone's keys only), checked before any
     model is built."""
     if not os.path.isfile(path):
-        raise UserError(f"encoder weight file not found: {os.path.abspath(path)}; download {cfg.weight_file} from "
-                        f"{cfg.url} and put it there, or pass --encoder_weights PATH (or 'random' for a smoke run)")
+        relative = "" if os.path.isabs(path) else f" ({path}, relative to the current folder)"
+        raise UserError(f"encoder weight file not found: {os.path.abspath(path)}{relative}; download "
+                        f"{cfg.weight_file} from {cfg.url} and put it there, or pass --encoder_weights PATH (or "
+                        f"'random' for a smoke run)")
     sd = read_state_dict(path, "encoder weight file")
     if any(k.startswith("encoder.") for k in sd):
         raise UserError(f"{path} is a full reconstruction-model checkpoint, not an encoder's weight file; "
@@ -118,8 +120,9 @@ def read_encoder_weights(path: str, cfg: EncoderConfig) -> dict:
     sd = {k: v for k, v in sd.items() if not any(re.match(pattern, k) for pattern in cfg.extra_keys)}
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # every training step would be skipped as non-finite
-        raise UserError(f"encoder weight file {path} holds NaN or infinite values ({len(bad)} tensor{'s' * (len(bad) != 1)}, e.g. "
-                        f"{bad[0]}); it is damaged: download {cfg.weight_file} again from {cfg.url}")
+        raise UserError(f"encoder weight file {path} holds NaN or infinite values ({len(bad)} "
+                        f"tensor{'s' * (len(bad) != 1)}, e.g. {bad[0]}); it is damaged: download {cfg.weight_file} "
+                        f"again from {cfg.url}")
     return sd
 
 
@@ -152,12 +155,9 @@ def layout(cfg: EncoderConfig) -> tuple:
     return cfg.family, cfg.embed_dim, cfg.depth, detail
 
 
-def encoder_from_state_dict(sd: dict, path: str, encoder: str | None = None) -> str:
-    """The encoder of a reconstruction checkpoint, from its `encoder.*` keys and shapes: DINOv3 (storage tokens;
-    SwiGLU or not), BEiT (relative position bias), DINOv2 (mask token; registers or not) or a plain ViT (DINO,
-    MAE, DeiT, iBOT, MoCo v3: patch size); width and depth from the shapes. Plain ViTs of one size, and BEiT and
-    BEiT v2, share a layout: `encoder` (the run's config.json or --encoder) names which; without it an ambiguous
-    file is a one-line error."""
+def encoders_like(sd: dict) -> tuple[tuple, list[str]]:
+    """(the layout (see layout) that the `encoder.*` keys and shapes of a state dict show, the registry's encoders
+    of that layout)."""
     dim, depth = sd["encoder.cls_token"].shape[-1], 1 + max(int(k.split(".")[2]) for k in sd
                                                            if k.startswith("encoder.blocks."))
     patch = sd["encoder.patch_embed.proj.weight"].shape[-1]
@@ -170,9 +170,28 @@ def encoder_from_state_dict(sd: dict, path: str, encoder: str | None = None) -> 
         found = "dinov2", dim, depth, registers
     else:
         found = "vit", dim, depth, patch
-    names = [n for n, c in ENCODERS.items() if layout(c) == found]
+    return found, [n for n, c in ENCODERS.items() if layout(c) == found]
+
+
+def weight_file_hint(sd: dict, encoder: str) -> str:
+    """For an encoder weight file that does not fit `encoder`: which encoders it looks like, and the flags."""
+    try:
+        names = [n for n in encoders_like({f"encoder.{k}": v for k, v in sd.items()})[1] if n != encoder]
+    except (KeyError, ValueError, IndexError):  # not a layout we know
+        names = []
+    looks = f"it looks like the weights of {' or '.join(names)} (pass --encoder {names[0]}), or " if names else ""
+    return f"; {looks}pass the weight file of {encoder} as --encoder_weights"
+
+
+def encoder_from_state_dict(sd: dict, path: str, encoder: str | None = None) -> str:
+    """The encoder of a reconstruction checkpoint, from its `encoder.*` keys and shapes: DINOv3 (storage tokens;
+    SwiGLU or not), BEiT (relative position bias), DINOv2 (mask token; registers or not) or a plain ViT (DINO,
+    MAE, DeiT, iBOT, MoCo v3: patch size); width and depth from the shapes. Plain ViTs of one size, and BEiT and
+    BEiT v2, share a layout: `encoder` (the run's config.json or --encoder) names which; without it an ambiguous
+    file is a one-line error."""
+    found, names = encoders_like(sd)
     if not names:
-        raise UserError(f"{path}: no known encoder has this layout ({found[0]}, embed dim {dim}, {depth} "
+        raise UserError(f"{path}: no known encoder has this layout ({found[0]}, embed dim {found[1]}, {found[2]} "
                         f"blocks)")
     if encoder is not None:
         if encoder not in names:
@@ -209,7 +228,10 @@ def build_model(encoder: str, encoder_weights: str | None, **kwargs) -> ViTill:
     sd = None if encoder_weights in (None, "random") else read_encoder_weights(encoder_weights, cfg)
     model = ViTill(cfg, **kwargs)
     if sd is not None:
-        load_strict(model.encoder, sd, encoder_weights, "encoder weight file")
+        try:
+            load_strict(model.encoder, sd, encoder_weights, "encoder weight file")
+        except UserError as e:
+            raise UserError(f"{e}{weight_file_hint(sd, encoder)}") from None
     return model
 
 
@@ -246,7 +268,8 @@ def checkpoint_file(path: str) -> str:
                             f"(--checkpoint takes a run folder that holds one, or the model.pth; without it the run "
                             f"folder is --save_dir/--save_name)")
     elif not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}; pass a run folder or a model.pth as --checkpoint")
+        relative = "" if os.path.isabs(path) else f" (relative to the current folder, {os.getcwd()})"
+        raise UserError(f"checkpoint not found: {path}{relative}; pass a run folder or a model.pth as --checkpoint")
     return path
 
 

@@ -16,9 +16,11 @@ import argparse
 import dataclasses
 import importlib
 import os
+import sys
 
 from . import recipes
 from .arguments import CACHE_MODES, DATASET_NAMES, PRECISIONS, ArgumentParser, float_in, int_at_least
+from .encoders import ENCODERS, check_sizes
 from .errors import UserError
 from .options import DataOptions, EvalOptions, RunOptions, Settings
 from .recipes import Recipe, SegmentationRecipe
@@ -252,6 +254,9 @@ def parse(description: str, recipe: Recipe | SegmentationRecipe | None, defaults
         if isinstance(recipe, Recipe):
             try:
                 recipes.check(recipe)
+                if not values["eval_only"] and recipe.image_size and recipe.crop_size:  # (--eval_only: the run's)
+                    cfg = ENCODERS[recipe.encoder]
+                    check_sizes(recipe.image_size, recipe.crop_size, cfg.patch_size, cfg.fixed_grid)
             except UserError as e:
                 parser.error(str(e))
     if "batch_size" not in given and recipe is not None:  # a training job evaluates at its training batch
@@ -342,7 +347,9 @@ def predict_parser() -> ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float,
                    help="image threshold: anomalous when score >= this (default: the run's thresholds.json)")
-    p.add_argument("--class_name", help="use this class's calibrated thresholds instead of all classes'")
+    p.add_argument("--class_name", help="decide every image with this class's calibrated thresholds (and, in a run "
+                                        "with one model per class, its model) instead of those of the class found "
+                                        "for each image")
     p.add_argument("--thresholds", help="a thresholds.json other than the run folder's")
     p.add_argument("--normalize", action="store_true",
                    help="add normalized_score: 0 at the lowest normal test score, 0.5 at the threshold, clipped "
@@ -374,11 +381,18 @@ def export_parser() -> ArgumentParser:
     return p
 
 
-def launch(module: str, options: str, parser: ArgumentParser, argv: list[str] | None):
-    """Parse first (--help and argument errors before PyTorch is imported), then run <module>.main with the
-    module's typed `options` (predict.PredictOptions, export.ExportOptions) under run.main."""
+def launch(module: str, options: str, parser: ArgumentParser, argv: list[str] | None, prepare=None):
+    """Parse first (--help and argument errors before PyTorch is imported; `prepare(given)`: what else can be
+    checked without it), then run <module>.main with the module's typed `options` (predict.PredictOptions,
+    export.ExportOptions) under run.main."""
     given = {k: tuple(v) if isinstance(v, list) else v  # lists (--classes, --taps) as tuples: frozen settings
              for k, v in vars(parser.parse_args(argv)).items()}
+    if prepare is not None:
+        try:
+            given = prepare(given)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     from .run import main as run_main
     target = importlib.import_module(f"{__package__}.{module}")
     run_main(target.main, getattr(target, options)(**given))
@@ -386,7 +400,14 @@ def launch(module: str, options: str, parser: ArgumentParser, argv: list[str] | 
 
 def predict_main(argv: list[str] | None = None):
     """predict.py and the `dinomaly-predict` command."""
-    launch("predict", "PredictOptions", predict_parser(), argv)
+    launch("predict", "PredictOptions", predict_parser(), argv, images_given)
+
+
+def images_given(given: dict) -> dict:
+    """predict's --input as the image files it names, found before PyTorch is imported: a missing path or a
+    folder without images answers at once."""
+    from .image_files import find_images
+    return dict(given, input=tuple(find_images(given["input"], skip_dir=given["out"])))
 
 
 def export_main(argv: list[str] | None = None):

@@ -11,8 +11,6 @@ Readers:
 - `manta_samples(root, class_name, phase)`: MANTA-Tiny, MVTec layout, each image five views side by side.
 - `attach_foreground(samples, foreground_root)`: CRR's object masks, where the released code looks for them.
 """
-import errno
-import glob
 import json
 import logging
 import os
@@ -24,6 +22,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .errors import UserError, one_line
+from .image_files import IMAGE_EXTENSIONS
+from .image_files import entries as _entries
+from .image_files import list_images as _list_images
+from .image_files import list_subdirs as _list_subdirs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,7 +114,6 @@ REALIAD_FOLDERS = {"realiad": (("realiad_1024",), "realiad_jsons"),
 MANTA_VIEWS, MANTA_VIEW_WIDTH = 5, 256  # a MANTA image: 5 views side by side, 256 px each, the last the remainder
 
 # Image and mask files are recognised by extension, case-insensitively; the order is the mask search order.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Folder names that hold normal images (MVTec, VisA 1cls, MPDD: "good"; BTAD as distributed: "ok").
 NORMAL_DIR_NAMES = ("good", "ok")
 
@@ -215,28 +216,6 @@ def mask_to_tensor(mask: Image.Image, crop_size: int) -> torch.Tensor:
     return torch.from_numpy(arr)[None]
 
 
-def check_sizes(image_size: int, crop_size: int, patch_size: int, grid: int | None = None,
-                origin: dict[str, str] | None = None):
-    """The crop must be a whole number of the encoder's patches (`grid` of them a side, for an encoder that takes
-    one grid only) and fit in the resized image. `origin`: where a size not given as a flag comes from (field ->
-    e.g. "the run's settings <path>"), which the message names instead of the flag."""
-    origin = origin or {}
-
-    def named(field: str, value: int) -> str:
-        return f"{field} {value} (from {origin[field]})" if field in origin else f"--{field} {value}"
-
-    if grid is not None and crop_size != grid * patch_size:
-        raise UserError(f"{named('crop_size', crop_size)}: this encoder takes {grid * patch_size}-px crops only "
-                        f"({grid} x {grid} patches of {patch_size}); use --crop_size {grid * patch_size}")
-    if crop_size % patch_size:
-        low = crop_size // patch_size * patch_size
-        nearest = " or ".join(str(c) for c in (low, low + patch_size) if c > 0)
-        raise UserError(f"{named('crop_size', crop_size)} is not a multiple of the encoder's patch size "
-                        f"{patch_size}; use {nearest} (with a --image_size at least that large)")
-    if crop_size > image_size:
-        raise UserError(f"{named('crop_size', crop_size)} is larger than {named('image_size', image_size)}")
-
-
 def load_tensor(path: str, image_size: int, crop_size: int, cache=None) -> torch.Tensor:
     """The input transform: image file -> RGB -> resize -> centre crop -> normalised [3, crop, crop]. With an
     `image_cache.ImageCache` of that image size, the resized pixels come from the cache (bit-identical)."""
@@ -248,51 +227,6 @@ def load_tensor(path: str, image_size: int, crop_size: int, cache=None) -> torch
 def transform(img: Image.Image, image_size: int, crop_size: int) -> torch.Tensor:
     """The input transform of an RGB image: resize -> centre crop -> normalised [3, crop, crop]."""
     return image_to_tensor(resize(img, image_size), crop_size)
-
-
-def find_images(inputs: list[str], skip_dir: str | None = None) -> list[str]:
-    """Image files named directly or by a glob pattern, and the images under named folders (recursively:
-    a folder's own files sorted, then its subfolders); no duplicates, nothing under `skip_dir` (an output
-    folder). A missing path, or a folder or pattern without images, is a UserError. An image name that is a
-    symbolic link leading nowhere (a missing target, a loop) is listed: reading it fails and says why (predict
-    reports and skips it); a folder link that loops is skipped with a warning."""
-    skip = os.path.realpath(skip_dir) + os.sep if skip_dir else None
-    found, seen = [], set()
-    for item in inputs:
-        pattern = glob.has_magic(item)
-        if pattern:
-            matches = sorted(glob.glob(item, recursive=True))
-        elif os.path.lexists(item):
-            matches = [item]
-        else:
-            raise UserError(f"file or folder not found: {item}; check --input")
-        images = []
-        for path in matches:
-            if os.path.isdir(path):
-                images += _walk_images(path, set())
-            elif not pattern or _is_image_name(os.path.basename(path)):
-                images.append(path)  # a file named directly is tried whatever its extension
-        if not images:
-            raise UserError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) in {item}; check --input")
-        for path in images:
-            key = os.path.realpath(path)
-            if key not in seen and not (skip and key.startswith(skip)):
-                seen.add(key)
-                found.append(path)
-    return found
-
-
-def _walk_images(folder: str, visited: set[str]) -> list[str]:
-    """The images in `folder` (sorted), then those in its subfolders, recursively; each folder once; broken
-    links as find_images says."""
-    real = os.path.realpath(folder)
-    if real in visited:  # a symbolic link back up the tree
-        return []
-    visited.add(real)
-    images = [os.path.join(folder, name) for name in _list_images(folder, keep_broken=True)]
-    for sub in _list_subdirs(folder, keep_broken=True):
-        images += _walk_images(os.path.join(folder, sub), visited)
-    return images
 
 
 class TrainDataset(Dataset):
@@ -386,61 +320,6 @@ def view_strip(img: Image.Image, strip: int, path: str) -> Image.Image:
 
 # ----------------------------------------------------------------------------------------------------------
 # Folder readers
-
-
-def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _entries(folder: str, wanted, on_broken=None) -> list[str]:
-    """Sorted names of the entries of `folder` for which wanted(entry) holds. An entry that cannot be examined
-    (a symbolic link that loops) is a UserError naming it, or on_broken(entry, error)'s when given (True: list
-    it)."""
-    names = []
-    with os.scandir(folder) as it:
-        for e in it:
-            try:
-                if wanted(e):
-                    names.append(e.name)
-            except OSError as err:
-                if on_broken is None:
-                    raise UserError(f"cannot read {e.path} ({err.strerror}: a symbolic link that points to "
-                                    f"itself?); remove or fix it") from None
-                if on_broken(e, err):
-                    names.append(e.name)
-    return sorted(names)
-
-
-def _list_images(folder: str, keep_broken: bool = False) -> list[str]:
-    """Sorted file names of the images directly in `folder` (hidden files and other extensions skipped). An image
-    name that is a symbolic link leading nowhere (to a missing file, or round in a loop) is a UserError naming it
-    (the dataset readers: a test set is never silently smaller), or listed with keep_broken (find_images)."""
-    def broken(e, err):
-        if not keep_broken:
-            raise UserError(f"cannot read {e.path} ({err.strerror}: a symbolic link to {os.readlink(e.path)}); "
-                            f"remove or fix it")
-        return True
-
-    def wanted(e):
-        if not _is_image_name(e.name) or e.is_file():
-            return _is_image_name(e.name)
-        if e.is_symlink() and not os.path.exists(e.path):  # is_file() is False for a link to a missing file
-            return broken(e, FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)))
-        return False  # a folder named like an image
-
-    return _entries(folder, wanted, broken)
-
-
-def _list_subdirs(folder: str, keep_broken: bool = False) -> list[str]:
-    """Sorted names of the folders in `folder` (hidden ones skipped). A link that loops is a UserError, or with
-    keep_broken skipped (with a warning unless its name is an image's: _list_images lists it)."""
-    def skipped(e, err):
-        if not _is_image_name(e.name):
-            logging.getLogger("anomaly").warning(f"warning: skipped {e.path} ({err.strerror}: a symbolic link that "
-                                                 f"points to itself?)")
-        return False
-
-    return _entries(folder, lambda e: not e.name.startswith(".") and e.is_dir(), skipped if keep_broken else None)
 
 
 def _name_map(folder: str) -> dict[str, str]:

@@ -9,6 +9,8 @@ depth to about 4/5). The first 4 taps form one group, the last 4 the other.
 """
 from dataclasses import dataclass
 
+from .errors import UserError
+
 DEFAULT_ENCODER = "dinov2reg_vit_base_14"  # the references' default
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -123,3 +125,25 @@ ENCODERS = {
     "beit_vit_base_16": beit("v1"),
     "beitv2_vit_base_16": beit("v2"),
 }
+
+
+def check_sizes(image_size: int, crop_size: int, patch_size: int, grid: int | None = None,
+                origin: dict[str, str] | None = None):
+    """The crop must be a whole number of the encoder's patches (`grid` of them a side, for an encoder that takes
+    one grid only) and fit in the resized image. `origin`: where a size not given as a flag comes from (field ->
+    e.g. "the run's settings <path>"), which the message names instead of the flag."""
+    origin = origin or {}
+
+    def named(field: str, value: int) -> str:
+        return f"{field} {value} (from {origin[field]})" if field in origin else f"--{field} {value}"
+
+    if grid is not None and crop_size != grid * patch_size:
+        raise UserError(f"{named('crop_size', crop_size)}: this encoder takes {grid * patch_size}-px crops only "
+                        f"({grid} x {grid} patches of {patch_size}); use --crop_size {grid * patch_size}")
+    if crop_size % patch_size:
+        low = crop_size // patch_size * patch_size
+        nearest = " or ".join(str(c) for c in (low, low + patch_size) if c > 0)
+        raise UserError(f"{named('crop_size', crop_size)} is not a multiple of the encoder's patch size "
+                        f"{patch_size}; use {nearest} (with a --image_size at least that large)")
+    if crop_size > image_size:
+        raise UserError(f"{named('crop_size', crop_size)} is larger than {named('image_size', image_size)}")

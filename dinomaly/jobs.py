@@ -8,7 +8,6 @@
 import os
 
 from . import checkpoints, models, preflight, samples, speed, train_state
-from . import dataset as ds
 from . import thresholds as th
 from .anomaly_map import AnomalyMapper, check_max_ratio
 from .errors import UserError
@@ -43,8 +42,6 @@ def train_and_evaluate(settings: Settings):
         if recipe.image_size is None or recipe.crop_size is None:
             raise UserError(f"this script has no default sizes for --dataset {data.dataset}; pass --image_size and "
                             f"--crop_size")
-        cfg = models.encoder_config(recipe.encoder)
-        ds.check_sizes(recipe.image_size, recipe.crop_size, cfg.patch_size, cfg.fixed_grid)
         run = Run(options, "config.json")
     settings = with_classes(settings)
     if options.per_class or (options.eval_only and checkpoints.class_models(options.checkpoint)):

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import checkpoints, class_finder, models
+from . import checkpoints, class_finder, image_files, models
 from . import dataset as ds
 from . import thresholds as th
 from .anomaly_map import AnomalyMapper, check_max_ratio
@@ -369,11 +369,17 @@ class PerClassDetector(Scoring):
         self.options, self.members = options, {}
         self.classes, self.class_name = list(self.runs), class_name
         self.prototypes = None
+        unfinished = not os.path.isfile(os.path.join(checkpoint, "metrics.csv"))  # written when every class is done
+        if unfinished:
+            log.warning(f"warning: {checkpoint} is an unfinished run ({len(self.runs)} class"
+                        f"{'es' * (len(self.runs) != 1)} trained so far: {', '.join(self.runs)}); its training "
+                        f"command with --resume finishes it")
         if class_name is None:
             self.prototypes = class_finder.load(os.path.join(checkpoint, class_finder.FILE))
             if self.prototypes is None:
                 raise UserError(f"{checkpoint} holds one model per class and no {class_finder.FILE} to find each "
-                                f"image's class; pass --class_name (one of {', '.join(self.runs)})")
+                                f"image's class{' (the run is unfinished: --resume finishes it)' * unfinished}; "
+                                f"pass --class_name (one of {', '.join(self.runs)})")
         self.finder = self.member(class_name or self.classes[0])  # its encoder's features find the classes
         self.options["device"] = str(self.finder.device)  # the others go there too (one warning about a CPU)
         self.device, self.image_size, self.crop_size = self.finder.device, self.finder.image_size, \
@@ -502,7 +508,7 @@ class PredictOptions:
 
 def main(options: PredictOptions):
     """The predict command: every image of --input scored, decided and pictured into --out."""
-    paths = ds.find_images(options.input, skip_dir=options.out)  # before the model, which takes longer to load
+    paths = image_files.find_images(options.input, skip_dir=options.out)  # before the model, which takes longer to load
     if not paths:
         raise UserError(f"every image given is inside --out {options.out}; pass other --input or --out")
     o = options

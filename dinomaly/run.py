@@ -90,10 +90,24 @@ def main(fn, settings):
             dist.destroy_process_group()
         runlock.release_all()
         setup_logging(None)  # closes the run's log.txt: later messages in this process do not go into it
+        name_unstarted()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if code:
         sys.exit(code)
+
+
+_fresh_folders: list[str] = []  # run folders this process created
+
+
+def name_unstarted():
+    """For each run folder this process created that holds only log.txt (a job stopped by its checks before it
+    started), one line on stdout saying so: the folder is not a run, its log keeps the error."""
+    while _fresh_folders:
+        folder = _fresh_folders.pop()
+        if os.path.isdir(folder) and os.listdir(folder) == ["log.txt"]:
+            print(f"nothing was run: {os.path.abspath(folder)} holds only the log of this error (log.txt); delete "
+                  f"it or run again into it")
 
 
 # ----------------------------------------------------------------------------------------------- logging
@@ -139,10 +153,14 @@ class Run:
         self.rank = int(os.environ.get("RANK", 0))
         self.is_main = self.rank == 0
         self.dir = os.path.join(options.save_dir, options.save_name)
+        fresh = not os.path.isdir(self.dir)
         try:
             os.makedirs(self.dir, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create the run folder {self.dir} ({e.strerror}); check --save_dir") from None
+            raise UserError(f"cannot create the run folder {os.path.abspath(self.dir)} ({e.strerror}); check "
+                            f"--save_dir") from None
+        if fresh and self.is_main:
+            _fresh_folders.append(self.dir)
         problem = self._lock() if self.is_main else None
         if problem is None:
             setup_logging(os.path.join(self.dir, "log.txt") if self.is_main else None)
@@ -154,7 +172,9 @@ class Run:
         seed_everything(options.seed + self.rank)
         torch.backends.cudnn.deterministic = options.cudnn == "deterministic"
         torch.backends.cudnn.benchmark = options.cudnn == "benchmark"
-        log.info(f"run folder: {self.dir}  device: {self.device}  processes: {self.world_size}")
+        where = "" if os.path.isabs(self.dir) else f" ({os.path.abspath(self.dir)}: --save_dir is relative to " \
+                                                   f"the current folder)"
+        log.info(f"run folder: {self.dir}{where}  device: {self.device}  processes: {self.world_size}")
 
     def _lock(self) -> str | None:
         """Take the run folder's lock (runlock.py) and open log.txt in it; None, or why the job cannot write

@@ -17,6 +17,7 @@ import zlib
 import numpy as np
 
 from . import dataset as ds
+from . import image_files
 from . import thresholds as th
 from .errors import UserError
 from .options import DataOptions
@@ -31,10 +32,10 @@ def find_classes(data: DataOptions) -> list[str]:
     if data.classes or not mvtec_layout(data) or not os.path.isdir(root) or \
             any(os.path.isdir(os.path.join(root, c)) for c in standard):
         return standard
-    folders = ds._list_subdirs(root)
+    folders = image_files.list_subdirs(root)
     found = [d for d in folders if is_class_folder(os.path.join(root, d))]
     above = [d for d in folders if d not in found and any(is_class_folder(os.path.join(root, d, c))
-                                                          for c in ds._list_subdirs(os.path.join(root, d)))]
+                                                          for c in image_files.list_subdirs(os.path.join(root, d)))]
     empty = [d for d in folders if d not in found and d not in above]
     if found:
         log.info(f"classes: {', '.join(found)} (the class folders in {root}; --classes chooses)")
@@ -46,7 +47,7 @@ def find_classes(data: DataOptions) -> list[str]:
                     f"of its own; for those classes pass --data_path {os.path.join(root, above[0])}")
     if found:
         return found
-    if ds._list_images(root):
+    if image_files.list_images(root):
         raise UserError(f"{root} holds images but no class folders: move them into {root}/<class>/ (one folder per "
                         f"kind of part, e.g. {root}/part/) and pass --data_path {root}")
     return standard  # the reader names the first missing class folder
@@ -59,7 +60,8 @@ def mvtec_layout(data: DataOptions) -> bool:
 
 def is_class_folder(folder: str) -> bool:
     """A folder with train/ or test/ (the MVTec layout) or with images directly inside."""
-    return any(os.path.isdir(os.path.join(folder, d)) for d in ("train", "test")) or bool(ds._list_images(folder))
+    return any(os.path.isdir(os.path.join(folder, d)) for d in ("train", "test")) or \
+        bool(image_files.list_images(folder))
 
 
 def held_out(data: DataOptions, seed: int, name: str, samples: list[ds.Sample]) -> list[int]:
@@ -106,7 +108,7 @@ def test_samples(data: DataOptions, seed: int, name: str, multiview: bool = Fals
         if not os.path.isdir(folder):
             raise UserError(f"--val folder of class {name} not found: {folder}; put good images of {name} there")
         return [ds.Sample(p, 0, None, name, rel_path=os.path.relpath(p, folder).replace(os.sep, "/"))
-                for p in ds.find_images([folder])], 0
+                for p in image_files.find_images([folder])], 0
     if mvtec_layout(data) and not os.path.isdir(os.path.join(data.data_path, name, "test")):
         return split_training(data, seed, name)[1], 0
     return ds.class_samples(data.dataset, data.data_path, name, "test", data.realiad_resolution, data.json_dir,

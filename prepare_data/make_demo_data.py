@@ -273,7 +273,7 @@ def make_demo_data(out: str, size: int = 128, seed: int = 0, n_train: int = 40, 
     mv_root = os.path.join(out, "mvtec_demo")
     ri_root = os.path.join(out, "realiad_demo")
     ma_root = os.path.join(out, "manta_demo")
-    for d in (mv_root, ri_root, ma_root):
+    for d in (mv_root, ri_root) + ((ma_root,) if manta else ()):  # only what is written again: not the others'
         if os.path.isdir(d):
             shutil.rmtree(d)
     img_root = os.path.join(ri_root, "realiad_1024")

@@ -14,11 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinomaly import checkpoints, cli, jobs, models, predict
-from dinomaly import dataset as ds
+from dinomaly import checkpoints, cli, models, predict
 from dinomaly.errors import UserError
 from dinomaly.models import ENCODERS, ViTill, build_encoder
-from dinomaly.encoders import EncoderConfig
+from dinomaly.encoders import EncoderConfig, check_sizes
 
 import benchmark
 import dinomaly_mvtec_uni
@@ -450,7 +449,7 @@ def test_beit_matches_a_float64_reading_of_its_layout(tmp_path, name):
     assert max_error(ours, beit_reference(flipped, x, cfg)) > 20 * TOL * scale
     with pytest.raises(UserError, match=r"^--crop_size 448: this encoder takes 224-px crops only \(14 x 14 "
                                         r"patches of 16\); use --crop_size 224$"):
-        ds.check_sizes(512, 448, 16, ENCODERS[name].fixed_grid)
+        check_sizes(512, 448, 16, ENCODERS[name].fixed_grid)
 
 
 def test_registered_vit_families():
@@ -531,20 +530,21 @@ def test_checkpoint_encoder_detection(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- patch size
 
-def test_crop_not_a_multiple_of_the_patch_is_one_line_with_suggestions():
+def test_crop_not_a_multiple_of_the_patch_is_one_line_with_suggestions(capsys):
     with pytest.raises(UserError, match=r"^--crop_size 392 is not a multiple of the encoder's patch size 16; use 384 "
                                         r"or 400 \(with a --image_size at least that large\)$"):
-        ds.check_sizes(448, 392, 16)
-    ds.check_sizes(512, 448, 16)
-    ds.check_sizes(448, 392, 14)
+        check_sizes(448, 392, 16)
+    check_sizes(512, 448, 16)
+    check_sizes(448, 392, 14)
     with pytest.raises(UserError, match="use 14 or 28"):
-        ds.check_sizes(64, 20, 14)
+        check_sizes(64, 20, 14)
     with pytest.raises(UserError, match=r"use 16 \("):
-        ds.check_sizes(64, 10, 16)
-    settings = cli.parse("", dinomaly_mvtec_uni.RECIPE, dinomaly_mvtec_uni.DEFAULTS, argv=[
-        "--encoder", V3, "--data_path", "/nonexistent/mvtec", "--encoder_weights", "random"])
-    with pytest.raises(UserError, match="--crop_size 392 is not a multiple of the encoder's patch size 16; use 384"):
-        jobs.train_and_evaluate(settings)
+        check_sizes(64, 10, 16)
+    with pytest.raises(SystemExit) as e:  # at parse time, before PyTorch is imported (test_silent.py)
+        cli.parse("", dinomaly_mvtec_uni.RECIPE, dinomaly_mvtec_uni.DEFAULTS, argv=[
+            "--encoder", V3, "--data_path", "/nonexistent/mvtec", "--encoder_weights", "random"])
+    assert e.value.code == 2
+    assert "--crop_size 392 is not a multiple of the encoder's patch size 16; use 384" in capsys.readouterr().err
     with pytest.raises(UserError, match="patch size 16"):
         benchmark.main(["infer", "--encoder", V3, "--device", "cpu", "--crop_size", "56"])
 

@@ -20,7 +20,7 @@ from test_end_to_end import RUN, read_csv, run_cli
 from test_resume import (SMALL, crr_args, dinomaly, error_line, exit_status, final_line, load, signal_run, stage1,
                          stage2, stage2_args)
 
-from dinomaly import checkpoints, cli, export, models, predict, runlock
+from dinomaly import checkpoints, cli, export, image_files, models, predict, runlock
 from dinomaly import dataset as ds
 from dinomaly import run as run_module
 from dinomaly.errors import UserError
@@ -463,7 +463,7 @@ def test_a_symbolic_link_that_loops_is_one_line(demo, tmp_path, capsys):
     os.symlink("loop.png", loop)
     assert exit_status(dinomaly, [*common(demo, tmp_path, "run")[2:], "--data_path", str(data)]) == 2
     assert f"cannot read {loop} (Too many levels of symbolic links" in error_line(capsys)
-    assert str(loop) in ds.find_images([str(data / "nut")])  # predict.py reports and skips it (test_silent.py)
+    assert str(loop) in image_files.find_images([str(data / "nut")])  # predict.py reports and skips it (test_silent.py)
 
 
 def refuse_writes_under(monkeypatch, folder):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import precision_recall_curve
 
-from dinomaly import checkpoints, class_finder, cli, models, predict
+from dinomaly import checkpoints, class_finder, cli, image_files, models, predict
 from dinomaly import dataset as ds
 from dinomaly import thresholds as th
 from dinomaly.anomaly_map import AnomalyMapper
@@ -387,15 +387,15 @@ def test_crr_run_adds_the_segmentation_network(crr_run, inputs, monkeypatch):
 
 def test_find_images_patterns_duplicates_and_output_folder(inputs, tmp_path):
     good = sorted(str(p) for p in (inputs / "nut" / "good").iterdir())
-    found = ds.find_images([str(inputs / "nut" / "good"), good[0], str(inputs / "nut" / "good" / "*.png")])
+    found = image_files.find_images([str(inputs / "nut" / "good"), good[0], str(inputs / "nut" / "good" / "*.png")])
     assert found == good
-    assert ds.find_images([str(inputs / "**" / "00[01].png")]) == sorted(
+    assert image_files.find_images([str(inputs / "**" / "00[01].png")]) == sorted(
         str(p) for p in inputs.glob("**/00[01].png"))
-    assert ds.find_images([str(inputs / "nut")], skip_dir=str(inputs / "nut" / "good")) == [
+    assert image_files.find_images([str(inputs / "nut")], skip_dir=str(inputs / "nut" / "good")) == [
         str(p) for d in ("cut", "scratch", "stain") for p in sorted((inputs / "nut" / d).iterdir())]
     for bad, message in ((tmp_path / "missing", "not found"), (str(inputs / "*.jpg"), "no images")):
         with pytest.raises(predict.UserError, match=message):
-            ds.find_images([str(bad)])
+            image_files.find_images([str(bad)])
 
 
 def test_output_names_follow_the_folders_and_stay_unique():

@@ -313,3 +313,119 @@ def test_a_thresholds_file_names_the_entries_it_lacks(missing, expected, trained
         predict.Detector(str(trained), thresholds=str(tmp_path / "t.json"), device="cpu")
     assert str(e.value) == (f"{tmp_path / 't.json'} is not a complete thresholds file ({expected}, which evaluation "
                             f"writes); evaluate the model again or pass --threshold")
+
+
+# ----------------------------------------------------------------------------------------------- frictions
+
+def test_a_weight_file_of_another_encoder_names_the_encoder_it_looks_like_and_the_flag(demo, tmp_path, capsys):
+    """Before: "does not match the model: 176 wrong shape (e.g. cls_token)", naming the file but not the fix."""
+    torch.save(models.ViTill(TINY_CFG).encoder.state_dict(), tmp_path / "tiny.pth")
+    argv = [*common(demo, tmp_path, "run"), "--encoder", "dinov2reg_vit_small_14", "--encoder_weights",
+            str(tmp_path / "tiny.pth")]
+    assert exit_status(dinomaly, argv) == 2
+    line = error_line(capsys)
+    assert f"encoder weight file {tmp_path / 'tiny.pth'} does not match the model: " in line
+    assert line.endswith(f"; it looks like the weights of {TINY} (pass --encoder {TINY}), or pass the weight file "
+                         f"of dinov2reg_vit_small_14 as --encoder_weights")
+
+
+def test_cheap_checks_answer_before_pytorch_is_imported(tmp_path):
+    """Before: an encoder typo, a bad --crop_size and predict.py on an empty folder each cost PyTorch's import."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    code = """
+import sys
+from dinomaly import cli
+import dinomaly_mvtec_uni
+argv = sys.argv[1:]
+try:
+    cli.predict_main(argv[1:]) if argv[0] == "predict" else cli.run_script(dinomaly_mvtec_uni, argv[1:])
+except SystemExit as e:
+    print(e.code, "torch" in sys.modules)
+"""
+    cases = [(["predict", "--checkpoint", "run", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "p")],
+              f"error: no images (png/jpg/jpeg/bmp/tif/tiff) in {tmp_path / 'empty'}; check --input"),
+             (["train", "--crop_size", "113"], "error: --crop_size 113 is not a multiple of the encoder's patch size "
+                                               "14; use 112 or 126"),
+             (["train", "--encoder", "dinov2reg_vit_bsae_14"], "unknown encoder dinov2reg_vit_bsae_14")]
+    for argv, expected in cases:
+        r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.stdout.split() == ["2", "False"] and expected in r.stderr, (argv, r.stdout, r.stderr[-2000:])
+
+
+def test_relative_folders_are_said_to_be_relative_to_the_current_folder(demo, tmp_path, monkeypatch, capsys):
+    """Before: backbones/weights/ and saved_results/ were named as if they were the clone's; a run stopped by its
+    checks left a run folder holding only log.txt without a word."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data_path", demo["mvtec"], "--classes", "nope", "--device", "cpu", "--save_dir", "runs",
+            "--save_name", "bad"]
+    assert exit_status(dinomaly, argv) == 2
+    out = capsys.readouterr()
+    assert f"run folder: runs/bad ({tmp_path / 'runs' / 'bad'}: --save_dir is relative to the current folder)" \
+        in out.out
+    assert f"nothing was run: {tmp_path / 'runs' / 'bad'} holds only the log of this error (log.txt)" in out.out
+    assert os.listdir(tmp_path / "runs" / "bad") == ["log.txt"]
+    assert exit_status(dinomaly, [*common(demo, tmp_path, "run"), "--encoder_weights",
+                                  os.path.join("backbones", "weights", "x.pth")]) == 2
+    assert f"encoder weight file not found: {tmp_path / 'backbones' / 'weights' / 'x.pth'} " \
+           f"(backbones/weights/x.pth, relative to the current folder); download" in error_line(capsys)
+    assert exit_status(cli.predict_main, ["--checkpoint", "saved_results/x", "--input", demo["mvtec"], "--out", "p",
+                                          "--device", "cpu"]) == 2
+    assert f"checkpoint not found: saved_results/x (relative to the current folder, {tmp_path}); " in \
+        error_line(capsys)
+
+
+def test_an_unfinished_per_class_run_says_resume_finishes_it(demo, tmp_path, capsys):
+    """Before: each message was right, but none said the run was unfinished or that --resume finishes it."""
+    dinomaly([*common(demo, tmp_path, "sep"), "--per_class"])
+    run = tmp_path / "sep"
+    for name in ("metrics.csv", "class_prototypes.pt"):  # as when the training of the second class is under way
+        (run / name).unlink()
+    shutil.rmtree(run / "nut")
+    capsys.readouterr()
+    with pytest.raises(UserError, match=r"\(the run is unfinished: --resume finishes it\); pass --class_name"):
+        predict.Detector(str(run), device="cpu")
+    assert f"warning: {run} is an unfinished run (1 class trained so far: weave); its training command with " \
+           f"--resume finishes it" in capsys.readouterr().err
+    assert predict.Detector(str(run), device="cpu", class_name="weave").class_name == "weave"
+
+
+def test_demo_data_of_another_setting_is_not_deleted(tmp_path):
+    """Before: every make_demo_data call deleted the MANTA copy of another demo."""
+    make_demo_data(str(tmp_path), size=32, n_train=1, n_test_good=1, n_test_bad=1, manta=True)
+    kept = sorted(str(p) for p in (tmp_path / "manta_demo").rglob("*.png"))
+    make_demo_data(str(tmp_path), size=32, n_train=1, n_test_good=1, n_test_bad=1)
+    assert kept and sorted(str(p) for p in (tmp_path / "manta_demo").rglob("*.png")) == kept
+
+
+def test_the_package_asks_for_no_major_version_the_tests_never_ran_with():
+    """Before: `pip install .` resolved to OpenCV 5 and NumPy 3-to-be: no upper bounds. Each range stops below the
+    next major version, and the pinned versions lie inside it."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from conftest import ROOT
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    asked = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["export"]]
+    pins = {}
+    for name in ("requirements.txt", "requirements-export.txt"):
+        with open(os.path.join(ROOT, name)) as f:
+            for line in f:
+                if "==" in line:
+                    package, version = line.split("#")[0].strip().split("==")
+                    pins[package.lower()] = version
+    for r in asked:
+        uppers = [s for s in r.specifier if s.operator == "<"]
+        assert len(uppers) == 1, r
+        pinned = pins[r.name.lower()]
+        assert r.specifier.contains(pinned), (r, pinned)
+        assert int(uppers[0].version.split(".")[0]) == int(pinned.split(".")[0]) + 1, (r, pinned)  # the next major
+
+
+def test_predict_help_says_the_class_is_found_by_default():
+    """Before: --class_name "instead of all classes'", although each image's class is found by default."""
+    text = " ".join(cli.predict_parser().format_help().split())
+    assert "instead of all classes'" not in text
+    assert "instead of those of the class found for each image" in text

@@ -4,7 +4,7 @@ timm's `Beit` parts, in the publisher's key layout (timm's names are Microsoft's
 Each block's relative position bias table covers the patch grid the model was trained at (14 x 14, 224 px). The
 Dinomaly reference builds BEiT for that size only (any other crop fails at its first forward), and the table
 resampling it would use for other sizes needs SciPy's `interp2d`, which SciPy no longer has; so this encoder
-takes that grid only (dataset.check_sizes says so before a run starts).
+takes that grid only (encoders.check_sizes says so before a run starts).
 """
 import torch
 import torch.nn as nn
