@@ -15,6 +15,7 @@ recipe yields to (--eval_only, CRR Stage II and test, predict).
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -381,6 +382,46 @@ def export_parser() -> ArgumentParser:
     return p
 
 
+SERVE_HELP = """Serve a trained run over HTTP: POST /predict (images in, JSON out: score, decision, threshold,
+class, regions), GET /health, GET /info, the API's pages at /docs, and the review page at / (see
+docs/serving.md).
+
+    python serve.py --checkpoint saved_results/<run>                  # http://127.0.0.1:8000/
+    curl -F image=@part.png http://127.0.0.1:8000/predict
+    dinomaly-serve ...         (the same command, after pip install "dinomaly[serve]")
+
+The run is loaded once, as predict.py loads it (the same flags), and concurrent requests are scored together
+in batches (--max_batch, --max_wait_ms) with predict.py's code: a served score is predict.py's. Every request
+is bounded (--max_mb, --max_images, --max_pixels) and at most --max_queue images wait (beyond: 503 with
+Retry-After). It listens on 127.0.0.1 (this machine only) unless --host says otherwise; --token (or the
+environment variable DINOMALY_SERVE_TOKEN) makes every request need 'Authorization: Bearer <token>'.
+"""
+
+
+def serve_parser() -> ArgumentParser:
+    p = ArgumentParser(SERVE_HELP)
+    p.add_argument("--checkpoint", required=True, help="a run folder or its model.pth")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (0.0.0.0: every network of this machine; then set --token)")
+    p.add_argument("--port", type=int_at_least(1, 65535), default=8000)
+    p.add_argument("--token", help="a secret every request must send (default: $DINOMALY_SERVE_TOKEN, else none)")
+    p.add_argument("--thresholds", help="a thresholds.json other than the run folder's (the page saves into it)")
+    p.add_argument("--seg_checkpoint",
+                   help="CRR segmentation network (default: the run folder's Seg_model_7999.pth or _last.pth)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--max_batch", type=int_at_least(1), default=8, help="images scored together at most")
+    p.add_argument("--max_wait_ms", type=float_in(0, 1000), default=5.0,
+                   help="how long the first image of a batch waits for others")
+    p.add_argument("--max_queue", type=int_at_least(1), default=64,
+                   help="images waiting or being scored at most; more: 503")
+    p.add_argument("--max_images", type=int_at_least(1), default=16, help="images in one request at most")
+    p.add_argument("--max_mb", type=float_in(0.001, 4096), default=32.0,
+                   help="the size of one request at most, in MB")
+    p.add_argument("--max_pixels", type=int_at_least(1), default=40_000_000,
+                   help="pixels of one image at most (a larger one is refused before it is decoded)")
+    return p
+
+
 def launch(module: str, options: str, parser: ArgumentParser, argv: list[str] | None, prepare=None):
     """Parse first (--help and argument errors before PyTorch is imported; `prepare(given)`: what else can be
     checked without it), then run <module>.main with the module's typed `options` (predict.PredictOptions,
@@ -413,3 +454,12 @@ def images_given(given: dict) -> dict:
 def export_main(argv: list[str] | None = None):
     """export.py and the `dinomaly-export` command."""
     launch("export", "ExportOptions", export_parser(), argv)
+
+
+def serve_main(argv: list[str] | None = None):
+    """serve.py and the `dinomaly-serve` command."""
+    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"error: the service needs {', '.join(missing)}: pip install -r requirements-serve.txt (installed: "
+                 f"pip install \"dinomaly[serve]\")")
+    launch("serve", "ServeOptions", serve_parser(), argv)

@@ -249,11 +249,15 @@ class Scoring:
         rgb = as_rgb(image)
         return ds.transform(rgb, self.image_size, self.crop_size), rgb.size
 
-    def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
+    def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]],
+                         classes: list[str | None] | None = None) -> list[Prediction]:
+        """Normalised crops [B, 3, crop, crop] and their images' (width, height) -> one Prediction each. classes:
+        per image, a class of the run whose thresholds decide it (as `class_name` would), or None: the class
+        found, else the detector's own thresholds."""
         raise NotImplementedError
 
-    def predict(self, images: list) -> list[Prediction]:
-        """Several images in one batch."""
+    def predict(self, images: list, classes: list[str | None] | None = None) -> list[Prediction]:
+        """Several images in one batch (classes: see predict_prepared)."""
         if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray) and
                                                                     images.ndim < 4):
             raise InputError(f"predict() takes a list of images, not a {type(images).__name__}; for one image "
@@ -261,7 +265,7 @@ class Scoring:
         if len(images) == 0:
             raise InputError("predict() was given an empty list; pass a list of one image or more")
         prepared = [self.prepare(im) for im in images]
-        return self.predict_prepared(torch.stack([p[0] for p in prepared]), [p[1] for p in prepared])
+        return self.predict_prepared(torch.stack([p[0] for p in prepared]), [p[1] for p in prepared], classes)
 
     def __call__(self, image) -> Prediction:
         return self.predict([image])[0]
@@ -317,6 +321,7 @@ class ModelDetector(Scoring):
             self.default = operating_point(th.select(calibration, class_name, path), source(path, class_name or one),
                                            threshold)
         self.class_name, self.points = class_name, {}
+        self.calibration, self.calibration_path, self.threshold = calibration, path, threshold
         self.prototypes = None
         if class_name is None and threshold is None and len(self.classes) > 1:
             self.prototypes = find_prototypes(path, self.model_path)
@@ -329,26 +334,42 @@ class ModelDetector(Scoring):
             log.info(f"threshold {self.default.threshold:.6g} from {self.default.source}; masks of anomalous images: "
                      f"map >= {self.default.mask_threshold:.6g}")
 
+    def reload_thresholds(self):
+        """Read the thresholds file again (after it was changed, e.g. saved from the review page)."""
+        self._set_thresholds(th.load(self.calibration_path), self.calibration_path, self.class_name, self.threshold)
+
     def point(self, class_name: str | None) -> OperatingPoint:
-        """The operating point of a found class (the default one where it has none)."""
-        return self.points.get(class_name, self.default)
+        """The operating point of a class of the run, as `class_name` would give it; the default one for None,
+        or a class without a calibrated image threshold."""
+        if class_name in self.points:
+            return self.points[class_name]
+        entry = self.calibration["classes"].get(class_name) \
+            if self.calibration is not None and class_name != self.class_name else None
+        if entry is None or (entry["image"]["threshold"] is None and self.threshold is None):
+            return self.default
+        return operating_point(entry, source(self.calibration_path, class_name), self.threshold)
 
     @torch.no_grad()
-    def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
-        """Normalised crops [B, 3, crop, crop] and their images' (width, height) -> one Prediction each."""
+    def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]],
+                         classes: list[str | None] | None = None) -> list[Prediction]:
+        given = classes or [None] * len(sizes)
         seeds = [models.mask_seed(x.numpy().tobytes()) for x in batch.cpu()] if self.masked else None
-        amaps, scores, *features = self.mapper(batch.to(self.device), seeds, features=self.prototypes is not None)
+        find = self.prototypes is not None and None in given
+        amaps, scores, *features = self.mapper(batch.to(self.device), seeds, features=find)
         matches = class_finder.classify(self.prototypes, features[0]) if features else [None] * len(sizes)
         out = []
-        for amap, score, (w, h), match in zip(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes, matches):
+        for amap, score, (w, h), match, name in zip(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes,
+                                                    matches, given):
             full, seen = uncrop(amap, w, h, self.image_size, self.crop_size)
-            point = self.point(match.class_name) if match else self.default
+            match = None if name is not None else match
+            name = name or (match.class_name if match else self.class_name)
+            point = self.point(name) if name is not None else self.default
             anomalous = score >= point.threshold
             out.append(Prediction(score=score, is_anomalous=anomalous, threshold=point.threshold,
                                   normalized_score=th.normalize(score, point.threshold, point.normal_min),
                                   anomaly_map=full, seen=seen, mask_threshold=point.mask_threshold,
                                   mask=anomalous & seen & (np.nan_to_num(full) >= point.mask_threshold),
-                                  class_name=match.class_name if match else self.class_name, class_match=match))
+                                  class_name=name, class_match=match))
         return out
 
 
@@ -406,13 +427,18 @@ class PerClassDetector(Scoring):
         return self.member(class_name).default if class_name in self.runs else self.default
 
     @torch.no_grad()
-    def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Prediction]:
-        if self.prototypes is None:
-            matches, names = [None] * len(sizes), [self.class_name] * len(sizes)
-        else:
+    def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]],
+                         classes: list[str | None] | None = None) -> list[Prediction]:
+        given = classes or [None] * len(sizes)
+        unknown = [c for c in given if c is not None and c not in self.runs]
+        if unknown:
+            raise UserError(f"no class named {unknown[0]} in this run; its classes: {', '.join(self.runs)}")
+        matches, names = [None] * len(sizes), [c or self.class_name for c in given]
+        if self.prototypes is not None and None in names:
             features = self.finder.mapper.features(batch.to(self.device))  # the encoder alone
-            matches = class_finder.classify(self.prototypes, features)
-            names = [m.class_name for m in matches]
+            found = class_finder.classify(self.prototypes, features)
+            matches = [m if c is None else None for m, c in zip(found, given)]
+            names = [c or m.class_name for m, c in zip(found, names)]
         out = [None] * len(sizes)
         for name in dict.fromkeys(names):
             index = [i for i, n in enumerate(names) if n == name]
@@ -467,21 +493,26 @@ def output_files(name: str) -> tuple[str, str]:
     return os.path.join("overlays", name + ".png"), os.path.join("masks", name + ".png")
 
 
-def write_outputs(out: str, name: str, rgb: np.ndarray, p: Prediction, detector: Scoring):
-    """overlays/<name>.png and masks/<name>.png (output_files)."""
+def overlay(rgb: np.ndarray, p: Prediction, detector: Scoring) -> np.ndarray:
+    """The picture of one prediction (visualize.overlay_picture): the map over the image on its class's colour
+    scale, the mask outlined, the decision as its caption."""
     verdict = "ANOMALOUS" if p.is_anomalous else "normal"
     found = f"  [{p.class_name} {p.class_match.confidence:.2f}]" if p.class_match else ""
     caption = f"{verdict}  score {p.score:.4g} {'>=' if p.is_anomalous else '<'} {p.threshold:.4g}{found}"
-    overlay, mask = (os.path.join(out, f) for f in output_files(name))
+    marks = {"threshold": p.threshold} if p.mask_threshold == p.threshold else \
+        {"threshold": p.threshold, "mask level": p.mask_threshold}
+    return overlay_picture(rgb, p.anomaly_map, p.seen, p.mask, detector.point(p.class_name).color_range, caption,
+                           p.is_anomalous, marks)
+
+
+def write_outputs(out: str, name: str, rgb: np.ndarray, p: Prediction, detector: Scoring):
+    """overlays/<name>.png and masks/<name>.png (output_files)."""
+    overlay_path, mask = (os.path.join(out, f) for f in output_files(name))
     try:
         Image.fromarray(p.mask.astype(np.uint8) * 255).save(mask)
     except OSError as e:
         raise UserError(f"cannot write into {out} ({e}); pass a writable --out") from None
-    marks = {"threshold": p.threshold} if p.mask_threshold == p.threshold else \
-        {"threshold": p.threshold, "mask level": p.mask_threshold}
-    picture(overlay, lambda: write_png(overlay, overlay_picture(
-        rgb, p.anomaly_map, p.seen, p.mask, detector.point(p.class_name).color_range, caption, p.is_anomalous,
-        marks)))
+    picture(overlay_path, lambda: write_png(overlay_path, overlay(rgb, p, detector)))
 
 
 @dataclass(frozen=True)

@@ -182,8 +182,33 @@ class Calibration:
                          self.false_alarm_rate)
 
     def save(self, path: str):
-        text = json.dumps({"settings": self.settings, "all": self.pooled(), "classes": self.classes}, indent=2)
-        write_atomic(path, lambda f: f.write(text.encode()), len(text))
+        write(path, {"settings": self.settings, "all": self.pooled(), "classes": self.classes})
+
+
+def write(path: str, data: dict):
+    """A thresholds file, written atomically."""
+    text = json.dumps(data, indent=2)
+    write_atomic(path, lambda f: f.write(text.encode()), len(text))
+
+
+def with_image_thresholds(data: dict, chosen: dict[str, float]) -> dict:
+    """A copy of a thresholds file's content with the image thresholds of some classes replaced by chosen ones
+    (e.g. on the review page): "method": "chosen", the calibrated threshold kept as "calibrated_threshold", the
+    colour range moved with the threshold. An unknown class or a threshold that is not a positive number is a
+    UserError."""
+    out = json.loads(json.dumps(data))
+    for name, value in chosen.items():
+        if name not in out["classes"]:
+            raise UserError(f"unknown class {name!r}; the thresholds file has {', '.join(out['classes'])}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise UserError(f"the threshold of {name} must be a positive number, not {value!r}")
+        entry = out["classes"][name]
+        image = entry["image"]
+        image.setdefault("calibrated_threshold", image["threshold"])
+        image.update(threshold=float(value), method="chosen")
+        normal = entry["pixel"]["normal_values"]
+        entry["color_range"] = color_range(normal.get("p50"), float(value), normal.get("p999"))
+    return out
 
 
 # What load checks in a thresholds file (other keys are left alone): the settings the scores were made with,
