@@ -335,7 +335,7 @@ def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
 
     @app.middleware("http")
     async def authorise(request: Request, call_next):
-        if token:
+        if token and not request.url.path.startswith("/static/"):  # the page's own code is public
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or \
                 request.headers.get("x-token") or request.query_params.get("token") or ""
             if not hmac.compare_digest(given.encode(), token.encode()):

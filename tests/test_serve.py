@@ -281,3 +281,67 @@ def test_the_command_refuses_a_busy_port_in_one_line(run, capsys):
         cli.serve_main(["--checkpoint", str(run[0]), "--port", str(taken.getsockname()[1]), "--device", "cpu"])
     taken.close()
     assert e.value.code == 2 and "pass another --port" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, headless, driven by Playwright (installed by .ci/run: apt-get install chromium)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not shutil.which("chromium") and not Path(CHROMIUM).exists():
+        pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_the_review_page_in_a_browser(run, browser, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(run[0], folder)
+    s = start(folder, token="s3cret")
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(s.url + "/?token=s3cret")
+        page.wait_for_selector("#threshold-table tbody tr[data-class=nut]")
+        images = [run[1][0], run[1][-1]]  # a weave and a nut image
+        page.set_input_files("#pick-files", [str(p) for p in images])
+        page.wait_for_function("document.querySelectorAll('#cards .card').length === 2")
+        shown = sorted(float(c.get_attribute("data-score")) for c in page.query_selector_all("#cards .card"))
+        want = sorted(post_token(s.url, p)["score"] for p in images)
+        assert shown == pytest.approx(want, abs=1e-6)
+        assert all("score" in c.inner_text() for c in page.query_selector_all("#cards .card img ~ .body"))
+        assert all(c.evaluate("img => img.naturalWidth > 0") for c in page.query_selector_all("#cards .card img"))
+        row = "#threshold-table tr[data-class=nut]"
+        before = page.inner_text(f"{row} .test-flagged")
+        # the calibrated (F1-max) threshold is a test score: it flags at least one test image; the slider's top,
+        # above every score, flags none
+        assert before.startswith(tuple(f"{k} of" for k in range(1, 8)))
+        page.fill(f"{row} input[type=range]", "1000")
+        n = sum(1 for p in run[1] if "/nut/" in p.as_posix())
+        assert page.inner_text(f"{row} .test-flagged") == f"0 of {n}" and page.inner_text(f"{row} .recall") == "0.000"
+        assert page.inner_text(f"{row} .flagged") == "0 of 1"
+        assert page.query_selector_all("#cards .card.anomalous") == [] or "weave" in page.inner_text("#cards")
+        chosen = float(page.input_value(f"{row} input.value"))
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        page.click("#save")
+        page.wait_for_function("document.querySelector('#saved').textContent.startsWith('saved to')")
+        saved = json.loads((folder / "thresholds.json").read_text())["classes"]
+        assert saved["nut"]["image"]["threshold"] == pytest.approx(chosen, rel=1e-5)
+        assert saved["nut"]["image"]["method"] == "chosen" and "calibrated_threshold" not in saved["weave"]["image"]
+        assert (folder / "thresholds.calibrated.json").exists()
+        assert page.query_selector_all("#metrics tbody tr") and page.query_selector_all("#pictures img")
+        assert not errors, errors
+    finally:
+        s.close()
+
+
+def post_token(url, path):
+    return httpx.post(url + "/predict", content=path.read_bytes(), headers={"Authorization": "Bearer s3cret"}
+                      ).json()["images"][0]
