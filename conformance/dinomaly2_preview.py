@@ -361,7 +361,7 @@ def our_steps(ours, batches, seeds, total_iters, warmup=None, final_ratio=1.0, p
     yield optimizer
     ours.train()
     for it, img in enumerate(batches):
-        loss, updated, _ = train.train_step(img, it, loss_fn, params, optimizer, schedule, recipe.clip_norm, False)
+        loss, updated, _, _ = train.train_step(img, it, loss_fn, params, optimizer, schedule, recipe.clip_norm, False)
         assert updated
         yield loss.item(), [g["lr"] for g in optimizer.param_groups], params, rngs[-1]
 

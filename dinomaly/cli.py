@@ -135,6 +135,9 @@ def run_flags(run, add: Flags, job: str):
     add(run, "cudnn", "cuDNN mode: deterministic kernels, or the fastest found by benchmarking (the reference "
                       "scripts use deterministic for MVTec AD, VisA and the CRR test, benchmark for CRR training)",
         choices=["deterministic", "benchmark"])
+    add(run, "tensorboard", "TensorBoard event files in the run folder (loss, learning rate, data wait, gradient "
+                            "norm, the evaluation's metrics per class); auto: on when tensorboard is installed",
+        choices=["auto", "on", "off"])
     if job == "crr_test":
         add(run, "batch_size", "images per evaluation batch", type=int_at_least(1))
 

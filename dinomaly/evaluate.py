@@ -19,7 +19,7 @@ from .run import Run, log, save_atomic
 from .thresholds import Calibration, PixelSample
 from .train import progress_off
 from .training_data import image_cache
-from .utils import ClassAccumulator, nanmean, write_metrics_csv
+from .utils import ClassAccumulator, mad, nanmean, write_metrics_csv
 
 
 def evaluate(run: Run, mapper: AnomalyMapper, data: DataOptions, evaluation: EvalOptions, image_size: int,
@@ -62,7 +62,10 @@ def evaluate(run: Run, mapper: AnomalyMapper, data: DataOptions, evaluation: Eva
         score_rows += rows
     if not run.is_main:
         return results
-    write_results(run, results, tag)
+    mean = write_results(run, results, tag)
+    run.events.scalars(run.events.step, {f"eval{tag}/{metric}/{name}": value
+                                         for name, m in [*results.items(), ("mean", mean)]
+                                         for metric, value in {**m, "mAD": mad(m)}.items()})
     with open(run.path(f"scores{tag}.csv"), "w", newline="", errors="backslashreplace") as f:
         csv.writer(f).writerows([["class", "image_path", "label", "score"], *score_rows])
     calibration.save(run.path(f"thresholds{tag}.json"))
@@ -71,13 +74,14 @@ def evaluate(run: Run, mapper: AnomalyMapper, data: DataOptions, evaluation: Eva
     return results
 
 
-def write_results(run: Run, results: dict, tag: str = ""):
+def write_results(run: Run, results: dict, tag: str = "") -> dict:
     """The mean over the classes (logged when there are several) and metrics<tag>.csv: a row per class and the
-    mean."""
+    mean. Returns the mean."""
     mean = {k: nanmean([r[k] for r in results.values()]) for k in next(iter(results.values()))}
     if len(results) > 1:
         log.info(samples.metrics_line("Mean", mean))
     write_metrics_csv(run.path(f"metrics{tag}.csv"), results, mean)
+    return mean
 
 
 def evaluate_shard(run: Run, mapper: AnomalyMapper, class_samples: list[ds.Sample], name: str, data: DataOptions,

@@ -52,6 +52,7 @@ class RunOptions:
     seg_checkpoint: str | None = None
     encoder_weights: str | None = None
     mask_rng: str = "cpu"
+    tensorboard: str = "auto"  # TensorBoard event files (events.py): on when the package is installed
 
     def replace(self, **changes) -> "RunOptions":
         return dataclasses.replace(self, **changes)

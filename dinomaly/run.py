@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import runlock
+from . import events, runlock
 from .errors import UserError, user_message
 from .options import RunOptions
 
@@ -169,6 +169,8 @@ class Run:
         if problem is not None:
             raise UserError(problem)
         self.config_name = config_name
+        self.tensorboard = self.is_main and events.wanted(options.tensorboard)
+        self._events = None
         seed_everything(options.seed + self.rank)
         torch.backends.cudnn.deterministic = options.cudnn == "deterministic"
         torch.backends.cudnn.benchmark = options.cudnn == "benchmark"
@@ -202,6 +204,14 @@ class Run:
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
+
+    @property
+    def events(self) -> events.Events:
+        """The TensorBoard events of this run folder (events.py; writes nothing with --tensorboard off, or on the
+        other processes)."""
+        if self._events is None or self._events.folder != self.dir:
+            self._events = events.Events(self.dir, self.tensorboard)
+        return self._events
 
     def subfolder(self, name: str, **changes) -> "Run":
         """This invocation writing into <run folder>/<name> (one class's folder of a run with one model per

@@ -43,7 +43,7 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
     on_iter_end(done) runs after each step; save_state(done) every --save_every iterations, at the end, on Ctrl-C
     (then KeyboardInterrupt) and after MAX_BAD_STEPS skipped steps in a row (then UserError)."""
     per_epoch = loader.sampler.num_samples // loader.batch_size
-    it, losses, skipped, bad_in_row = start, [], 0, 0
+    it, losses, norms, skipped, bad_in_row = start, [], [], 0, 0
     begin, data_wait = time.time(), speed.DataWait()
     with train_state.StopRequest(again_interrupts=run.world_size == 1) as stop, \
             tqdm(initial=start, total=total_iters, desc="train", disable=progress_off(run), dynamic_ncols=True) as bar:
@@ -51,18 +51,20 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
             epoch, done_in_epoch = divmod(it, per_epoch)
             loader.sampler.set_epoch(epoch, skip=done_in_epoch * loader.batch_size)
             for batch in data_wait.iterate(loader):
-                loss, updated, stopping = train_step(batch, it, loss_fn, params, optimizer, schedule, clip,
-                                                     stop.signum if stop.requested else 0)
+                loss, updated, stopping, norm = train_step(batch, it, loss_fn, params, optimizer, schedule, clip,
+                                                           stop.signum if stop.requested else 0)
                 it += 1
                 bar.update(1)
                 if updated:
                     losses.append(loss)  # read back only when logging
+                    norms += [norm] if norm is not None else []
                     bad_in_row = 0
                 else:
                     skipped, bad_in_row = skipped + 1, bad_in_row + 1
                 if it % run.options.log_every == 0 or it == total_iters:
-                    log_progress(it, total_iters, losses, skipped, optimizer, data_wait.share(), time.time() - begin)
-                    losses = []
+                    run.events.scalars(it, log_progress(it, total_iters, losses, norms, skipped, optimizer,
+                                                        data_wait.share(), time.time() - begin))
+                    losses, norms = [], []
                 if on_iter_end is not None:
                     on_iter_end(it)
                 if start == 0 and skipped == it and (it == total_iters or bad_in_row == MAX_BAD_STEPS):
@@ -87,25 +89,28 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
 
 
 def train_step(batch, it: int, loss_fn, params: list, optimizer, schedule, clip,
-               stop_signal: int) -> tuple[torch.Tensor, bool, int]:
+               stop_signal: int) -> tuple[torch.Tensor, bool, int, torch.Tensor | None]:
     """One optimisation step, skipped (no update) when the loss or the gradient norm is not finite on any
     process. stop_signal: the signal that asked this process to stop, 0 when none. Returns (the loss, whether
-    the model was updated, the signal that asked any process to stop or 0)."""
+    the model was updated, the signal that asked any process to stop or 0, the gradient norm before clipping,
+    None without clipping)."""
     if schedule is not None:
         schedule.apply(optimizer, it)
     loss = loss_fn(batch, it)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     bad = ~torch.isfinite(loss.detach())
+    norm = None
     if clip is not None:
-        bad |= ~torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm=clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=clip)
+        bad |= ~torch.isfinite(norm)
     flags = torch.stack([bad.float(), torch.tensor(float(stop_signal), device=bad.device)])
     if dist.is_initialized():  # every process skips or stops together
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad, stopping = flags.tolist()
     if not bad:
         optimizer.step()
-    return loss.detach(), not bad, int(stopping)
+    return loss.detach(), not bad, int(stopping), norm
 
 
 def progress_off(run: Run) -> bool | None:
@@ -114,11 +119,18 @@ def progress_off(run: Run) -> bool | None:
     return None if run.is_main else True
 
 
-def log_progress(it: int, total_iters: int, losses: list, skipped: int, optimizer, wait: float, seconds: float):
-    mean_loss = f"{torch.stack(losses).mean().item():.4f}" if losses else "n/a"
+def log_progress(it: int, total_iters: int, losses: list, norms: list, skipped: int, optimizer, wait: float,
+                 seconds: float) -> dict:
+    """The log line of the steps since the last one; returns its values for TensorBoard (events.py): the mean
+    loss and gradient norm (None without), the last group's learning rate, the share of time spent waiting for
+    data."""
+    mean_loss = torch.stack(losses).mean().item() if losses else None
     note = f", skipped (non-finite loss): {skipped}" if skipped else ""
-    log.info(f"iter [{it}/{total_iters}], loss: {mean_loss}, lr: {optimizer.param_groups[-1]['lr']:.3g}, "
+    lr = optimizer.param_groups[-1]["lr"]
+    log.info(f"iter [{it}/{total_iters}], loss: {'n/a' if mean_loss is None else f'{mean_loss:.4f}'}, lr: {lr:.3g}, "
              f"data wait {wait:.0%}, {seconds:.0f}s{note}")
+    return {"train/loss": mean_loss, "train/lr": lr, "train/data_wait": wait,
+            "train/grad_norm": torch.stack(norms).float().mean().item() if norms else None}
 
 
 def ddp_wrap(run: Run, module: torch.nn.Module) -> torch.nn.Module:
