@@ -4,6 +4,7 @@
     python benchmark.py infer   [--batch_size 32]
     python benchmark.py data    [--workers 0 1 2 4 8 16]
     python benchmark.py metrics [--maps 2000 --size 256]
+    python benchmark.py serve   [--checkpoint RUN --clients 1 4 16 --requests 96]
 
 `train` times the Dinomaly step, the CRR Stage I step (anomaly synthesis included, through the real loader)
 and the CRR Stage II step, with train.py's losses and optimisers and each method's recipe (recipes.py); `infer`
@@ -24,12 +25,14 @@ both modes). Peak GPU memory is torch.cuda.max_memory_allocated per mode; peak h
 
 `data` times the loader alone (images/s per worker count) for the plain transform and CRR synthesis, each
 without and with the image cache. `metrics` times the seven metrics of one synthetic class of N maps
-(utils.synthetic_class) fed batch by batch to utils.ClassAccumulator, and their peak memory.
+(utils.synthetic_class) fed batch by batch to utils.ClassAccumulator, and their peak memory. `serve` is a
+loopback load test of serve.py (its own process) against predict.py's path in this process (bench_serve).
 
 Without --data_path, a dataset is generated (prepare_data/make_demo_data.py, Real-IAD layout, JPEG images of
 --source_size px) in a temporary folder. Weights are random: speed does not depend on them.
 """
 import argparse
+import collections
 import contextlib
 import gc
 import json
@@ -441,9 +444,166 @@ def bench_metrics(args) -> dict:
     return dict(results=[row])
 
 
+# ----------------------------------------------------------------------------------------------- serve
+
+def random_run(folder: str, args) -> str:
+    """A run folder with a randomly initialised model of --encoder at --image_size / --crop_size (no thresholds:
+    the service gets --threshold)."""
+    torch.manual_seed(0)
+    torch.save(method_model(args.encoder, "dinomaly").state_dict(), os.path.join(folder, "model.pth"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model": dict(encoder=args.encoder, image_size=args.image_size, crop_size=args.crop_size)}, f)
+    return folder
+
+
+def test_images(n: int, side: int) -> list[bytes]:
+    """n seeded noise-and-shapes PNG files of side x side pixels (speed does not depend on their content)."""
+    import io
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def bench_serve(args) -> dict:
+    """A loopback load test of serve.py against predict.py's path in this process, on the same images: the
+    service (its own process, --max_batch, --max_wait_ms) answers --requests requests from 1, 4 and 16
+    concurrent clients, each checked (one answer per request, the score of its image); predict.py's path is
+    Detector.predict_prepared on the decoded images, in batches of --batch_size and one at a time."""
+    import subprocess
+    import httpx
+    import numpy as np
+    from dinomaly import serve
+    from dinomaly.predict import Detector
+    images = test_images(args.images, args.source_size)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="benchmark_serve_") as tmp:
+        checkpoint = args.checkpoint or random_run(tmp, args)
+        threshold = None if args.checkpoint else 1.0
+        detector = Detector(checkpoint, device=str(args.device), threshold=threshold)
+
+        def direct(batch_size: int) -> tuple[list[float], list[float]]:  # (scores, seconds per batch)
+            scores, times = [], []
+            for i in range(0, len(images), batch_size):
+                start = time.perf_counter()
+                crops = [detector.prepare(serve.open_image(b, "image", 10 ** 9)) for b in images[i:i + batch_size]]
+                found = detector.predict_prepared(torch.stack([c[0] for c in crops]), [c[1] for c in crops])
+                times.append(time.perf_counter() - start)
+                scores += [p.score for p in found]
+            return scores, times
+
+        def baseline(clients: int):  # predict.py's path, measured just before each load (the same machine load)
+            for size in (args.batch_size, 1):
+                found, times = direct(size)
+                if not np.allclose(found, scores, rtol=1e-5, atol=0):
+                    raise UserError(f"predict.py's path gave other scores in batches of {size}")
+                rows.append(dict(path=f"predict.py's, batch {size}", clients=clients, requests=len(images),
+                                 requests_per_s=len(images) / sum(times),
+                                 p50_ms=1000 * float(np.percentile(times, 50)) if size == 1 else None,
+                                 p99_ms=1000 * float(np.percentile(times, 99)) if size == 1 else None))
+                print(f"direct, batch {size}: {rows[-1]['requests_per_s']:.3g} img/s", file=sys.stderr)
+
+        scores = direct(args.batch_size)[0]  # also the warm-up
+        port = serve_port()
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"), "--checkpoint",
+               checkpoint, "--port", str(port), "--device", str(args.device), "--max_batch", str(args.max_batch),
+               "--max_wait_ms", str(args.max_wait_ms)] + (["--threshold", "1.0"] if threshold else [])
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url, server)
+            load(url, images, scores, 2, len(images), args.seconds)  # warm-up
+            memory = [rss_mb(server.pid)]
+            for c in args.clients:
+                baseline(c)
+                r = load(url, images, scores, c, args.requests, args.seconds)
+                memory.append(rss_mb(server.pid))
+                rows.append(dict(r, server_rss_mb=memory[-1]))
+                write_report(args, dict(results=rows, partial=True))
+                print(f"served, {c} clients: {r['requests_per_s']:.3g} req/s, p50 {r['p50_ms']:.3g} ms",
+                      file=sys.stderr)
+            health = httpx.get(url + "/health").json()
+        finally:
+            server.terminate()
+            server.wait(30)
+    print_table(rows, [("path", "path", ""), ("clients", "clients", "d"), ("requests", "requests", "d"),
+                       ("requests_per_s", "req/s", ".3g"), ("p50_ms", "p50 ms", ".3g"), ("p99_ms", "p99 ms", ".3g"),
+                       ("server_rss_mb", "server MB", ".0f")])
+    print(f"batches the service ran (size: count): {health['batches']}; server memory (MB) after the warm-up and "
+          f"after each load: {', '.join(f'{m:.0f}' for m in memory)}")
+    return dict(results=rows, batches=health["batches"], server_rss_mb=memory)
+
+
+def serve_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, server, timeout: float = 300):
+    import httpx
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise UserError(f"serve.py stopped: {server.stderr.read().strip()}")
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise UserError(f"serve.py did not answer /health within {timeout:g} s")
+
+
+def load(url: str, images: list[bytes], scores: list[float], clients: int, requests: int, seconds: float) -> dict:
+    """`clients` threads posting images (request i: image i mod N) until `requests` are sent or `seconds` pass;
+    every answer is checked: status 200 and the score of its own image (1e-5 relative: batch composition)."""
+    import itertools
+    import threading
+    import httpx
+    import numpy as np
+    latencies, answered, wrong, lock = [], collections.Counter(), [], threading.Lock()
+    numbers, deadline = itertools.count(), time.monotonic() + seconds
+
+    def client():
+        with httpx.Client(timeout=120) as http:
+            while time.monotonic() < deadline and (i := next(numbers)) < requests:
+                k = i % len(images)
+                start = time.perf_counter()
+                r = http.post(url + "/predict", content=images[k])
+                took = time.perf_counter() - start
+                ok = r.status_code == 200 and abs(r.json()["images"][0]["score"] - scores[k]) <= 1e-5 * abs(scores[k])
+                with lock:
+                    answered[i] += 1
+                    latencies.append(took) if ok else wrong.append(f"request {i}: {r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if wrong or any(v != 1 for v in answered.values()):
+        raise UserError(f"{len(wrong)} wrong answers under {clients} clients, e.g. {wrong[:1]}")
+    return dict(path="served", clients=clients, requests=len(latencies), requests_per_s=len(latencies) / elapsed,
+                p50_ms=1000 * float(np.percentile(latencies, 50)), p99_ms=1000 * float(np.percentile(latencies, 99)))
+
+
 # ----------------------------------------------------------------------------------------------- command line
 
-COMMANDS = {"train": bench_train, "infer": bench_infer, "data": bench_data, "metrics": bench_metrics}
+COMMANDS = {"train": bench_train, "infer": bench_infer, "data": bench_data, "metrics": bench_metrics,
+            "serve": bench_serve}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -453,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "iterations/s of the training steps, reference vs fast"),
         ("infer", "images/s of the anomaly map, reference vs fast"),
         ("data", "loader images/s per worker count"),
-        ("metrics", "seconds and memory of the metrics of one synthetic class")]}
+        ("metrics", "seconds and memory of the metrics of one synthetic class"),
+        ("serve", "requests/s and latency of serve.py under 1, 4, 16 clients, against predict.py's path")]}
     for name, c in cmds.items():
         c.add_argument("--json", help="also write the results to this JSON file")
         if name == "metrics":
@@ -462,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--aupro", choices=["exact", "dinomaly"], default="dinomaly")
             c.add_argument("--seed", type=int, default=0)
             c.add_argument("--batch_size", type=int, default=32, help="maps per ClassAccumulator.add")
+            continue
+        if name == "serve":
+            serve_flags(c)
             continue
         c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         c.add_argument("--batch_size", type=int, default=32 if name == "infer" else 16)
@@ -499,6 +663,22 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "data":
             c.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16])
     return p
+
+
+def serve_flags(c):
+    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    c.add_argument("--checkpoint", help="a run folder to serve (default: random weights of --encoder)")
+    c.add_argument("--encoder", choices=list(models.ENCODERS), default="dinov2reg_vit_small_14")
+    c.add_argument("--image_size", type=int, default=128, help="without --checkpoint: the model's input size")
+    c.add_argument("--crop_size", type=int, default=112)
+    c.add_argument("--source_size", type=int, default=256, help="the images' side (PNG)")
+    c.add_argument("--images", type=int, default=16, help="different images, sent in turn")
+    c.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients, in turn")
+    c.add_argument("--requests", type=int, default=96, help="requests per client count at most")
+    c.add_argument("--seconds", type=float, default=60, help="time per client count at most")
+    c.add_argument("--batch_size", type=int, default=8, help="predict.py's batch (its --batch_size default)")
+    c.add_argument("--max_batch", type=int, default=8, help="the service's --max_batch")
+    c.add_argument("--max_wait_ms", type=float, default=5.0, help="the service's --max_wait_ms")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -409,6 +409,8 @@ def serve_parser() -> ArgumentParser:
     p.add_argument("--port", type=int_at_least(1, 65535), default=8000)
     p.add_argument("--token", help="a secret every request must send (default: $DINOMALY_SERVE_TOKEN, else none)")
     p.add_argument("--thresholds", help="a thresholds.json other than the run folder's (the page saves into it)")
+    p.add_argument("--threshold", type=float,
+                   help="one image threshold for every image (default: the thresholds file's, per class)")
     p.add_argument("--seg_checkpoint",
                    help="CRR segmentation network (default: the run folder's Seg_model_7999.pth or _last.pth)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")

@@ -56,6 +56,7 @@ class ServeOptions:
     port: int = 8000
     token: str | None = None
     thresholds: str | None = None
+    threshold: float | None = None
     seg_checkpoint: str | None = None
     device: str | None = None
     max_batch: int = 8
@@ -479,8 +480,8 @@ def main(options: ServeOptions):
     """The serve command: load the run, serve until Ctrl-C."""
     import uvicorn
     options = options if options.token else ServeOptions(**{**vars(options), "token": os.environ.get(TOKEN_ENV)})
-    detector = Detector(options.checkpoint, thresholds=options.thresholds, seg_checkpoint=options.seg_checkpoint,
-                        device=options.device)
+    detector = Detector(options.checkpoint, thresholds=options.thresholds, threshold=options.threshold,
+                        seg_checkpoint=options.seg_checkpoint, device=options.device)
     app = create_app(detector, options)
     if options.host not in ("127.0.0.1", "localhost", "::1") and not options.token:
         log.warning(f"warning: serving on {options.host} without a token: anyone who reaches this machine can use "

@@ -117,3 +117,19 @@ def test_a_run_cut_short_keeps_the_settings_measured(tmp_path, monkeypatch):
     assert out["partial"] and [r["transform"] for r in out["results"]] == ["plain"]
     assert out["command"] == "data" and out["settings"]["workers"] == [0]
     assert "partial" not in run(tmp_path, "data", *SMALL, *DATA, "--workers", "0", "--cache", "none")
+
+
+def test_serve(tmp_path):
+    # serve.py in its own process (a random ViT-S at 28 px), 1 and 2 clients; each answer is checked inside
+    out = run(tmp_path, "serve", "--encoder", "dinov2reg_vit_small_14", "--image_size", "28", "--crop_size", "28",
+              "--source_size", "32", "--images", "3", "--clients", "1", "2", "--requests", "4", "--device", "cpu")
+    served = [r for r in out["results"] if r["path"] == "served"]
+    assert [(r["clients"], r["requests"]) for r in served] == [(1, 4), (2, 4)]
+    direct = [r for r in out["results"] if r["path"] != "served"]
+    assert [(r["path"], r["clients"]) for r in direct] == [("predict.py's, batch 8", 1), ("predict.py's, batch 1", 1),
+                                                           ("predict.py's, batch 8", 2), ("predict.py's, batch 1", 2)]
+    for r in served:
+        positive(r, ["requests_per_s", "p50_ms", "p99_ms", "server_rss_mb"])
+        assert r["p99_ms"] >= r["p50_ms"]
+    # warm-up 3 + 4 + 4 images answered, in batches
+    assert sum(int(k) * v for k, v in out["batches"].items()) == 11 and len(out["server_rss_mb"]) == 3
