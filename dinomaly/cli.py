@@ -424,6 +424,7 @@ def serve_parser() -> ArgumentParser:
                    help="the size of one request at most, in MB")
     p.add_argument("--max_pixels", type=int_at_least(1), default=40_000_000,
                    help="pixels of one image at most (a larger one is refused before it is decoded)")
+    p.add_argument("--review", metavar="DIR", help="a folder of images the review page scores when it opens")
     return p
 
 

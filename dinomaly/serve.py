@@ -65,6 +65,7 @@ class ServeOptions:
     max_images: int = 16
     max_mb: float = 32.0
     max_pixels: int = 40_000_000
+    review: str | None = None  # a folder whose images the review page scores when it opens
 
 
 class RequestError(Exception):
@@ -136,7 +137,7 @@ async def uploads(request: Request, body: bytes, max_images: int) -> list[tuple[
         form = await Request(request.scope, replay).form(max_files=max_images + 1, max_fields=100)
     except Exception as e:  # noqa: BLE001 - python-multipart's and starlette's errors: a malformed form
         raise RequestError(400, f"cannot read the multipart form ({one_line(e)})") from None
-    files = [(f"{f.filename or key!r}", await f.read()) for key, f in form.multi_items() if not isinstance(f, str)]
+    files = [(f.filename or key, await f.read()) for key, f in form.multi_items() if not isinstance(f, str)]
     if not files:
         raise RequestError(400, "the form holds no file; send the images as files (curl -F image=@part.png)")
     if len(files) > max_images:
@@ -311,6 +312,13 @@ def report_files(folder: str) -> list[str]:
     return found
 
 
+def review_images(folder: str | None) -> dict[str, str]:
+    """--review: {path relative to the folder, '/'-separated: path} of its images (dataset.find_images)."""
+    if folder is None:
+        return {}
+    return {os.path.relpath(p, folder).replace(os.sep, "/"): p for p in ds.find_images([folder])}
+
+
 def model_recipe(detector: Scoring):
     return detector.finder.recipe if isinstance(detector, PerClassDetector) else detector.recipe
 
@@ -438,6 +446,19 @@ def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
             detector.reload_thresholds()
         log.info(f"saved the thresholds of {', '.join(chosen)} into {path} (the calibrated ones: {backup})")
         return {"path": path, "backup": backup, "thresholds": class_thresholds(detector)}
+
+    review = review_images(options.review)
+
+    @app.get("/review_images")
+    def review_list():
+        """The images of --review (paths relative to it), which the page scores when it opens."""
+        return list(review)
+
+    @app.get("/review_images/{name:path}")
+    def review_image(name: str):
+        if name not in review:
+            raise RequestError(404, f"no image {name} in --review {options.review}")
+        return FileResponse(review[name])
 
     @app.get("/report/{name:path}")
     def report(name: str):

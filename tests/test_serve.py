@@ -345,3 +345,18 @@ def test_the_review_page_in_a_browser(run, browser, tmp_path):
 def post_token(url, path):
     return httpx.post(url + "/predict", content=path.read_bytes(), headers={"Authorization": "Bearer s3cret"}
                       ).json()["images"][0]
+
+
+def test_a_review_folder_is_listed_for_the_page(run, tmp_path):
+    folder = tmp_path / "line3"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(run[1][0], folder / "a.png")
+    shutil.copy(run[1][-1], folder / "sub" / "b.png")
+    (folder / "notes.txt").write_text("not an image")
+    s = start(run[0], review=str(folder))
+    try:
+        assert httpx.get(s.url + "/review_images").json() == ["a.png", "sub/b.png"]
+        assert httpx.get(s.url + "/review_images/sub/b.png").content == run[1][-1].read_bytes()
+        assert httpx.get(s.url + "/review_images/notes.txt").status_code == 404
+    finally:
+        s.close()

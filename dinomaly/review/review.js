@@ -126,7 +126,7 @@ async function score(files) {
   const limit = state.info.limits.max_images;
   for (let i = 0; i < files.length; i += limit) {
     const chunk = files.slice(i, i + limit), form = new FormData();
-    for (const f of chunk) form.append("image", f, f.webkitRelativePath || f.name);
+    for (const f of chunk) form.append("image", f, f.webkitRelativePath || f.name);  // a folder's: with its path
     status(`scoring ${Math.min(i + limit, files.length)} of ${files.length} images ...`);
     try {
       const answer = await api("predict?overlay=true", { method: "POST", body: form });
@@ -232,6 +232,14 @@ async function start() {
     buildThresholds();
     renderReport(info);
     status(tests.length ? `test set: ${tests.length} scored images` : "no test scores in the run folder");
+    const folder = await api("review_images");  // the service's --review folder
+    if (folder.length) {
+      const files = await Promise.all(folder.map(async (name) => {
+        const r = await fetch(withToken("review_images/" + name.split("/").map(encodeURIComponent).join("/")));
+        return new File([await r.blob()], name);
+      }));
+      await score(files);
+    }
   } catch (e) {
     status("cannot reach the service: " + e.message);
   }
