@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import dataset as ds
 from . import thresholds as th
 from .errors import UserError, one_line
-from .predict import Detector, PerClassDetector, Prediction, Scoring, overlay
+from .predict import Detector, PerClassDetector, Prediction, Scoring, as_rgb, overlay
 from .run import log
 
 TOKEN_ENV = "DINOMALY_SERVE_TOKEN"
@@ -83,7 +83,8 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 # ----------------------------------------------------------------------------------------------- images in
 
 def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """The bytes of an uploaded file -> 8-bit RGB (as predict.py reads a file: dataset.load_image), or a
+    """The bytes of an uploaded file -> 8-bit RGB, upright by its EXIF orientation (as predict.py reads a file:
+    dataset.load_image(upright=True), as_rgb), or a
     RequestError naming the problem: empty, not an image, more pixels than max_pixels (checked from the header,
     before decoding: a decompression bomb), truncated or damaged."""
     if not data:
@@ -106,7 +107,7 @@ def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise RequestError(400, f"{name} cannot be decoded, truncated or damaged ({one_line(e)}); send the whole "
                                 f"file") from None
-    return ds.to_rgb(img)
+    return as_rgb(img)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

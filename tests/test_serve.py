@@ -91,10 +91,17 @@ def healthy(url):
 
 def test_served_results_equal_predict_py(run, service, tmp_path):
     folder, images = run
+    turned = tmp_path / "turned.jpg"  # a JPEG stored sideways with an EXIF orientation: both read it upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(images[0]).crop((0, 0, 64, 40)).save(turned, exif=exif)
+    images = images + [turned]
     rows = predict_csv(folder, images, tmp_path / "p")
     assert len(rows) == len(images) >= 10
     for path in images:
-        assert_same(post(service.url, path).json()["images"][0], rows[str(path)])
+        answer = post(service.url, path).json()["images"][0]
+        assert_same(answer, rows[str(path)])
+    assert (answer["width"], answer["height"]) == (40, 64)  # the last, turned upright
     # several images in one multipart request, with mask and overlay: the mask is predict.py's mask file
     files = [("image", (p.name, p.read_bytes(), "image/png")) for p in images[:3]]
     answer = httpx.post(service.url + "/predict", files=files, params=dict(mask=1, overlay=1), timeout=60).json()
