@@ -139,6 +139,7 @@ async def uploads(request: Request, body: bytes, max_images: int) -> list[tuple[
     except Exception as e:  # noqa: BLE001 - python-multipart's and starlette's errors: a malformed form
         raise RequestError(400, f"cannot read the multipart form ({one_line(e)})") from None
     files = [(f.filename or key, await f.read()) for key, f in form.multi_items() if not isinstance(f, str)]
+    await form.close()
     if not files:
         raise RequestError(400, "the form holds no file; send the images as files (curl -F image=@part.png)")
     if len(files) > max_images:
@@ -293,12 +294,16 @@ LOSS_LINE = re.compile(r"iter \[(\d+)/\d+\], loss: ([0-9.eE+-]+)")
 
 
 def loss_curve(folder: str) -> list[list[float]]:
-    """[(iteration, mean loss)] of the training log lines in log.txt (train.log_progress)."""
+    """[(iteration, mean loss)] of the training log lines in log.txt (train.log_progress): of its last training
+    (log.txt is appended to: an earlier one, replaced by --overwrite, ends where the iterations start again;
+    a --resume goes on from the iteration it saved)."""
     path = os.path.join(folder, "log.txt")
     if not os.path.isfile(path):
         return []
     with open(path, errors="replace") as f:
-        return [[int(m[1]), float(m[2])] for m in LOSS_LINE.finditer(f.read())]
+        points = [[int(m[1]), float(m[2])] for m in LOSS_LINE.finditer(f.read())]
+    starts = [i for i in range(1, len(points)) if points[i][0] <= points[i - 1][0]]
+    return points[starts[-1] if starts else 0:]
 
 
 def report_files(folder: str) -> list[str]:
