@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import dataset as ds
+from . import image_files
 from . import thresholds as th
 from .errors import UserError, one_line
 from .predict import Detector, PerClassDetector, Prediction, Scoring, as_rgb, overlay
@@ -319,10 +320,10 @@ def report_files(folder: str) -> list[str]:
 
 
 def review_images(folder: str | None) -> dict[str, str]:
-    """--review: {path relative to the folder, '/'-separated: path} of its images (dataset.find_images)."""
+    """--review: {path relative to the folder, '/'-separated: path} of its images (image_files.find_images)."""
     if folder is None:
         return {}
-    return {os.path.relpath(p, folder).replace(os.sep, "/"): p for p in ds.find_images([folder])}
+    return {os.path.relpath(p, folder).replace(os.sep, "/"): p for p in image_files.find_images([folder])}
 
 
 def model_recipe(detector: Scoring):
