@@ -36,6 +36,7 @@ SAVED_SETTINGS = {
     "lc": choice(*GROUPINGS).optional(),
     "cr": choice(0, 1).optional(),
     "la": choice(0, 1).optional(),
+    "modality": choice(*recipes.MODALITIES).optional(),
 }
 
 
@@ -251,7 +252,8 @@ def model_options(recipe: Recipe) -> dict:
     """ViTill's keyword arguments for a recipe's architecture, but the encoder (build_model, load_model)."""
     return dict(dropout=recipe.dropout, decoder_depth=recipe.decoder_depth, bottleneck_kind=recipe.bottleneck,
                 mask_ratio=recipe.mask_ratio, mask_in_eval=recipe.test_mask == "on", attn_eps=recipe.attn_eps,
-                lc=recipe.lc, recenter=bool(recipe.cr), linear_attention=bool(recipe.la), taps=recipe.taps)
+                lc=recipe.lc, recenter=bool(recipe.cr), linear_attention=bool(recipe.la), taps=recipe.taps,
+                modality=recipe.modality)
 
 
 def checkpoint_file(path: str) -> str:
@@ -377,16 +379,24 @@ def followed(saved: Recipe, given: dict, known: set[str]) -> Recipe:
     return saved.replace(**given)
 
 
-def load_trained(path: str, given: dict, method: str) -> tuple[ViTill, Recipe]:
+def load_trained(path: str, given: dict, method: str, modality: str | None = None) -> tuple[ViTill, Recipe]:
     """A trained reconstruction model (a run folder or a model.pth) in eval mode, and the recipe it is built with:
     its run's (method, encoder, image and crop size, mask ratio, test masking, attention epsilon, Dinomaly2's
     lc/cr/la, ...), with the recipe fields given on the command line (`given`) overriding them. A checkpoint
-    without a config.json gets the recipe of `method`, or Dinomaly2's when its bottleneck is Dinomaly2's."""
+    without a config.json gets the recipe of `method`, or Dinomaly2's when its bottleneck is Dinomaly2's.
+    `modality` (a script's: what its inputs are): the model's when the run did not record one (an official file,
+    e.g. the preview's DinomalyRGBD model.pth); a run recorded with another is refused."""
     path = checkpoint_file(path)
     sd = read_state_dict(path, "checkpoint")
     kind = bottleneck_kind(sd)
     saved, recorded = saved_recipe(path, "dinomaly2" if kind == "two_stage" else method)
     check_settings_file(path, given, saved)
+    if modality is not None and "modality" not in recorded:
+        saved = saved.replace(modality=modality)
+    elif modality is not None and saved.modality != modality:
+        raise UserError(f"{path} is a model of {saved.modality} inputs ({recipes.MODALITIES[saved.modality]}), but "
+                        f"this script's are {modality} ({recipes.MODALITIES[modality]}); use the script it was trained "
+                        f"with")
     r = followed(saved, given, recorded)
     if kind not in (None, recipes.PAPER[r.method].bottleneck):
         raise UserError(f"checkpoint {path} has a {kind} bottleneck, but its run says method "

@@ -50,6 +50,7 @@ BTAD_CLASSES = ["01", "02", "03"]
 MIAD_CLASSES = ["catenary_dropper", "electrical_insulator", "metal_welding", "nut_and_bolt", "photovoltaic_module",
                 "wind_turbine", "witness_mark"]
 UNIMEDICAL_CLASSES = ["BraTS2021", "LIVER", "RESC"]
+MVTEC3D_CLASSES = ["cable_gland", "bagel", "peach", "carrot", "dowel", "foam", "cookie", "rope", "potato", "tire"]
 
 # The 160 classes of Real-IAD Variety: the sorted names of its split files (the preview lists
 # <data_path>/realiadvariety_jsons/*.json), spelling and all.
@@ -105,7 +106,7 @@ MANTA_CLASSES = [  # <domain>/<class>, the preview's list
 # MVTec layout (manta with five views in each image)
 DATASETS = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALIAD_CLASSES, "mpdd": MPDD_CLASSES,
             "btad": BTAD_CLASSES, "miad": MIAD_CLASSES, "unimedical": UNIMEDICAL_CLASSES,
-            "realiad_variety": REALIAD_VARIETY_CLASSES, "manta": MANTA_CLASSES}
+            "realiad_variety": REALIAD_VARIETY_CLASSES, "manta": MANTA_CLASSES, "mvtec3d": MVTEC3D_CLASSES}
 # Datasets read through Real-IAD's split files: (image folders, the first one present being the default; split
 # folder). Real-IAD Variety: the README's downsampled realiadvariety_1024 when it is there (the preview reads
 # realiadvariety_raw, which its README tells to downsample to realiadvariety_1024), else realiadvariety_raw.
@@ -128,6 +129,8 @@ class Sample:
     rel_path: str = ""  # the image path relative to its class folder, '/'-separated (used for foreground masks)
     object_id: str | None = None  # multi-view evaluation: the object this view shows (None: not grouped)
     strip: int | None = None  # MANTA: which view strip of the image this sample is (None: the whole image)
+    pair_path: str | None = None  # two modalities (modalities.py): the second one's file (depth or infrared)
+    pair_kind: str | None = None  # what pair_path is: "depth" or "infrared" (None: an RGB image alone)
 
 
 def _open(path: str, what: str, where: str) -> Image.Image:
@@ -224,6 +227,19 @@ def load_tensor(path: str, image_size: int, crop_size: int, cache=None) -> torch
     return image_to_tensor(Image.fromarray(cache.get(path)), crop_size)
 
 
+def sample_tensor(s: Sample, image_size: int, crop_size: int, cache=None) -> torch.Tensor:
+    """A sample's input: [3, crop, crop] for an image, [6, crop, crop] for a pair of modalities (modalities.py)."""
+    if s.pair_kind is None:
+        return load_tensor(s.image_path, image_size, crop_size, cache)
+    return modalities().pair_tensor(s, image_size, crop_size, cache)
+
+
+def modalities():
+    """modalities.py (which imports this module)."""
+    from . import modalities as m
+    return m
+
+
 def transform(img: Image.Image, image_size: int, crop_size: int) -> torch.Tensor:
     """The input transform of an RGB image: resize -> centre crop -> normalised [3, crop, crop]."""
     return image_to_tensor(resize(img, image_size), crop_size)
@@ -239,7 +255,7 @@ class TrainDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return load_tensor(self.samples[i].image_path, self.image_size, self.crop_size, self.cache)
+        return sample_tensor(self.samples[i], self.image_size, self.crop_size, self.cache)
 
 
 class TestDataset(Dataset):
@@ -259,9 +275,10 @@ class TestDataset(Dataset):
         s = self.samples[i]
         if s.strip is not None:
             return self.view(s)
-        img = load_tensor(s.image_path, self.image_size, self.crop_size, self.cache)
+        img = sample_tensor(s, self.image_size, self.crop_size, self.cache)
         if s.label != 0 and s.mask_path is not None:
-            mask = mask_to_tensor(resize(load_mask(s.mask_path), self.image_size), self.crop_size)
+            mask = load_mask(s.mask_path) if s.pair_kind is None else modalities().pair_mask(s)
+            mask = mask_to_tensor(resize(mask, self.image_size), self.crop_size)
         else:
             mask = torch.zeros(1, self.crop_size, self.crop_size)
         has_mask = s.label == 0 or s.mask_path is not None
@@ -518,6 +535,43 @@ def manta_samples(root: str, class_name: str, phase: str, multiview: bool = Fals
             for s in samples for v in range(MANTA_VIEWS)]
 
 
+def mvtec3d_samples(root: str, class_name: str, phase: str) -> list[Sample]:
+    """Samples of one MVTec 3D-AD class, as distributed: `<root>/<class>/train/good/rgb/<n>.png` (phase 'train'),
+    `<root>/<class>/test/<kind>/rgb/<n>.png` ('test': 'good' -> 0, any other kind -> 1, mask
+    `<kind>/gt/<n>.png`), sorted by kind then name; each paired with its depth (modalities.depth_file: the
+    prepared `<kind>/z/<n>.tiff`, else the point cloud `<kind>/xyz/<n>.tiff`). The validation split is not read,
+    as in the preview."""
+    if phase not in ("train", "test"):
+        raise ValueError(f"phase must be 'train' or 'test', not {phase!r}")
+    split = os.path.join(_class_dir(root, class_name), phase)
+    if not os.path.isdir(split):
+        raise UserError(f"{phase} folder not found: {split}; MVTec 3D-AD's layout is <class>/{{train,test}}/<kind>/"
+                        f"{{rgb,xyz,gt}}")
+    kinds = [k for k in _list_subdirs(split) if phase == "test" or k.lower() in NORMAL_DIR_NAMES]
+    samples = []
+    for kind in kinds:
+        kind_dir = os.path.join(split, kind)
+        label = 0 if kind.lower() in NORMAL_DIR_NAMES else 1
+        rgb_dir = os.path.join(kind_dir, "rgb")
+        if not os.path.isdir(rgb_dir):
+            raise UserError(f"image folder not found: {rgb_dir}; MVTec 3D-AD's layout is <class>/<split>/<kind>/"
+                            f"{{rgb,xyz,gt}}")
+        for name in _list_images(rgb_dir):
+            stem = os.path.splitext(name)[0]
+            mask = None
+            if label:
+                mask = os.path.join(kind_dir, "gt", stem + ".png")
+                if not os.path.isfile(mask):
+                    raise UserError(f"no mask for {os.path.join(rgb_dir, name)}: {mask} not found; add it, or "
+                                    f"remove the sample")
+            samples.append(Sample(os.path.join(rgb_dir, name), label, mask, class_name,
+                                  rel_path=f"{phase}/{kind}/rgb/{name}",
+                                  pair_path=modalities().depth_file(kind_dir, stem), pair_kind="depth"))
+    if not samples:
+        raise UserError(f"no samples in {split}; expected <kind>/rgb/<n>.png with <kind>/xyz/<n>.tiff")
+    return samples
+
+
 def _split_path(path: str) -> str:
     """A path from a split file, '/'-separated and relative (a leading '/' is dropped)."""
     return path.replace("\\", "/").lstrip("/")
@@ -591,6 +645,8 @@ def class_samples(dataset: str, root: str, class_name: str, phase: str, resoluti
                                multiview, allow_outside)
     if dataset == "manta":
         return manta_samples(root, class_name, phase, multiview), 0
+    if dataset == "mvtec3d":
+        return mvtec3d_samples(root, class_name, phase), 0
     return mvtec_samples(root, class_name, phase), 0
 
 

@@ -65,7 +65,8 @@ def run_model(run: Run, settings: Settings, checked: bool = False) -> tuple[Anom
     if options.eval_only:
         if not checked:
             preflight.check_data(data, seed)  # the data before the model, which takes longer to load
-        model, recipe = trained_model(run, options.checkpoint, settings.given, settings.recipe.method)
+        model, recipe = trained_model(run, options.checkpoint, settings.given, settings.recipe.method,
+                                      settings.recipe.modality)
         run.save_config(settings.config(model=recipe))
     else:
         recipe = settings.recipe
@@ -123,7 +124,8 @@ def per_class(run: Run, settings: Settings):
             log.info(samples.metrics_line(name, metrics, entry))
         write_results(run, results)
     if mapper is None:  # every class was done before: the prototypes come from one of their models
-        model, used = trained_model(run, run.path(data.classes[-1]), settings.given, settings.recipe.method)
+        model, used = trained_model(run, run.path(data.classes[-1]), settings.given, settings.recipe.method,
+                                    settings.recipe.modality)
         mapper = AnomalyMapper(model, max_ratio=evaluation.max_ratio, precision=options.precision)
     save_class_prototypes(run, mapper, data, used.image_size, used.crop_size, evaluation.batch_size)
 
@@ -153,10 +155,11 @@ def training_setting(settings: Settings) -> str:
     return "multi-view" if settings.evaluation.multiview == "on" else "multi-class"
 
 
-def trained_model(run: Run, path: str, given: dict, method: str) -> tuple[models.ViTill, Recipe]:
+def trained_model(run: Run, path: str, given: dict, method: str,
+                  modality: str | None = None) -> tuple[models.ViTill, Recipe]:
     """A trained reconstruction model in eval mode on the run's device, and its recipe: the saved run's, with
-    the recipe fields `given` on the command line (checkpoints.load_trained)."""
-    model, recipe = checkpoints.load_trained(path, given, method)
+    the recipe fields `given` on the command line; `modality`: the script's inputs (checkpoints.load_trained)."""
+    model, recipe = checkpoints.load_trained(path, given, method, modality)
     return prepared(run, model), recipe
 
 

@@ -49,6 +49,8 @@ def items(data: DataOptions, seed: int, train: list[ds.Sample] | None, textures:
     out = []
     for s in train or []:
         out.append(Item(s.image_path, "training image", s))
+        if s.pair_kind == "infrared":  # a depth file is a TIFF of floats, read when used
+            out.append(Item(s.pair_path, "training infrared image", s))
         if s.foreground_path:
             out.append(Item(s.foreground_path, "foreground mask", s))
     out += [Item(p, "texture image") for p in textures]
@@ -57,6 +59,8 @@ def items(data: DataOptions, seed: int, train: list[ds.Sample] | None, textures:
             if s.strip:  # MANTA: the file of views 2 to 5 is that of view 1
                 continue
             out.append(Item(s.image_path, "test image", s))
+            if s.pair_kind == "infrared":
+                out.append(Item(s.pair_path, "test infrared image", s))
             if s.label and s.mask_path:
                 out.append(Item(s.mask_path, "mask", s))
     return out

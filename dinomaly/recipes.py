@@ -31,6 +31,8 @@ from .encoders import DEFAULT_ENCODER
 from .errors import UserError
 
 METHODS = {"dinomaly": "Dinomaly", "dinomaly2": "Dinomaly2", "crr": "CRR"}  # the reconstruction methods, by name
+# what a model's inputs are (models/vitill.py: MODALITIES; modalities.py): images, or pairs of two modalities
+MODALITIES = {"rgb": "RGB images", "rgbd": "RGB + depth pairs", "rgbir": "RGB + infrared pairs"}
 
 
 def setting(default, help: str | None = None, part: str = "training", methods: tuple[str, ...] | None = None,
@@ -73,6 +75,8 @@ class Recipe:
                       choices=[0, 1])
     la: int = setting(1, "decoder attention: linear (1), or softmax (0)", part="model", methods=("dinomaly2",),
                       type=int, choices=[0, 1])
+    # "rgb", or a pair: "rgbd" (RGB + depth fused per tap), "rgbir" (RGB + infrared side by side); see MODALITIES
+    modality: str = setting("rgb", part="model")
     # data and run length
     total_iters: int = setting(10000, "training iterations", type=int_at_least(1))
     batch_size: int = setting(16, "images per step (the global batch under torchrun; also the evaluation's)",

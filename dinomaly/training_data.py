@@ -23,6 +23,9 @@ def train_dataset(run: Run, data: DataOptions, recipe: Recipe):
         return ds.StripTrainDataset(train, size, crop, seed)
     if shot is None:
         return ds.TrainDataset(train, size, crop, image_cache(data, train, size))
+    if train[0].pair_kind is not None:
+        raise UserError("--shot is for image datasets: the strong augmentation of few-shot training is not defined "
+                        "for pairs of modalities")
     train = fewshot.select_shots(train, shot, seed)
     log.info(f"{shot}-shot training set ({len(train)} images): " + ", ".join(s.image_path for s in train))
     if run.is_main:
@@ -32,11 +35,22 @@ def train_dataset(run: Run, data: DataOptions, recipe: Recipe):
 
 
 def image_cache(data: DataOptions, some: list[ds.Sample], image_size: int, modes=("memory", "disk")):
-    """The --cache_images cache of these samples' images when its mode is one of `modes` (test images are read
-    once per run: only a disk cache, kept for later runs, gains), else None."""
+    """The --cache_images cache of these samples' images (both of a pair: modalities.pair_reader) when its mode is
+    one of `modes` (test images are read once per run: only a disk cache, kept for later runs, gains), else
+    None."""
     paths = [s.image_path for s in some if s.strip is None]  # MANTA's view strips are cut from the file each time
+    kind = some[0].pair_kind if some else None
     mode = data.cache_images
-    return build_cache(mode, paths, image_size, data.cache_dir) if mode in modes and paths else None
+    if kind is None:
+        return build_cache(mode, paths, image_size, data.cache_dir) if mode in modes and paths else None
+    from . import modalities
+    raw = [s.pair_path for s in some if kind == modalities.DEPTH and modalities.is_point_cloud(s.pair_path)]
+    if raw and mode == "none":
+        log.warning(f"warning: {len(raw)} samples have no prepared depth (z/ files), e.g. {raw[0]}: their point "
+                    f"clouds are prepared on the fly each time they are read; run prepare_data/prepare_mvtec3d.py "
+                    f"once, or pass --cache_images memory (or disk, kept for later runs)")
+    return build_cache(mode, paths + [s.pair_path for s in some], image_size, data.cache_dir,
+                       modalities.pair_reader(kind)) if mode in modes else None
 
 
 def synthetic_train_set(data: DataOptions, seed: int, image_size: int, crop_size: int):

@@ -102,9 +102,11 @@ def colorbar(height: int, color_range: tuple[float, float], marks: dict[str, flo
 def heatmap_panel(img: torch.Tensor, gt: torch.Tensor, amap: torch.Tensor, color_range: tuple[float, float],
                   caption: str, marks: dict[str, float] | None = None) -> np.ndarray:
     """Three panels with titles, image | ground truth (outlined in red) | anomaly map over the image, a colour
-    bar, and a caption below (RGB uint8)."""
+    bar, and a caption below (RGB uint8). A pair of modalities ([6, H, W]: RGB, then depth or infrared) shows its
+    second image after the first."""
     size = amap.shape[-1]
-    rgb = to_uint8_image(img, size)
+    rgb = to_uint8_image(img[:3], size)
+    second = [("second modality", to_uint8_image(img[3:], size))] if img.shape[0] == 6 else []
     overlay = blend(rgb, colorize(amap.float().cpu().numpy(), color_range))
     outlined = rgb.copy()
     contours, _ = cv2.findContours(gt.cpu().numpy().astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
@@ -112,7 +114,7 @@ def heatmap_panel(img: torch.Tensor, gt: torch.Tensor, amap: torch.Tensor, color
     scale, thick = _text_scale(size)
     title_h = int(28 * scale / 0.43)
     panels = [np.concatenate([text_band(size, title_h, title, scale=scale, thick=thick), p])
-              for title, p in (("image", rgb), ("ground truth", outlined), ("anomaly map", overlay))]
+              for title, p in (("image", rgb), *second, ("ground truth", outlined), ("anomaly map", overlay))]
     body = np.concatenate([*panels, colorbar(size + title_h, color_range, marks)], axis=1)
     return np.concatenate([body, text_band(body.shape[1], title_h, caption, scale=scale, thick=thick)])
 

@@ -1,5 +1,6 @@
 """ViTill, the reconstruction model of Dinomaly, CRR (optional bottleneck masking) and Dinomaly2 (two-stage
-bottleneck, context-aware recentering of the encoder targets, a choice of tap groups and attention).
+bottleneck, context-aware recentering of the encoder targets, a choice of tap groups and attention, and two
+modalities in one input: RGB + depth fused per tap as the preview's DinomalyRGBD, RGB + infrared side by side).
 
 The state dict is the official one: `encoder.*` (the publisher's names), `bottleneck.*` (decoder.bottleneck),
 `decoder.{i}.*`.
@@ -39,6 +40,14 @@ GROUPINGS = {
     14: [[1], [3], [5], [7]],
 }
 RECENTER_EPS = 1e-8  # the layer norm of Dinomaly2's recentred targets
+# What an input holds (modality): "rgb" an image [B, 3, H, W]; "rgbd" and "rgbir" a pair [B, 6, H, W], the RGB
+# image's channels then the depth's (coloured) or the infrared image's. Both halves of a pair go through the same
+# frozen encoder as separate images. "rgbd": each tap is then RGB_WEIGHT * rgb + (1 - RGB_WEIGHT) * depth (all
+# tokens), and the rest is as for an image (the preview's DinomalyRGBD, rgb_ratio 0.5). "rgbir": the two halves stay
+# separate images, [rgb_0 .. rgb_B-1, ir_0 .. ir_B-1] (the preview's forward of cat([rgb, infrared])): en and de
+# hold 2B maps.
+MODALITIES = {"rgb": 3, "rgbd": 6, "rgbir": 6}  # -> input channels
+RGB_WEIGHT = 0.5
 TAPS = 8  # the groupings pair 8 taps with the 8 decoder outputs
 
 
@@ -62,8 +71,11 @@ class ViTill(nn.Module):
     def __init__(self, encoder_cfg: EncoderConfig, dropout: float = 0.2, decoder_depth: int = 8,
                  mask_ratio: float = 0.0, mask_in_eval: bool = False, attn_eps: float = 0.0,
                  bottleneck_kind: str = "mlp", recenter: bool = False, lc: int = 2, linear_attention: bool = True,
-                 taps: tuple[int, ...] | None = None):
+                 taps: tuple[int, ...] | None = None, modality: str = "rgb"):
         super().__init__()
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r} (expected one of {sorted(MODALITIES)})")
+        self.modality = modality
         d, heads = encoder_cfg.embed_dim, encoder_cfg.num_heads
         if lc not in GROUPINGS:
             raise ValueError(f"unknown tap grouping lc={lc} (expected one of {sorted(GROUPINGS)})")
@@ -117,9 +129,7 @@ class ViTill(nn.Module):
                                                                                        list[torch.Tensor]]:
         """[B, 3, H, W] -> (en, de): two lists (one map per group) of [B, D, H/14, W/14]. `mask_seeds`: one
         seed per image for eval-mode masks drawn on the device (see bottleneck_mask)."""
-        grid = x.shape[-2] // self.encoder.cfg.patch_size, x.shape[-1] // self.encoder.cfg.patch_size
-        with torch.no_grad():
-            taps = self.encoder(x)  # 8 x [B, T, D]
+        taps, grid = self.tapped(x)  # 8 x [B, T, D]
         x = mean_of(taps)
         if self.mask_ratio > 0 and (self.training or self.mask_in_eval):
             x = x * self.bottleneck_mask(x, mask_seeds)
@@ -135,10 +145,23 @@ class ViTill(nn.Module):
     def encoded(self, x: torch.Tensor) -> list[torch.Tensor]:
         """en alone (the frozen encoder's group features, nothing decoded): [B, 3, H, W] -> one [B, D, h, w] per
         group, the same as forward's."""
+        return self.group_features(*self.tapped(x))
+
+    def tapped(self, x: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """The frozen encoder's 8 taps of an input (a pair's halves fused for "rgbd", side by side for "rgbir"; see
+        MODALITIES) and the patch grid."""
+        channels = MODALITIES[self.modality]
+        if x.shape[1] != channels:
+            raise ValueError(f"a {self.modality} model takes inputs of {channels} channels, not {x.shape[1]}")
+        grid = x.shape[-2] // self.encoder.cfg.patch_size, x.shape[-1] // self.encoder.cfg.patch_size
+        if channels == 6:
+            x = torch.cat([x[:, :3], x[:, 3:]])
         with torch.no_grad():
             taps = self.encoder(x)
-        return self.group_features(taps, (x.shape[-2] // self.encoder.cfg.patch_size,
-                                          x.shape[-1] // self.encoder.cfg.patch_size))
+        if self.modality == "rgbd":
+            b = taps[0].shape[0] // 2
+            taps = [RGB_WEIGHT * t[:b] + (1 - RGB_WEIGHT) * t[b:] for t in taps]
+        return taps, grid
 
     def group_features(self, taps: list[torch.Tensor], grid: tuple[int, int]) -> list[torch.Tensor]:
         """The encoder's taps -> en: per group their mean (Dinomaly2: recentred), patch tokens as [B, D, h, w]."""

@@ -1,0 +1,120 @@
+"""Samples of two modalities, as Dinomaly2's preview feeds them: an RGB image with its depth (MVTec 3D-AD) or with
+its infrared image (MulSen-AD). A pair is one tensor [6, crop, crop]: the RGB image's 3 channels, then the other
+modality's as an RGB image, each through the same resize, crop and normalisation. The model's `modality`
+("rgbd", "rgbir"; models/vitill.py) says what it does with the two halves.
+
+- Depth (`DEPTH`): the sample's `pair_path` is its z map (`<kind>/z/<n>.tiff`, written by
+  prepare_data/prepare_mvtec3d.py or by the preview's scripts) or, where there is none, its point cloud
+  (`<kind>/xyz/<n>.tiff`), prepared on the fly (depth.prepare_scan; its RGB image and mask padded the same way).
+  The depth is coloured and the RGB image's background zeroed per sample (depth.colour_depth, zero_background).
+- Infrared (`INFRARED`): `pair_path` is the infrared image, read as RGB like any image.
+
+With --cache_images the two resized images of a pair are cached under their own paths (`pair_reader`), so the
+on-the-fly preparation of a point cloud runs once per image size.
+"""
+import functools
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import depth
+from .dataset import Sample, image_to_tensor, load_image, load_mask, resize
+from .errors import UserError
+from .image_cache import Reader, pil_rgb
+
+DEPTH, INFRARED = "depth", "infrared"
+PAIR_KINDS = {"rgbd": DEPTH, "rgbir": INFRARED}  # the model's modality -> what the second image is
+DEPTH_FOLDERS = ("z", "xyz")  # a sample's depth: its prepared z map, else its point cloud
+
+
+def depth_file(kind_dir: str, stem: str) -> str:
+    """The depth of sample `stem` in an MVTec 3D-AD folder `<kind>`: `<kind>/z/<stem>.tiff` when it exists, else
+    `<kind>/xyz/<stem>.tiff` (prepared on the fly). The path is built from the sample's own folder, not by
+    replacing 'rgb' in the whole path as the preview does (which breaks when a parent folder's name holds 'rgb')."""
+    for folder in DEPTH_FOLDERS:
+        path = os.path.join(kind_dir, folder, stem + ".tiff")
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"no depth for {os.path.join(kind_dir, 'rgb', stem)}.png: neither {kind_dir}/z/{stem}.tiff nor "
+                    f"{kind_dir}/xyz/{stem}.tiff exists; MVTec 3D-AD's layout is <class>/<split>/<kind>/"
+                    f"{{rgb,xyz,gt}}")
+
+
+def is_point_cloud(depth_path: str) -> bool:
+    """Whether a depth file is a point cloud to prepare (xyz/), not a prepared z map (z/)."""
+    return os.path.basename(os.path.dirname(depth_path)) == "xyz"
+
+
+def depth_of_image(rgb_path: str) -> str:
+    """The depth file of an MVTec 3D-AD image `<kind>/rgb/<n>.png`."""
+    return depth_file(os.path.dirname(os.path.dirname(rgb_path)), os.path.splitext(os.path.basename(rgb_path))[0])
+
+
+@functools.lru_cache(maxsize=2)  # a pair's image and depth are read one after the other
+def prepared_scan(xyz_path: str, rgb_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(z map, RGB image) of a point cloud prepared as the preview's scripts do (depth.prepare_scan)."""
+    xyz = depth.read_tiff(xyz_path)
+    rgb = np.asarray(load_image(rgb_path))
+    if xyz.ndim != 3 or xyz.shape[2] != 3 or xyz.shape[:2] != rgb.shape[:2]:
+        raise UserError(f"{xyz_path} is not an organised point cloud [H, W, 3] of its image's size "
+                        f"{rgb.shape[1]} x {rgb.shape[0]} (it is {list(xyz.shape)}); replace the file")
+    z, rgb, _ = depth.prepare_scan(xyz, rgb)
+    return z, rgb
+
+
+def rgbd_arrays(rgb_path: str, depth_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB image with its background zeroed, coloured depth), uint8 [S, S, 3] each, as the preview's
+    MVTec3DDataset makes them."""
+    if is_point_cloud(depth_path):
+        z, rgb = prepared_scan(depth_path, rgb_path)
+    else:
+        z, rgb = depth.read_tiff(depth_path), np.asarray(load_image(rgb_path))
+        if z.shape != rgb.shape[:2]:
+            raise UserError(f"{depth_path} ({z.shape[1]} x {z.shape[0]}) does not match its image {rgb_path} "
+                            f"({rgb.shape[1]} x {rgb.shape[0]}); prepare the dataset again")
+    return depth.zero_background(rgb, z), depth.colour_depth(z, depth_path)
+
+
+def pair_arrays(s: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """The two images of a pair sample at their own size, uint8 RGB."""
+    if s.pair_kind == DEPTH:
+        return rgbd_arrays(s.image_path, s.pair_path)
+    return np.asarray(load_image(s.image_path)), np.asarray(load_image(s.pair_path))
+
+
+def pair_tensor(s: Sample, image_size: int, crop_size: int, cache=None) -> torch.Tensor:
+    """A pair sample -> [6, crop, crop]: both images resized, centre-cropped and normalised (`cache`: an
+    ImageCache of pair_reader's, holding both)."""
+    if cache is not None:
+        images = [cache.get(s.image_path), cache.get(s.pair_path)]
+    else:
+        images = [np.asarray(resize(Image.fromarray(a), image_size)) for a in pair_arrays(s)]
+    return torch.cat([image_to_tensor(Image.fromarray(a), crop_size) for a in images])
+
+
+def pair_mask(s: Sample) -> Image.Image:
+    """The mask of a pair sample; a point cloud prepared on the fly pads it as its image."""
+    m = load_mask(s.mask_path)
+    if s.pair_kind == DEPTH and is_point_cloud(s.pair_path):
+        return Image.fromarray(depth.pad_square(np.asarray(m)))
+    return m
+
+
+def rgbd_resized(path: str, size: int) -> np.ndarray:
+    """The image cache's reader of MVTec 3D-AD pairs: an RGB image (with its background zeroed) or a depth file
+    (coloured), resized as the input transform does."""
+    if path.lower().endswith(".tiff"):
+        rgb = os.path.join(os.path.dirname(os.path.dirname(path)), "rgb",
+                           os.path.splitext(os.path.basename(path))[0] + ".png")
+        return np.asarray(resize(Image.fromarray(rgbd_arrays(rgb, path)[1]), size))
+    return np.asarray(resize(Image.fromarray(rgbd_arrays(path, depth_of_image(path))[0]), size))
+
+
+RGBD = Reader("rgbd", 3, rgbd_resized)
+
+
+def pair_reader(kind: str) -> Reader:
+    """The image cache's reader of a pair kind's images: RGB and infrared images are plain images."""
+    return RGBD if kind == DEPTH else Reader("images", 3, pil_rgb)
