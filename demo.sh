@@ -8,6 +8,10 @@
 #   bash demo.sh dinomaly2_fewshot   Dinomaly2 few-shot (dinomaly2_fewshot.py, 4 images per class)
 #   bash demo.sh dinomaly2_multiview Dinomaly2 multi-view (dinomaly2_multiview.py) on a Real-IAD-layout copy with
 #                                    objects of five views: image, pixel, object and sample metrics
+#   bash demo.sh dinomaly2_mvtec3d   Dinomaly2 RGB + depth (dinomaly2_mvtec3d.py) on generated point clouds in MVTec
+#                                    3D-AD's layout (prepare_data/make_demo_pairs.py; dents seen in the depth only)
+#   bash demo.sh dinomaly2_mulsen    Dinomaly2 RGB + infrared (dinomaly2_mulsen.py) on generated pairs in MulSen-AD's
+#                                    layout (hot spots seen in the infrared image only)
 #   bash demo.sh own    Dinomaly on plain folders of good images only (demo_data/own_parts/<class>/*.png)
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
@@ -47,6 +51,18 @@ dinomaly2_multiview)
     .venv/bin/python dinomaly2_multiview.py --data_path demo_data/multiview/realiad_demo --save_name demo_multiview \
         --overwrite "${DATA[@]}" "${MODEL[@]}" --total_iters 150 --save_heatmaps 2
     echo "results, thresholds and pictures: saved_results/demo_multiview/"
+    ;;
+dinomaly2_mvtec3d)
+    .venv/bin/python prepare_data/make_demo_pairs.py --out demo_data
+    .venv/bin/python dinomaly2_mvtec3d.py --data_path demo_data/mvtec3d_demo --classes dome block --save_name demo_mvtec3d \
+        --overwrite "${LOADER[@]}" "${MODEL[@]}" --total_iters 150 --save_heatmaps 2 --cache_images memory
+    echo "results, thresholds and pictures: saved_results/demo_mvtec3d/"
+    ;;
+dinomaly2_mulsen)
+    .venv/bin/python prepare_data/make_demo_pairs.py --out demo_data
+    .venv/bin/python dinomaly2_mulsen.py --data_path demo_data/mulsen_demo --classes dome block --save_name demo_mulsen \
+        --overwrite "${LOADER[@]}" "${MODEL[@]}" --total_iters 150 --save_heatmaps 2
+    echo "results, thresholds and pictures: saved_results/demo_mulsen/"
     ;;
 own)
     # your own data: one folder of good images per class, no test set, no defects, no masks (the classes are

@@ -12,7 +12,7 @@ from dinomaly2_2d import RECIPE as RECIPE_2D
 RECIPE = RECIPE_2D.replace(
     modality="rgbd",  # RGB + depth pairs, fused per tap
     encoder="dinov2reg_vit_base_14",
-    image_size=392,
+    image_size=448,  # as the preview's README runs it (its argparse default is 392 / 392)
     crop_size=392,
     total_iters=40000,
     bottleneck_in_lr=2e-3,  # the whole bottleneck at 2e-3

@@ -22,7 +22,12 @@ copies the same weights into ours (strict loads both ways), then compares in flo
   strong augmentation (get_strong_transforms under our per-item seeding) against fewshot.AugmentedDataset,
   pixel for pixel, on a generated folder; the plain test transform too;
 - the variants --la 0, --lc 0/1/3/4/11/12/14, --cr 0 (forward, maps; for --la 0 and --cr 0 a few float64
-  training steps); the class lists and their order against dinomaly_fewshot.py's.
+  training steps); the class lists and their order against dinomaly_fewshot.py's;
+- RGB + depth: the preview's DinomalyRGBD (dinomaly_mvtec3d.py's build) against ViTill(modality="rgbd"): strict
+  loads, forward, maps and scores, training steps of its loop (two groups at 2e-3) in float32 and float64; its gap
+  filling and padding (run from its preprocess_mvtec3d_2.py / _1.py source) against dinomaly/depth.py on
+  generated point clouds, and its MVTec3DDataset against our reader on a folder prepared by
+  prepare_data/prepare_mvtec3d.py, input for input.
 
 Prints a table of the gaps and exits with status 1 when a check misses its target. Nothing of the preview is
 copied here: its modules are imported, and only the order of the calls of its training loop is restated.
@@ -519,7 +524,7 @@ def compare_script_defaults(path: str) -> list:
         built = dict(checkpoints.model_options(a), encoder=a.encoder)
         compared = dict(mask_ratio=0.0, mask_in_eval=False, attn_eps=1e-8, lc=2, recenter=True,
                         linear_attention=True, dropout=0.4, decoder_depth=8, bottleneck_kind="two_stage",
-                        encoder=ENCODER)
+                        encoder=ENCODER, taps=None, modality="rgb")
         rows.append((f"{ours_mod.__name__}.py builds the model compared here", "same" if built == compared else
                      f"DIFFER: {built} vs {compared}", built == compared))
     return rows
@@ -634,6 +639,155 @@ def default_configuration(P, encoder, args, table):
     prev.float()  # the shared encoder back to float32
 
 
+# ----------------------------------------------------------------------------------------------- RGB + depth
+
+def preview_rgbd_model(P, encoder, dropout=0.4):
+    """The preview's DinomalyRGBD as dinomaly_mvtec3d.py builds it (on the shared ViT-S encoder)."""
+    bottleneck = nn.ModuleList([
+        nn.Sequential(nn.Linear(EMBED, 256), nn.Dropout(p=dropout)),
+        nn.Sequential(nn.Linear(256, EMBED * 4), nn.GELU(), nn.Dropout(p=dropout), nn.Linear(EMBED * 4, EMBED),
+                      nn.Dropout(p=dropout))])
+    decoder = nn.ModuleList([P.vt.Block(dim=EMBED, num_heads=HEADS, mlp_ratio=4., qkv_bias=True,
+                                        norm_layer=partial(nn.LayerNorm, eps=1e-8),
+                                        attn=partial(P.vt.LinearAttention2, eps=1e-8)) for _ in range(8)])
+    model = P.uad.DinomalyRGBD(encoder=encoder, bottleneck=bottleneck, decoder=decoder, target_layers=TAPS,
+                               fuse_layer_encoder=LC_GROUPS[2], fuse_layer_decoder=LC_GROUPS[2],
+                               add_class_token_weight=-1., norm_encoder_token=True, rgb_ratio=0.5)
+    model.init_weights()
+    return model
+
+
+def rgbd_steps(P, prev, ours, steps, batch, crop, seed, dtype):
+    """`steps` training steps of dinomaly_mvtec3d.py's loop body (two groups at 2e-3, hard mining 0.9/0.1) on the
+    preview's model and of train.train_step with dinomaly2_mvtec3d.py's recipe on ours, same batches and dropout
+    draws. Returns per step (preview loss, our loss, preview's trainable weights, ours), weights copied."""
+    import dinomaly2_mvtec3d
+    prev.to(dtype), ours.to(dtype)
+    trainable = nn.ModuleList([prev.bottleneck, prev.decoder])
+    opt_p = P.sadam.StableAdamW([{"params": prev.bottleneck.parameters()}, {"params": prev.decoder.parameters()}],
+                                lr=2e-3, betas=(0.9, 0.999), weight_decay=1e-4, amsgrad=False, eps=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched_p = P.utils.WarmupCosineScheduler(opt_p, final_ratio=1, total_epochs=40000, warmup_epochs=100)
+    recipe = dinomaly2_mvtec3d.RECIPE
+    params = ours.trainable_parameters()
+    opt_o, sched_o = train.reconstruction_optimizer(ours, recipe), train.reconstruction_schedule(recipe)
+    prev.train(), ours.train()
+    rows = []
+    for it in range(steps):
+        img = torch.cat([generated_images(batch, crop, seed + 100 + it),
+                         generated_images(batch, crop, seed + 200 + it)], dim=1).to(dtype)
+        torch.manual_seed(seed + 1000 + it)
+        en, de = prev(img)
+        loss_p = P.utils.global_cosine_hm_percent(en, de, p=min(0.9 * it / 1000, 0.9), factor=0.1)
+        opt_p.zero_grad()
+        loss_p.backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            nn.utils.clip_grad_norm(trainable.parameters(), max_norm=0.1)
+            opt_p.step()
+            sched_p.step()
+
+        def loss_fn(b, i):
+            torch.manual_seed(seed + 1000 + it)
+            e, d = ours(b)
+            return global_cosine_hm(e, d, p=hard_mining_factor(i, recipe.hm_max_p, recipe.hm_ramp_iters),
+                                    factor=recipe.hm_factor)
+        loss_o, updated, _ = train.train_step(img, it, loss_fn, params, opt_o, sched_o, recipe.clip_norm, False)
+        assert updated
+        rows.append((loss_p.item(), loss_o.item(), [t.detach().double().clone() for t in trainable.parameters()],
+                     [t.detach().double().clone() for t in params]))
+    prev.float(), ours.float()
+    return rows
+
+
+def preview_functions(path: str, script: str, names: tuple[str, ...]) -> dict:
+    """Functions of a preview script, by name, without running the script (preprocess_mvtec3d_2.py processes
+    ../mvtec_3d on import; _1.py imports open3d): their definitions are taken from its source and executed
+    alone."""
+    import ast
+    tree = ast.parse(open(os.path.join(path, script)).read())
+    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+    scope = {"np": np, "math": math}
+    exec(compile(ast.Module(body=defs, type_ignores=[]), script, "exec"), scope)
+    return {n: scope[n] for n in names}
+
+
+def rgbd_data_checks(P, path: str, table: list):
+    """Our depth preparation against the preview's own gap filling and padding (run on generated point clouds),
+    and our MVTec 3D-AD reader and pair tensors against the preview's MVTec3DDataset on the prepared folder."""
+    from dinomaly import depth
+    from prepare_data import prepare_mvtec3d
+    from prepare_data.make_demo_pairs import make_demo_pairs
+    fill = preview_functions(path, "prepare_data/preprocess_mvtec3d_2.py", ("get_neighbor_mean", "fill_gaps"))
+    pad = preview_functions(path, "prepare_data/preprocess_mvtec3d_1.py", ("roundup_next_100", "pad_cropped_pc"))
+    with tempfile.TemporaryDirectory() as root:
+        paths = make_demo_pairs(os.path.join(root, "demo"), size=90, n_train=2, n_test_good=2, n_test_bad=2)
+        worst, n = 0.0, 0
+        for kind in ("good", "dent", "stain"):
+            for i in range(2):
+                xyz = depth.read_tiff(os.path.join(paths["mvtec3d"], "dome", "test", kind, "xyz", f"{i:03d}.tiff"))
+                padded = pad["pad_cropped_pc"](xyz)
+                same_pad = np.array_equal(padded, depth.pad_square(xyz))
+                z_p = z_o = padded[:, :, -1]
+                for _ in range(3):
+                    z_p, z_o = fill["fill_gaps"](z_p), depth.fill_gaps(z_o)
+                worst = max(worst, float(np.abs(z_p - z_o).max() / np.abs(z_p).max()))
+                n += same_pad
+        table.append(("rgbd: padding (pad_cropped_pc) and 3 gap fillings (fill_gaps), 6 point clouds",
+                      f"padding same for {n} of 6; z max rel {worst:.1e}", n == 6 and worst < 1e-6))
+        prepared = os.path.join(root, "prepared")
+        import subprocess  # a fresh interpreter: scikit-learn's DBSCAN does not run beside the stubs
+        subprocess.run([sys.executable, prepare_mvtec3d.__file__, "--data_path", paths["mvtec3d"], "--out", prepared,
+                        "--workers", "1"], check=True, stdout=subprocess.DEVNULL)
+        tf, gtf = P.dataset.get_data_transforms(90, 84)
+        theirs = P.dataset.MVTec3DDataset(root=os.path.join(prepared, "dome"), transform=tf, gt_transform=gtf,
+                                          phase="test", cat_3D=True)
+        ours = our_ds.TestDataset(our_ds.mvtec3d_samples(prepared, "dome", "test"), 90, 84)
+        index = {s.image_path: i for i, s in enumerate(ours.samples)}
+        worst_img = worst_gt = 0.0
+        for img, gt, label, img_path in theirs:
+            o = ours[index[img_path]]
+            worst_img = max(worst_img, (o[0] - img).abs().max().item())
+            worst_gt = max(worst_gt, (o[1] - gt).abs().max().item()) if o[2] == label else float("inf")
+        table.append((f"rgbd: MVTec3DDataset vs our reader, {len(theirs)} samples (6-channel inputs, masks, labels)",
+                      f"inputs max abs {worst_img:.2e}, masks {worst_gt:.2e}", worst_img == 0 and worst_gt == 0))
+
+
+def rgbd_checks(P, encoder, args, table):
+    """DinomalyRGBD against ViTill(modality="rgbd"): strict loads, forward (eval, train), maps and scores through
+    the preview's evaluation_batch, training steps in float32 and float64; then the data pipeline."""
+    tag = "rgbd (DinomalyRGBD)"
+    torch.manual_seed(args.seed)
+    with fast_init(P):
+        prev = preview_rgbd_model(P, encoder)
+        ours = ViTill(ENCODERS[ENCODER], dropout=0.4, attn_eps=1e-8, bottleneck_kind="two_stage", recenter=True,
+                      modality="rgbd")
+    init = copy.deepcopy(prev.state_dict())
+    table.append((f"{tag}: state dict, strict both ways", strict_both_ways(prev, ours), True))
+    randomise(nn.ModuleList([prev.bottleneck, prev.decoder]), args.seed + 7)
+    ours.load_state_dict(prev.state_dict(), strict=True)
+    x = torch.cat([generated_images(args.images, args.crop, args.seed + 1),
+                   generated_images(args.images, args.crop, args.seed + 2)], dim=1)
+    forward_checks(P, prev, ours, x, args.seed + 3, table, tag)
+    runs = {}
+    for dtype in (torch.float32, torch.float64):
+        prev.load_state_dict(init, strict=True)
+        ours.load_state_dict(init, strict=True)
+        runs[dtype] = rgbd_steps(P, prev, ours, args.steps, args.batch, args.crop, args.seed, dtype)
+    gaps = {d: [max_rel(o, p) for _, _, p, o in rows] for d, rows in runs.items()}
+    own = [max_rel(a[2], b[2]) for a, b in zip(runs[torch.float32], runs[torch.float64])]  # the preview's rounding
+    loss = max(abs(lp - lo) for rows in runs.values() for lp, lo, _, _ in rows)
+    table.append((f"{tag}: {args.steps} training steps float32 (preview 2 groups at 2e-3, ours 3 at 2e-3)",
+                  f"weights max rel {max(gaps[torch.float32]):.1e} per step "
+                  f"{', '.join(f'{g:.1e}' for g in gaps[torch.float32])}; the preview's own float32 rounding "
+                  f"{', '.join(f'{g:.1e}' for g in own)}; loss gap {loss:.1e}",
+                  all(g < max(1e-5, 3 * r) for g, r in zip(gaps[torch.float32], own))))
+    table.append((f"{tag}: {args.steps} training steps float64", f"weights max rel {max(gaps[torch.float64]):.1e}",
+                  max(gaps[torch.float64]) < 1e-10))
+    rgbd_data_checks(P, os.path.abspath(args.preview), table)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preview", required=True, help="folder of the preview code (models/uad.py, utils.py, ...)")
@@ -660,6 +814,7 @@ def main():
     table += compare_class_lists(os.path.abspath(args.preview))
     table += compare_script_defaults(os.path.abspath(args.preview))
     table += compare_fewshot(P)
+    rgbd_checks(P, encoder, args, table)
     if not args.quick:
         for la, lc, cr in ((0, 2, 1), (1, 0, 1), (1, 1, 1), (1, 3, 1), (1, 4, 1), (1, 11, 1), (1, 12, 1),
                            (1, 14, 1), (1, 2, 0)):

@@ -64,14 +64,17 @@ def check_max_ratio(max_ratio: float):
 def binarize_gt(masks: torch.Tensor, size: int = 256, mode: str = "dinomaly") -> torch.Tensor:
     """Pixel ground truth at size x size: [B,1,H,W] in [0,1] -> bool [B,1,size,size].
 
-    "dinomaly": nearest resize, then > 0.  "crr": >= 0.5, bilinear resize, >= 0.5 again.
+    "dinomaly": nearest resize, then > 0.  "crr": >= 0.5, bilinear resize, >= 0.5 again.  "mulsen": > 0.5, then
+    nearest resize (the preview's MulSen-AD reader binarises its masks).
     """
     if mode == "dinomaly":
         return F.interpolate(masks.float(), size=size, mode="nearest") > 0
+    if mode == "mulsen":
+        return F.interpolate((masks > 0.5).float(), size=size, mode="nearest") > 0
     if mode == "crr":
         binary = (masks >= 0.5).float()
         return F.interpolate(binary, size=size, mode="bilinear", align_corners=False) >= 0.5
-    raise ValueError(f"unknown ground-truth mode {mode!r} (expected 'dinomaly' or 'crr')")
+    raise ValueError(f"unknown ground-truth mode {mode!r} (expected 'dinomaly', 'crr' or 'mulsen')")
 
 
 class AnomalyMapper(nn.Module):

@@ -8,7 +8,7 @@ import sys
 # The names of the datasets (dataset.DATASETS), for --dataset; the tests check that they and LC_CHOICES match
 # their modules. --encoder is checked against encoders.ENCODERS (encoder_name).
 DATASET_NAMES = ("mvtec", "visa", "realiad", "mpdd", "btad", "miad", "unimedical", "realiad_variety", "manta",
-                 "mvtec3d")
+                 "mvtec3d", "mulsen")
 LC_CHOICES = (0, 1, 2, 3, 4, 11, 12, 14)  # Dinomaly2's --lc: the keys of models.vitill.GROUPINGS
 PRECISIONS = ("fp32", "tf32", "bf16")  # --precision, see speed.py
 CACHE_MODES = ("none", "memory", "disk")  # --cache_images, see image_cache.py

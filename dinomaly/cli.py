@@ -205,8 +205,8 @@ def speed_flags(fast, add: Flags, job: str):
 def evaluation_flags(ev, add: Flags, job: str):
     add(ev, "aupro", "AUPRO: exact (MVTec definition) or dinomaly (200 thresholds, as the Dinomaly paper)",
         choices=["exact", "dinomaly"])
-    add(ev, "gt_binarize", "pixel ground truth at 256: nearest then >0 (dinomaly) or >=0.5, bilinear, >=0.5 "
-                           "(crr)", choices=["dinomaly", "crr"])
+    add(ev, "gt_binarize", "pixel ground truth at 256: nearest then >0 (dinomaly), >=0.5, bilinear, >=0.5 (crr) "
+                           "or >0.5 then nearest (mulsen)", choices=["dinomaly", "crr", "mulsen"])
     add(ev, "multiview", "Real-IAD, Real-IAD Variety, MANTA-Tiny: on = Dinomaly2's multi-view evaluation: test "
                          "views grouped into objects, an anomalous view without a mask counted normal, and the "
                          "object level (O-AUROC, O-AP, O-F1max) and Real-IAD's sample level (S-AUROC) added",

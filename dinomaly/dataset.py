@@ -51,6 +51,8 @@ MIAD_CLASSES = ["catenary_dropper", "electrical_insulator", "metal_welding", "nu
                 "wind_turbine", "witness_mark"]
 UNIMEDICAL_CLASSES = ["BraTS2021", "LIVER", "RESC"]
 MVTEC3D_CLASSES = ["cable_gland", "bagel", "peach", "carrot", "dowel", "foam", "cookie", "rope", "potato", "tire"]
+MULSEN_CLASSES = ["capsule", "cotton", "cube", "spring_pad", "screw", "screen", "piggy", "nut", "flat_pad",
+                  "plastic_cylinder", "zipper", "button_cell", "toothbrush", "solar_panel", "light"]
 
 # The 160 classes of Real-IAD Variety: the sorted names of its split files (the preview lists
 # <data_path>/realiadvariety_jsons/*.json), spelling and all.
@@ -106,7 +108,8 @@ MANTA_CLASSES = [  # <domain>/<class>, the preview's list
 # MVTec layout (manta with five views in each image)
 DATASETS = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALIAD_CLASSES, "mpdd": MPDD_CLASSES,
             "btad": BTAD_CLASSES, "miad": MIAD_CLASSES, "unimedical": UNIMEDICAL_CLASSES,
-            "realiad_variety": REALIAD_VARIETY_CLASSES, "manta": MANTA_CLASSES, "mvtec3d": MVTEC3D_CLASSES}
+            "realiad_variety": REALIAD_VARIETY_CLASSES, "manta": MANTA_CLASSES, "mvtec3d": MVTEC3D_CLASSES,
+            "mulsen": MULSEN_CLASSES}
 # Datasets read through Real-IAD's split files: (image folders, the first one present being the default; split
 # folder). Real-IAD Variety: the README's downsampled realiadvariety_1024 when it is there (the preview reads
 # realiadvariety_raw, which its README tells to downsample to realiadvariety_1024), else realiadvariety_raw.
@@ -131,6 +134,8 @@ class Sample:
     strip: int | None = None  # MANTA: which view strip of the image this sample is (None: the whole image)
     pair_path: str | None = None  # two modalities (modalities.py): the second one's file (depth or infrared)
     pair_kind: str | None = None  # what pair_path is: "depth" or "infrared" (None: an RGB image alone)
+    pair_mask_path: str | None = None  # RGB + infrared: the infrared image's mask (mask_path: the RGB image's)
+    modal_labels: tuple[int, ...] | None = None  # MulSen-AD: the RGB, infrared and point-cloud labels
 
 
 def _open(path: str, what: str, where: str) -> Image.Image:
@@ -259,7 +264,8 @@ class TrainDataset(Dataset):
 
 
 class TestDataset(Dataset):
-    """Test images -> (image [3,c,c], mask [1,c,c] in [0,1], label, has_mask, image_path).
+    """Test images -> (image [3,c,c], mask [1,c,c] in [0,1], label, has_mask, image_path); a pair of modalities:
+image [6,c,c], and for RGB + infrared masks [2,c,c] (each image's).
 
     `has_mask` is False for an anomalous image without pixel ground truth; such images count for the image
     metrics only. Normal images always have an all-zero mask. `cache`: an optional ImageCache for the images.
@@ -276,6 +282,9 @@ class TestDataset(Dataset):
         if s.strip is not None:
             return self.view(s)
         img = sample_tensor(s, self.image_size, self.crop_size, self.cache)
+        if s.pair_kind == "infrared":  # a mask per image: [2, crop, crop], the RGB image's then the infrared's
+            mask = torch.cat([self.mask_tensor(p) for p in (s.mask_path, s.pair_mask_path)])
+            return img, mask, s.label, True, s.image_path
         if s.label != 0 and s.mask_path is not None:
             mask = load_mask(s.mask_path) if s.pair_kind is None else modalities().pair_mask(s)
             mask = mask_to_tensor(resize(mask, self.image_size), self.crop_size)
@@ -283,6 +292,12 @@ class TestDataset(Dataset):
             mask = torch.zeros(1, self.crop_size, self.crop_size)
         has_mask = s.label == 0 or s.mask_path is not None
         return img, mask, s.label, has_mask, s.image_path
+
+    def mask_tensor(self, path: str | None) -> torch.Tensor:
+        """A mask file as [1, crop, crop] in [0, 1]; zeros without one."""
+        if path is None:
+            return torch.zeros(1, self.crop_size, self.crop_size)
+        return mask_to_tensor(resize(load_mask(path), self.image_size), self.crop_size)
 
     def view(self, s: Sample):
         """A MANTA view: its strip of the image and of the mask (never cached), labelled anomalous when the
@@ -572,6 +587,103 @@ def mvtec3d_samples(root: str, class_name: str, phase: str) -> list[Sample]:
     return samples
 
 
+MULSEN_MODALITIES = ("RGB", "Infrared")
+
+
+def mulsen_samples(root: str, class_name: str, phase: str) -> list[Sample]:
+    """Samples of one MulSen-AD class: an RGB image and the infrared image of the same name,
+    `<root>/<class>/{RGB,Infrared}/train/<n>.png` (phase 'train') or `.../test/<kind>/<n>.png` ('test'), sorted by
+    kind then number. Test labels: 'good' all 0; any other kind's from `RGB/GT/<kind>/data.csv` (rows object,
+    RGB, Infrared, point-cloud label), matched by the object's name; the sample's label is the largest of the three
+    (the preview's object label: a defect labelled in the point cloud only counts too). A label-1 modality's mask
+    is `<modality>/GT/<kind>/<n>.png`. An image without its other modality, a sample without its row (or a row
+    without its sample) and a label without its mask are UserErrors naming them. The point clouds (.stl) are not
+    read."""
+    if phase not in ("train", "test"):
+        raise ValueError(f"phase must be 'train' or 'test', not {phase!r}")
+    cdir = _class_dir(root, class_name)
+    rgb_root, ir_root = (os.path.join(cdir, m, phase) for m in MULSEN_MODALITIES)
+    for d in (rgb_root, ir_root):
+        if not os.path.isdir(d):
+            raise UserError(f"{phase} folder not found: {d}; MulSen-AD's layout is <class>/{{RGB,Infrared}}/"
+                            f"{{train,test/<kind>,GT/<kind>}}")
+    kinds = [None] if phase == "train" else _list_subdirs(rgb_root)
+    samples = []
+    for kind in kinds:
+        rgb_dir, ir_dir = (os.path.join(r, kind) if kind else r for r in (rgb_root, ir_root))
+        names = _paired_names(rgb_dir, ir_dir)
+        labels = None
+        if kind is not None and kind.lower() not in NORMAL_DIR_NAMES:
+            labels = _mulsen_labels(os.path.join(cdir, "RGB", "GT", kind, "data.csv"), names)
+        for name in sorted(names, key=_number_then_name):
+            modal = labels[os.path.splitext(name)[0]] if labels else (0, 0, 0)
+            masks = []
+            for m, label in zip(MULSEN_MODALITIES, modal):
+                mask = os.path.join(cdir, m, "GT", kind, name) if label else None
+                if mask and not os.path.isfile(mask):
+                    raise UserError(f"{os.path.join(cdir, m, 'test', kind, name)} is labelled anomalous in "
+                                    f"{m} (RGB/GT/{kind}/data.csv) but its mask {mask} is missing; add the mask or "
+                                    f"fix the label")
+                masks.append(mask)
+            rel = f"RGB/{phase}/{kind + '/' if kind else ''}{name}"
+            samples.append(Sample(os.path.join(rgb_dir, name), max(modal), masks[0], class_name, rel_path=rel,
+                                  pair_path=os.path.join(ir_dir, name), pair_kind="infrared",
+                                  pair_mask_path=masks[1], modal_labels=tuple(modal)))
+    if not samples:
+        raise UserError(f"no samples in {rgb_root}; expected RGB and Infrared images of the same names")
+    return samples
+
+
+def _number_then_name(name: str):
+    """Sort key: the number a file's stem holds (2 before 10), then the name."""
+    stem = os.path.splitext(name)[0]
+    return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+
+
+def _paired_names(rgb_dir: str, ir_dir: str) -> list[str]:
+    """The image names present in both folders; an image in one only is a UserError naming it."""
+    rgb = set(_list_images(rgb_dir)) if os.path.isdir(rgb_dir) else set()
+    ir = set(_list_images(ir_dir)) if os.path.isdir(ir_dir) else set()
+    for only, other in ((sorted(rgb - ir), ir_dir), (sorted(ir - rgb), rgb_dir)):
+        if only:
+            first = os.path.join(rgb_dir if other == ir_dir else ir_dir, only[0])
+            raise UserError(f"{first} has no image of the same name in {other}"
+                            f"{f' ({len(only) - 1} more unpaired)' if len(only) > 1 else ''}; every sample needs "
+                            f"both its RGB and its infrared image")
+    return sorted(rgb)
+
+
+def _mulsen_labels(csv_path: str, names: list[str]) -> dict[str, tuple[int, int, int]]:
+    """{sample stem: (RGB, infrared, point-cloud label)} from a MulSen-AD data.csv, each sample once."""
+    import csv
+    if not os.path.isfile(csv_path):
+        raise UserError(f"labels not found: {csv_path}; MulSen-AD lists each defect kind's labels there")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))[1:]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {csv_path} ({one_line(e)}); replace the file") from None
+    labels = {}
+    for i, row in enumerate(rows, start=2):
+        if not row:
+            continue
+        key = os.path.splitext(os.path.basename(row[0].strip()))[0]
+        values = [v.strip() for v in row[1:4]]
+        if len(row) < 4 or any(v not in ("0", "1") for v in values):
+            raise UserError(f"{csv_path}, line {i}: expected 'object,RGB label,infrared label,point-cloud label' "
+                            f"with labels 0 or 1, got {','.join(row)}; fix the file")
+        if key in labels:
+            raise UserError(f"{csv_path} lists sample {key} twice (line {i}); keep one row per sample")
+        labels[key] = tuple(int(v) for v in values)
+    stems = {os.path.splitext(n)[0] for n in names}
+    for missing, what in ((sorted(stems - set(labels)), "has no row for"), (sorted(set(labels) - stems), "lists")):
+        if missing:
+            more = f" ({len(missing) - 1} more)" if len(missing) > 1 else ""
+            tail = "; add its row" if what == "has no row for" else ", which has no RGB and infrared image; fix the file"
+            raise UserError(f"{csv_path} {what} sample {missing[0]}{more}{tail}")
+    return labels
+
+
 def _split_path(path: str) -> str:
     """A path from a split file, '/'-separated and relative (a leading '/' is dropped)."""
     return path.replace("\\", "/").lstrip("/")
@@ -647,6 +759,8 @@ def class_samples(dataset: str, root: str, class_name: str, phase: str, resoluti
         return manta_samples(root, class_name, phase, multiview), 0
     if dataset == "mvtec3d":
         return mvtec3d_samples(root, class_name, phase), 0
+    if dataset == "mulsen":
+        return mulsen_samples(root, class_name, phase), 0
     return mvtec_samples(root, class_name, phase), 0
 
 

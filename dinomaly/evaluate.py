@@ -19,7 +19,7 @@ from .run import Run, log, save_atomic
 from .thresholds import Calibration, PixelSample
 from .train import progress_off
 from .training_data import image_cache
-from .utils import ClassAccumulator, mad, nanmean, write_metrics_csv
+from .utils import IR_METRIC_NAMES, ClassAccumulator, mad, nanmean, write_metrics_csv
 
 
 def evaluate(run: Run, mapper: AnomalyMapper, data: DataOptions, evaluation: EvalOptions, image_size: int,
@@ -50,6 +50,9 @@ def evaluate(run: Run, mapper: AnomalyMapper, data: DataOptions, evaluation: Eva
         results[name] = ClassAccumulator.merge([p[0] for p in parts], aupro=aupro).compute()
         if parts[0][4] is not None:
             results[name].update(ObjectAccumulator.merge([p[4] for p in parts]).compute())
+        if parts[0][5] is not None:  # RGB + infrared: the infrared images' pixel metrics
+            ir = ClassAccumulator.merge([p[5] for p in parts], aupro=aupro).compute()
+            results[name].update({k: ir[k.removeprefix("IR-")] for k in IR_METRIC_NAMES})
         rows = [row for _, row in sorted(r for p in parts for r in p[1])]  # in the dataset's order
         labels, scores = np.array([r[2] for r in rows]), np.array([r[3] for r in rows])
         pixels = PixelSample.merge([p[2] for p in parts]).arrays()
@@ -86,10 +89,13 @@ def write_results(run: Run, results: dict, tag: str = "") -> dict:
 
 def evaluate_shard(run: Run, mapper: AnomalyMapper, class_samples: list[ds.Sample], name: str, data: DataOptions,
                    evaluation: EvalOptions, image_size: int,
-                   crop_size: int) -> tuple[dict, list, PixelSample, ClassReport, dict | None]:
+                   crop_size: int) -> tuple[dict, list, PixelSample, ClassReport, dict | None, dict | None]:
     """This process's share of one class (images rank, rank + world_size, ...): (the accumulator's state, score
     rows with their index in `class_samples`, the pixel sample for calibration, the pictures' candidates, the object
-    accumulator's state when the samples are views grouped into objects, else None)."""
+    accumulator's state when the samples are views grouped into objects, else None, the infrared images' pixel
+    accumulator's state for RGB + infrared pairs, else None). A pair's score is the sum of its two images' (the
+    preview's object score), its label the largest of its modalities'; its RGB image gives the pixel metrics, the
+    pictures and the pixel threshold, its infrared image the IR-* metrics."""
     index = list(range(run.rank, len(class_samples), run.world_size))
     shard = [class_samples[i] for i in index]
     test_set = ds.TestDataset(shard, image_size, crop_size, image_cache(data, shard, image_size, ("disk",)))
@@ -99,6 +105,7 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, class_samples: list[ds.Sampl
         ClassReport(evaluation.save_heatmaps)
     objects = ObjectAccumulator(class_samples, mapper.max_ratio, MAP_SIZE ** 2, name) \
         if class_samples[0].object_id is not None else None
+    ir = ClassAccumulator(evaluation.aupro) if class_samples[0].pair_kind == "infrared" else None
     rows = []
     gt_mode, seed = evaluation.gt_binarize, run.options.seed
 
@@ -110,14 +117,20 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, class_samples: list[ds.Sampl
         for first, (img, mask, label, has_mask, paths), amap, score in mapped_batches(mapper, batches, run.device,
                                                                                       seeds):
             ids = index[first:first + len(paths)]
-            gt = binarize_gt(mask, MAP_SIZE, gt_mode)[:, 0]
+            gt = binarize_gt(mask, MAP_SIZE, gt_mode)
+            if ir is not None:  # [RGB maps, infrared maps]: the model sees the pair's two images side by side
+                b = len(paths)
+                ir.add_pixels(amap[b:], gt[:, 1])
+                amap, score = amap[:b], score[:b] + score[b:]
+            gt = gt[:, 0]
             acc.add(label, score, amap, gt, has_mask)
             pixels.add(amap[has_mask].numpy(), gt[has_mask].numpy(), [i for i, h in zip(ids, has_mask) if h])
             report.add(img, gt, amap, score, label, paths)
             if objects is not None:
                 objects.add(ids, label, amap, score)
             rows += [(i, [name, p, int(l), s]) for i, p, l, s in zip(ids, paths, label.tolist(), score.tolist())]
-    return acc.state(), rows, pixels, report, None if objects is None else objects.state()
+    return acc.state(), rows, pixels, report, None if objects is None else objects.state(), \
+        None if ir is None else ir.state()
 
 
 def mapped_batches(mapper: AnomalyMapper, batches, device: torch.device, seeds):

@@ -55,7 +55,7 @@ def find_classes(data: DataOptions) -> list[str]:
 
 def mvtec_layout(data: DataOptions) -> bool:
     """Whether the dataset is read in the MVTec layout (not through Real-IAD's split files or MANTA's)."""
-    return data.dataset not in (*ds.REALIAD_FOLDERS, "manta", "mvtec3d")
+    return data.dataset not in (*ds.REALIAD_FOLDERS, "manta", "mvtec3d", "mulsen")
 
 
 def is_class_folder(folder: str) -> bool:

@@ -20,6 +20,9 @@ from .errors import UserError
 
 METRIC_NAMES = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
 OBJECT_METRIC_NAMES = ["O-AUROC", "O-AP", "O-F1max", "S-AUROC"]  # multi-view evaluation only (multiview.py)
+# RGB + infrared (MulSen-AD): the infrared images' pixel metrics (P-* and AUPRO are the RGB images')
+IR_METRIC_NAMES = ["IR-P-AUROC", "IR-P-AP", "IR-P-F1max", "IR-AUPRO"]
+EXTRA_METRIC_NAMES = OBJECT_METRIC_NAMES + IR_METRIC_NAMES  # shown after mAD where a class has them
 AUPRO_VARIANTS = ("dinomaly", "exact")
 KEY_BITS = 24  # default pixel key: sign, exponent and 15 mantissa bits of the float32 value
 WEIGHT_ONE = 1 << 40  # fixed-point unit of the region weights (a region's pixels sum to ~WEIGHT_ONE)
@@ -472,7 +475,7 @@ def mad(metrics: dict) -> float:
 
 def format_metrics(name: str, m: dict) -> str:
     """One line of the table: the seven metrics and mAD, then the object and sample level where `m` has them."""
-    extra = "".join(f", {k} {m[k]:.4f}" for k in OBJECT_METRIC_NAMES if k in m)
+    extra = "".join(f", {k} {m[k]:.4f}" for k in EXTRA_METRIC_NAMES if k in m)
     return f"{name}: " + ", ".join(f"{k} {m[k]:.4f}" for k in METRIC_NAMES) + f", mAD {mad(m):.4f}" + extra
 
 
@@ -480,7 +483,7 @@ def write_metrics_csv(path: str, results: dict, mean: dict):
     """metrics.csv: a row per class and the mean; the columns of format_metrics (empty cells for NaN)."""
     def cell(v):
         return "" if math.isnan(v) else repr(float(v))
-    extra = [k for k in OBJECT_METRIC_NAMES if k in mean]
+    extra = [k for k in EXTRA_METRIC_NAMES if k in mean]
     with open(path, "w", newline="", errors="backslashreplace") as f:
         w = csv.writer(f)
         w.writerow(["class", *METRIC_NAMES, "mAD", *extra])

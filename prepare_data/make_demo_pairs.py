@@ -98,7 +98,7 @@ def _save(path: str, array: np.ndarray):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if path.endswith(".tiff"):
         import tifffile
-        tifffile.imwrite(path, array)
+        tifffile.imwrite(path, array, photometric="rgb" if array.ndim == 3 else "minisblack")
     else:
         Image.fromarray(array).save(path)
 

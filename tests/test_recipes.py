@@ -15,7 +15,9 @@ import crr_realiad_stage1
 import crr_realiad_stage2
 import dinomaly2_2d
 import dinomaly2_fewshot
+import dinomaly2_mulsen
 import dinomaly2_multiview
+import dinomaly2_mvtec3d
 import dinomaly_mvtec_uni
 import dinomaly_sep
 import dinomaly_visa_uni
@@ -33,7 +35,7 @@ DINOMALY_MVTEC = dict(
     dropout=0.2, decoder_depth=8, attn_eps=0.0, mask_ratio=0.0, test_mask="off", lc=2, cr=0, la=1,
     total_iters=10000, batch_size=16, shot=None, lr=2e-3, bottleneck_in_lr=None, betas=(0.9, 0.999), adam_eps=1e-10,
     weight_decay=1e-4, amsgrad=True, clip_norm=0.1, schedule="cosine", warmup_iters=100, lr_final=2e-4,
-    lr_decay_ratio=UNUSED, hm_max_p=0.9, hm_ramp_iters=1000, hm_factor=0.1)
+    lr_decay_ratio=UNUSED, hm_max_p=0.9, hm_ramp_iters=1000, hm_factor=0.1, modality="rgb")
 # dinomaly_visa_uni.py: the same values (l.72-75, 101, 126, 151-153, 168-175)
 DINOMALY_VISA = DINOMALY_MVTEC
 # dinomaly_{mvtec,visa,mpdd}_sep.py: total_iters 5000 (l.79), eps 1e-8 (l.144-145); else as the uni scripts;
@@ -63,12 +65,23 @@ DINOMALY2_FEWSHOT = dict(DINOMALY2_2D, shot=4)
 # at 2e-3 (l.184-186: one group; ours: its first layer's group at the same rate), final_ratio 1 (l.187); its
 # default data (Real-IAD Variety) at 280 px (l.288-289), our Real-IAD default keeps 448 -> 392
 DINOMALY2_MULTIVIEW = dict(DINOMALY2_2D, encoder="dinov2reg_vit_base_14", total_iters=100000, bottleneck_in_lr=2e-3)
+# dinomaly_mvtec3d.py: --backbone dinov2reg_vit_base_14, --dropout 0.4, --total_iters 40000 (l.256-269), batch 16
+# (l.67), DinomalyRGBD with rgb_ratio 0.5 (l.162-168), the whole bottleneck at 2e-3 (l.174-176: two groups; ours:
+# its first layer's group at the same rate), final_ratio 1 (l.177), hard mining 0.9 / 0.1 (l.192-194); 448 -> 392 as
+# the preview's README runs it (its argparse default: 392 -> 392, l.267-268)
+DINOMALY2_MVTEC3D = dict(DINOMALY2_MULTIVIEW, total_iters=40000, modality="rgbd")
+# dinomaly_mulsen.py: --backbone dinov2reg_vit_large_14, --dropout 0.2, 448 -> 392, --total_iters 20000,
+# --lr_decay_ratio 1 (l.275-293), batch 8 pairs (l.67), the 2D groups (l.170-173), the plain model on
+# cat([rgb, infrared]) (l.188)
+DINOMALY2_MULSEN = dict(DINOMALY2_2D, encoder="dinov2reg_vit_large_14", dropout=0.2, total_iters=20000,
+                        batch_size=8, modality="rgbir")
 
 SCRIPTS = [(dinomaly_mvtec_uni, [], DINOMALY_MVTEC), (dinomaly_visa_uni, [], DINOMALY_VISA),
            (dinomaly_sep, [], DINOMALY_SEP), (dinomaly_sep, ["--dataset", "visa"], DINOMALY_SEP),
            (dinomaly_sep, ["--dataset", "realiad"], DINOMALY_SEP_REALIAD), (crr_realiad_stage1, [], CRR_STAGE1),
            (crr_realiad_stage2, [], CRR_STAGE2), (dinomaly2_2d, [], DINOMALY2_2D),
-           (dinomaly2_fewshot, [], DINOMALY2_FEWSHOT), (dinomaly2_multiview, [], DINOMALY2_MULTIVIEW)]
+           (dinomaly2_fewshot, [], DINOMALY2_FEWSHOT), (dinomaly2_multiview, [], DINOMALY2_MULTIVIEW),
+           (dinomaly2_mvtec3d, [], DINOMALY2_MVTEC3D), (dinomaly2_mulsen, [], DINOMALY2_MULSEN)]
 
 
 def parse(module, argv=()):
@@ -106,7 +119,7 @@ def test_a_flag_per_field_with_its_default_and_help():
     assert "--bottleneck_in_lr BOTTLENECK_IN_LR learning rate of the first bottleneck layer" in flat
     assert "(default: 0.0002)" in flat and "(default: per --dataset: mvtec 448," in flat
     fixed = {f.name for f in dataclasses.fields(Recipe)} - {f.name for f in recipes.flags(Recipe)}
-    assert fixed == {"method", "bottleneck", "betas", "amsgrad", "schedule"}
+    assert fixed == {"method", "bottleneck", "betas", "amsgrad", "schedule", "modality"}
     for name in fixed:
         assert f"--{name} " not in text
     assert [f.name for f in recipes.flags(SegmentationRecipe)] == ["total_iters", "batch_size", "lr"]

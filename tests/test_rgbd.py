@@ -1,0 +1,302 @@
+"""Dinomaly2's RGB + depth (MVTec 3D-AD): the depth preparation and colouring against a direct NumPy reading of the
+preview's formulas (its preprocess_mvtec3d_1.py, _2.py and MVTec3DDataset) on generated point clouds, DBSCAN's
+largest cluster against brute force, the fused taps against float64, a preview-layout DinomalyRGBD checkpoint, the
+reader and the script end to end."""
+import copy
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from dinomaly import checkpoints, cli, depth, models, modalities
+from dinomaly import dataset as ds
+from dinomaly.errors import UserError
+
+import dinomaly2_mvtec3d
+from conftest import TINY, TINY_CFG
+from prepare_data import prepare_mvtec3d
+from prepare_data.make_demo_pairs import SPACING, TABLE, make_demo_pairs
+
+D = TINY_CFG.embed_dim
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return make_demo_pairs(str(tmp_path_factory.mktemp("pairs")), size=64, seed=0, n_train=4, n_test_good=2,
+                           n_test_bad=2)
+
+
+def xyz_of(pairs, kind="dent", n=0, cls="dome"):
+    return depth.read_tiff(os.path.join(pairs["mvtec3d"], cls, "test", kind, "xyz", f"{n:03d}.tiff"))
+
+
+# --- the preview's code, read directly (NumPy) -----------------------------------------------------------------
+
+def preview_fill_gaps(img):
+    """preprocess_mvtec3d_2.py: fill_gaps with get_neighbor_mean, pixel by pixel."""
+    def neighbor_mean(p):
+        n = np.sum(img[p[0] - 1: p[0] + 2, p[1] - 1: p[1] + 2] > 0)
+        if n == 0:
+            return None
+        return np.sum(img[p[0] - 1: p[0] + 2, p[1] - 1: p[1] + 2], axis=(0, 1)) / n
+    new = np.copy(img)
+    for x, y in zip(*np.where(img == 0)):
+        if img[x, y] == 0:
+            m = neighbor_mean([x, y])
+            if m is not None:
+                new[x, y] = m
+    return new
+
+
+def preview_pad(a):
+    """preprocess_mvtec3d_1.py: pad_cropped_pc."""
+    h, w = a.shape[:2]
+    side = max(int(np.ceil(h / 100.0)) * 100, int(np.ceil(w / 100.0)) * 100)
+    top, left = (side - h) // 2, (side - w) // 2
+    pad = ((top, side - h - top), (left, side - w - left))
+    return np.pad(a, pad if a.ndim == 2 else pad + ((0, 0),), mode="constant")
+
+
+def preview_colour(depth_map, img):
+    """dataset.py: MVTec3DDataset.__getitem__, from tiff.imread(z) to the two uint8 images."""
+    depth_map = depth_map.copy()
+    depth_mask = depth_map > 0.
+    min_value = depth_map[depth_mask].min()
+    max_value = depth_map.max()
+    depth_map = (depth_map - min_value) / (max_value - min_value)
+    depth_map = 1 - depth_map * 0.8
+    depth_map[depth_mask == 0] = 0
+    depth_map = cv2.applyColorMap((depth_map * 255).astype(np.uint8), cv2.COLORMAP_HOT)[:, :, ::-1]
+    img = np.array(img)
+    img[depth_mask == 0] = 0
+    return img, depth_map
+
+
+def brute_force_outliers(pc, eps=0.006, min_points=30):
+    """DBSCAN by its definition on all pairwise distances: core points have >= min_points points within eps (self
+    included); clusters are the connected core points with the points within eps of them; the largest label (noise
+    included) is kept."""
+    flat = pc.reshape(-1, 3).astype(np.float64)
+    idx = np.flatnonzero(np.all(flat != 0, axis=1))
+    p = flat[idx]
+    near = np.linalg.norm(p[:, None] - p[None], axis=-1) <= eps
+    core = near.sum(1) >= min_points
+    labels = np.full(len(p), -1)
+    cluster = 0
+    for seed in np.flatnonzero(core):
+        if labels[seed] != -1:
+            continue
+        stack, labels[seed] = [seed], cluster
+        while stack:
+            i = stack.pop()
+            for j in np.flatnonzero(near[i]):
+                if labels[j] == -1:
+                    labels[j] = cluster
+                    if core[j]:
+                        stack.append(j)
+        cluster += 1
+    ids, sizes = np.unique(labels, return_counts=True)
+    out = np.zeros(len(flat), bool)
+    out[idx[labels != ids[np.argmax(sizes)]]] = True
+    return out.reshape(pc.shape[:2])
+
+
+# --- preparation and colouring --------------------------------------------------------------------------------
+
+def test_gap_filling_is_the_preview_loop(pairs):
+    z = xyz_of(pairs)[..., 2].copy()
+    z[::7, ::5] = 0  # more gaps, also in row 0 and column 0
+    z[:12, :12] = 0  # and a block wider than 3 rounds can fill
+    ours, theirs = z, z
+    for _ in range(depth.FILL_ROUNDS):
+        ours, theirs = depth.fill_gaps(ours), preview_fill_gaps(theirs)
+        np.testing.assert_array_equal(ours == 0, theirs == 0)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    assert (ours[0][z[0] == 0] == 0).all() and (ours[:12, :12] == 0).any()  # row 0 never filled, the block not all
+
+
+@pytest.mark.parametrize("shape", [(130, 170, 3), (200, 200), (99, 101), (64, 64, 3)])
+def test_padding_is_the_preview_pad(shape):
+    a = np.random.default_rng(0).random(shape).astype(np.float32)
+    np.testing.assert_array_equal(depth.pad_square(a), preview_pad(a))
+
+
+def test_plane_fit_finds_the_table_despite_stray_points(pairs):
+    xyz = xyz_of(pairs)
+    plane = depth.fit_plane(depth.border_points(xyz))
+    truth = np.array([0.05, 0.03, -1.0, TABLE])  # z = 0.6 + 0.05 x + 0.03 y
+    truth /= np.linalg.norm(truth[:3])
+    plane *= np.sign(plane[2]) * np.sign(truth[2])
+    np.testing.assert_allclose(plane, truth, atol=1e-5)
+
+
+def test_largest_cluster_against_brute_force(pairs):
+    crop = xyz_of(pairs)[17:49, 17:49]  # 32 x 32 points of the object and the table (1 mm apart)
+    above = (TABLE + 0.05 * crop[..., 0] + 0.03 * crop[..., 1]) - crop[..., 2] > 0.005
+    pc = np.where(above[..., None], crop, 0)  # the table removed: the object remains
+    pc[:3, :3] = crop[:3, :3] * [1, 1, 0] + [0, 0, TABLE - 0.03]  # 9 stray points (noise)
+    pc[28:32, :10] = crop[28:32, :10] * [1, 1, 0] + [0, 0, TABLE - 0.05]  # a smaller cluster of 40 points
+    expected = brute_force_outliers(pc)
+    assert expected.sum() >= 45 and (~expected & np.all(pc != 0, axis=-1)).sum() > 100
+    np.testing.assert_array_equal(depth.outside_largest_cluster(pc), expected)
+
+
+def test_prepared_scan_is_the_preview_pipeline(pairs):
+    """Plane removal (with the fitted plane), padding, largest cluster, z channel, three fills, composed as the
+    preview's two scripts."""
+    xyz = xyz_of(pairs, "stain", 1, "block")
+    rgb = np.asarray(Image.open(os.path.join(pairs["mvtec3d"], "block", "test", "stain", "rgb", "001.png")))
+    mask = np.asarray(Image.open(os.path.join(pairs["mvtec3d"], "block", "test", "stain", "gt", "001.png")))
+    plane = depth.fit_plane(depth.border_points(xyz))
+    flat, flat_rgb = xyz.reshape(-1, 3).copy(), rgb.reshape(-1, 3).copy()
+    distances = np.abs(np.dot(plane, np.hstack((flat, np.ones((flat.shape[0], 1)))).T))
+    flat[distances < 0.005], flat_rgb[distances < 0.005] = 0, 0
+    pc, prgb = preview_pad(flat.reshape(xyz.shape)), preview_pad(flat_rgb.reshape(rgb.shape))
+    out = brute_force_outliers(pc)
+    pc[out], prgb[out] = 0, 0
+    z = pc[:, :, -1]
+    for _ in range(3):
+        z = preview_fill_gaps(z)
+    ours_z, ours_rgb, ours_mask = depth.prepare_scan(xyz, rgb, mask)
+    np.testing.assert_allclose(ours_z, z, rtol=1e-6)
+    np.testing.assert_array_equal(ours_rgb, prgb)
+    np.testing.assert_array_equal(ours_mask, preview_pad(mask))
+    assert ours_z.shape == (100, 100) and (ours_z > 0).sum() > 500
+
+
+def test_colouring_and_background_are_the_preview_formulas(pairs):
+    z, rgb, _ = depth.prepare_scan(xyz_of(pairs), np.asarray(Image.open(
+        os.path.join(pairs["mvtec3d"], "dome", "test", "dent", "rgb", "000.png"))))
+    img, colour = preview_colour(z, rgb)
+    np.testing.assert_array_equal(depth.colour_depth(z), colour)
+    np.testing.assert_array_equal(depth.zero_background(rgb, z), img)
+    assert colour[z > 0].max() == 255 and (colour[z == 0] == 0).all()
+    with pytest.raises(UserError, match="no foreground"):
+        depth.colour_depth(np.zeros((4, 4), np.float32), "empty.tiff")
+
+
+def test_prepared_folder_equals_the_preparation_on_the_fly(pairs, tmp_path):
+    out = tmp_path / "prepared"
+    assert prepare_mvtec3d.main(["--data_path", pairs["mvtec3d"], "--out", str(out), "--workers", "1"]) == 0
+    raw = ds.mvtec3d_samples(pairs["mvtec3d"], "dome", "test")
+    prepared = ds.mvtec3d_samples(str(out), "dome", "test")
+    assert [os.path.basename(os.path.dirname(s.pair_path)) for s in raw + prepared] == \
+        ["xyz"] * len(raw) + ["z"] * len(prepared)
+    for a, b in zip(raw, prepared):
+        for x, y in zip(modalities.pair_arrays(a), modalities.pair_arrays(b)):
+            np.testing.assert_array_equal(x, y)
+        if a.label:
+            np.testing.assert_array_equal(np.asarray(modalities.pair_mask(a)), np.asarray(modalities.pair_mask(b)))
+    assert prepare_mvtec3d.main(["--data_path", pairs["mvtec3d"], "--out", pairs["mvtec3d"]]) == 2
+
+
+def test_depth_is_found_in_the_sample_folder(pairs, tmp_path):
+    """The preview's path.replace('rgb', 'z') on the whole path breaks under a folder whose name holds 'rgb'."""
+    root = tmp_path / "rgb_scans"
+    shutil.copytree(os.path.join(pairs["mvtec3d"], "dome"), root / "dome")
+    s = ds.mvtec3d_samples(str(root), "dome", "train")[0]
+    assert s.pair_path == str(root / "dome" / "train" / "good" / "xyz" / "000.tiff")
+    assert not os.path.exists(s.image_path.replace("rgb", "z").replace("png", "tiff"))
+    os.remove(s.pair_path)
+    with pytest.raises(UserError, match="no depth for .*000"):
+        ds.mvtec3d_samples(str(root), "dome", "train")
+
+
+def test_reader_labels_and_masks(pairs):
+    test = ds.mvtec3d_samples(pairs["mvtec3d"], "dome", "test")
+    assert [(s.rel_path.split("/")[1], s.label, s.mask_path is not None) for s in test] == \
+        [("dent", 1, True)] * 2 + [("good", 0, False)] * 2 + [("stain", 1, True)] * 2
+    x = ds.TestDataset(test, 64, 56)[0]
+    assert x[0].shape == (6, 56, 56) and x[1].shape == (1, 56, 56) and x[1].max() == 1
+
+
+# --- the model ------------------------------------------------------------------------------------------------
+
+def rgbd_model():
+    torch.manual_seed(0)
+    model = models.ViTill(TINY_CFG, dropout=0.0, attn_eps=1e-8, bottleneck_kind="two_stage", recenter=True,
+                          modality="rgbd")
+    for p in [*model.bottleneck.parameters(), *model.decoder.parameters()]:
+        nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+def test_fused_taps_against_float64():
+    model = rgbd_model()
+    x = torch.randn(2, 6, 56, 56)
+    with torch.no_grad():
+        en, de = model(x)
+        m64 = copy.deepcopy(model).double()
+        taps = [0.5 * a + 0.5 * b for a, b in zip(m64.encoder(x[:, :3].double()), m64.encoder(x[:, 3:].double()))]
+        h = m64.bottleneck(torch.stack(taps).mean(0))
+        outs = []
+        for blk in m64.decoder:
+            h = blk(h)
+            outs.append(h)
+    p = model.encoder.num_prefix_tokens
+    for g, e, d in zip([[0, 1, 2, 3], [4, 5, 6, 7]], en, de):
+        group = torch.stack([taps[i] for i in g]).mean(0)
+        t = group[:, p:] - group[:, :1]
+        t = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-8)
+        torch.testing.assert_close(e.double(), t.transpose(1, 2).reshape(2, D, 4, 4), rtol=1e-4, atol=1e-4)
+        dec = torch.stack([outs[::-1][i] for i in g]).mean(0)[:, p:]
+        torch.testing.assert_close(d.double(), dec.transpose(1, 2).reshape(2, D, 4, 4), rtol=1e-4, atol=1e-4)
+    assert torch.equal(model.encoded(x)[0], en[0])
+    with pytest.raises(ValueError, match="6 channels"):
+        model(torch.randn(1, 3, 56, 56))
+
+
+def test_preview_rgbd_checkpoint_loads_strictly(tmp_path):
+    """The preview's DinomalyRGBD saves the keys of its Dinomaly (encoder.*, bottleneck ModuleList, decoder.*) and
+    no config: the RGB + depth script loads it strictly as an rgbd model; a run recorded as another modality is
+    refused."""
+    sd = rgbd_model().state_dict()
+    preview = nn.ModuleList([nn.Sequential(nn.Linear(D, 256), nn.Dropout(0.4)),
+                             nn.Sequential(nn.Linear(256, 4 * D), nn.GELU(), nn.Dropout(0.4), nn.Linear(4 * D, D),
+                                           nn.Dropout(0.4))])
+    assert {f"bottleneck.{k}" for k in preview.state_dict()} == {k for k in sd if k.startswith("bottleneck.")}
+    torch.save(sd, tmp_path / "model.pth")
+    model, recipe = checkpoints.load_trained(str(tmp_path / "model.pth"), {}, "dinomaly2", "rgbd")
+    assert recipe.modality == "rgbd" and model.modality == "rgbd" and model.recenter
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"method": "dinomaly2", "modality": "rgb"}}))
+    with pytest.raises(UserError, match="model of rgb inputs"):
+        checkpoints.load_trained(str(tmp_path / "model.pth"), {}, "dinomaly2", "rgbd")
+
+
+# --- the script ------------------------------------------------------------------------------------------------
+
+SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", "64", "--crop_size", "56", "--num_workers",
+         "0", "--device", "cpu", "--batch_size", "4", "--log_every", "1", "--classes", "dome", "block"]
+
+
+@pytest.fixture(scope="module")
+def rgbd_run(pairs, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("runs_rgbd")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(models.ENCODERS, TINY, TINY_CFG)
+        cli.run_script(dinomaly2_mvtec3d, ["--data_path", pairs["mvtec3d"], "--total_iters", "2", "--save_dir",
+                                           str(save_dir), "--save_name", "rgbd", "--save_heatmaps", "1",
+                                           "--cache_images", "memory", *SMALL])
+    return save_dir / "rgbd"
+
+
+def test_script_trains_records_the_modality_and_reloads(rgbd_run, pairs, tmp_path):
+    config = json.loads((rgbd_run / "config.json").read_text())
+    assert config["model"]["modality"] == "rgbd" and config["dataset"] == "mvtec3d"
+    assert config["training"]["bottleneck_in_lr"] == 2e-3 and config["training"]["total_iters"] == 2
+    scores = (rgbd_run / "scores.csv").read_text().splitlines()
+    assert len(scores) == 1 + 2 * 6 and "dome" in (rgbd_run / "metrics.csv").read_text()
+    picture = np.asarray(Image.open(next((rgbd_run / "heatmaps" / "dome").iterdir())))
+    assert picture.shape[1] > 4 * 256  # image, depth, ground truth, map and colour bar
+    cli.run_script(dinomaly2_mvtec3d, ["--data_path", pairs["mvtec3d"], "--eval_only", "--checkpoint", str(rgbd_run),
+                                       "--save_dir", str(tmp_path), "--save_name", "again", *SMALL[2:]])
+    again = (tmp_path / "again" / "scores.csv").read_text().splitlines()
+    np.testing.assert_allclose([float(r.split(",")[-1]) for r in again[1:]],
+                               [float(r.split(",")[-1]) for r in scores[1:]], rtol=1e-6)

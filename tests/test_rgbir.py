@@ -1,0 +1,138 @@
+"""Dinomaly2's RGB + infrared (MulSen-AD): pairing by name and the labels of data.csv against a brute-force reading
+of the folders, the errors of unpaired and mislabelled samples, the model's side-by-side forward, and the object
+score, object label and per-modality pixel metrics of the script's evaluation against brute force (scikit-learn on
+maps recomputed image by image)."""
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from dinomaly import cli, models
+from dinomaly import dataset as ds
+from dinomaly.anomaly_map import AnomalyMapper, binarize_gt
+from dinomaly.errors import UserError
+
+import dinomaly2_mulsen
+from conftest import TINY, TINY_CFG
+from prepare_data.make_demo_pairs import KINDS_IR, make_demo_pairs
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return make_demo_pairs(str(tmp_path_factory.mktemp("pairs_ir")), size=64, seed=1, n_train=4, n_test_good=2,
+                           n_test_bad=2)
+
+
+def brute_force_samples(root, cls):
+    """(RGB path, infrared path, (RGB, IR, PC) labels) of every test sample, reading the folders and data.csv
+    directly: the infrared image of the same name, the row of the same object."""
+    out = []
+    test = os.path.join(root, cls, "RGB", "test")
+    for kind in sorted(os.listdir(test)):
+        rows = {}
+        if kind != "good":
+            with open(os.path.join(root, cls, "RGB", "GT", kind, "data.csv")) as f:
+                rows = {r["object"]: (int(r["RGB"]), int(r["Infrared"]), int(r["Pointcloud"]))
+                        for r in csv.DictReader(f)}
+        for name in sorted(os.listdir(os.path.join(test, kind)), key=lambda n: int(n[:-4])):
+            out.append((os.path.join(test, kind, name), os.path.join(root, cls, "Infrared", "test", kind, name),
+                        rows.get(name[:-4], (0, 0, 0))))
+    return out
+
+
+def test_pairing_and_labels_against_brute_force(pairs):
+    for cls in ("dome", "block"):
+        ours = ds.mulsen_samples(pairs["mulsen"], cls, "test")
+        expected = brute_force_samples(pairs["mulsen"], cls)
+        assert [(s.image_path, s.pair_path, s.modal_labels) for s in ours] == expected
+        assert [s.label for s in ours] == [max(labels) for *_, labels in expected]  # the preview's object label
+        for s in ours:
+            assert (s.mask_path is not None) == bool(s.modal_labels[0])
+            assert (s.pair_mask_path is not None) == bool(s.modal_labels[1])
+        assert {s.modal_labels for s in ours if "inner" in s.rel_path} == {KINDS_IR["inner"]}
+    train = ds.mulsen_samples(pairs["mulsen"], "dome", "train")
+    assert [os.path.basename(s.image_path) for s in train] == ["0.png", "1.png", "2.png", "3.png"]
+    assert all(s.pair_path.replace("Infrared", "RGB") == s.image_path for s in train)
+
+
+def test_pairing_is_by_name_not_by_order(pairs, tmp_path):
+    root = tmp_path / "m"
+    shutil.copytree(os.path.join(pairs["mulsen"], "dome"), root / "dome")
+    ir = root / "dome" / "Infrared" / "test" / "stain"
+    os.rename(ir / "1.png", ir / "10.png")  # sorted by position, 10.png would pair with RGB's 1.png
+    with pytest.raises(UserError, match=r"stain/1\.png has no image of the same name"):
+        ds.mulsen_samples(str(root), "dome", "test")
+    os.rename(ir / "10.png", ir / "1.png")
+    table = root / "dome" / "RGB" / "GT" / "stain" / "data.csv"
+    text = table.read_text()
+    table.write_text(text.replace("\n1,", "\n7,"))
+    with pytest.raises(UserError, match="has no row for sample 1"):
+        ds.mulsen_samples(str(root), "dome", "test")
+    table.write_text(text.replace("\n1,1,0,0", "\n1,1,1,0"))  # labelled anomalous in infrared: no mask there
+    with pytest.raises(UserError, match="labelled anomalous in Infrared .* mask .* is missing"):
+        ds.mulsen_samples(str(root), "dome", "test")
+
+
+def test_model_forward_of_a_pair_is_the_two_images():
+    torch.manual_seed(0)
+    model = models.ViTill(TINY_CFG, dropout=0.0, attn_eps=1e-8, bottleneck_kind="two_stage", recenter=True,
+                          modality="rgbir").eval()
+    plain = models.ViTill(TINY_CFG, dropout=0.0, attn_eps=1e-8, bottleneck_kind="two_stage", recenter=True).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 6, 56, 56)
+    with torch.no_grad():
+        en, de = model(x)
+        en2, de2 = plain(torch.cat([x[:, :3], x[:, 3:]]))
+    for a, b in zip(en + de, en2 + de2):
+        torch.testing.assert_close(a, b)
+
+
+SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", "64", "--crop_size", "56", "--num_workers",
+         "0", "--device", "cpu", "--batch_size", "4", "--log_every", "1", "--classes", "dome", "block"]
+
+
+@pytest.fixture(scope="module")
+def ir_run(pairs, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("runs_ir")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(models.ENCODERS, TINY, TINY_CFG)
+        cli.run_script(dinomaly2_mulsen, ["--data_path", pairs["mulsen"], "--total_iters", "2", "--save_dir",
+                                          str(save_dir), "--save_name", "ir", *SMALL])
+    return save_dir / "ir"
+
+
+def test_object_score_label_and_pixel_metrics_against_brute_force(ir_run, pairs, monkeypatch):
+    monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
+    config = json.loads((ir_run / "config.json").read_text())
+    assert config["model"]["modality"] == "rgbir" and config["gt_binarize"] == "mulsen"
+    from dinomaly import checkpoints
+    model, _ = checkpoints.load_trained(str(ir_run), {}, "dinomaly2", "rgbir")
+    mapper = AnomalyMapper(model.eval(), max_ratio=0.01)
+    samples = ds.mulsen_samples(pairs["mulsen"], "dome", "test")
+    data = ds.TestDataset(samples, 64, 56)
+    rows = [r.split(",") for r in (ir_run / "scores.csv").read_text().splitlines()[1:] if r.startswith("dome,")]
+    maps = {"RGB": [], "IR": []}
+    gts = {"RGB": [], "IR": []}
+    for s, row in zip(samples, rows):
+        img, mask, label, _, path = data[samples.index(s)]
+        with torch.no_grad():  # each image alone through the plain model's path
+            amap_rgb, score_rgb = mapper(img[None, :3].repeat(1, 2, 1, 1))
+            amap_ir, score_ir = mapper(img[None, 3:].repeat(1, 2, 1, 1))
+        assert row[1] == s.image_path and int(row[2]) == max(s.modal_labels)
+        np.testing.assert_allclose(float(row[3]), score_rgb[0].item() + score_ir[0].item(), rtol=1e-4)
+        gt = (torch.nn.functional.interpolate((mask[None] > 0.5).float(), size=256, mode="nearest") > 0)[0]
+        assert torch.equal(gt, binarize_gt(mask[None], 256, "mulsen")[0])
+        maps["RGB"].append(amap_rgb[0, 0].numpy()), maps["IR"].append(amap_ir[0, 0].numpy())
+        gts["RGB"].append(gt[0].numpy()), gts["IR"].append(gt[1].numpy())
+    metrics = {r["class"]: r for r in csv.DictReader(open(ir_run / "metrics.csv"))}["dome"]
+    labels = [max(s.modal_labels) for s in samples]
+    np.testing.assert_allclose(float(metrics["I-AUROC"]), roc_auc_score(labels, [float(r[3]) for r in rows]))
+    for modality, key in (("RGB", "P-AUROC"), ("IR", "IR-P-AUROC")):
+        expected = roc_auc_score(np.concatenate([g.ravel() for g in gts[modality]]),
+                                 np.concatenate([m.ravel() for m in maps[modality]]))
+        np.testing.assert_allclose(float(metrics[key]), expected, atol=2e-4)
