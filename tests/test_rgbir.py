@@ -129,7 +129,8 @@ def test_object_score_label_and_pixel_metrics_against_brute_force(ir_run, pairs,
         assert torch.equal(gt, binarize_gt(mask[None], 256, "mulsen")[0])
         maps["RGB"].append(amap_rgb[0, 0].numpy()), maps["IR"].append(amap_ir[0, 0].numpy())
         gts["RGB"].append(gt[0].numpy()), gts["IR"].append(gt[1].numpy())
-    metrics = {r["class"]: r for r in csv.DictReader(open(ir_run / "metrics.csv"))}["dome"]
+    with open(ir_run / "metrics.csv") as f:
+        metrics = {r["class"]: r for r in csv.DictReader(f)}["dome"]
     labels = [max(s.modal_labels) for s in samples]
     np.testing.assert_allclose(float(metrics["I-AUROC"]), roc_auc_score(labels, [float(r[3]) for r in rows]))
     for modality, key in (("RGB", "P-AUROC"), ("IR", "IR-P-AUROC")):
