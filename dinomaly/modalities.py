@@ -77,6 +77,51 @@ def rgbd_arrays(rgb_path: str, depth_path: str) -> tuple[np.ndarray, np.ndarray]
     return depth.zero_background(rgb, z), depth.colour_depth(z, depth_path)
 
 
+def rgbd_from(rgb: np.ndarray, depth_input, name: str = "the depth array") -> tuple[np.ndarray, np.ndarray]:
+    """rgbd_arrays for what a detector is given: an RGB image (uint8 [H, W, 3]) and its depth, a file (z map or
+    point cloud TIFF) or an array (z map [H, W], or point cloud [H, W, 3], prepared as the dataset's)."""
+    if isinstance(depth_input, (str, os.PathLike)):
+        name = os.fspath(depth_input)
+        z = depth.read_tiff(name)
+    else:
+        z = np.asarray(depth_input, dtype=np.float32)
+    if z.ndim == 3 and z.shape[2] == 3 and z.shape[:2] == rgb.shape[:2]:
+        z, rgb, _ = depth.prepare_scan(z, rgb)
+    elif z.shape != rgb.shape[:2]:
+        raise UserError(f"{name} (shape {list(z.shape)}) is neither a z map [H, W] nor a point cloud [H, W, 3] of "
+                        f"its image's size {rgb.shape[1]} x {rgb.shape[0]}")
+    return depth.zero_background(rgb, z), depth.colour_depth(z, name)
+
+
+def partner(path: str, kind: str) -> str:
+    """The other modality's file of an image in its dataset's layout: MVTec 3D-AD's `<kind>/rgb/<n>.png` -> its
+    depth (depth_file), MulSen-AD's `.../RGB/.../<n>.png` -> `.../Infrared/.../<n>.png`."""
+    if kind == DEPTH:
+        if os.path.basename(os.path.dirname(path)) != "rgb":
+            raise UserError(f"{path} is not in an rgb/ folder of MVTec 3D-AD's layout (<kind>/rgb/<n>.png beside "
+                            f"<kind>/xyz/<n>.tiff), so its depth cannot be found; pass the pair (image, depth)")
+        return depth_of_image(path)
+    parts = os.path.normpath(path).split(os.sep)
+    if "RGB" not in parts:
+        raise UserError(f"{path} is not in an RGB/ folder of MulSen-AD's layout (.../RGB/.../<n>.png beside "
+                        f".../Infrared/.../<n>.png), so its infrared image cannot be found; pass the pair (image, "
+                        f"infrared image)")
+    i = len(parts) - 1 - parts[::-1].index("RGB")
+    other = os.sep.join(parts[:i] + ["Infrared"] + parts[i + 1:])
+    if not os.path.isfile(other):
+        raise UserError(f"no infrared image for {path}: {other} not found")
+    return other
+
+
+def is_pair_image(path: str, kind: str) -> bool:
+    """Whether a file found under predict's --input is the RGB image of a pair (not a mask, a depth file or an
+    infrared image): in an rgb/ folder (depth), or under an RGB/ folder and not under GT/ (infrared)."""
+    parts = os.path.normpath(path).split(os.sep)
+    if kind == DEPTH:
+        return len(parts) > 1 and parts[-2] == "rgb"
+    return "RGB" in parts and "GT" not in parts[parts.index("RGB"):]
+
+
 def pair_arrays(s: Sample) -> tuple[np.ndarray, np.ndarray]:
     """The two images of a pair sample at their own size, uint8 RGB."""
     if s.pair_kind == DEPTH:

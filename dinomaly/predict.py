@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import checkpoints, class_finder, image_files, models
+from . import checkpoints, class_finder, image_files, modalities, models
 from . import dataset as ds
 from . import thresholds as th
 from .anomaly_map import AnomalyMapper, check_max_ratio
@@ -238,14 +238,51 @@ def Detector(checkpoint: str, **options) -> "ModelDetector | PerClassDetector":
     return ModelDetector(checkpoint, **options)
 
 
+PAIR_FORMS = {"rgbd": "an (image, depth) pair: the image as above, the depth a z map or a point cloud (a TIFF "
+                      "file, or an array [H, W] or [H, W, 3] of the image's size), or the path of an image in "
+                      "MVTec 3D-AD's layout (<kind>/rgb/<n>.png, its depth found beside it)",
+              "rgbir": "an (image, infrared image) pair, each as above, or the path of an image in MulSen-AD's "
+                       "layout (.../RGB/.../<n>.png, its infrared image found in .../Infrared/.../<n>.png)"}
+
+
+def pair_input(item, modality: str, image_size: int, crop_size: int) -> tuple[torch.Tensor, tuple[int, int],
+                                                                               np.ndarray]:
+    """A pair of a two-modality model (PAIR_FORMS) -> (normalised crops [6, crop, crop], the pair's (width,
+    height), its RGB image as the model sees it, uint8). Depth is prepared and coloured as in training
+    (modalities.rgbd_from)."""
+    kind = modalities.PAIR_KINDS[modality]
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        first, second = item
+    elif isinstance(item, (str, os.PathLike)):
+        first, second = item, modalities.partner(os.fspath(item), kind)
+    else:
+        raise InputError(f"this run's model takes pairs ({modality}): cannot use a {type(item).__name__}; pass "
+                         f"{PAIR_FORMS[modality]}")
+    rgb = np.asarray(as_rgb(first))
+    if kind == modalities.DEPTH:
+        a, b = modalities.rgbd_from(rgb, second)
+    else:
+        a, b = rgb, np.asarray(as_rgb(second))
+        if a.shape != b.shape:
+            raise InputError(f"the infrared image ({b.shape[1]} x {b.shape[0]}) is not the size of its RGB image "
+                             f"({a.shape[1]} x {a.shape[0]})")
+    x = torch.cat([ds.transform(Image.fromarray(i), image_size, crop_size) for i in (a, b)])
+    return x, (a.shape[1], a.shape[0]), a
+
+
 class Scoring:
     """What every detector does with images: prepare them as the model sees them and predict in batches. A
-    detector sets image_size and crop_size and implements predict_prepared."""
+    detector sets image_size, crop_size and (for a model of two modalities) modality, and implements
+    predict_prepared."""
     image_size: int
     crop_size: int
+    modality: str = "rgb"
 
     def prepare(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
-        """An image (see as_rgb) -> (normalised crop [3, crop, crop], its (width, height))."""
+        """An image (see as_rgb), or a pair for a model of two modalities (PAIR_FORMS) -> (normalised crop
+        [3 or 6, crop, crop], its (width, height))."""
+        if self.modality != "rgb":
+            return pair_input(image, self.modality, self.image_size, self.crop_size)[:2]
         rgb = as_rgb(image)
         return ds.transform(rgb, self.image_size, self.crop_size), rgb.size
 
@@ -294,6 +331,7 @@ class ModelDetector(Scoring):
         self.mapper, self.recipe = load_mapper(self.model_path, seg_path, self.device, given,
                                                dict(max_ratio=max_ratio, fusion_alpha=fusion_alpha), calibration)
         self.image_size, self.crop_size = self.recipe.image_size, self.recipe.crop_size
+        self.modality = self.recipe.modality
         self.masked = self.mapper.model.test_mask == "on"
         if self.masked:  # CRR's test-time masking is random: each image's mask is seeded with a hash of its pixels
             self.mapper.model.mask_rng = "device"
@@ -356,6 +394,9 @@ class ModelDetector(Scoring):
         seeds = [models.mask_seed(x.numpy().tobytes()) for x in batch.cpu()] if self.masked else None
         find = self.prototypes is not None and None in given
         amaps, scores, *features = self.mapper(batch.to(self.device), seeds, features=find)
+        if self.modality == "rgbir":  # [RGB images, infrared images]: a pair's score is their sum (as evaluated)
+            b = len(sizes)
+            amaps, scores, features = amaps[:b], scores[:b] + scores[b:], [f[:b] for f in features]
         matches = class_finder.classify(self.prototypes, features[0]) if features else [None] * len(sizes)
         out = []
         for amap, score, (w, h), match, name in zip(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes,
@@ -456,12 +497,16 @@ class ImageFiles(Dataset):
 
     def __init__(self, paths: list[str], detector: Scoring):
         self.paths, self.image_size, self.crop_size = paths, detector.image_size, detector.crop_size
+        self.modality = detector.modality
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
+            if self.modality != "rgb":  # the RGB image of a pair, its other modality found beside it
+                x, _, rgb = pair_input(self.paths[i], self.modality, self.image_size, self.crop_size)
+                return i, x, rgb, None
             rgb = ds.load_image(self.paths[i], upright=True, where="--input")
         except UserError as e:
             return i, None, None, str(e)
@@ -547,6 +592,17 @@ def main(options: PredictOptions):
                         threshold=o.threshold, class_name=o.class_name, device=o.device, max_ratio=o.max_ratio,
                         fusion_alpha=o.fusion_alpha, image_size=o.image_size, crop_size=o.crop_size,
                         test_mask=o.test_mask, mask_ratio=o.mask_ratio)
+    if detector.modality != "rgb":  # a pair's RGB images only: its other modality is found beside each
+        kind = modalities.PAIR_KINDS[detector.modality]
+        pairs = [p for p in paths if modalities.is_pair_image(p, kind)]
+        if not pairs:
+            raise UserError(f"this run's model takes pairs ({detector.modality}) and none of the {len(paths)} "
+                            f"files of --input is the RGB image of one: pass images in " +
+                            ("rgb/ folders of MVTec 3D-AD's layout" if kind == modalities.DEPTH else
+                             "RGB/ folders of MulSen-AD's layout"))
+        log.info(f"{len(pairs)} pairs: their RGB images of the {len(paths)} files of --input, each with its "
+                 f"{kind} found beside it")
+        paths = pairs
     names = output_names(paths)
     guess = class_folder(paths, detector.classes)
     if options.class_name is None and options.threshold is None and detector.prototypes is None and guess is not None:

@@ -300,3 +300,28 @@ def test_script_trains_records_the_modality_and_reloads(rgbd_run, pairs, tmp_pat
     again = (tmp_path / "again" / "scores.csv").read_text().splitlines()
     np.testing.assert_allclose([float(r.split(",")[-1]) for r in again[1:]],
                                [float(r.split(",")[-1]) for r in scores[1:]], rtol=1e-6)
+
+
+def test_detector_and_predict_take_pairs(rgbd_run, pairs, tmp_path, monkeypatch):
+    """A pair is given as the image's path in MVTec 3D-AD's layout, as (image, depth file) or as (image, z map):
+    the score is the evaluation's."""
+    from dinomaly import Detector, predict
+    from dinomaly.errors import InputError
+    monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
+    scores = {r.split(",")[1]: float(r.split(",")[3]) for r in (rgbd_run / "scores.csv").read_text().splitlines()[1:]}
+    d = Detector(str(rgbd_run), device="cpu")
+    s = ds.mvtec3d_samples(pairs["mvtec3d"], "dome", "test")[0]
+    z, rgb, _ = depth.prepare_scan(depth.read_tiff(s.pair_path), np.asarray(Image.open(s.image_path)))
+    for given in (s.image_path, (s.image_path, s.pair_path), (Image.fromarray(rgb), z)):
+        r = d(given)
+        np.testing.assert_allclose(r.score, scores[s.image_path], rtol=1e-5)
+        assert r.anomaly_map.shape == (100, 100)  # the prepared (padded) sample's geometry
+    with pytest.raises(InputError, match="takes pairs"):
+        d(np.zeros((64, 64, 3), np.uint8))
+    out = tmp_path / "pred"
+    predict.main(predict.PredictOptions(checkpoint=str(rgbd_run), input=[os.path.join(pairs["mvtec3d"], "dome",
+                                                                                      "test")], out=str(out)))
+    rows = (out / "predictions.csv").read_text().splitlines()[1:]
+    assert len(rows) == 6 and all("/rgb/" in r.split(",")[0] for r in rows)
+    for r in rows:
+        np.testing.assert_allclose(float(r.split(",")[1]), scores[r.split(",")[0]], rtol=1e-5)

@@ -137,3 +137,16 @@ def test_object_score_label_and_pixel_metrics_against_brute_force(ir_run, pairs,
         expected = roc_auc_score(np.concatenate([g.ravel() for g in gts[modality]]),
                                  np.concatenate([m.ravel() for m in maps[modality]]))
         np.testing.assert_allclose(float(metrics[key]), expected, atol=2e-4)
+
+
+def test_detector_takes_pairs(ir_run, pairs, monkeypatch):
+    """The image's path in MulSen-AD's layout, or (RGB image, infrared image): the score is the evaluation's sum."""
+    from PIL import Image
+
+    from dinomaly import Detector
+    monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
+    scores = {r.split(",")[1]: float(r.split(",")[3]) for r in (ir_run / "scores.csv").read_text().splitlines()[1:]}
+    d = Detector(str(ir_run), device="cpu")
+    for s in ds.mulsen_samples(pairs["mulsen"], "block", "test")[::7]:
+        for given in (s.image_path, (np.asarray(Image.open(s.image_path)), s.pair_path)):
+            np.testing.assert_allclose(d(given).score, scores[s.image_path], rtol=1e-5)
