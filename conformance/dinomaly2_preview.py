@@ -27,7 +27,9 @@ copies the same weights into ours (strict loads both ways), then compares in flo
   loads, forward, maps and scores, training steps of its loop (two groups at 2e-3) in float32 and float64; its gap
   filling and padding (run from its preprocess_mvtec3d_2.py / _1.py source) against dinomaly/depth.py on
   generated point clouds, and its MVTec3DDataset against our reader on a folder prepared by
-  prepare_data/prepare_mvtec3d.py, input for input.
+  prepare_data/prepare_mvtec3d.py, input for input;
+- RGB + infrared: the preview's Dinomaly forward on cat([rgb, infrared]) and its evaluation_batch_rgbinfra (maps of
+  both modalities, object scores and labels) against our model with modality "rgbir" and the sum of its scores.
 
 Prints a table of the gaps and exits with status 1 when a check misses its target. Nothing of the preview is
 copied here: its modules are imported, and only the order of the calls of its training loop is restated.
@@ -788,6 +790,61 @@ def rgbd_checks(P, encoder, args, table):
     rgbd_data_checks(P, os.path.abspath(args.preview), table)
 
 
+# ----------------------------------------------------------------------------------------------- RGB + infrared
+
+def rgbir_checks(P, encoder, args, table):
+    """The preview's Dinomaly on cat([rgb, infrared]) (dinomaly_mulsen.py's training forward) and its
+    evaluation_batch_rgbinfra (object scores and both modalities' maps, captured where it hands them to the metrics)
+    against our model with modality "rgbir" on the pairs and evaluate_shard's rule (a pair's score the sum of its
+    images')."""
+    tag = "rgbir (dinomaly_mulsen.py)"
+    torch.manual_seed(args.seed)
+    with fast_init(P):
+        prev = preview_model(P, encoder=encoder, dropout=0.2)
+        ours = ViTill(ENCODERS[ENCODER], dropout=0.2, attn_eps=1e-8, bottleneck_kind="two_stage", recenter=True,
+                      modality="rgbir")
+    randomise(nn.ModuleList([prev.bottleneck, prev.decoder]), args.seed + 7)
+    ours.load_state_dict(prev.state_dict(), strict=True)
+    n = args.images
+    rgb, ir = generated_images(n, args.crop, args.seed + 1), generated_images(n, args.crop, args.seed + 2)
+    prev.eval(), ours.eval()
+    with torch.no_grad():
+        en_p, de_p = prev(torch.cat([rgb, ir]))
+        en_o, de_o = ours(torch.cat([rgb, ir], dim=1))
+    table.append((f"{tag}: forward of {n} pairs (en, de)", f"max rel {max(max_rel(en_o, en_p), max_rel(de_o, de_p)):.1e}",
+                  max(max_rel(en_o, en_p), max_rel(de_o, de_p)) < 1e-5))
+    captured = {"pro": []}
+    u = P.utils
+    saved = {k: getattr(u, k) for k in ("compute_pro", "roc_auc_score", "average_precision_score", "f1_score_max")}
+    u.compute_pro = lambda masks, amaps, *a, **k: captured["pro"].append(np.array(amaps)) or 0.0
+    u.roc_auc_score = lambda y, s: captured.setdefault("roc", []).append((np.array(y), np.array(s))) or 0.0
+    u.average_precision_score = lambda y, s: 0.0
+    u.f1_score_max = lambda y, s: 0.0
+    labels = [torch.tensor([i % 2 for i in range(j, j + 2)]) for j in range(0, n, 2)]
+    try:
+        batches = [((rgb[j:j + 2], ir[j:j + 2]), (labels[j // 2], torch.zeros(2, dtype=torch.long),
+                                                  1 - labels[j // 2]),
+                    (torch.zeros(2, 1, args.crop, args.crop), torch.zeros(2, 1, args.crop, args.crop)),
+                    ([f"r{j}", f"r{j + 1}"], [f"i{j}", f"i{j + 1}"])) for j in range(0, n, 2)]
+        u.evaluation_batch_rgbinfra(prev, batches, "cpu", max_ratio=0.01, resize_mask=256)
+    finally:
+        for k, v in saved.items():
+            setattr(u, k, v)
+    obj_labels, obj_scores = captured["roc"][-1]
+    mapper = AnomalyMapper(ours, max_ratio=0.01, precision="fp32")
+    with torch.no_grad():
+        amap, score = mapper(torch.cat([rgb, ir], dim=1))
+    gap_rgb = np.abs(amap[:n, 0].numpy() - captured["pro"][0]).max()
+    gap_ir = np.abs(amap[n:, 0].numpy() - captured["pro"][1]).max()
+    gap_s = np.abs((score[:n] + score[n:]).numpy() - obj_scores).max()
+    table.append((f"{tag}: maps of {n} pairs (RGB, infrared)", f"max abs {gap_rgb:.2e}, {gap_ir:.2e}",
+                  max(gap_rgb, gap_ir) < 5e-5))
+    same_labels = obj_labels.tolist() == [1] * n  # the largest of RGB (0/1), infrared (0) and point cloud (1/0)
+    table.append((f"{tag}: object scores (sum of the two) and labels (largest of three)",
+                  f"max abs {gap_s:.2e}; labels {'all 1 as expected' if same_labels else obj_labels.tolist()}",
+                  gap_s < 5e-5 and same_labels))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preview", required=True, help="folder of the preview code (models/uad.py, utils.py, ...)")
@@ -815,6 +872,7 @@ def main():
     table += compare_script_defaults(os.path.abspath(args.preview))
     table += compare_fewshot(P)
     rgbd_checks(P, encoder, args, table)
+    rgbir_checks(P, encoder, args, table)
     if not args.quick:
         for la, lc, cr in ((0, 2, 1), (1, 0, 1), (1, 1, 1), (1, 3, 1), (1, 4, 1), (1, 11, 1), (1, 12, 1),
                            (1, 14, 1), (1, 2, 0)):
