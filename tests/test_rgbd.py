@@ -276,21 +276,24 @@ SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", "64",
          "0", "--device", "cpu", "--batch_size", "4", "--log_every", "1", "--classes", "dome", "block"]
 
 
+def run_argv(pairs, save_dir):
+    return ["--data_path", pairs["mvtec3d"], "--total_iters", "3", "--save_dir", str(save_dir), "--save_heatmaps",
+            "1", "--cache_images", "memory", *SMALL]
+
+
 @pytest.fixture(scope="module")
 def rgbd_run(pairs, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("runs_rgbd")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(models.ENCODERS, TINY, TINY_CFG)
-        cli.run_script(dinomaly2_mvtec3d, ["--data_path", pairs["mvtec3d"], "--total_iters", "2", "--save_dir",
-                                           str(save_dir), "--save_name", "rgbd", "--save_heatmaps", "1",
-                                           "--cache_images", "memory", *SMALL])
+        cli.run_script(dinomaly2_mvtec3d, [*run_argv(pairs, save_dir), "--save_name", "rgbd"])
     return save_dir / "rgbd"
 
 
 def test_script_trains_records_the_modality_and_reloads(rgbd_run, pairs, tmp_path):
     config = json.loads((rgbd_run / "config.json").read_text())
     assert config["model"]["modality"] == "rgbd" and config["dataset"] == "mvtec3d"
-    assert config["training"]["bottleneck_in_lr"] == 2e-3 and config["training"]["total_iters"] == 2
+    assert config["training"]["bottleneck_in_lr"] == 2e-3 and config["training"]["total_iters"] == 3
     scores = (rgbd_run / "scores.csv").read_text().splitlines()
     assert len(scores) == 1 + 2 * 6 and "dome" in (rgbd_run / "metrics.csv").read_text()
     picture = np.asarray(Image.open(next((rgbd_run / "heatmaps" / "dome").iterdir())))
@@ -325,3 +328,27 @@ def test_detector_and_predict_take_pairs(rgbd_run, pairs, tmp_path, monkeypatch)
     assert len(rows) == 6 and all("/rgb/" in r.split(",")[0] for r in rows)
     for r in rows:
         np.testing.assert_allclose(float(r.split(",")[1]), scores[r.split(",")[0]], rtol=1e-5)
+
+
+def test_interrupted_run_resumes_bit_exactly(rgbd_run, pairs, tmp_path, monkeypatch):
+    """Ctrl-C during the first step of the RGB + depth run (the state after the second is saved), then --resume:
+    the weights of the uninterrupted run."""
+    from dinomaly import train
+    monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
+    step = train.train_step
+
+    def interrupted(batch, it, *args, **kwargs):
+        if it == 0:
+            os.kill(os.getpid(), __import__("signal").SIGINT)
+        return step(batch, it, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli.run_script(dinomaly2_mvtec3d, [*run_argv(pairs, tmp_path), "--save_name", "cut"])
+    assert e.value.code == 130
+    assert torch.load(tmp_path / "cut" / "train_state.pth", weights_only=True)["iteration"] == 2
+    monkeypatch.setattr(train, "train_step", step)
+    cli.run_script(dinomaly2_mvtec3d, [*run_argv(pairs, tmp_path), "--save_name", "cut", "--resume"])
+    whole = torch.load(rgbd_run / "model.pth", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "model.pth", weights_only=True)
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)

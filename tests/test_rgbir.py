@@ -150,3 +150,36 @@ def test_detector_takes_pairs(ir_run, pairs, monkeypatch):
     for s in ds.mulsen_samples(pairs["mulsen"], "block", "test")[::7]:
         for given in (s.image_path, (np.asarray(Image.open(s.image_path)), s.pair_path)):
             np.testing.assert_allclose(d(given).score, scores[s.image_path], rtol=1e-5)
+
+
+def test_sharded_evaluation_merges_to_one_process(pairs, tmp_path, monkeypatch):
+    """evaluate_shard as processes 0 and 1 of 2 (faked): the merged RGB and infrared accumulators and score rows
+    are those of one process."""
+    import types
+
+    from dinomaly import evaluate
+    from dinomaly.options import DataOptions, EvalOptions, RunOptions
+    from dinomaly.utils import ClassAccumulator
+    monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
+    torch.manual_seed(0)
+    model = models.ViTill(TINY_CFG, dropout=0.2, attn_eps=1e-8, bottleneck_kind="two_stage", recenter=True,
+                          modality="rgbir").eval()
+    mapper = AnomalyMapper(model)
+    samples = ds.mulsen_samples(pairs["mulsen"], "dome", "test")
+    data = DataOptions(num_workers=0, cache_dir=str(tmp_path))
+    evaluation = EvalOptions(batch_size=4, save_heatmaps=0, aupro="dinomaly", gt_binarize="mulsen")
+
+    def shard(rank, world):
+        run = types.SimpleNamespace(options=RunOptions(seed=1), rank=rank, world_size=world,
+                                    device=torch.device("cpu"), is_main=rank == 0)
+        return evaluate.evaluate_shard(run, mapper, samples, "dome", data, evaluation, 64, 56)
+
+    one, parts = shard(0, 1), [shard(0, 2), shard(1, 2)]
+    for k in (0, 5):  # the RGB (and object) accumulator, the infrared one
+        merged = ClassAccumulator.merge([p[k] for p in parts]).compute()
+        single = ClassAccumulator.merge([one[k]]).compute()
+        np.testing.assert_allclose([merged[m] for m in sorted(merged)], [single[m] for m in sorted(single)],
+                                   rtol=1e-6)
+    rows = sorted(r for p in parts for r in p[1])
+    assert [r[1][:3] for r in rows] == [r[1][:3] for r in one[1]]
+    np.testing.assert_allclose([r[1][3] for r in rows], [r[1][3] for r in one[1]], rtol=1e-5)
