@@ -147,6 +147,9 @@ def main(options: ExportOptions):
     model_path, seg_path = run_files(options.checkpoint, options.seg_checkpoint)
     calibration, calib_path = load_calibration(model_path, seg_path is not None, options.thresholds)
     mapper, recipe = load_mapper(model_path, seg_path, torch.device("cpu"), {}, {}, calibration)
+    if recipe.modality != "rgb":
+        raise UserError(f"{model_path} is a model of {recipe.modality} inputs (pairs of two modalities), whose ONNX "
+                        f"export with two inputs is not written yet; use predict.py or the Detector")
     crop = recipe.crop_size
     exported = for_export(mapper, crop)
     if calibration:
