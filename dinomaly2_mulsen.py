@@ -1,7 +1,8 @@
 """Dinomaly2, RGB + infrared: one model for all classes of MulSen-AD, each sample its RGB image and its infrared
 image of the same name, both through the same model as separate images (the preview's dinomaly_mulsen.py); the
-sample's score is the sum of the two images' scores, its label the largest of its RGB, infrared and point-cloud
-labels, the pixel metrics per image (P-* for the RGB images, IR-P-* for the infrared ones). Layout as distributed:
+sample's score is the mean of the two images' scores (the preview's sum, halved), its label the largest of its
+RGB, infrared and point-cloud labels, the pixel metrics per image (P-* for the RGB images, IR-P-* for the infrared
+ones). Layout as distributed:
 <class>/{RGB,Infrared}/{train,test/<kind>,GT/<kind>}/<n>.png with RGB/GT/<kind>/data.csv (the point clouds are
 not read)."""
 from dinomaly import cli

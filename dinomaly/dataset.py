@@ -679,7 +679,8 @@ def _mulsen_labels(csv_path: str, names: list[str]) -> dict[str, tuple[int, int,
     for missing, what in ((sorted(stems - set(labels)), "has no row for"), (sorted(set(labels) - stems), "lists")):
         if missing:
             more = f" ({len(missing) - 1} more)" if len(missing) > 1 else ""
-            tail = "; add its row" if what == "has no row for" else ", which has no RGB and infrared image; fix the file"
+            tail = "; add its row" if what == "has no row for" else \
+                ", which has no RGB and infrared image; fix the file"
             raise UserError(f"{csv_path} {what} sample {missing[0]}{more}{tail}")
     return labels
 

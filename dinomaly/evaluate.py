@@ -93,9 +93,10 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, class_samples: list[ds.Sampl
     """This process's share of one class (images rank, rank + world_size, ...): (the accumulator's state, score
     rows with their index in `class_samples`, the pixel sample for calibration, the pictures' candidates, the object
     accumulator's state when the samples are views grouped into objects, else None, the infrared images' pixel
-    accumulator's state for RGB + infrared pairs, else None). A pair's score is the sum of its two images' (the
-    preview's object score), its label the largest of its modalities'; its RGB image gives the pixel metrics, the
-    pictures and the pixel threshold, its infrared image the IR-* metrics."""
+    accumulator's state for RGB + infrared pairs, else None). A pair's score is the mean of its two images' (the
+    preview's object score, their sum, halved: the same ranking, on the maps' scale), its label the largest of its
+    modalities'; its RGB image gives the pixel metrics, the pictures and the pixel threshold, its infrared image
+    the IR-* metrics."""
     index = list(range(run.rank, len(class_samples), run.world_size))
     shard = [class_samples[i] for i in index]
     test_set = ds.TestDataset(shard, image_size, crop_size, image_cache(data, shard, image_size, ("disk",)))
@@ -121,7 +122,7 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, class_samples: list[ds.Sampl
             if ir is not None:  # [RGB maps, infrared maps]: the model sees the pair's two images side by side
                 b = len(paths)
                 ir.add_pixels(amap[b:], gt[:, 1])
-                amap, score = amap[:b], score[:b] + score[b:]
+                amap, score = amap[:b], (score[:b] + score[b:]) / 2
             gt = gt[:, 0]
             acc.add(label, score, amap, gt, has_mask)
             pixels.add(amap[has_mask].numpy(), gt[has_mask].numpy(), [i for i, h in zip(ids, has_mask) if h])

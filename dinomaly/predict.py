@@ -394,9 +394,9 @@ class ModelDetector(Scoring):
         seeds = [models.mask_seed(x.numpy().tobytes()) for x in batch.cpu()] if self.masked else None
         find = self.prototypes is not None and None in given
         amaps, scores, *features = self.mapper(batch.to(self.device), seeds, features=find)
-        if self.modality == "rgbir":  # [RGB images, infrared images]: a pair's score is their sum (as evaluated)
+        if self.modality == "rgbir":  # [RGB images, infrared images]: a pair's score is their mean (as evaluated)
             b = len(sizes)
-            amaps, scores, features = amaps[:b], scores[:b] + scores[b:], [f[:b] for f in features]
+            amaps, scores, features = amaps[:b], (scores[:b] + scores[b:]) / 2, [f[:b] for f in features]
         matches = class_finder.classify(self.prototypes, features[0]) if features else [None] * len(sizes)
         out = []
         for amap, score, (w, h), match, name in zip(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes,

@@ -124,7 +124,7 @@ def test_object_score_label_and_pixel_metrics_against_brute_force(ir_run, pairs,
             amap_rgb, score_rgb = mapper(img[None, :3].repeat(1, 2, 1, 1))
             amap_ir, score_ir = mapper(img[None, 3:].repeat(1, 2, 1, 1))
         assert row[1] == s.image_path and int(row[2]) == max(s.modal_labels)
-        np.testing.assert_allclose(float(row[3]), score_rgb[0].item() + score_ir[0].item(), rtol=1e-4)
+        np.testing.assert_allclose(float(row[3]), (score_rgb[0].item() + score_ir[0].item()) / 2, rtol=1e-4)
         gt = (torch.nn.functional.interpolate((mask[None] > 0.5).float(), size=256, mode="nearest") > 0)[0]
         assert torch.equal(gt, binarize_gt(mask[None], 256, "mulsen")[0])
         maps["RGB"].append(amap_rgb[0, 0].numpy()), maps["IR"].append(amap_ir[0, 0].numpy())
@@ -140,7 +140,7 @@ def test_object_score_label_and_pixel_metrics_against_brute_force(ir_run, pairs,
 
 
 def test_detector_takes_pairs(ir_run, pairs, monkeypatch):
-    """The image's path in MulSen-AD's layout, or (RGB image, infrared image): the score is the evaluation's sum."""
+    """The image's path in MulSen-AD's layout, or (RGB image, infrared image): the score is the evaluation's."""
     from PIL import Image
 
     from dinomaly import Detector
