@@ -76,12 +76,19 @@ def classify(data: dict, features: torch.Tensor) -> list[Match]:
     if features.shape[1] != prototypes.shape[1]:
         raise UserError(f"the class prototypes have {prototypes.shape[1]} features, this model's images "
                         f"{features.shape[1]}: they come from another model; evaluate this run again")
-    distance = 1 - features.float().cpu() @ prototypes.T  # [B, C]
-    nearest = distance.topk(min(2, distance.shape[1]), dim=1, largest=False)
+    return matches(data, (1 - features.float().cpu() @ prototypes.T).numpy())
+
+
+def matches(data: dict, distance: np.ndarray) -> list[Match]:
+    """The nearest class of each image from its distances to every prototype ([B, C]: 1 - cosine; an exported
+    graph's class_distances) -> one Match each. data: "classes" and "radius" (a prototypes file's, or an exported
+    model's metadata)."""
     out = []
-    for values, indices in zip(nearest.values.tolist(), nearest.indices.tolist()):
-        d1, best = values[0], indices[0]
-        confidence = 1.0 if len(values) == 1 else max(0.0, 1 - d1 / values[1]) if values[1] > 0 else 0.0
+    for row in np.asarray(distance, dtype=np.float64):
+        order = np.argsort(row, kind="stable")[:2]
+        d1, best = float(row[order[0]]), int(order[0])
+        d2 = float(row[order[1]]) if len(order) > 1 else None
+        confidence = 1.0 if d2 is None else max(0.0, 1 - d1 / d2) if d2 > 0 else 0.0
         radius = float(data["radius"][best])
         out.append(Match(data["classes"][best], confidence, d1, radius, d1 <= FAR * radius))
     return out

@@ -345,7 +345,8 @@ writing, the file is checked with onnxruntime against PyTorch on random images.
 
 def predict_parser() -> ArgumentParser:
     p = ArgumentParser(PREDICT_HELP)
-    p.add_argument("--checkpoint", required=True, help="a run folder or its model.pth (ours or official)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder or its model.pth (ours or official), or an exported model (.onnx, .xml)")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="image files, folders (searched recursively) or glob patterns (quoted)")
     p.add_argument("--out", required=True, help="output folder")
@@ -376,12 +377,22 @@ def predict_parser() -> ArgumentParser:
 def export_parser() -> ArgumentParser:
     p = ArgumentParser(EXPORT_HELP)
     p.add_argument("--checkpoint", required=True, help="a run folder or its model.pth")
-    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--out", required=True, help="the file to write: .onnx (ONNX) or .xml (OpenVINO, with its .bin)")
+    p.add_argument("--format", choices=["onnx", "openvino"], help="default: the one --out's suffix names")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="int8: ONNX Runtime's dynamic INT8 (onnx), NNCF's calibrated INT8 (openvino)")
     p.add_argument("--seg_checkpoint",
                    help="CRR segmentation network (default: the run folder's Seg_model_7999.pth or _last.pth)")
     p.add_argument("--thresholds", help="the thresholds.json to store (default: the run folder's)")
     p.add_argument("--check_batch", type=int_at_least(1), default=2,
-                   help="random images to compare onnxruntime with PyTorch on (a batch: checks the dynamic axis)")
+                   help="batch size of the check against PyTorch (above 1: checks the dynamic axis)")
+    p.add_argument("--check_images", type=int_at_least(1), default=100,
+                   help="at most this many images of the run's scores.csv (a seeded subset) for the check")
+    p.add_argument("--calibration_images", type=int_at_least(1), default=300,
+                   help="openvino int8: good training images that calibrate the quantisation (a seeded subset)")
+    p.add_argument("--calibration_data", metavar="DIR",
+                   help="openvino int8: a folder of good images to calibrate on (default: the run's training images)")
+    p.add_argument("--seed", type=int, default=0, help="chooses the check and calibration subsets")
     return p
 
 

@@ -1,9 +1,13 @@
-"""Export a trained run to ONNX: the whole map computation in one graph, for deployment without PyTorch (the
-export command, `export.py`, `dinomaly-export`; its flags and the graph's inputs and outputs are described in
-cli.EXPORT_HELP)."""
+"""Export a trained run to ONNX or OpenVINO: the whole map computation in one graph, for deployment without
+PyTorch, in fp32, fp16 or INT8 (quantize.py), checked against PyTorch on the run's own test images (the export
+command, `export.py`, `dinomaly-export`; its flags and the graph's inputs and outputs are described in
+cli.EXPORT_HELP; exported.py runs the files).
+"""
 import copy
+import csv
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -12,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import class_finder
+from . import __version__, class_finder, exported, quantize
 from . import thresholds as th
 from .anomaly_map import MAP_SIZE, AnomalyMapper
 from .dataset import IMAGENET_MEAN, IMAGENET_STD
@@ -21,13 +25,20 @@ from .predict import check_settings, load_calibration, load_mapper, run_files
 from .run import log
 
 OPSET = 17
-MISSING = ("ONNX export needs onnx and onnxruntime: pip install -r requirements-export.txt (in a clone) or "
-           "pip install 'dinomaly[export]'")
+MISSING = ("{what} needs {packages}: pip install -r requirements-export.txt (in a clone) or pip install "
+           "'dinomaly[{extra}]'")
+NEEDS = {("onnx", "fp32"): ["onnx", "onnxruntime"], ("onnx", "fp16"): ["onnx", "onnxruntime"],
+         ("onnx", "int8"): ["onnx", "onnxruntime"], ("openvino", "fp32"): ["onnx", "onnxruntime", "openvino"],
+         ("openvino", "fp16"): ["onnx", "onnxruntime", "openvino"],
+         ("openvino", "int8"): ["onnx", "onnxruntime", "openvino", "nncf"]}
+FP32_TOLERANCE = 1e-4  # largest |exported - PyTorch| score of an fp32 export
+ON_THRESHOLD = 1e-5  # a score within this share of its threshold lies on it (float rounding decides)
 
 
 class ExportedMapper(nn.Module):
     """[B, 3, crop, crop] RGB in [0, 1] -> (smoothed map [B, 1, 256, 256], score [B]); with the class prototypes
-    [C, F] (class_finder) also the nearest class's index [B] and its distance [B], as class_finder.classify."""
+    [C, F] (class_finder) also the nearest class's index [B], its distance [B] and the distances to every class
+    [B, C] (1 - cosine), as class_finder.classify."""
 
     def __init__(self, mapper: AnomalyMapper, prototypes: torch.Tensor | None = None):
         super().__init__()
@@ -37,15 +48,17 @@ class ExportedMapper(nn.Module):
         self.register_buffer("prototypes", None if prototypes is None else prototypes.float())
 
     def outputs(self) -> list[str]:
-        return ["anomaly_map", "score"] + (["class_index", "class_distance"] if self.prototypes is not None else [])
+        return ["anomaly_map", "score"] + (["class_index", "class_distance", "class_distances"]
+                                           if self.prototypes is not None else [])
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = (image - self.mean) / self.std
         if self.prototypes is None:
             return self.mapper(x)
         amap, score, features = self.mapper(x, features=True)
-        distance, index = (1 - features @ self.prototypes.T).min(dim=1)
-        return amap, score, index, distance
+        distances = 1 - features @ self.prototypes.T
+        distance, index = distances.min(dim=1)
+        return amap, score, index, distance, distances
 
 
 def levels(entry: dict | None) -> dict:
@@ -80,19 +93,8 @@ def export_onnx(model: ExportedMapper, crop_size: int, path: str):
                           dynamic_axes={name: {0: "batch"} for name in ["image", *model.outputs()]})
 
 
-def max_difference(model: ExportedMapper, path: str, crop_size: int, batch: int = 2) -> float:
-    """Largest |onnxruntime - PyTorch| over the outputs on `batch` random images."""
-    import onnxruntime
-    x = torch.rand(batch, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0))
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = session.run(model.outputs(), {"image": x.numpy()})
-    with torch.no_grad():
-        want = model(x)
-    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
-
-
 OUTPUT_SHAPES = {"anomaly_map": ["batch", 1, MAP_SIZE, MAP_SIZE], "score": ["batch"], "class_index": ["batch"],
-                 "class_distance": ["batch"]}
+                 "class_distance": ["batch"], "class_distances": ["batch", "classes"]}
 
 
 def annotate(path: str, metadata: dict):
@@ -100,14 +102,50 @@ def annotate(path: str, metadata: dict):
     exporter's shape inference names some fixed dimensions as dynamic ones."""
     import onnx
     proto = onnx.load(path)
+    del proto.metadata_props[:]
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
     for output in proto.graph.output:
         dims = output.type.tensor_type.shape.dim
         del dims[:]
         for size in OUTPUT_SHAPES[output.name]:
+            if size == "classes":
+                size = len(metadata["classes"])
             dims.add(**({"dim_param": size} if isinstance(size, str) else {"dim_value": size}))
     onnx.save(proto, path)
+
+
+def write_onnx(model: ExportedMapper, crop: int, path: str, precision: str, metadata: dict, work: str):
+    """The ONNX file at `path` in `precision` (quantize.py), with `metadata`."""
+    plain = os.path.join(work, "fp32.onnx")
+    export_onnx(model, crop, plain)
+    if precision == "fp16":
+        quantize.onnx_fp16(plain, os.path.join(work, "out.onnx"))
+    elif precision == "int8":
+        quantize.onnx_int8(plain, os.path.join(work, "out.onnx"))
+    else:
+        shutil.copyfile(plain, os.path.join(work, "out.onnx"))
+    annotate(os.path.join(work, "out.onnx"), metadata)
+    shutil.move(os.path.join(work, "out.onnx"), path)
+
+
+def write_openvino(model: ExportedMapper, crop: int, path: str, precision: str, metadata: dict, work: str,
+                   calibration: list[np.ndarray] | None):
+    """The OpenVINO IR at `path` (.xml, and its .bin beside) in `precision`, converted from the ONNX graph by
+    OpenVINO's own converter (its PyTorch front end lacks aten::cosine_similarity), with `metadata` in its
+    rt_info."""
+    import openvino as ov
+    plain = os.path.join(work, "fp32.onnx")
+    export_onnx(model, crop, plain)
+    ov_model = ov.convert_model(plain)
+    if precision == "int8":
+        ov_model = quantize.openvino_int8(ov_model, calibration)
+    for key, value in metadata.items():
+        ov_model.set_rt_info(json.dumps(value), [exported.NAMESPACE, key])
+    staged = os.path.join(work, "model.xml")
+    ov.save_model(ov_model, staged, compress_to_fp16=precision == "fp16")
+    shutil.move(os.path.join(work, "model.bin"), os.path.splitext(path)[0] + ".bin")
+    shutil.move(staged, path)
 
 
 def check_out(out: str):
@@ -126,51 +164,204 @@ def check_out(out: str):
                         f"--out") from None
 
 
+def output_format(options: "ExportOptions") -> str:
+    """--format, else the one --out's suffix names; they must agree."""
+    named = exported.format_of(options.out)
+    fmt = options.format or named
+    if fmt is None:
+        raise UserError(f"--out {options.out}: end it in .onnx (ONNX) or .xml (OpenVINO), or pass --format")
+    if named != fmt:
+        suffix = {"onnx": ".onnx", "openvino": ".xml"}[fmt]
+        raise UserError(f"--format {fmt} writes a {suffix} file, but --out is {options.out}; pass --out "
+                        f"{os.path.splitext(options.out)[0]}{suffix}")
+    return fmt
+
+
+def require(fmt: str, precision: str):
+    """A one-line error naming what to install when a package the export needs is missing."""
+    for package in NEEDS[(fmt, precision)]:
+        try:
+            __import__(package)
+        except ImportError:
+            names = " and ".join(NEEDS[(fmt, precision)])
+            extra = "openvino" if fmt == "openvino" else "export"
+            what = f"{'OpenVINO' if fmt == 'openvino' else 'ONNX'} {precision} export"
+            raise UserError(MISSING.format(what=what, packages=names, extra=extra)) from None
+
+
+# ----------------------------------------------------------------------------------------------- the check
+
+def check_images(run_dir: str, count: int, seed: int) -> list[dict]:
+    """At most `count` images of the run's scores.csv (its test images, or its held-out good images) that are
+    still there, a seeded subset: {"class", "path", "label"} each; [] without."""
+    path = os.path.join(run_dir, "scores.csv")
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        rows = [dict(cls=r["class"], path=r["image_path"], label=int(r["label"])) for r in csv.DictReader(f)
+                if os.path.isfile(r.get("image_path", ""))]
+    if len(rows) > count:
+        pick = np.random.default_rng(seed).choice(len(rows), count, replace=False)
+        rows = [rows[i] for i in sorted(pick)]
+    return rows
+
+
+def run_both(model: ExportedMapper, graph: exported.Graph, images: np.ndarray, batch: int) -> tuple[dict, dict]:
+    """The outputs of PyTorch and of the exported graph on images [N, 3, crop, crop] in [0, 1], by batches."""
+    want, got = {}, {}
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        with torch.no_grad():
+            for name, value in zip(model.outputs(), model(torch.from_numpy(x))):
+                want.setdefault(name, []).append(value.numpy())
+        for name, value in graph(x).items():
+            got.setdefault(name, []).append(value)
+    return ({k: np.concatenate(v) for k, v in want.items()}, {k: np.concatenate(v) for k, v in got.items()})
+
+
+def image_auroc(labels: np.ndarray, scores: np.ndarray, classes: list[str]) -> float | None:
+    """The mean over classes (those with good and defective images) of the image AUROC."""
+    from sklearn.metrics import roc_auc_score
+    values = [roc_auc_score(labels[m], scores[m]) for c in dict.fromkeys(classes)
+              for m in [np.array([k == c for k in classes])] if 0 < labels[m].sum() < m.sum()]
+    return float(np.mean(values)) if values else None
+
+
+def check(model: ExportedMapper, path: str, fmt: str, precision: str, rows: list[dict], calibration: dict | None,
+          image_size: int, crop: int, batch: int) -> dict:
+    """The exported file against PyTorch on the run's images `rows` (random images without), the report logged;
+    for fp32 a UserError when a score differs by more than FP32_TOLERANCE. Returns the figures."""
+    graph = exported.Graph(path)
+    if rows:
+        images = np.concatenate(quantize.crops([r["path"] for r in rows], image_size, crop))
+        what = f"{len(rows)} images of the run's scores.csv"
+    else:
+        images = torch.rand(max(batch, 2), 3, crop, crop, generator=torch.Generator().manual_seed(0)).numpy()
+        what = f"{len(images)} random images (the run's scores.csv lists no image that is still there)"
+    want, got = run_both(model, graph, images, batch)
+    score_gap = float(np.abs(got["score"] - want["score"]).max())
+    map_gap = float(np.abs(got["anomaly_map"] - want["anomaly_map"]).max())
+    figures = dict(images=len(images), score_difference=score_gap, map_difference=map_gap,
+                   relative_score_difference=float((np.abs(got["score"] - want["score"]) /
+                                                    np.abs(want["score"]).clip(1e-12)).max()))
+    if "class_index" in want:
+        figures["class_changes"] = int((got["class_index"] != want["class_index"]).sum())
+    log.info(f"{fmt} {precision} against PyTorch on {what}: largest score difference {score_gap:.3g} "
+             f"({figures['relative_score_difference']:.2%} of the score), largest map difference {map_gap:.3g}"
+             + (f", classes found differently {figures['class_changes']}" if "class_changes" in figures else ""))
+    if rows:
+        figures.update(decisions(rows, want["score"], got["score"], calibration))
+    if precision == "fp32" and score_gap > FP32_TOLERANCE:
+        raise UserError(f"the {fmt} fp32 export differs from PyTorch by {score_gap:.3g} in the score (more than "
+                        f"{FP32_TOLERANCE:g}); not written; check the {exported.PACKAGES[fmt]} version")
+    return figures
+
+
+def decisions(rows: list[dict], want: np.ndarray, got: np.ndarray, calibration: dict | None) -> dict:
+    """The change of image AUROC and of the decisions (each image with its class's threshold) on the rows."""
+    labels, classes = np.array([r["label"] for r in rows]), [r["cls"] for r in rows]
+    before, after = image_auroc(labels, want, classes), image_auroc(labels, got, classes)
+    out = dict(auroc_pytorch=before, auroc_exported=after)
+    auroc = "no image AUROC (no class with good and defective images)" if before is None else \
+        f"image AUROC {before:.4f} -> {after:.4f}"
+    if calibration is None:
+        log.info(f"  {auroc}; no thresholds to decide with")
+        return out
+    limits = []
+    for c in classes:
+        entry = calibration["classes"].get(c) or calibration["all"]
+        limits.append(entry["image"]["threshold"] if entry["image"]["threshold"] is not None else np.nan)
+    limits = np.array(limits, dtype=float)
+    decided = ~np.isnan(limits)
+    flipped = ((want >= limits) != (got >= limits)) & decided
+    # an F1-max threshold is a test image's score: that image flips with float rounding alone
+    on_threshold = flipped & (np.abs(want - limits) <= ON_THRESHOLD * limits)
+    changed, rounding = int(flipped.sum()), int(on_threshold.sum())
+    margin = float(np.nanmax(np.abs(got - want) / limits)) if decided.any() else float("nan")
+    out.update(decisions_changed=changed, decisions_on_threshold=rounding, decided=int(decided.sum()),
+               largest_shift_of_threshold=margin)
+    verdict = "the thresholds still hold" if changed == rounding else \
+        "the thresholds do not hold for these images: check the decisions, or use fp32"
+    on = f" ({rounding} of them scored on the threshold itself)" if rounding else ""
+    log.info(f"  {auroc}; decisions with the run's thresholds: {changed} of {int(decided.sum())} changed{on}, "
+             f"scores moved by up to {margin:.2%} of the threshold: {verdict}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
 @dataclass(frozen=True)
 class ExportOptions:
     """The export command's flags (cli.export_parser)."""
     checkpoint: str
     out: str
+    format: str | None = None  # onnx or openvino; None: from --out's suffix
+    precision: str = "fp32"
     seg_checkpoint: str | None = None
     thresholds: str | None = None
     check_batch: int = 2
+    check_images: int = 100
+    calibration_images: int = quantize.CALIBRATION_IMAGES
+    calibration_data: str | None = None
+    seed: int = 0
+
+
+def metadata(model: ExportedMapper, recipe, calibration: dict | None, prototypes: dict | None, fmt: str,
+             precision: str) -> dict:
+    """What the exported file carries beside its graph (JSON values): sizes, normalisation, how the score is made,
+    the thresholds (the summary keys of earlier exports, and the whole thresholds.json under "thresholds"), the
+    class finding's classes and radii."""
+    entry = calibration["all"] if calibration else None
+    classes = {name: levels(c) for name, c in (calibration or {}).get("classes", {}).items()}
+    scoring = model.mapper.scoring_settings()
+    finding = {} if prototypes is None else dict(classes=prototypes["classes"], class_far=class_finder.FAR,
+                                                 class_radius=prototypes["radius"].tolist())
+    return {exported.MARK: 1, "dinomaly_version": __version__, "format": fmt, "precision": precision,
+            "image_size": recipe.image_size, "crop_size": recipe.crop_size, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), "max_ratio": scoring["max_ratio"], "map": scoring["map"], **levels(entry),
+            "color_range": entry["color_range"] if entry else None, "class_thresholds": classes,
+            "thresholds": calibration, **finding}
 
 
 def main(options: ExportOptions):
-    """The export command: the run's map computation into one ONNX file, checked against PyTorch."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise UserError(MISSING) from None
+    """The export command: the run's map computation into one ONNX or OpenVINO file, checked against PyTorch."""
+    fmt, precision = output_format(options), options.precision
+    require(fmt, precision)
     check_out(options.out)
     model_path, seg_path = run_files(options.checkpoint, options.seg_checkpoint)
+    run_dir = os.path.dirname(os.path.abspath(model_path))
     calibration, calib_path = load_calibration(model_path, seg_path is not None, options.thresholds)
     mapper, recipe = load_mapper(model_path, seg_path, torch.device("cpu"), {}, {}, calibration)
     if recipe.modality != "rgb":
         raise UserError(f"{model_path} is a model of {recipe.modality} inputs (pairs of two modalities), whose ONNX "
                         f"export with two inputs is not written yet; use predict.py or the Detector")
     crop = recipe.crop_size
-    exported = for_export(mapper, crop)
+    calibration_crops = None
+    if fmt == "openvino" and precision == "int8":  # the images first: a missing data folder stops at once
+        paths = quantize.training_images(run_dir, options.calibration_data, options.calibration_images, options.seed)
+        quantize.log_calibration(paths, options.calibration_data)
+        calibration_crops = quantize.crops(paths, recipe.image_size, crop)
+    exported_mapper = for_export(mapper, crop)
     if calibration:
-        check_settings(exported, calibration, calib_path, model_path)
-    prototypes = class_finder.load(os.path.join(os.path.dirname(os.path.abspath(model_path)), class_finder.FILE))
+        check_settings(exported_mapper, calibration, calib_path, model_path)
+    prototypes = class_finder.load(os.path.join(run_dir, class_finder.FILE))
     if prototypes is not None and len(prototypes["classes"]) < 2:
         prototypes = None  # a one-class run: nothing to find
-    model = ExportedMapper(exported, None if prototypes is None else prototypes["prototypes"]).eval()
-    export_onnx(model, crop, options.out)
-    entry = calibration["all"] if calibration else None
-    classes = {name: levels(c) for name, c in (calibration or {}).get("classes", {}).items()}
-    scoring = exported.scoring_settings()
-    finding = {} if prototypes is None else dict(classes=prototypes["classes"], class_far=class_finder.FAR,
-                                                 class_radius=prototypes["radius"].tolist())
-    annotate(options.out, dict(image_size=recipe.image_size, crop_size=crop, max_ratio=scoring["max_ratio"],
-                            map=scoring["map"], **levels(entry), color_range=entry["color_range"] if entry else None,
-                            class_thresholds=classes, **finding))
-    diff = max_difference(model, options.out, crop, options.check_batch)
-    found = ", class_index [B], class_distance [B]" if prototypes is not None else ""
-    log.info(f"wrote {options.out}: image [B, 3, {crop}, {crop}] RGB in [0, 1] -> anomaly_map [B, 1, 256, 256], "
-             f"score [B]{found}; onnxruntime vs PyTorch on {options.check_batch} random images: max difference "
-             f"{diff:.2g}")
-    if diff > 1e-3:
-        log.warning(f"warning: the ONNX model differs from PyTorch by {diff:.2g}; check the onnxruntime version")
+    model = ExportedMapper(exported_mapper, None if prototypes is None else prototypes["prototypes"]).eval()
+    meta = metadata(model, recipe, calibration, prototypes, fmt, precision)
+    written = [options.out] + ([os.path.splitext(options.out)[0] + ".bin"] if fmt == "openvino" else [])
+    with tempfile.TemporaryDirectory(prefix="export_", dir=os.path.dirname(os.path.abspath(options.out))) as work:
+        if fmt == "onnx":
+            write_onnx(model, crop, options.out, precision, meta, work)
+        else:
+            write_openvino(model, crop, options.out, precision, meta, work, calibration_crops)
+    rows = check_images(run_dir, options.check_images, options.seed)
+    try:
+        check(model, options.out, fmt, precision, rows, calibration, recipe.image_size, crop, options.check_batch)
+    except UserError:
+        for f in written:
+            os.remove(f)
+        raise
+    found = ", class_index [B], class_distance [B], class_distances [B, C]" if prototypes is not None else ""
+    log.info(f"wrote {' and '.join(written)} ({fmt} {precision}): image [B, 3, {crop}, {crop}] RGB in [0, 1] -> "
+             f"anomaly_map [B, 1, 256, 256], score [B]{found}")

@@ -232,7 +232,11 @@ def find_prototypes(thresholds_path: str, model_path: str) -> dict | None:
 
 def Detector(checkpoint: str, **options) -> "ModelDetector | PerClassDetector":
     """A trained run, ready to score images: a PerClassDetector for a run with one model per class (--per_class),
-    else a ModelDetector. The keyword arguments are the predict command's flags (ModelDetector)."""
+    an exported.ExportedDetector for an exported model (.onnx, .xml), else a ModelDetector. The keyword arguments
+    are the predict command's flags (ModelDetector)."""
+    from . import exported
+    if exported.format_of(checkpoint) is not None:
+        return exported.ExportedDetector(checkpoint, **options)
     if checkpoints.class_models(checkpoint) is not None:
         return PerClassDetector(checkpoint, **options)
     return ModelDetector(checkpoint, **options)
@@ -293,6 +297,74 @@ class Scoring:
         found, else the detector's own thresholds."""
         raise NotImplementedError
 
+    def set_thresholds(self, calibration: dict | None, path: str, class_name: str | None, threshold: float | None,
+                       prototypes):
+        """self.default: the operating point of --threshold, --class_name or all classes; with class finding
+        (a multi-class run's class prototypes, neither given) self.points: each calibrated class's.
+        `prototypes()` gives the class prototypes (class_finder's "classes" and "radius" at least) or None."""
+        if calibration is None:
+            if class_name is not None:
+                raise UserError(f"--class_name needs the run's thresholds, but {path} does not exist; evaluate "
+                                f"the model first or pass --thresholds")
+            if threshold is None:
+                raise UserError(f"no thresholds file {path}: evaluate the model first (evaluation writes "
+                                f"thresholds.json into its run folder; pass it as --thresholds), or pass --threshold")
+            self.classes, self.default = [], operating_point(None, "--threshold", threshold)
+        else:
+            self.classes = list(calibration["classes"])
+            one = self.classes[0] if len(self.classes) == 1 else None  # a one-class run: its class's thresholds
+            self.default = operating_point(th.select(calibration, class_name, path), source(path, class_name or one),
+                                           threshold)
+        self.class_name, self.points = class_name, {}
+        self.calibration, self.calibration_path, self.threshold = calibration, path, threshold
+        self.find_prototypes = prototypes
+        self.prototypes = None
+        if class_name is None and threshold is None and len(self.classes) > 1:
+            self.prototypes = prototypes()
+        if self.prototypes is not None:
+            self.points = {c: operating_point(e, source(path, c)) for c, e in calibration["classes"].items()
+                           if e["image"]["threshold"] is not None}
+            log.info(f"each image is decided with the thresholds of its class, found by {class_finder.FILE} "
+                     f"({', '.join(self.prototypes['classes'])}); --class_name C uses one class's thresholds")
+        else:
+            log.info(f"threshold {self.default.threshold:.6g} from {self.default.source}; masks of anomalous images: "
+                     f"map >= {self.default.mask_threshold:.6g}")
+
+    def reload_thresholds(self):
+        """Read the thresholds file again (after it was changed, e.g. saved from the review page)."""
+        self.set_thresholds(th.load(self.calibration_path), self.calibration_path, self.class_name, self.threshold,
+                            self.find_prototypes)
+
+    def point(self, class_name: str | None) -> OperatingPoint:
+        """The operating point of a class of the run, as `class_name` would give it; the default one for None,
+        or a class without a calibrated image threshold."""
+        if class_name in self.points:
+            return self.points[class_name]
+        entry = self.calibration["classes"].get(class_name) \
+            if self.calibration is not None and class_name != self.class_name else None
+        if entry is None or (entry["image"]["threshold"] is None and self.threshold is None):
+            return self.default
+        return operating_point(entry, source(self.calibration_path, class_name), self.threshold)
+
+    def decide(self, amaps: np.ndarray, scores: list[float], sizes: list[tuple[int, int]], matches: list,
+               classes: list[str | None] | None = None) -> list[Prediction]:
+        """Maps of the crops ([B, n, n]), their scores, their images' (width, height), the classes found
+        (class_finder.Match, or None each) and the classes given (see predict_prepared) -> one Prediction each:
+        decided with the class's operating point, the map and mask in the image's own geometry."""
+        out = []
+        for amap, score, (w, h), match, name in zip(amaps, scores, sizes, matches, classes or [None] * len(sizes)):
+            full, seen = uncrop(amap, w, h, self.image_size, self.crop_size)
+            match = None if name is not None else match
+            name = name or (match.class_name if match else self.class_name)
+            point = self.point(name) if name is not None else self.default
+            anomalous = score >= point.threshold
+            out.append(Prediction(score=score, is_anomalous=anomalous, threshold=point.threshold,
+                                  normalized_score=th.normalize(score, point.threshold, point.normal_min),
+                                  anomaly_map=full, seen=seen, mask_threshold=point.mask_threshold,
+                                  mask=anomalous & seen & (np.nan_to_num(full) >= point.mask_threshold),
+                                  class_name=name, class_match=match))
+        return out
+
     def predict(self, images: list, classes: list[str | None] | None = None) -> list[Prediction]:
         """Several images in one batch (classes: see predict_prepared)."""
         if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray) and
@@ -338,54 +410,10 @@ class ModelDetector(Scoring):
             log.info("CRR test-time masking is on (the run's setting): each image's random mask is seeded by its "
                      "pixels, the same whatever its batch (evaluation drew other masks: scores differ from its "
                      "scores.csv by up to several percent); --test_mask off (Python: test_mask='off') turns it off")
-        self._set_thresholds(calibration, calib_path, class_name, threshold)
-
-    def _set_thresholds(self, calibration: dict | None, path: str, class_name: str | None,
-                        threshold: float | None):
-        """self.default: the operating point of --threshold, --class_name or all classes; with class finding
-        (a multi-class run's class_prototypes.pt, neither given) self.points: each calibrated class's."""
-        if calibration is None:
-            if class_name is not None:
-                raise UserError(f"--class_name needs the run's thresholds, but {path} does not exist; evaluate "
-                                f"the model first or pass --thresholds")
-            if threshold is None:
-                raise UserError(f"no thresholds file {path}: evaluate the model first (evaluation writes "
-                                f"thresholds.json into its run folder; pass it as --thresholds), or pass --threshold")
-            self.classes, self.default = [], operating_point(None, "--threshold", threshold)
-        else:
-            self.classes = list(calibration["classes"])
-            check_settings(self.mapper, calibration, path, self.model_path)
-            one = self.classes[0] if len(self.classes) == 1 else None  # a one-class run: its class's thresholds
-            self.default = operating_point(th.select(calibration, class_name, path), source(path, class_name or one),
-                                           threshold)
-        self.class_name, self.points = class_name, {}
-        self.calibration, self.calibration_path, self.threshold = calibration, path, threshold
-        self.prototypes = None
-        if class_name is None and threshold is None and len(self.classes) > 1:
-            self.prototypes = find_prototypes(path, self.model_path)
-        if self.prototypes is not None:
-            self.points = {c: operating_point(e, source(path, c)) for c, e in calibration["classes"].items()
-                           if e["image"]["threshold"] is not None}
-            log.info(f"each image is decided with the thresholds of its class, found by {class_finder.FILE} "
-                     f"({', '.join(self.prototypes['classes'])}); --class_name C uses one class's thresholds")
-        else:
-            log.info(f"threshold {self.default.threshold:.6g} from {self.default.source}; masks of anomalous images: "
-                     f"map >= {self.default.mask_threshold:.6g}")
-
-    def reload_thresholds(self):
-        """Read the thresholds file again (after it was changed, e.g. saved from the review page)."""
-        self._set_thresholds(th.load(self.calibration_path), self.calibration_path, self.class_name, self.threshold)
-
-    def point(self, class_name: str | None) -> OperatingPoint:
-        """The operating point of a class of the run, as `class_name` would give it; the default one for None,
-        or a class without a calibrated image threshold."""
-        if class_name in self.points:
-            return self.points[class_name]
-        entry = self.calibration["classes"].get(class_name) \
-            if self.calibration is not None and class_name != self.class_name else None
-        if entry is None or (entry["image"]["threshold"] is None and self.threshold is None):
-            return self.default
-        return operating_point(entry, source(self.calibration_path, class_name), self.threshold)
+        if calibration is not None:
+            check_settings(self.mapper, calibration, calib_path, self.model_path)
+        self.set_thresholds(calibration, calib_path, class_name, threshold,
+                            lambda: find_prototypes(calib_path, self.model_path))
 
     @torch.no_grad()
     def predict_prepared(self, batch: torch.Tensor, sizes: list[tuple[int, int]],
@@ -398,20 +426,7 @@ class ModelDetector(Scoring):
             b = len(sizes)
             amaps, scores, features = amaps[:b], (scores[:b] + scores[b:]) / 2, [f[:b] for f in features]
         matches = class_finder.classify(self.prototypes, features[0]) if features else [None] * len(sizes)
-        out = []
-        for amap, score, (w, h), match, name in zip(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes,
-                                                    matches, given):
-            full, seen = uncrop(amap, w, h, self.image_size, self.crop_size)
-            match = None if name is not None else match
-            name = name or (match.class_name if match else self.class_name)
-            point = self.point(name) if name is not None else self.default
-            anomalous = score >= point.threshold
-            out.append(Prediction(score=score, is_anomalous=anomalous, threshold=point.threshold,
-                                  normalized_score=th.normalize(score, point.threshold, point.normal_min),
-                                  anomaly_map=full, seen=seen, mask_threshold=point.mask_threshold,
-                                  mask=anomalous & seen & (np.nan_to_num(full) >= point.mask_threshold),
-                                  class_name=name, class_match=match))
-        return out
+        return self.decide(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes, matches, given)
 
 
 class PerClassDetector(Scoring):

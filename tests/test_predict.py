@@ -467,12 +467,14 @@ def test_onnx_export_matches_pytorch(which, run, crr_run, tmp_path):
     meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
     if which == "dinomaly":  # the run's class prototypes: the graph finds the class as predict.py does
         assert declared == {"anomaly_map": ["batch", 1, 256, 256], "score": ["batch"], "class_index": ["batch"],
-                            "class_distance": ["batch"]}
+                            "class_distance": ["batch"], "class_distances": ["batch", 2]}
         prototypes = class_finder.load(str(run / class_finder.FILE))
         matches = class_finder.classify(prototypes, features)
         assert meta["classes"] == prototypes["classes"] and meta["class_far"] == class_finder.FAR
         assert [meta["classes"][i] for i in got["class_index"]] == [m.class_name for m in matches]
         np.testing.assert_allclose(got["class_distance"], [m.distance for m in matches], atol=1e-5, rtol=0)
+        assert [m.confidence for m in class_finder.matches(meta, got["class_distances"])] == pytest.approx(
+            [m.confidence for m in matches], abs=1e-5)
         np.testing.assert_allclose(meta["class_radius"], prototypes["radius"].numpy(), rtol=1e-6)
     else:  # no class_prototypes.pt: the map and the score only
         assert declared == {"anomaly_map": ["batch", 1, 256, 256], "score": ["batch"]}
