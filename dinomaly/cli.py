@@ -322,24 +322,36 @@ In Python:
     r.class_name, r.class_match                         # the class whose thresholds decided, how well it matched
 """
 
-EXPORT_HELP = """Export a trained run to ONNX: the whole map computation in one graph, for deployment without PyTorch.
+EXPORT_HELP = """Export a trained run to ONNX or OpenVINO: the whole map computation in one graph, for deployment
+without PyTorch, in fp32, fp16 or INT8, checked against PyTorch.
 
-    pip install -r requirements-export.txt        # onnx and onnxruntime (installed: pip install dinomaly[export])
+    pip install -r requirements-export.txt        # onnx, onnxruntime, openvino, nncf (pip install dinomaly[openvino])
     python export.py --checkpoint saved_results/<run> --out model.onnx
+    python export.py --checkpoint saved_results/<run> --out model.xml --precision int8    # OpenVINO, NNCF INT8
     dinomaly-export ...        (the same command, after pip install)
+
+--out's suffix chooses the format: .onnx (ONNX Runtime) or .xml (OpenVINO IR, with its .bin beside it, converted
+by OpenVINO's own converter). --precision int8 is ONNX Runtime's dynamic INT8 of the matrix products for .onnx,
+NNCF's post-training INT8 calibrated on --calibration_images of the run's good training images for .xml; fp16
+stores float16 weights. The map, smoothing, score and class distances stay float32 in every precision.
 
 Input `image`: float32 [B, 3, crop, crop], RGB in [0, 1], already resized to image_size and centre-cropped
 (not normalised: the ImageNet normalisation is inside the graph). Outputs `anomaly_map` [B, 1, 256, 256] (the
 smoothed map) and `score` [B] (mean of its top max_ratio share). The batch size is dynamic. A CRR run (with
 Seg_model_*.pth) exports the fused map, with the test-time bottleneck masking off: it is random, and a
-deployed model should give the same answer twice. The run's sizes and calibrated thresholds (its
+deployed model should give the same answer twice. The run's sizes, normalisation and calibrated thresholds (its
 thresholds.json, or --thresholds FILE: for a CRR run, one from an evaluation with --test_mask off matches the
-exported map) are written into the model's metadata (image_size, crop_size, threshold, pixel_threshold,
-mask_threshold, class_thresholds, color_range). A run with several classes and its class_prototypes.pt also
-finds each image's class in the graph: outputs `class_index` [B] (int64, into the metadata's `classes`) and
-`class_distance` [B] (1 - cosine to that class's prototype; the image matches no class well when it exceeds
-class_far x class_radius[class_index]); pick class_thresholds[classes[class_index]] as predict.py does. After
-writing, the file is checked with onnxruntime against PyTorch on random images.
+exported map) are written into the model's metadata (image_size, crop_size, mean, std, threshold,
+pixel_threshold, mask_threshold, class_thresholds, color_range, and the whole thresholds file as thresholds). A
+run with several classes and its class_prototypes.pt also finds each image's class in the graph: outputs
+`class_index` [B] (int64, into the metadata's `classes`), `class_distance` [B] (1 - cosine to that class's
+prototype; the image matches no class well when it exceeds class_far x class_radius[class_index]) and
+`class_distances` [B, C]; pick class_thresholds[classes[class_index]] as predict.py does.
+
+After writing, the file is checked against PyTorch on the run's own images (those of its scores.csv: its test
+images, or its held-out good images; random images without): the largest score and map differences, and the
+image AUROC and decisions before and after. An fp32 export more than 1e-4 from PyTorch's score fails. predict.py
+and Detector take the written file as --checkpoint.
 """
 
 

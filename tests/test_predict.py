@@ -473,8 +473,9 @@ def test_onnx_export_matches_pytorch(which, run, crr_run, tmp_path):
         assert meta["classes"] == prototypes["classes"] and meta["class_far"] == class_finder.FAR
         assert [meta["classes"][i] for i in got["class_index"]] == [m.class_name for m in matches]
         np.testing.assert_allclose(got["class_distance"], [m.distance for m in matches], atol=1e-5, rtol=0)
-        assert [m.confidence for m in class_finder.matches(meta, got["class_distances"])] == pytest.approx(
-            [m.confidence for m in matches], abs=1e-5)
+        found = class_finder.matches(dict(classes=meta["classes"], radius=meta["class_radius"]),
+                                     got["class_distances"])
+        assert [m.confidence for m in found] == pytest.approx([m.confidence for m in matches], abs=1e-5)
         np.testing.assert_allclose(meta["class_radius"], prototypes["radius"].numpy(), rtol=1e-6)
     else:  # no class_prototypes.pt: the map and the score only
         assert declared == {"anomaly_map": ["batch", 1, 256, 256], "score": ["batch"]}

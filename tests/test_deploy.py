@@ -1,0 +1,257 @@
+"""Deployment: export.py to ONNX and OpenVINO (fp32, fp16, INT8) of tiny runs of each method, the exported model
+run by predict.py and the Detector (exported.py), and what a damaged or wrong exported model answers."""
+import csv
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinomaly import checkpoints, class_finder, cli, exported, models, predict
+from dinomaly import dataset as ds
+from dinomaly.anomaly_map import AnomalyMapper
+from dinomaly.errors import UserError
+
+import dinomaly2_2d
+import dinomaly_mvtec_uni
+import dinomaly_sep
+from conftest import TINY, TINY_CFG
+from prepare_data.make_demo_data import make_demo_data
+
+SIZE, CROP = 64, 56
+SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", str(SIZE), "--crop_size", str(CROP),
+         "--num_workers", "0", "--device", "cpu", "--total_iters", "2", "--batch_size", "4", "--classes", "weave",
+         "nut"]
+SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}
+
+
+def call(main, argv):
+    """A script's main run in-process: its exit status."""
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_demo_data(str(tmp_path_factory.mktemp("data")), size=SIZE, seed=0, n_train=6, n_test_good=2,
+                          n_test_bad=2)["mvtec"]
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """Tiny runs of each method on two demo classes: Dinomaly (with class prototypes), Dinomaly2 (recentred
+    targets), one model per class, and a CRR run (random weights, the segmentation network: the fused map)."""
+    save = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(models.ENCODERS, TINY, TINY_CFG)
+        for module, name in [(dinomaly_mvtec_uni, "dinomaly"), (dinomaly2_2d, "dinomaly2"), (dinomaly_sep, "sep")]:
+            cli.run_script(module, ["--data_path", data, *SMALL, "--save_dir", str(save), "--save_name", name])
+    crr = save / "crr"
+    crr.mkdir()
+    torch.manual_seed(0)
+    torch.save(models.ViTill(TINY_CFG).state_dict(), crr / "model.pth")
+    torch.save(models.SegmentationNet(base_width=2 * 32 // 8).state_dict(), crr / "Seg_model_last.pth")
+    (crr / "config.json").write_text(json.dumps({"model": dict(encoder=TINY, image_size=SIZE, crop_size=CROP,
+                                                             mask_ratio=0.25, test_mask="on", attn_eps=0.0)}))
+    return {"dinomaly": save / "dinomaly", "dinomaly2": save / "dinomaly2", "per_class": save / "sep" / "weave",
+            "crr": crr}
+
+
+def pytorch_outputs(folder, x):
+    """The map, score and pooled features of the run's model in PyTorch (CRR: masking off, as exported)."""
+    seg = folder / "Seg_model_last.pth"
+    model, _ = checkpoints.load_trained(str(folder / "model.pth"), {}, "crr" if seg.exists() else "dinomaly")
+    model.eval().mask_in_eval = False
+    segnet = checkpoints.load_segmentation_net(str(seg), 32).eval() if seg.exists() else None
+    mean, std = torch.tensor(ds.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(ds.IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        return AnomalyMapper(model, segnet)((torch.from_numpy(x) - mean) / std, features=True)
+
+
+@pytest.fixture(scope="module")
+def exports(runs, tmp_path_factory):
+    """Each run exported to ONNX and OpenVINO in fp32: {(method, format): path}."""
+    out = tmp_path_factory.mktemp("exports")
+    paths = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(models.ENCODERS, TINY, TINY_CFG)
+        for method, folder in runs.items():
+            for fmt, suffix in SUFFIX.items():
+                path = out / f"{method}{suffix}"
+                assert call(cli.export_main, ["--checkpoint", folder, "--out", path]) == 0
+                paths[(method, fmt)] = path
+    return paths
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+@pytest.mark.parametrize("method", ["dinomaly", "dinomaly2", "per_class", "crr"])
+def test_fp32_exports_equal_pytorch(method, fmt, runs, exports):
+    folder, path = runs[method], exports[(method, fmt)]
+    x = torch.rand(3, 3, CROP, CROP, generator=torch.Generator().manual_seed(1)).numpy()
+    want_map, want_score, features = pytorch_outputs(folder, x)
+    graph = exported.Graph(path)
+    got = graph(x)
+    np.testing.assert_allclose(got["anomaly_map"], want_map.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got["score"], want_score.numpy(), atol=1e-4, rtol=0)
+    meta = graph.metadata
+    assert (meta["image_size"], meta["crop_size"], meta["format"], meta["precision"]) == (SIZE, CROP, fmt, "fp32")
+    assert meta["mean"] == list(ds.IMAGENET_MEAN) and meta["std"] == list(ds.IMAGENET_STD)
+    assert meta["map"] == ("fused" if method == "crr" else "reconstruction")
+    if method == "crr":  # no thresholds.json in this run folder
+        assert meta["thresholds"] is None and "class_distances" not in got
+        return
+    assert meta["thresholds"] == json.loads((folder / "thresholds.json").read_text())
+    if method in ("dinomaly", "dinomaly2"):  # two classes and their prototypes: the graph finds the class
+        prototypes = class_finder.load(str(folder / class_finder.FILE))
+        want = class_finder.classify(prototypes, features)
+        found = class_finder.matches(dict(classes=meta["classes"], radius=meta["class_radius"]),
+                                     got["class_distances"])
+        assert [m.class_name for m in found] == [m.class_name for m in want]
+        assert [m.confidence for m in found] == pytest.approx([m.confidence for m in want], abs=1e-5)
+    else:  # one model per class: a one-class run, nothing to find
+        assert "classes" not in meta and "class_distances" not in got
+
+
+def test_the_export_reports_its_check_on_the_runs_images(runs, tmp_path, capsys):
+    assert call(cli.export_main, ["--checkpoint", runs["dinomaly"], "--out", tmp_path / "m.xml"]) == 0
+    out = capsys.readouterr().out
+    n = len((runs["dinomaly"] / "scores.csv").read_text().splitlines()) - 1  # 2 classes x 4 test images
+    assert n == 8 and f"openvino fp32 against PyTorch on {n} images of the run's scores.csv: largest score " \
+                      f"difference" in out
+    assert "image AUROC" in out and "the thresholds still hold" in out
+    assert (tmp_path / "m.bin").is_file() and not [p for p in os.listdir(tmp_path) if p.startswith("export_")]
+
+
+def test_an_fp32_export_beyond_the_tolerance_fails_in_one_line(runs, tmp_path, capsys, monkeypatch):
+    real = exported.Graph.__call__
+
+    def off(self, images):  # a runtime that computes the score 2e-4 too high
+        out = real(self, images)
+        out["score"] = out["score"] + 2e-4
+        return out
+
+    monkeypatch.setattr(exported.Graph, "__call__", off)
+    assert call(cli.export_main, ["--checkpoint", runs["per_class"], "--out", tmp_path / "m.onnx"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: the onnx fp32 export differs from PyTorch by 0.0002 in the score")
+    assert not os.listdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- prediction
+
+def read_rows(folder):
+    with open(folder / "predictions.csv", newline="") as f:
+        return {os.path.basename(r["image_path"]) + r["image_path"]: r for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_predict_on_an_exported_model_writes_what_the_checkpoint_writes(fmt, runs, exports, data, tmp_path):
+    images = [os.path.join(data, c, "test") for c in ("weave", "nut")]
+    assert call(cli.predict_main, ["--checkpoint", runs["dinomaly"], "--input", *images, "--out",
+                                   tmp_path / "ckpt", "--num_workers", "0", "--device", "cpu"]) == 0
+    assert call(cli.predict_main, ["--checkpoint", exports[("dinomaly", fmt)], "--input", *images, "--out",
+                                   tmp_path / "exp", "--num_workers", "0"]) == 0
+    want, got = read_rows(tmp_path / "ckpt"), read_rows(tmp_path / "exp")
+    assert len(want) == 8 and want.keys() == got.keys()
+    for key, w in want.items():
+        g = got[key]
+        assert abs(float(g["score"]) - float(w["score"])) < 1e-4
+        for column in ("threshold", "class", "overlay", "mask"):
+            assert g[column] == w[column]
+        # an F1-max threshold is a test image's score: that image alone may round to either side
+        on_threshold = abs(float(w["score"]) - float(w["threshold"])) < 1e-5 * float(w["threshold"])
+        if on_threshold:
+            continue
+        assert g["decision"] == w["decision"]
+        assert float(g["class_confidence"]) == pytest.approx(float(w["class_confidence"]), abs=1e-4)
+        with Image.open(tmp_path / "ckpt" / w["mask"]) as a, Image.open(tmp_path / "exp" / g["mask"]) as b:
+            a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape and (a != b).mean() < 1e-3  # map values on the mask level may round either way
+        assert (tmp_path / "exp" / g["overlay"]).is_file()
+
+
+def test_the_detector_of_an_exported_model(runs, exports, data):
+    image = os.path.join(data, "nut", "test", "good", "000.png")
+    want = predict.Detector(str(runs["dinomaly"]), device="cpu")(image)
+    d = predict.Detector(str(exports[("dinomaly", "openvino")]))
+    assert isinstance(d, exported.ExportedDetector)
+    got = d(image)
+    assert got.score == pytest.approx(want.score, abs=1e-4) and got.is_anomalous == want.is_anomalous
+    assert got.class_name == want.class_name == "nut" and got.threshold == want.threshold
+    assert got.anomaly_map.shape == want.anomaly_map.shape == (SIZE, SIZE)
+    np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, atol=1e-4)
+    assert np.array_equal(got.seen, want.seen)
+    one = predict.Detector(str(exports[("dinomaly", "onnx")]), class_name="weave", threshold=0.5)
+    assert one.prototypes is None and one(image).threshold == 0.5 and one(image).class_name == "weave"
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+def error_line(capsys):
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    return line
+
+
+def test_damaged_or_foreign_exported_models_are_one_line(runs, exports, data, tmp_path, capsys):
+    image = os.path.join(data, "nut", "test", "good", "000.png")
+    xml = exports[("dinomaly", "openvino")]
+
+    def predict_with(path, *more):
+        return call(cli.predict_main, ["--checkpoint", path, "--input", image, "--out", tmp_path / "p",
+                                       "--num_workers", "0", *more])
+
+    damaged = tmp_path / "damaged.xml"
+    damaged.write_text(xml.read_text()[:500])
+    shutil.copy(xml.with_suffix(".bin"), damaged.with_suffix(".bin"))
+    assert predict_with(damaged) == 2
+    assert error_line(capsys).startswith(f"error: cannot read the OpenVINO model {damaged} (")
+    import openvino as ov  # an .xml of someone else's: the same graph without our metadata
+    foreign = tmp_path / "foreign.xml"
+    ov.save_model(ov.convert_model(str(exports[("dinomaly", "onnx")])), str(foreign))
+    assert predict_with(foreign) == 2
+    assert error_line(capsys) == (f"error: {foreign} has no Dinomaly metadata (sizes, thresholds): it was not "
+                                  f"written by export.py; export the run with export.py --checkpoint <run> --out "
+                                  f"{foreign}")
+    lonely = tmp_path / "lonely.xml"
+    shutil.copy(xml, lonely)
+    assert predict_with(lonely) == 2
+    assert error_line(capsys).startswith(f"error: the weights of {lonely} are missing: {lonely.with_suffix('.bin')} "
+                                         f"not found")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(exports[("dinomaly", "onnx")].read_bytes()[:1000])
+    assert predict_with(broken) == 2
+    assert error_line(capsys).startswith(f"error: cannot read the ONNX model {broken} (")
+    assert predict_with(xml, "--seg_checkpoint", runs["crr"] / "Seg_model_last.pth") == 2
+    assert error_line(capsys) == (f"error: {xml} is an exported model: --seg_checkpoint is fixed in its graph; pass "
+                                  f"the run folder instead, or export the run again with what you want")
+    assert predict_with(xml, "--crop_size", "42") == 2
+    assert "--crop_size is fixed in its graph" in error_line(capsys)
+    assert predict_with(tmp_path / "missing.xml") == 2
+    assert error_line(capsys).startswith(f"error: exported model not found: {tmp_path / 'missing.xml'}")
+    assert not (tmp_path / "p" / "predictions.csv").exists()
+
+
+def test_an_image_of_the_wrong_size_to_the_fixed_shape_graph_is_one_line(exports, tmp_path, capsys):
+    d = predict.Detector(str(exports[("dinomaly", "openvino")]))
+    with pytest.raises(UserError) as e:
+        d.predict_prepared(torch.zeros(1, 3, 64, 64), [(64, 64)])
+    assert str(e.value) == (f"{exports[('dinomaly', 'openvino')]} takes images of shape [B, 3, 56, 56] (fixed when "
+                            f"it was exported), not [1, 3, 64, 64]; resize to image_size 64 and centre-crop to 56, "
+                            f"or export the run again at this size")
+
+
+def test_missing_openvino_says_what_to_install(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert call(cli.export_main, ["--checkpoint", runs["dinomaly"], "--out", tmp_path / "m.xml"]) == 2
+    assert "pip install 'dinomaly[openvino]'" in error_line(capsys)
+    assert call(cli.export_main, ["--checkpoint", runs["dinomaly"], "--out", tmp_path / "m.xml", "--format",
+                                  "onnx"]) == 2
+    assert error_line(capsys) == f"error: --format onnx writes a .onnx file, but --out is {tmp_path / 'm.xml'}; " \
+                                 f"pass --out {tmp_path / 'm.onnx'}"
