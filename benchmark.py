@@ -5,6 +5,7 @@
     python benchmark.py data    [--workers 0 1 2 4 8 16]
     python benchmark.py metrics [--maps 2000 --size 256]
     python benchmark.py serve   [--checkpoint RUN --clients 1 4 16 --requests 96]
+    python benchmark.py deploy  [--models dinov2reg_vit_small_14:224 --batch_sizes 1 8 --threads 2 --profile 5]
 
 `train` times the Dinomaly step, the CRR Stage I step (anomaly synthesis included, through the real loader)
 and the CRR Stage II step, with train.py's losses and optimisers and each method's recipe (recipes.py); `infer`
@@ -23,6 +24,12 @@ Achieved TFLOP/s use the FLOPs of one step counted once per setting with torch.u
 both modes). Peak GPU memory is torch.cuda.max_memory_allocated per mode; peak host memory is the process's
 (and the loader workers') maximum resident size so far.
 
+`deploy` times one exported Dinomaly map (export.py's graph, random weights) in PyTorch eager, torch.compile,
+ONNX Runtime (fp32, dynamic INT8) and OpenVINO (fp32, NNCF INT8; fp16 or bf16 where the processor computes in
+them; on a GPU ONNX Runtime's CUDA and TensorRT providers where installed), interleaved call by call in one
+process, with the processor's name, instruction sets, its measured float32 and int8 matmul rates (the roofline)
+and, with --profile, each runtime's own per-node timing.
+
 `data` times the loader alone (images/s per worker count) for the plain transform and CRR synthesis, each
 without and with the image cache. `metrics` times the seven metrics of one synthetic class of N maps
 (utils.synthetic_class) fed batch by batch to utils.ClassAccumulator, and their peak memory. `serve` is a
@@ -35,6 +42,7 @@ import argparse
 import collections
 import contextlib
 import gc
+import itertools
 import json
 import os
 import resource
@@ -44,6 +52,7 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -599,11 +608,272 @@ def load(url: str, images: list[bytes], scores: list[float], clients: int, reque
     return dict(path="served", clients=clients, requests=len(latencies), requests_per_s=len(latencies) / elapsed,
                 p50_ms=1000 * float(np.percentile(latencies, 50)), p99_ms=1000 * float(np.percentile(latencies, 99)))
 
+# ----------------------------------------------------------------------------------------------- deploy
+
+ISA_FLAGS = {"AVX2": "avx2", "FMA": "fma", "AVX-512": "avx512f", "AVX512-VNNI": "avx512_vnni", "AVX-VNNI": "avx_vnni",
+             "AVX512-BF16": "avx512_bf16", "AVX512-FP16": "avx512_fp16", "AMX-INT8": "amx_int8",
+             "AMX-BF16": "amx_bf16", "AMX-FP16": "amx_fp16"}
+
+
+def cpu_info() -> dict:
+    """The processor's name and which of the instruction sets that matter for inference it has (/proc/cpuinfo)."""
+    name, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return dict(processor=name, logical_cpus=os.cpu_count(),
+                instruction_sets={k: v in flags for k, v in ISA_FLAGS.items()})
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def roofline(threads: int, size: int, repeats: int = 5) -> dict:
+    """The processor's measured matrix-multiply rate at `threads`: float32 (PyTorch's torch.mm, size x size) and
+    int8 (ONNX Runtime's MatMulInteger, uint8 x int8 -> int32, the kernel of its dynamic INT8), in GOP/s."""
+    import onnxruntime
+    from onnx import TensorProto, helper
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    fp32 = 2 * size ** 3 / best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("B", TensorProto.INT8, [size, size],
+                                rng.integers(-127, 128, (size, size), dtype=np.int8).tobytes(), raw=True)
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "mm",
+                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [size, size])],
+                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [size, size])], [weight])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = rng.integers(0, 256, (size, size), dtype=np.uint8)
+    int8 = 2 * size ** 3 / best_seconds(lambda: session.run(None, {"A": x}), repeats) / 1e9
+    return dict(fp32_gflops=fp32, int8_gops=int8, matrix=size)
+
+
+def deploy_files(model, crop: int, work: str, runtimes: list[str], calibration: list[np.ndarray]) -> dict:
+    """The exported files the runtimes need, written by export.py's own code: {runtime: path}."""
+    from dinomaly import export, exported
+    meta = {exported.MARK: 1, "image_size": crop, "crop_size": crop, "mean": list(ds.IMAGENET_MEAN),
+            "std": list(ds.IMAGENET_STD)}
+    precisions = {"ort": ("onnx", "fp32"), "ort_int8": ("onnx", "int8"), "ort_fp16": ("onnx", "fp16"),
+                  "ort_cuda": ("onnx", "fp32"), "ort_tensorrt": ("onnx", "fp32"), "ov": ("openvino", "fp32"),
+                  "ov_fp16": ("openvino", "fp32"), "ov_bf16": ("openvino", "fp32"), "ov_int8": ("openvino", "int8")}
+    files, written = {}, {}
+    for name in runtimes:
+        if name not in precisions:
+            continue
+        fmt, precision = precisions[name]
+        if (fmt, precision) not in written:
+            path = os.path.join(work, f"{fmt}_{precision}{'.onnx' if fmt == 'onnx' else '.xml'}")
+            sub = tempfile.mkdtemp(dir=work)
+            if fmt == "onnx":
+                export.write_onnx(model, crop, path, precision, meta, sub)
+            else:
+                export.write_openvino(model, crop, path, precision, meta, sub, calibration)
+            written[(fmt, precision)] = path
+        files[name] = written[(fmt, precision)]
+    return files
+
+
+RUNTIME_DEVICE = {"ort_cuda": "cuda", "ort_tensorrt": "tensorrt"}
+RUNTIME_HINTS = {"ov_fp16": "f16", "ov_bf16": "bf16"}  # OpenVINO's inference precision hint
+
+
+def open_runtime(name: str, path: str | None, model, threads: int, compile_backend: str = "inductor"):
+    """A callable images [B, 3, crop, crop] float32 in [0, 1] -> outputs, for one runtime."""
+    from dinomaly import exported
+    if name in ("eager", "compile"):
+        net = model if name == "eager" else torch.compile(model, backend=compile_backend)
+
+        @torch.no_grad()
+        def run(x):
+            return net(torch.from_numpy(x))
+        return run
+    graph = exported.Graph(path, RUNTIME_DEVICE.get(name), threads, spin=False)  # spinning threads would slow
+    # the runtimes interleaved with it
+    if name in RUNTIME_HINTS:  # recompile with the precision hint
+        import openvino as ov
+        core = ov.Core()
+        graph.compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                                          "INFERENCE_PRECISION_HINT":
+                                                                          RUNTIME_HINTS[name]})
+        graph.request = graph.compiled.create_infer_request()
+    return graph
+
+
+def available_runtimes(args, cpu: dict) -> tuple[list[str], dict]:
+    """The runtimes asked for that this machine can run, and why the others are left out."""
+    import onnxruntime
+    isa, providers = cpu["instruction_sets"], onnxruntime.get_available_providers()
+    reasons = {}
+    if not (isa["AVX512-FP16"] or isa["AMX-FP16"]):
+        reasons["ov_fp16"] = "no float16 arithmetic on this processor (AVX512-FP16 or AMX-FP16)"
+    if not (isa["AVX512-BF16"] or isa["AMX-BF16"]):
+        reasons["ov_bf16"] = "no bfloat16 arithmetic on this processor (AVX512-BF16 or AMX-BF16)"
+    if "CUDAExecutionProvider" not in providers or not torch.cuda.is_available():
+        reasons["ort_cuda"] = "no GPU, or onnxruntime without its CUDA execution provider (onnxruntime-gpu)"
+    if "TensorrtExecutionProvider" not in providers or not torch.cuda.is_available():
+        reasons["ort_tensorrt"] = "no GPU, or onnxruntime without its TensorRT execution provider"
+    return [r for r in args.runtimes if r not in reasons], {r: why for r, why in reasons.items() if r in args.runtimes}
+
+
+def ort_profile(path: str, threads: int, x: np.ndarray, steps: int) -> dict:
+    """ONNX Runtime's own per-node timing: ms per step by operator type and by part of the model."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    for _ in range(steps + 1):
+        session.run(None, {"image": x})
+    with open(session.end_profiling()) as f:
+        events = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    nodes = [(e["name"][:-len("_kernel_time")], e["args"].get("op_name", "?"), e["dur"] / 1000) for e in events]
+    return summarise_profile(nodes, steps + 1)
+
+
+def ov_profile(graph, x: np.ndarray, steps: int) -> dict:
+    """OpenVINO's own per-node timing (PERF_COUNT): ms per step by node type and kernel, and by part."""
+    import openvino as ov
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(graph.path), "CPU",
+                                  {"PERF_COUNT": True, "INFERENCE_NUM_THREADS": graph.threads})
+    request = compiled.create_infer_request()
+    nodes = []
+    for _ in range(steps):
+        request.infer({0: x})
+        nodes += [(p.node_name, f"{p.node_type} ({p.exec_type})", p.real_time.total_seconds() * 1000)
+                  for p in request.profiling_info if p.real_time.total_seconds() > 0]
+    return summarise_profile(nodes, steps)
+
+
+def part_of(node: str) -> str:
+    for part in ("encoder", "bottleneck", "decoder"):
+        if f"/model/{part}" in node:
+            return part
+    return "map, score, classes"
+
+
+def summarise_profile(nodes: list[tuple[str, str, float]], steps: int, top: int = 10) -> dict:
+    by_type, by_part = {}, {}
+    for name, kind, ms in nodes:
+        by_type[kind] = by_type.get(kind, 0.0) + ms / steps
+        by_part[part_of(name)] = by_part.get(part_of(name), 0.0) + ms / steps
+    total = sum(by_type.values()) or 1.0
+    ranked = sorted(by_type.items(), key=lambda kv: -kv[1])[:top]
+    return dict(total_ms=total, by_type=[dict(op=k, ms=v, share=v / total) for k, v in ranked],
+                by_part={k: dict(ms=v, share=v / total) for k, v in sorted(by_part.items(), key=lambda kv: -kv[1])})
+
+
+def bench_deploy(args) -> dict:
+    """PyTorch eager, torch.compile, ONNX Runtime (fp32, dynamic INT8) and OpenVINO (fp32, NNCF INT8; fp16/bf16
+    where the processor has them) on the exported Dinomaly map of random ViTs, interleaved in one process."""
+    from dinomaly import export, quantize
+    torch.set_num_threads(args.threads)
+    cpu = cpu_info()
+    runtimes, left_out = available_runtimes(args, cpu)
+    load_before = os.getloadavg()
+    peak = roofline(args.threads, args.roofline_size)
+    print(f"{cpu['processor']}, {cpu['logical_cpus']} logical CPUs, {args.threads} threads; instruction sets: "
+          + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu["instruction_sets"].items()))
+    print(f"measured matmul rate: fp32 {peak['fp32_gflops']:.0f} GFLOP/s (torch.mm), int8 {peak['int8_gops']:.0f} "
+          f"GOP/s (onnxruntime MatMulInteger), {peak['matrix']}^2; load average {load_before[0]:.2f}")
+    for name, why in left_out.items():
+        print(f"not timed: {name}: {why}")
+    rows, profiles = [], {}
+    for spec in args.models:
+        encoder, crop = spec.split(":")
+        crop = int(crop)
+        torch.manual_seed(0)
+        mapper = AnomalyMapper(method_model(encoder, "dinomaly").eval())
+        from dinomaly.export import ExportedMapper, for_export
+        model = ExportedMapper(for_export(mapper, crop)).eval()
+        with tempfile.TemporaryDirectory(prefix="deploy_") as work:
+            rng = np.random.default_rng(0)
+            calibration = [rng.random((1, 3, crop, crop), dtype=np.float32) for _ in range(args.calibration_images)]
+            files = deploy_files(model, crop, work, runtimes, calibration)
+            opened = {r: open_runtime(r, files.get(r), model, args.threads, args.compile) for r in runtimes}
+            one = torch.rand(1, 3, crop, crop)
+            with torch.no_grad():
+                flops = count_flops(lambda: model(one))
+            for batch in args.batch_sizes:
+                x = np.random.default_rng(1).random((batch, 3, crop, crop), dtype=np.float32)
+                for r, run in opened.items():
+                    for _ in range(args.warmup):
+                        run(x)
+                times = {r: [] for r in opened}
+                for i in range(args.iters):
+                    order = list(opened)[i % len(opened):] + list(opened)[:i % len(opened)]
+                    for r in order:
+                        start = time.perf_counter()
+                        opened[r](x)
+                        times[r].append(time.perf_counter() - start)
+                for r in opened:
+                    ms = 1000 * float(np.median(times[r])) / batch
+                    int8 = r.endswith("int8")
+                    rate = flops / (ms / 1000) / 1e9
+                    rows.append(dict(model=spec, batch=batch, runtime=r, ms_per_image=ms,
+                                     images_per_s=1000 / ms, gflop_per_image=flops / 1e9, achieved_gops=rate,
+                                     share_of_peak=rate / (peak["int8_gops"] if int8 else peak["fp32_gflops"]),
+                                     peak_used="int8" if int8 else "fp32"))
+                eager = next(row["ms_per_image"] for row in rows if row["model"] == spec and row["batch"] == batch
+                             and row["runtime"] == "eager") if "eager" in opened else None
+                for row in rows:
+                    if row["model"] == spec and row["batch"] == batch:
+                        row["speedup_vs_eager"] = None if eager is None else eager / row["ms_per_image"]
+                write_report(args, dict(results=rows, partial=True))
+                print(f"{spec} batch {batch} done", file=sys.stderr)
+            if args.profile:
+                x = np.random.default_rng(1).random((1, 3, crop, crop), dtype=np.float32)
+                for r in runtimes:
+                    if r.startswith("ort") and r in files and r not in RUNTIME_DEVICE:
+                        profiles[f"{spec} {r}"] = ort_profile(files[r], args.threads, x, args.profile)
+                    elif r in ("ov", "ov_int8"):
+                        profiles[f"{spec} {r}"] = ov_profile(opened[r], x, args.profile)
+                    elif r == "eager":
+                        ops = profile_ops(opened[r], itertools.repeat(x), torch.device("cpu"),
+                                          args.profile)
+                        profiles[f"{spec} {r}"] = dict(by_type=[dict(op=o["op"], ms=o["ms_per_step"],
+                                                                     share=o["share"]) for o in ops])
+            opened = None
+    for title, p in profiles.items():
+        print(f"profile, {title} (batch 1, ms per image" + (f", total {p['total_ms']:.1f})" if "total_ms" in p
+                                                            else ")"))
+        if "by_part" in p:
+            print("  " + ", ".join(f"{k} {v['ms']:.1f} ({v['share']:.0%})" for k, v in p["by_part"].items()))
+        print_table(p["by_type"], [("op", "operator (kernel)", ""), ("ms", "ms", ".2f"), ("share", "share", ".1%")])
+    print_table(rows, [("model", "model", ""), ("batch", "batch", "d"), ("runtime", "runtime", ""),
+                       ("ms_per_image", "ms/img", ".1f"), ("images_per_s", "img/s", ".3g"),
+                       ("speedup_vs_eager", "x eager", ".2f"), ("achieved_gops", "GOP/s", ".0f"),
+                       ("share_of_peak", "of peak", ".0%"), ("peak_used", "peak", "")])
+    load_after = os.getloadavg()
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
+    return dict(results=rows, cpu=cpu, threads=args.threads, roofline=peak, not_timed=left_out, profiles=profiles,
+                load_average=dict(before=load_before, after=load_after))
+
 
 # ----------------------------------------------------------------------------------------------- command line
 
 COMMANDS = {"train": bench_train, "infer": bench_infer, "data": bench_data, "metrics": bench_metrics,
-            "serve": bench_serve}
+            "serve": bench_serve, "deploy": bench_deploy}
+DEPLOY_RUNTIMES = ["eager", "compile", "ort", "ort_int8", "ov", "ov_int8", "ov_fp16", "ov_bf16", "ort_cuda",
+                   "ort_tensorrt"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -615,6 +885,23 @@ def build_parser() -> argparse.ArgumentParser:
         ("data", "loader images/s per worker count"),
         ("metrics", "seconds and memory of the metrics of one synthetic class"),
         ("serve", "requests/s and latency of serve.py under 1, 4, 16 clients, against predict.py's path")]}
+    deploy = sub.add_parser("deploy", help="ms/image of PyTorch, ONNX Runtime and OpenVINO (fp32, INT8) on a CPU")
+    deploy.add_argument("--json", help="also write the results to this JSON file")
+    deploy.add_argument("--models", nargs="+", default=["dinov2reg_vit_small_14:224", "dinov2reg_vit_base_14:392"],
+                        metavar="ENCODER:CROP", help="random Dinomaly models of these encoders at these crops")
+    deploy.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+    deploy.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="threads of every runtime (default: the logical CPUs)")
+    deploy.add_argument("--runtimes", nargs="+", default=DEPLOY_RUNTIMES, choices=DEPLOY_RUNTIMES)
+    deploy.add_argument("--compile", default="inductor", help="torch.compile's backend for the compile runtime")
+    deploy.add_argument("--warmup", type=int, default=2, help="untimed calls of each runtime first")
+    deploy.add_argument("--iters", type=int, default=10, help="timed calls of each runtime, interleaved")
+    deploy.add_argument("--calibration_images", type=int, default=16,
+                        help="random images calibrating the OpenVINO INT8 model (its speed does not depend on them)")
+    deploy.add_argument("--roofline_size", type=int, default=2048, help="matrix side of the matmul rate measured")
+    deploy.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timing, N more batch-1 calls of each runtime under its own profiler "
+                             "(ONNX Runtime's, OpenVINO's PERF_COUNT, torch.profiler): where the time goes")
     for name, c in cmds.items():
         c.add_argument("--json", help="also write the results to this JSON file")
         if name == "metrics":

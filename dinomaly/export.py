@@ -165,12 +165,10 @@ def check_out(out: str):
 
 
 def output_format(options: "ExportOptions") -> str:
-    """--format, else the one --out's suffix names; they must agree."""
+    """--format, else the one --out's suffix names, else ONNX; they must agree."""
     named = exported.format_of(options.out)
-    fmt = options.format or named
-    if fmt is None:
-        raise UserError(f"--out {options.out}: end it in .onnx (ONNX) or .xml (OpenVINO), or pass --format")
-    if named != fmt:
+    fmt = options.format or named or "onnx"
+    if named not in (None, fmt):
         suffix = {"onnx": ".onnx", "openvino": ".xml"}[fmt]
         raise UserError(f"--format {fmt} writes a {suffix} file, but --out is {options.out}; pass --out "
                         f"{os.path.splitext(options.out)[0]}{suffix}")
@@ -231,7 +229,7 @@ def check(model: ExportedMapper, path: str, fmt: str, precision: str, rows: list
           image_size: int, crop: int, batch: int) -> dict:
     """The exported file against PyTorch on the run's images `rows` (random images without), the report logged;
     for fp32 a UserError when a score differs by more than FP32_TOLERANCE. Returns the figures."""
-    graph = exported.Graph(path)
+    graph = exported.Graph(path, fmt=fmt)
     if rows:
         images = np.concatenate(quantize.crops([r["path"] for r in rows], image_size, crop))
         what = f"{len(rows)} images of the run's scores.csv"

@@ -35,25 +35,29 @@ def runtime_missing(fmt: str) -> str:
 class Graph:
     """An exported model ready to run: `graph(images)` with images float32 [B, 3, crop, crop] RGB in [0, 1] ->
     {output name: array}; `metadata`: the JSON values export.py stored; `fmt`: 'onnx' or 'openvino'.
-    threads: the runtime's threads (None: its default)."""
+    fmt: the format, where the file's suffix does not name it. threads: the runtime's threads (None: its
+    default); spin: whether ONNX Runtime's idle threads keep spinning
+    after a call (its default: lower latency, but they take the processor from anything running beside)."""
 
-    def __init__(self, path: str, device: str | None = None, threads: int | None = None):
-        self.path, self.fmt = os.fspath(path), format_of(path)
+    def __init__(self, path: str, device: str | None = None, threads: int | None = None, spin: bool = True,
+                 fmt: str | None = None):
+        self.path, self.fmt = os.fspath(path), fmt or format_of(path)
         if self.fmt is None:
             raise UserError(f"{path} is not an exported model (.onnx or .xml)")
         if not os.path.isfile(self.path):
             raise UserError(f"exported model not found: {self.path}; check the path, or export the run with "
                             f"export.py")
         device = (device or "cpu").lower()
+        self.threads = threads
         if self.fmt == "onnx":
-            self._open_onnx(device, threads)
+            self._open_onnx(device, threads, spin)
         else:
             self._open_openvino(device, threads)
         if MARK not in self.metadata:
             raise UserError(f"{self.path} has no Dinomaly metadata (sizes, thresholds): it was not written by "
                             f"export.py; export the run with export.py --checkpoint <run> --out {self.path}")
 
-    def _open_onnx(self, device: str, threads: int | None):
+    def _open_onnx(self, device: str, threads: int | None, spin: bool):
         try:
             import onnxruntime
         except ImportError:
@@ -71,6 +75,8 @@ class Graph:
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = onnxruntime.InferenceSession(self.path, options, providers=wanted)
         except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)

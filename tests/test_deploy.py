@@ -255,3 +255,72 @@ def test_missing_openvino_says_what_to_install(runs, tmp_path, capsys, monkeypat
                                   "onnx"]) == 2
     assert error_line(capsys) == f"error: --format onnx writes a .onnx file, but --out is {tmp_path / 'm.xml'}; " \
                                  f"pass --out {tmp_path / 'm.onnx'}"
+
+
+# ----------------------------------------------------------------------------------------------- INT8 and fp16
+
+@pytest.mark.parametrize("out", ["int8.xml", "int8.onnx", "fp16.xml"])
+def test_int8_and_fp16_exports_work_end_to_end(out, runs, data, tmp_path, capsys):
+    precision = out.split(".")[0]
+    path = tmp_path / out
+    assert call(cli.export_main, ["--checkpoint", runs["dinomaly"], "--out", path, "--precision", precision,
+                                  "--calibration_images", "5"]) == 0
+    log = capsys.readouterr().out
+    fmt = "openvino" if out.endswith(".xml") else "onnx"
+    if out == "int8.xml":  # NNCF, calibrated on a seeded subset of the run's own 12 training images (6 a class)
+        assert "INT8 calibration on 5 good images (the run's training images, a seeded subset" in log
+    assert f"{fmt} {precision} against PyTorch on 8 images of the run's scores.csv: largest score difference" in log
+    assert "image AUROC" in log and "decisions with the run's thresholds:" in log
+    graph = exported.Graph(path)
+    assert graph.metadata["precision"] == precision
+    x = torch.rand(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(1)).numpy()
+    want_map, want_score, _ = pytorch_outputs(runs["dinomaly"], x)
+    got = graph(x)
+    # lower precision moves the scores, but not far (tiny random model: a few percent)
+    np.testing.assert_allclose(got["score"], want_score.numpy(), rtol=0.15)
+    assert graph.metadata["thresholds"] == json.loads((runs["dinomaly"] / "thresholds.json").read_text())
+    images = [os.path.join(data, c, "test") for c in ("weave", "nut")]
+    assert call(cli.predict_main, ["--checkpoint", path, "--input", *images, "--out", tmp_path / "p",
+                                   "--num_workers", "0"]) == 0
+    assert len(read_rows(tmp_path / "p")) == 8
+
+
+def test_int8_calibration_without_the_training_images_is_one_line(runs, tmp_path, capsys):
+    run = tmp_path / "moved"
+    shutil.copytree(runs["dinomaly"], run)
+    config = json.loads((run / "config.json").read_text())
+    config["data_path"] = str(tmp_path / "gone")
+    (run / "config.json").write_text(json.dumps(config))
+    assert call(cli.export_main, ["--checkpoint", run, "--out", tmp_path / "m.xml", "--precision", "int8"]) == 2
+    assert error_line(capsys) == (f"error: INT8 calibration needs the run's training images, but its data folder "
+                                  f"{tmp_path / 'gone'} is not here; pass --calibration_data DIR (a folder of good "
+                                  f"images of the run's parts)")
+    assert not (tmp_path / "m.xml").exists()
+
+
+# ----------------------------------------------------------------------------------------------- benchmark
+
+def test_benchmark_deploy_runs_and_writes_json(tmp_path):
+    import benchmark
+    path = tmp_path / "deploy.json"
+    benchmark.main(["deploy", "--models", f"{TINY}:{CROP}", "--batch_sizes", "1", "2", "--warmup", "0", "--iters",
+                    "2", "--calibration_images", "2", "--roofline_size", "64", "--compile", "eager", "--runtimes",
+                    "eager", "compile", "ort", "ort_int8", "ov", "ov_int8", "ort_cuda", "--profile", "1", "--threads",
+                    "1", "--json", str(path)])
+    report = json.loads(path.read_text())
+    rows = report["results"]
+    assert [(r["batch"], r["runtime"]) for r in rows] == [(b, r) for b in (1, 2) for r in
+                                                          ("eager", "compile", "ort", "ort_int8", "ov", "ov_int8")]
+    for r in rows:
+        assert r["ms_per_image"] > 0 and r["images_per_s"] == pytest.approx(1000 / r["ms_per_image"])
+        assert r["share_of_peak"] > 0 and r["peak_used"] == ("int8" if r["runtime"].endswith("int8") else "fp32")
+        assert r["speedup_vs_eager"] == pytest.approx(next(e["ms_per_image"] for e in rows if e["runtime"] == "eager"
+                                                           and e["batch"] == r["batch"]) / r["ms_per_image"])
+    assert report["threads"] == 1 and report["roofline"]["fp32_gflops"] > 0 and report["roofline"]["int8_gops"] > 0
+    assert set(report["cpu"]["instruction_sets"]) >= {"AVX2", "AVX-512", "AVX512-VNNI", "AMX-INT8"}
+    if not torch.cuda.is_available():
+        assert "no GPU" in report["not_timed"]["ort_cuda"]
+    parts = report["profiles"][f"{TINY}:{CROP} ort_int8"]["by_part"]
+    assert {"encoder", "decoder"} <= set(parts) and sum(p["share"] for p in parts.values()) == pytest.approx(1)
+    assert report["profiles"][f"{TINY}:{CROP} ov_int8"]["by_type"]
+    assert len(report["load_average"]["before"]) == 3
