@@ -669,8 +669,7 @@ def deploy_files(model, crop: int, work: str, runtimes: list[str], calibration: 
     from dinomaly import export, exported
     meta = {exported.MARK: 1, "image_size": crop, "crop_size": crop, "mean": list(ds.IMAGENET_MEAN),
             "std": list(ds.IMAGENET_STD)}
-    precisions = {"ort": ("onnx", "fp32"), "ort_int8": ("onnx", "int8"), "ort_fp16": ("onnx", "fp16"),
-                  "ort_cuda": ("onnx", "fp32"), "ort_tensorrt": ("onnx", "fp32"), "ov": ("openvino", "fp32"),
+    precisions = {"ort": ("onnx", "fp32"), "ort_int8": ("onnx", "int8"), "ort_cuda": ("onnx", "fp32"), "ort_tensorrt": ("onnx", "fp32"), "ov": ("openvino", "fp32"),
                   "ov_fp16": ("openvino", "fp32"), "ov_bf16": ("openvino", "fp32"), "ov_int8": ("openvino", "int8")}
     files, written = {}, {}
     for name in runtimes:
