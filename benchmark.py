@@ -608,6 +608,7 @@ def load(url: str, images: list[bytes], scores: list[float], clients: int, reque
     return dict(path="served", clients=clients, requests=len(latencies), requests_per_s=len(latencies) / elapsed,
                 p50_ms=1000 * float(np.percentile(latencies, 50)), p99_ms=1000 * float(np.percentile(latencies, 99)))
 
+
 # ----------------------------------------------------------------------------------------------- deploy
 
 ISA_FLAGS = {"AVX2": "avx2", "FMA": "fma", "AVX-512": "avx512f", "AVX512-VNNI": "avx512_vnni", "AVX-VNNI": "avx_vnni",
