@@ -185,6 +185,8 @@ class ExportedDetector(Scoring):
             th.select(calibration, class_name, calib_path)
         finding = {"classes": meta["classes"], "radius": meta["class_radius"]} if "classes" in meta else None
         self.set_thresholds(calibration, calib_path, class_name, threshold, lambda: finding)
+        if thresholds is None:  # they live in the model file: nothing to save them into (serve's review page)
+            self.calibration_path = None
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """The graph on crops in [0, 1] ([B, 3, crop, crop] float32)."""
