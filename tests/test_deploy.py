@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -19,7 +20,7 @@ from dinomaly.errors import UserError
 import dinomaly2_2d
 import dinomaly_mvtec_uni
 import dinomaly_sep
-from conftest import TINY, TINY_CFG
+from conftest import ROOT, TINY, TINY_CFG
 from prepare_data.make_demo_data import make_demo_data
 
 SIZE, CROP = 64, 56
@@ -301,12 +302,16 @@ def test_int8_calibration_without_the_training_images_is_one_line(runs, tmp_path
 # ----------------------------------------------------------------------------------------------- benchmark
 
 def test_benchmark_deploy_runs_and_writes_json(tmp_path):
-    import benchmark
+    # in a process of its own, as a user runs it: the runtimes' thread pools stay out of the test process
     path = tmp_path / "deploy.json"
-    benchmark.main(["deploy", "--models", f"{TINY}:{CROP}", "--batch_sizes", "1", "2", "--warmup", "0", "--iters",
-                    "2", "--calibration_images", "2", "--roofline_size", "64", "--compile", "eager", "--runtimes",
-                    "eager", "compile", "ort", "ort_int8", "ov", "ov_int8", "ort_cuda", "--profile", "1", "--threads",
-                    "1", "--json", str(path)])
+    argv = ["deploy", "--models", f"{TINY}:{CROP}", "--batch_sizes", "1", "2", "--warmup", "0", "--iters", "2",
+            "--calibration_images", "2", "--roofline_size", "64", "--compile", "eager", "--runtimes", "eager",
+            "compile", "ort", "ort_int8", "ov", "ov_int8", "ort_cuda", "--profile", "1", "--threads", "1", "--json",
+            str(path)]
+    code = ("import sys; sys.path[:0] = ['tests', '.']; from conftest import TINY, TINY_CFG; from dinomaly import "
+            f"models; models.ENCODERS[TINY] = TINY_CFG; import benchmark; benchmark.main({argv!r})")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(path.read_text())
     rows = report["results"]
     assert [(r["batch"], r["runtime"]) for r in rows] == [(b, r) for b in (1, 2) for r in
