@@ -461,6 +461,7 @@ class PerClassDetector(Scoring):
         self.options["device"] = str(self.finder.device)  # the others go there too (one warning about a CPU)
         self.device, self.image_size, self.crop_size = self.finder.device, self.finder.image_size, \
             self.finder.crop_size
+        self.modality = self.finder.modality  # the same in every class's model: one script trained them
         self.default = self.finder.default
         if self.prototypes is not None:
             log.info(f"each image goes to the model of its class, found by {class_finder.FILE} "
