@@ -103,7 +103,8 @@ def data_flags(data, add: Flags, job: str):
     add(data, "data_path", "dataset root folder")
     add(data, "dataset", "reader and default classes: mvtec and visa read the MVTec layout (also MPDD, BTAD and "
                          "your own data with --classes); realiad and realiad_variety read Real-IAD's JSON splits; "
-                         "manta reads MANTA-Tiny (five views side by side in each image)",
+                         "manta reads MANTA-Tiny (five views side by side in each image); mvtec3d (MVTec 3D-AD) and "
+                         "mulsen (MulSen-AD) read pairs of two modalities, for their scripts",
         choices=sorted(DATASET_NAMES))
     add(data, "classes", "classes (folders) to use; default: the dataset's standard list", nargs="+", metavar="CLASS")
     add(data, "realiad_resolution", "Real-IAD image folder: realiad_1024 (default), realiad_512, realiad_256 or "

@@ -115,6 +115,8 @@ DATASETS = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALIAD_CLA
 # realiadvariety_raw, which its README tells to downsample to realiadvariety_1024), else realiadvariety_raw.
 REALIAD_FOLDERS = {"realiad": (("realiad_1024",), "realiad_jsons"),
                    "realiad_variety": (("realiadvariety_1024", "realiadvariety_raw"), "realiadvariety_jsons")}
+# datasets of pairs -> the modality of the model that reads them (recipes.MODALITIES; every other dataset: "rgb")
+PAIR_DATASETS = {"mvtec3d": "rgbd", "mulsen": "rgbir"}
 MANTA_VIEWS, MANTA_VIEW_WIDTH = 5, 256  # a MANTA image: 5 views side by side, 256 px each, the last the remainder
 
 # Image and mask files are recognised by extension, case-insensitively; the order is the mask search order.

@@ -7,7 +7,8 @@
 """
 import os
 
-from . import checkpoints, models, preflight, samples, speed, train_state
+from . import checkpoints, models, preflight, recipes, samples, speed, train_state
+from . import dataset as ds
 from . import thresholds as th
 from .anomaly_map import AnomalyMapper, check_max_ratio
 from .errors import UserError
@@ -28,6 +29,13 @@ def train_and_evaluate(settings: Settings):
     (or --eval_only of such a run): one model per class (per_class)."""
     recipe, data, options = settings.recipe, settings.data, settings.run
     check_max_ratio(settings.evaluation.max_ratio)
+    needed = ds.PAIR_DATASETS.get(data.dataset, "rgb")
+    if needed != recipe.modality:
+        scripts = {"rgbd": "dinomaly2_mvtec3d.py", "rgbir": "dinomaly2_mulsen.py"}
+        raise UserError(f"--dataset {data.dataset} holds {recipes.MODALITIES[needed]}, but this script's model takes "
+                        f"{recipes.MODALITIES[recipe.modality]}; " +
+                        (f"use {scripts[needed]}" if needed in scripts else
+                         f"pass --dataset {dict(map(reversed, ds.PAIR_DATASETS.items()))[recipe.modality]}"))
     if data.data_path is None:
         raise UserError(f"this script has no default data folder for --dataset {data.dataset}; pass --data_path "
                         f"(and --image_size and --crop_size)")

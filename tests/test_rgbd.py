@@ -356,3 +356,13 @@ def test_interrupted_run_resumes_bit_exactly(rgbd_run, pairs, tmp_path, monkeypa
     whole = torch.load(rgbd_run / "model.pth", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "model.pth", weights_only=True)
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_a_dataset_of_another_modality_is_one_line(pairs, tmp_path, capsys):
+    import dinomaly2_2d
+    for module, dataset, hint in ((dinomaly2_2d, "mvtec3d", "use dinomaly2_mvtec3d.py"),
+                                  (dinomaly2_mvtec3d, "mvtec", "pass --dataset mvtec3d")):
+        with pytest.raises(SystemExit) as e:
+            cli.run_script(module, ["--dataset", dataset, "--data_path", pairs["mvtec3d"], "--save_dir", str(tmp_path),
+                                    "--save_name", "x", "--encoder_weights", "random", "--device", "cpu"])
+        assert e.value.code == 2 and hint in capsys.readouterr().err
