@@ -327,7 +327,8 @@ def review_images(folder: str | None) -> dict[str, str]:
 
 
 def model_recipe(detector: Scoring):
-    return detector.finder.recipe if isinstance(detector, PerClassDetector) else detector.recipe
+    """The recipe of the detector's model (None for a detector without one, e.g. of an exported model)."""
+    return detector.finder.recipe if isinstance(detector, PerClassDetector) else getattr(detector, "recipe", None)
 
 
 def class_thresholds(detector: Scoring) -> dict:
@@ -383,8 +384,8 @@ def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
     @app.get("/info")
     def info():
         """The run: method, encoder, classes and their thresholds, sizes, limits, metrics, report pictures."""
-        return {"run": os.path.basename(os.path.normpath(folder)), "method": recipe.method,
-                "encoder": recipe.encoder, "image_size": detector.image_size, "crop_size": detector.crop_size,
+        return {"run": os.path.basename(os.path.normpath(folder)), "method": recipe and recipe.method,
+                "encoder": recipe and recipe.encoder, "image_size": detector.image_size, "crop_size": detector.crop_size,
                 "classes": detector.classes, "class_finding": detector.prototypes is not None,
                 "thresholds": class_thresholds(detector), "default_threshold": detector.default.threshold,
                 "thresholds_file": getattr(detector, "calibration_path", None),

@@ -1,12 +1,16 @@
 """TensorBoard event files (dinomaly/events.py): a tiny run's training and evaluation write events into the run
 folder that tensorboard's own reader reads back with the values of log.txt and metrics.csv; --tensorboard off
-writes none."""
+writes none, and --tensorboard on without the package is a one-line error."""
 import csv
+import importlib.util
 import re
 
 import pytest
 
-from dinomaly import cli, models
+from dinomaly import cli, events, models, runlock
+from dinomaly.errors import UserError
+from dinomaly.options import RunOptions
+from dinomaly.run import Run
 
 import dinomaly_mvtec_uni
 from conftest import TINY, TINY_CFG
@@ -61,6 +65,21 @@ def test_training_and_evaluation_write_events_tensorboard_reads_back(demo, tmp_p
     assert all(t.startswith(("train/", "eval/")) for t in tags)
 
 
-def test_tensorboard_off_writes_no_events(demo, tmp_path):
-    run = train(demo, tmp_path, "--tensorboard", "off")
-    assert (run / "metrics.csv").exists() and not list(run.glob("events.out.tfevents.*"))
+@pytest.mark.parametrize("mode, written", [("auto", True), ("on", True), ("off", False)])
+def test_the_flag_decides_whether_events_are_written(tmp_path, mode, written):
+    try:
+        run = Run(RunOptions(save_dir=str(tmp_path), save_name="run", device="cpu", tensorboard=mode), "config.json")
+        run.events.scalars(1, {"train/loss": 0.5, "train/grad_norm": None})
+    finally:
+        runlock.release_all()
+    assert bool(list((tmp_path / "run").glob("events.out.tfevents.*"))) == written
+    assert cli.parse(dinomaly_mvtec_uni.__doc__, dinomaly_mvtec_uni.RECIPE, dinomaly_mvtec_uni.DEFAULTS,
+                     argv=["--tensorboard", mode]).run.tensorboard == mode
+
+
+def test_on_without_the_package_is_a_one_line_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    assert not events.wanted("auto")
+    with pytest.raises(UserError, match="--tensorboard on needs the tensorboard package"):
+        events.wanted("on")
