@@ -118,6 +118,27 @@ def test_predict_uses_each_images_class_model(runs, data):
                                          rel=1e-5)
 
 
+def test_the_service_on_a_class_separated_run(runs, data):
+    httpx = pytest.importorskip("httpx")
+    from dinomaly import serve
+    image = os.path.join(data, "nut", "test", "good", "000.png")
+    detector = Detector(str(runs / "sep"), device="cpu")
+    s = serve.Background(serve.create_app(detector, serve.ServeOptions(str(runs / "sep"))))
+    try:
+        with open(image, "rb") as f:
+            content = f.read()
+        found = httpx.post(s.url + "/predict", content=content).json()["images"][0]
+        given = httpx.post(s.url + "/predict", content=content, params={"class_name": "weave"}).json()["images"][0]
+        assert sorted(httpx.get(s.url + "/info").json()["classes"]) == sorted(CLASSES)
+        assert httpx.post(s.url + "/thresholds", json={"thresholds": {"nut": 1.0}}).status_code == 400
+    finally:
+        s.close()
+    for answer, c in [(found, "nut"), (given, "weave")]:  # each class's own model decides
+        alone = Detector(str(runs / "sep" / c), device="cpu")(image)
+        assert answer["class"] == c and answer["threshold"] == alone.threshold
+        assert answer["score"] == pytest.approx(alone.score, rel=1e-5)
+
+
 def test_predict_command_on_a_class_separated_run(runs, data, tmp_path):
     out = tmp_path / "p"
     assert cli_call(cli.predict_main, ["--checkpoint", runs / "sep", "--input", os.path.join(data, "nut", "test"),
