@@ -344,6 +344,9 @@ def class_thresholds(detector: Scoring) -> dict:
 def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
     """The service around a loaded detector (see the module docstring)."""
     folder = run_folder(options.checkpoint)
+    if detector.modality != "rgb":
+        raise UserError(f"{options.checkpoint} is a run of two modalities ({detector.modality}): the service takes "
+                        f"RGB images only so far; use predict.py or the Detector for its pairs")
     batcher = Batcher(detector, options.max_batch, options.max_wait_ms / 1000, options.max_queue)
     token = options.token
     recipe = model_recipe(detector)
@@ -411,7 +414,10 @@ def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
         body = await read_body(request, int(options.max_mb * 2 ** 20))
         files = await uploads(request, body, options.max_images)
         images = [await run_in_threadpool(open_image, data, name, options.max_pixels) for name, data in files]
-        prepared = [await run_in_threadpool(detector.prepare, img) for img in images]
+        try:
+            prepared = [await run_in_threadpool(detector.prepare, img) for img in images]
+        except UserError as e:  # the Detector's own checks
+            raise RequestError(400, str(e)) from None
         try:
             futures = batcher.submit([(crop, size, class_name) for crop, size in prepared])
         except QueueFull:
