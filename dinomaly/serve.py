@@ -35,7 +35,6 @@ from scipy import ndimage
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import dataset as ds
 from . import image_files
 from . import thresholds as th
 from .errors import UserError, one_line
@@ -388,7 +387,8 @@ def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
     def info():
         """The run: method, encoder, classes and their thresholds, sizes, limits, metrics, report pictures."""
         return {"run": os.path.basename(os.path.normpath(folder)), "method": recipe and recipe.method,
-                "encoder": recipe and recipe.encoder, "image_size": detector.image_size, "crop_size": detector.crop_size,
+                "encoder": recipe and recipe.encoder, "image_size": detector.image_size,
+                "crop_size": detector.crop_size,
                 "classes": detector.classes, "class_finding": detector.prototypes is not None,
                 "thresholds": class_thresholds(detector), "default_threshold": detector.default.threshold,
                 "thresholds_file": getattr(detector, "calibration_path", None),
@@ -443,11 +443,13 @@ def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
         if path is None or detector.calibration is None:
             raise RequestError(400, "this run's thresholds cannot be saved here (a run with one model per class, "
                                     "or without a thresholds file); edit its thresholds.json files")
+        usage = RequestError(400, 'send JSON {"thresholds": {"<class>": <threshold>, ...}}')
         try:
             chosen = json.loads(await read_body(request, 1 << 20))["thresholds"]
-            assert isinstance(chosen, dict)
-        except (ValueError, KeyError, TypeError, AssertionError):
-            raise RequestError(400, 'send JSON {"thresholds": {"<class>": <threshold>, ...}}') from None
+        except (ValueError, KeyError, TypeError):
+            raise usage from None
+        if not isinstance(chosen, dict):
+            raise usage
         try:
             data = th.with_image_thresholds(th.load(path), chosen)
         except UserError as e:
