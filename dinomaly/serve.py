@@ -379,7 +379,7 @@ def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
     @app.get("/health")
     def health():
         """The model is loaded; its device and how many images wait or run."""
-        return {"status": "ok", "model_loaded": True, "device": str(detector.device),
+        return {"status": "ok", "model_loaded": True, "device": str(getattr(detector, "device", "exported model")),
                 "queue_depth": batcher.pending, "max_queue": batcher.max_queue,
                 "batches": {str(k): v for k, v in sorted(batcher.batches.items())}}
 
