@@ -442,7 +442,8 @@ def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
         path = getattr(detector, "calibration_path", None)
         if path is None or detector.calibration is None:
             raise RequestError(400, "this run's thresholds cannot be saved here (a run with one model per class, "
-                                    "or without a thresholds file); edit its thresholds.json files")
+                                    "an exported model's own thresholds, or no thresholds file); edit its "
+                                    "thresholds.json files")
         usage = RequestError(400, 'send JSON {"thresholds": {"<class>": <threshold>, ...}}')
         try:
             chosen = json.loads(await read_body(request, 1 << 20))["thresholds"]
