@@ -111,7 +111,8 @@ def test_served_results_equal_predict_py(run, service, tmp_path):
         mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(a["mask_png"]))))
         np.testing.assert_array_equal(mask, np.asarray(Image.open(tmp_path / "p" / row["mask"])))
         overlay = Image.open(io.BytesIO(base64.b64decode(a["overlay_png"])))
-        assert overlay.size == Image.open(tmp_path / "p" / row["overlay"]).size
+        with Image.open(tmp_path / "p" / row["overlay"]) as written:
+            assert overlay.size == written.size
         assert a["area_share"] == pytest.approx((mask > 0).mean())
         assert (a["decision"] == "anomalous") == bool(a["boxes"])  # an anomalous image always shows a region
         for box in a["boxes"]:  # each box holds mask pixels on all four edges
