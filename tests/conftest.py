@@ -25,3 +25,12 @@ TINY_CFG = EncoderConfig(embed_dim=32, num_heads=2, depth=8, taps=tuple(range(8)
 def tiny_encoder(monkeypatch):
     monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
     yield TINY
+
+
+def exit_status_of(main, argv) -> int:
+    """A command's main run in-process on argv (each made a str): its exit status, 0 when it returns."""
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0

@@ -21,6 +21,7 @@ import dinomaly2_2d
 import dinomaly_mvtec_uni
 import dinomaly_sep
 from conftest import ROOT, TINY, TINY_CFG
+from conftest import exit_status_of as call
 from prepare_data.make_demo_data import make_demo_data
 
 SIZE, CROP = 64, 56
@@ -28,15 +29,6 @@ SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", str(S
          "--num_workers", "0", "--device", "cpu", "--total_iters", "2", "--batch_size", "4", "--classes", "weave",
          "nut"]
 SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}
-
-
-def call(main, argv):
-    """A script's main run in-process: its exit status."""
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from dinomaly.errors import UserError
 
 import crr_realiad_test
 import dinomaly_mvtec_uni
-from conftest import TINY
+from conftest import TINY, exit_status_of
 from prepare_data.make_demo_data import make_demo_data
 
 SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", "64", "--crop_size", "56",
@@ -29,11 +29,7 @@ N_GOOD = 11  # good images per class: 2 held out (round(0.2 * 11)), 9 trained on
 
 
 def call(module, argv):
-    try:
-        cli.run_script(module, [str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
+    return exit_status_of(lambda a: cli.run_script(module, a), argv)
 
 
 def rows(path):

@@ -14,8 +14,8 @@ from dinomaly.errors import UserError
 
 import dinomaly_mvtec_uni
 import dinomaly_sep
-from conftest import TINY
-from test_predict import call as cli_call
+from conftest import TINY, exit_status_of
+from conftest import exit_status_of as cli_call
 from prepare_data.make_demo_data import make_demo_data
 
 CLASSES = ["weave", "nut"]
@@ -24,11 +24,7 @@ SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", "64",
 
 
 def call(module, argv):
-    try:
-        cli.run_script(module, [str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
+    return exit_status_of(lambda a: cli.run_script(module, a), argv)
 
 
 def table(path) -> dict:

@@ -22,6 +22,7 @@ from dinomaly.visualize import colorize, overlay_picture
 
 import dinomaly_mvtec_uni
 from conftest import DEVICES, ROOT, TINY, TINY_CFG
+from conftest import exit_status_of as call
 from prepare_data.make_demo_data import make_demo_data
 
 SIZE, CROP = 64, 56
@@ -57,15 +58,6 @@ def crr_run(tmp_path_factory):
     (d / "config.json").write_text(json.dumps({"model": dict(encoder=TINY, image_size=SIZE, crop_size=CROP,
                                                              mask_ratio=0.25, test_mask="on", attn_eps=0.0)}))
     return d
-
-
-def call(main, argv):
-    """Run a script's main in-process: its exit status."""
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def read_csv(path):

@@ -10,34 +10,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_resume import SMALL, dinomaly, error_line, exit_status
+from test_faults import common, demo, trained  # noqa: F401 - fixtures: a tiny demo and a finished run on it
+from test_resume import dinomaly, error_line, exit_status
 
 from dinomaly import checkpoints, cli, models, predict
 from dinomaly.errors import InputError, UserError
 
 from conftest import TINY, TINY_CFG
 from prepare_data.make_demo_data import make_demo_data
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return make_demo_data(str(tmp_path_factory.mktemp("demo")), size=32, seed=0, n_train=4, n_test_good=1,
-                          n_test_bad=1)
-
-
-def common(demo, save_dir, name, iters=2):
-    return ["--data_path", demo["mvtec"], "--save_dir", str(save_dir), "--save_name", name, "--total_iters",
-            str(iters), *SMALL]
-
-
-@pytest.fixture(scope="module")
-def trained(demo, tmp_path_factory):
-    """A finished tiny Dinomaly run (2 iterations, 32 -> 28 px) with its thresholds.json."""
-    save_dir = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(models.ENCODERS, TINY, TINY_CFG)
-        dinomaly(common(demo, save_dir, "run"))
-    return save_dir / "run"
 
 
 @pytest.fixture(scope="module")
