@@ -77,7 +77,7 @@ def train_loop(run: Run, loader: DataLoader, total_iters: int, loss_fn, params: 
                     save_state(it)
                 if stopping:
                     raise Interrupted(f"the training state at iteration {it} is saved in {run.dir}; "
-                                                  f"continue with --resume", stopping)
+                                      f"continue with --resume", stopping)
                 if bad_in_row == MAX_BAD_STEPS:
                     raise UserError(f"the loss was not finite in {MAX_BAD_STEPS} iterations in a row (up to "
                                     f"iteration {it}); these steps were skipped and the last good state is saved in "
