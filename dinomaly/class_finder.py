@@ -10,18 +10,24 @@ few kB: tensors and the class names, read with weights_only=True).
 An image belongs to the class at the smallest distance d1; its confidence is 1 - d1 / d2, d2 the distance to
 the second nearest prototype (0: halfway between two classes, 1: on its prototype; 1 for a one-class run). It
 matches no class well when d1 exceeds FAR times its class's radius.
+
+An exported model computes the distances in its graph (`matches`, without PyTorch); building, reading and
+applying the prototypes (build, load, classify) import PyTorch.
 """
+from __future__ import annotations
+
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from . import dataset as ds
 from .errors import UserError
-from .checkpoints import load_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from . import dataset as ds
 
 FILE = "class_prototypes.pt"
 MAX_IMAGES = 200  # training images per class that make its prototype
@@ -37,11 +43,15 @@ class Match:
     well: bool  # distance <= FAR * radius
 
 
-@torch.no_grad()
 def build(mapper, samples: dict[str, list[ds.Sample]], image_size: int, crop_size: int, device: torch.device,
           batch_size: int = 16, num_workers: int = 0, seed: int = 0) -> dict:
     """The prototypes of the classes (name -> training samples) through `mapper` (an AnomalyMapper in eval
     mode): {"classes": names, "prototypes": [C, F], "radius": [C]}."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from . import dataset as ds
     prototypes, radii = [], []
     for name, items in samples.items():
         if len(items) > MAX_IMAGES:
@@ -49,7 +59,8 @@ def build(mapper, samples: dict[str, list[ds.Sample]], image_size: int, crop_siz
             items = [items[i] for i in sorted(pick)]
         loader = DataLoader(ds.TrainDataset(items, image_size, crop_size), batch_size=batch_size,
                             num_workers=num_workers)
-        features = torch.cat([mapper.features(x.to(device)).cpu() for x in loader])
+        with torch.no_grad():
+            features = torch.cat([mapper.features(x.to(device)).cpu() for x in loader])
         prototype = F.normalize(features.mean(dim=0), dim=0)
         prototypes.append(prototype)
         radii.append((1 - features @ prototype).max())
@@ -60,6 +71,9 @@ def load(path: str) -> dict | None:
     """A class_prototypes.pt, checked; None when there is no such file."""
     if not os.path.isfile(path):
         return None
+    import torch
+
+    from .checkpoints import load_file
     data = load_file(path, "class prototypes file")
     ok = isinstance(data, dict) and isinstance(data.get("classes"), list) and \
         all(isinstance(c, str) for c in data["classes"]) and isinstance(data.get("prototypes"), torch.Tensor) and \

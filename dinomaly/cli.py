@@ -376,7 +376,7 @@ def predict_parser() -> ArgumentParser:
                    help="CRR segmentation network (default: the run folder's Seg_model_7999.pth or _last.pth)")
     p.add_argument("--batch_size", type=int_at_least(1), default=8)
     p.add_argument("--num_workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
-                   help="image reading processes")
+                   help="image reading threads (0: read in the main thread)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     over = p.add_argument_group("overrides (default: the run's)")
     for f in recipes.flags(Recipe):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import UserError, one_line
@@ -26,9 +26,7 @@ from .image_files import IMAGE_EXTENSIONS
 from .image_files import entries as _entries
 from .image_files import list_images as _list_images
 from .image_files import list_subdirs as _list_subdirs
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .images import IMAGENET_MEAN, IMAGENET_STD, center_crop_box, load_image, normalised_crop, open_file, resize
 
 MVTEC_CLASSES = [
     "carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill",
@@ -140,49 +138,6 @@ class Sample:
     modal_labels: tuple[int, ...] | None = None  # MulSen-AD: the RGB, infrared and point-cloud labels
 
 
-def _open(path: str, what: str, where: str) -> Image.Image:
-    """Image.open + load (the file is closed afterwards), with one-line UserErrors for a missing or unreadable
-    file."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise UserError(f"cannot read {what} {path} (a symbolic link to {os.readlink(path)}, which does not "
-                            f"exist); fix or remove the link") from None
-        raise UserError(f"{what} not found: {path}; check {where}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read {what} {path} ({one_line(e)}); replace or remove the file") from None
-    return img
-
-
-def load_image(path: str, upright: bool = False, where: str = "the dataset folder") -> Image.Image:
-    """Open an image file as 8-bit RGB (see to_rgb). The readers of training and test images keep the pixels as
-    stored, as the reference code does; `upright` (prediction) applies the file's EXIF orientation first, as
-    image viewers do. `where`: what to check when the file is missing."""
-    img = _open(path, "image", where)
-    return to_rgb(ImageOps.exif_transpose(img) if upright else img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: grey becomes 3 channels, alpha is dropped, 16-bit is scaled to 8-bit."""
-    if img.mode.startswith("I;16"):
-        # 16-bit grey: always the full 16-bit range (65535 -> 255)
-        arr = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
-        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
-    elif img.mode == "I":
-        # 32-bit integer grey (older PIL opens 16-bit PNGs like this): 16-bit range when it exceeds 8 bits
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0
-        img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8))
-    elif img.mode == "F":
-        # float grey: [0, 1] when it fits there, else taken as 8-bit values
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 255.0 if np.nanmax(arr) <= 1.0 else 1.0
-        img = Image.fromarray(np.clip(np.nan_to_num(arr) * scale + 0.5, 0, 255).astype(np.uint8))
-    return img.convert("RGB")
-
-
 def load_mask(path: str) -> Image.Image:
     """Open a mask with its grey values kept: masks are resized first and binarised after (by the evaluation's
     threshold), as the reference transforms resize the mask file as it is.
@@ -191,29 +146,15 @@ def load_mask(path: str) -> Image.Image:
     neighbour, as torchvision does. Any other mode becomes 8-bit grey: the maximum over the channels of its
     load_image RGB version (alpha is not part of a mask; 16-bit values are scaled to 8 bits).
     """
-    m = _open(path, "mask", "the dataset's ground-truth folder")
+    m = open_file(path, "mask", "the dataset's ground-truth folder")
     if m.mode in ("1", "L"):
         return m
     return Image.fromarray(np.asarray(load_image(path)).max(axis=2))
 
 
-def resize(img: Image.Image, size: int) -> Image.Image:
-    """Square resize, aspect ratio not kept, bilinear (PIL antialiases when downscaling)."""
-    return img.resize((size, size), Image.BILINEAR)
-
-
-def center_crop_box(size: int, crop: int) -> tuple[int, int, int, int]:
-    top = int(round((size - crop) / 2.0))
-    return (top, top, top + crop, top + crop)
-
-
 def image_to_tensor(img: Image.Image, crop_size: int) -> torch.Tensor:
-    """Resized RGB image -> centre crop -> [3, crop, crop] float, ImageNet-normalised."""
-    img = img.crop(center_crop_box(img.size[0], crop_size))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+    """Resized RGB image -> centre crop -> [3, crop, crop] float, ImageNet-normalised (images.normalised_crop)."""
+    return torch.from_numpy(normalised_crop(img, crop_size))
 
 
 def mask_to_tensor(mask: Image.Image, crop_size: int) -> torch.Tensor:

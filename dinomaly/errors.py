@@ -6,6 +6,7 @@ against a table of key -> `Expect` (number, integer, choice, kind), one UserErro
 """
 import math
 import re
+import sys
 
 
 class UserError(Exception):
@@ -26,8 +27,8 @@ def one_line(e: BaseException) -> str:
 def user_message(e: BaseException) -> str:
     """The one line reported for a UserError (also one re-raised from a data-loader worker, whose message then
     carries the worker's traceback) or for running out of GPU memory."""
-    import torch  # this module is imported without PyTorch (recipes.py)
-    if isinstance(e, torch.OutOfMemoryError):
+    torch = sys.modules.get("torch")  # imported by the command if it used it (not by an exported model's)
+    if torch is not None and isinstance(e, torch.OutOfMemoryError):
         size = re.search(r"Tried to allocate ([\d.]+ \w+)", str(e))
         asked = f" (it asked for {size.group(1)} more)" if size else ""
         return f"the GPU ran out of memory{asked}; use a smaller --batch_size, or --precision bf16"

@@ -21,7 +21,7 @@ from . import thresholds as th
 from .anomaly_map import MAP_SIZE, AnomalyMapper
 from .dataset import IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
-from .predict import check_settings, load_calibration, load_mapper, run_files
+from .checkpoint_detector import check_settings, load_calibration, load_mapper, run_files
 from .run import log
 
 OPSET = 17

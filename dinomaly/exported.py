@@ -3,7 +3,10 @@ OpenVINO instead of PyTorch: `Graph` (the file, its runtime and the metadata exp
 `ExportedDetector`, the Detector of such a file (predict.Detector chooses it for a path ending in .onnx or .xml).
 The graph computes the map, the score and the distances to the class prototypes; the thresholds, the class
 finding's radii, the sizes and the colour scale come from the metadata, and the decision, the class, the map and
-mask in the image's own geometry from predict.Scoring, as for a checkpoint.
+mask in the image's own geometry from scoring.Scoring, as for a checkpoint.
+
+Neither this module nor what it imports loads PyTorch (tests/test_runtime.py checks it): an inspection PC needs
+NumPy, Pillow, OpenCV and the runtime only (requirements-runtime.txt, docs/deployment.md).
 """
 import json
 import os
@@ -13,7 +16,7 @@ import numpy as np
 from . import class_finder
 from . import thresholds as th
 from .errors import UserError, one_line
-from .predict import Prediction, Scoring
+from .scoring import Prediction, Scoring
 
 SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
 MARK = "dinomaly_export"  # the metadata key every file export.py writes holds (its format version)
@@ -157,7 +160,7 @@ def decode(entries: dict, path: str) -> dict:
 
 class ExportedDetector(Scoring):
     """An exported model (Graph), ready to score images with the same results as the checkpoint it came from
-    (predict.ModelDetector): its thresholds (or `thresholds`, a thresholds.json, or `threshold`), the class found
+    (checkpoint_detector.ModelDetector): its thresholds (or `thresholds`, a thresholds.json, or `threshold`), the class found
     by its graph (or `class_name`). What the graph fixed (sizes, map, score, CRR's masking, the segmentation
     network) cannot be overridden: export the run again for that."""
 
@@ -195,7 +198,7 @@ class ExportedDetector(Scoring):
     def predict_prepared(self, batch, sizes: list[tuple[int, int]],
                          classes: list[str | None] | None = None) -> list[Prediction]:
         """Normalised crops [B, 3, crop, crop] (Scoring.prepare) and their images' (width, height) -> one
-        Prediction each; classes: see predict.Scoring.predict_prepared."""
+        Prediction each; classes: see scoring.Scoring.predict_prepared."""
         given = classes or [None] * len(sizes)
         unknown = [c for c in given if c is not None and c not in self.classes]
         if unknown:

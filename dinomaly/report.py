@@ -6,15 +6,20 @@
 - `gallery<tag>/<class>.png`: the GALLERY_SIZE highest-scored normal and lowest-scored anomalous test
   images with their maps: the false alarms and missed defects, or the closest calls.
 """
+from __future__ import annotations
+
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from .errors import one_line
 from .visualize import heatmap_panel, text_band
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("anomaly")
 

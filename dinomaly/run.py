@@ -4,7 +4,12 @@ runlock.py) and its config, atomic checkpoint writing (the command line is parse
 Exit status: 0 success; 2 a user error or out of GPU memory (one line on stderr and in log.txt naming the
 thing and the fix); 128 + the signal when stopped by one (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP); 1 anything
 else (with its traceback).
+
+PyTorch is imported where it is used, not with this module: a command that runs an exported model
+(exported.py) never loads it.
 """
+from __future__ import annotations
+
 import copy
 import errno
 import json
@@ -18,8 +23,6 @@ import threading
 import warnings
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from . import events, runlock
 from .errors import UserError, user_message
@@ -71,12 +74,14 @@ def main(fn, settings):
     global _main_pid
     setup_logging(None)
     code, previous = 0, {}
+    torch = sys.modules.get("torch")  # imported by the command if it needed it
+    out_of_memory = (torch.OutOfMemoryError,) if torch is not None else ()
     if threading.current_thread() is threading.main_thread():
         _main_pid = os.getpid()
         previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
     try:
         fn(settings)
-    except (UserError, torch.OutOfMemoryError) as e:
+    except (UserError, *out_of_memory) as e:
         log.error(f"error: {user_message(e)}")
         code = 2
     except KeyboardInterrupt as e:
@@ -86,8 +91,8 @@ def main(fn, settings):
         log.exception("internal error (please report it with this traceback):")
         code = 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         runlock.release_all()
         setup_logging(None)  # closes the run's log.txt: later messages in this process do not go into it
         name_unstarted()
@@ -172,6 +177,7 @@ class Run:
         self.tensorboard = self.is_main and events.wanted(options.tensorboard)
         self._events = None
         seed_everything(options.seed + self.rank)
+        import torch
         torch.backends.cudnn.deterministic = options.cudnn == "deterministic"
         torch.backends.cudnn.benchmark = options.cudnn == "benchmark"
         where = "" if os.path.isabs(self.dir) else f" ({os.path.abspath(self.dir)}: --save_dir is relative to " \
@@ -194,6 +200,8 @@ class Run:
     def _device(self, requested: str | None) -> torch.device:
         if self.world_size == 1:
             return resolve_device(requested)
+        import torch
+        import torch.distributed as dist
         if not torch.cuda.is_available() or requested == "cpu":
             dist.init_process_group("gloo")
             return torch.device("cpu")
@@ -234,11 +242,13 @@ class Run:
         """`obj` from every process, in rank order ([obj] without torchrun)."""
         if self.world_size == 1:
             return [obj]
+        import torch.distributed as dist
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
 
     def barrier(self):
+        import torch.distributed as dist
         if dist.is_initialized():
             dist.barrier()
 
@@ -246,6 +256,7 @@ class Run:
 def resolve_device(requested: str | None) -> torch.device:
     """--device, or cuda when available, else the CPU with a warning. A CUDA device given by its index becomes
     the process's current device."""
+    import torch
     if requested is None:
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -266,6 +277,7 @@ def resolve_device(requested: str | None) -> torch.device:
 
 
 def seed_everything(seed: int):
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -274,6 +286,7 @@ def seed_everything(seed: int):
 
 def save_atomic(obj, path: str):
     """torch.save through a temporary file (see write_atomic)."""
+    import torch
     write_atomic(path, lambda f: torch.save(obj, f), tensor_bytes(obj))
 
 
@@ -312,6 +325,7 @@ def _no_space(e: BaseException | None) -> bool:
 
 def tensor_bytes(obj) -> int:
     """The bytes of the tensors in a (nested) dict, list or tuple: about the size of its torch.save file."""
+    import torch
     if isinstance(obj, torch.Tensor):
         return obj.untyped_storage().nbytes()
     if isinstance(obj, dict):

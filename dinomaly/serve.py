@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -38,7 +37,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import image_files
 from . import thresholds as th
 from .errors import UserError, one_line
-from .predict import Detector, PerClassDetector, Prediction, Scoring, as_rgb, overlay
+from .checkpoint_detector import PerClassDetector
+from .images import as_rgb
+from .predict import Detector, overlay
+from .scoring import Prediction, Scoring
 from .run import log
 
 TOKEN_ENV = "DINOMALY_SERVE_TOKEN"
@@ -172,7 +174,7 @@ class Batcher:
         self.thread = threading.Thread(target=self._work, name="batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, items: list[tuple[torch.Tensor, tuple[int, int], str | None]]) -> list[Future]:
+    def submit(self, items: list[tuple[np.ndarray, tuple[int, int], str | None]]) -> list[Future]:
         with self.lock:
             if self.pending + len(items) > self.max_queue:
                 raise QueueFull
@@ -211,7 +213,7 @@ class Batcher:
 
     def _run(self, batch: list):
         try:
-            found = self.detector.predict_prepared(torch.stack([b[0] for b in batch]), [b[1] for b in batch],
+            found = self.detector.predict_prepared(np.stack([b[0] for b in batch]), [b[1] for b in batch],
                                                    [b[2] for b in batch])
         except Exception as e:  # noqa: BLE001 - reported to the requests, which answer 500
             if len(batch) == 1:

@@ -7,12 +7,20 @@ blue-green and red means clearly above the decision threshold; maps are never st
 - `heatmap_panel`: image | ground truth | anomaly map (evaluation heatmaps and the gallery);
 - `overlay_picture`: a map over an image of any size, with the pixels outside the centre crop hatched
   (predict.py).
+
+Without PyTorch (an exported model's predictions): the evaluation's tensors are only read, never made here.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
-import torch
 
-from .dataset import IMAGENET_MEAN, IMAGENET_STD
+from .images import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    import torch
 
 COLORMAP = cv2.COLORMAP_JET
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -22,8 +30,9 @@ RED, GREEN, DARK = (200, 30, 30), (30, 140, 60), (40, 40, 40)
 
 def to_uint8_image(img: torch.Tensor, size: int) -> np.ndarray:
     """Normalised [3, H, W] tensor -> RGB uint8 [size, size, 3]."""
-    x = img.float().cpu() * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    x = (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    std, mean = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in (IMAGENET_STD, IMAGENET_MEAN))
+    x = img.float().cpu().numpy() * std + mean
+    x = (np.clip(x, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
     return cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA)
 
 

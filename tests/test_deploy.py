@@ -151,7 +151,13 @@ def test_predict_on_an_exported_model_writes_what_the_checkpoint_writes(fmt, run
                                    tmp_path / "ckpt", "--num_workers", "0", "--device", "cpu"]) == 0
     assert call(cli.predict_main, ["--checkpoint", exports[("dinomaly", fmt)], "--input", *images, "--out",
                                    tmp_path / "exp", "--num_workers", "0"]) == 0
-    want, got = read_rows(tmp_path / "ckpt"), read_rows(tmp_path / "exp")
+    assert_same_predictions(tmp_path / "ckpt", tmp_path / "exp")
+
+
+def assert_same_predictions(checkpoint_out, exported_out):
+    """predict.py's outputs of an exported model equal those of its checkpoint: rows, scores (1e-4), thresholds,
+    classes, decisions and masks (but where a value sits on its threshold and may round to either side)."""
+    want, got = read_rows(checkpoint_out), read_rows(exported_out)
     assert len(want) == 8 and want.keys() == got.keys()
     for key, w in want.items():
         g = got[key]
@@ -164,10 +170,11 @@ def test_predict_on_an_exported_model_writes_what_the_checkpoint_writes(fmt, run
             continue
         assert g["decision"] == w["decision"]
         assert float(g["class_confidence"]) == pytest.approx(float(w["class_confidence"]), abs=1e-4)
-        with Image.open(tmp_path / "ckpt" / w["mask"]) as a, Image.open(tmp_path / "exp" / g["mask"]) as b:
+        with Image.open(checkpoint_out / w["mask"]) as a, Image.open(exported_out / g["mask"]) as b:
             a, b = np.asarray(a), np.asarray(b)
         assert a.shape == b.shape and (a != b).mean() < 1e-3  # map values on the mask level may round either way
-        assert (tmp_path / "exp" / g["overlay"]).is_file()
+        with Image.open(exported_out / g["overlay"]) as picture:
+            assert picture.size[0] > SIZE and picture.size[1] > SIZE
 
 
 def test_the_detector_of_an_exported_model(runs, exports, data):
@@ -183,6 +190,94 @@ def test_the_detector_of_an_exported_model(runs, exports, data):
     assert np.array_equal(got.seen, want.seen)
     one = predict.Detector(str(exports[("dinomaly", "onnx")]), class_name="weave", threshold=0.5)
     assert one.prototypes is None and one(image).threshold == 0.5 and one(image).class_name == "weave"
+
+
+# ----------------------------------------------------------------------------------------------- without PyTorch
+
+RUNTIME = os.path.join(ROOT, "requirements-runtime.txt")
+WITHOUT_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):  # before anything else: importing them fails, as where not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "timm", "torchvision"):
+            raise ImportError(f"no module named {name} (blocked: this process must run without it)")
+sys.meta_path.insert(0, NoTorch())
+sys.path.insert(0, ".")
+"""
+
+
+def runtime_pins() -> dict[str, str]:
+    with open(RUNTIME) as f:
+        return dict(line.split("#")[0].strip().lower().split("==") for line in f if "==" in line)
+
+
+def test_an_exported_model_runs_without_pytorch(runs, exports, data, tmp_path):
+    """predict.py and Detector on an ONNX and an OpenVINO export in a process where PyTorch, timm and torchvision
+    cannot be imported: the same predictions.csv, decisions and masks as the checkpoint (in PyTorch, here), the
+    same Detector result, and nothing imported beyond what requirements-runtime.txt installs (and the runtimes'
+    own dependencies)."""
+    images = [os.path.join(data, c, "test") for c in ("weave", "nut")]
+    image = os.path.join(data, "nut", "test", "good", "000.png")
+    assert call(cli.predict_main, ["--checkpoint", runs["dinomaly"], "--input", *images, "--out", tmp_path / "ckpt",
+                                   "--num_workers", "0", "--device", "cpu"]) == 0
+    want = predict.Detector(str(runs["dinomaly"]), device="cpu")(image)
+    script = WITHOUT_TORCH + f"""
+import json, runpy
+import onnxruntime, openvino
+runtimes = set(sys.modules)
+for fmt, path in {[(f, str(exports[("dinomaly", f)])) for f in SUFFIX]!r}:
+    sys.argv = ["predict.py", "--checkpoint", path, "--input", *{images!r}, "--out", {str(tmp_path)!r} + "/" + fmt]
+    runpy.run_path("predict.py", run_name="__main__")  # exits only on failure
+from dinomaly import Detector
+r = Detector({str(exports[("dinomaly", "openvino")])!r})({image!r})
+print(json.dumps(dict(score=r.score, anomalous=bool(r.is_anomalous), class_name=r.class_name, map=r.anomaly_map.tolist(),
+                      loaded=sorted({{m.partition(".")[0] for m in set(sys.modules) - runtimes}}))))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for fmt in SUFFIX:
+        assert_same_predictions(tmp_path / "ckpt", tmp_path / fmt)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["score"] == pytest.approx(want.score, abs=1e-4) and got["anomalous"] == want.is_anomalous
+    assert got["class_name"] == want.class_name == "nut"
+    np.testing.assert_allclose(np.array(got["map"], np.float32), want.anomaly_map, atol=1e-4)
+    from importlib.metadata import packages_distributions
+    owners = packages_distributions()
+    third_party = [m for m in got["loaded"] if m not in sys.stdlib_module_names and m != "dinomaly" and
+                   not m.startswith("__")]  # __main__, __mp_main__: the script's own
+    needed = {owners[m][0].lower() for m in third_party}
+    assert {"pillow", "opencv-python-headless", "numpy"} <= needed <= set(runtime_pins()), needed
+
+
+def test_the_runtime_requirements_pin_what_the_tests_run_with():
+    from importlib.metadata import version
+    pins = runtime_pins()
+    assert {"numpy", "pillow", "opencv-python-headless", "onnxruntime", "openvino"} <= set(pins)
+    assert not {"torch", "timm", "torchvision"} & set(pins)
+    for package, pinned in pins.items():
+        assert version(package) == pinned, package
+
+
+def test_the_input_transform_without_pytorch_equals_the_reference_transform(tmp_path):
+    """images.prepare (NumPy, what an exported model is given) equals the reference code's torchvision transform
+    (Resize, ToTensor, CenterCrop, Normalize) on images of odd sizes and modes, to float tolerance."""
+    T = pytest.importorskip("torchvision.transforms")
+    from dinomaly import images
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (37, 53, 3), np.uint8)),
+                Image.fromarray(rng.integers(0, 256, (61, 29), np.uint8)),  # grey
+                Image.fromarray(rng.integers(0, 65536, (40, 40), np.uint16)),  # 16-bit grey
+                Image.fromarray(rng.integers(0, 256, (30, 45, 4), np.uint8))]  # RGBA
+    for k, picture in enumerate(pictures):
+        path = tmp_path / f"{k}.png"
+        picture.save(path)
+        for size, crop in [(64, 56), (33, 28), (32, 32)]:
+            reference = T.Compose([T.Resize((size, size)), T.ToTensor(), T.CenterCrop(crop),
+                                   T.Normalize(ds.IMAGENET_MEAN, ds.IMAGENET_STD)])
+            want = reference(images.load_image(str(path))).numpy()
+            got = images.prepare(images.as_rgb(str(path)), size, crop)
+            assert got.dtype == np.float32 and got.shape == want.shape == (3, crop, crop)
+            np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------- bad input

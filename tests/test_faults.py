@@ -20,7 +20,7 @@ from test_end_to_end import RUN, read_csv, run_cli
 from test_resume import (SMALL, crr_args, dinomaly, error_line, exit_status, final_line, load, signal_run, stage1,
                          stage2, stage2_args)
 
-from dinomaly import checkpoints, cli, export, image_files, models, predict, runlock
+from dinomaly import checkpoint_detector, checkpoints, cli, export, image_files, models, predict, runlock
 from dinomaly import dataset as ds
 from dinomaly import run as run_module
 from dinomaly.errors import UserError
@@ -419,7 +419,7 @@ def test_predictions_csv_keeps_the_rows_of_a_run_that_crashes(trained, demo, tmp
     images = sorted(os.path.join(d, n) for d, _, names in os.walk(os.path.join(demo["mvtec"], "weave", "test"))
                     for n in names)
     calls = []
-    real = predict.ModelDetector.predict_prepared
+    real = checkpoint_detector.ModelDetector.predict_prepared
 
     def crash_on_the_second_batch(self, *args):
         calls.append(1)
@@ -427,7 +427,7 @@ def test_predictions_csv_keeps_the_rows_of_a_run_that_crashes(trained, demo, tmp
             raise RuntimeError("the machine went away")
         return real(self, *args)
 
-    monkeypatch.setattr(predict.ModelDetector, "predict_prepared", crash_on_the_second_batch)
+    monkeypatch.setattr(checkpoint_detector.ModelDetector, "predict_prepared", crash_on_the_second_batch)
     with pytest.raises(SystemExit):
         cli.predict_main(["--checkpoint", str(trained), "--input", *images, "--out", str(tmp_path), "--batch_size", "1",
                       "--num_workers", "0", "--device", "cpu"])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import precision_recall_curve
 
-from dinomaly import checkpoints, class_finder, cli, image_files, models, predict
+from dinomaly import checkpoints, class_finder, cli, image_files, models, predict, scoring
 from dinomaly import dataset as ds
 from dinomaly import thresholds as th
 from dinomaly.anomaly_map import AnomalyMapper
@@ -83,17 +83,17 @@ def test_uncrop_puts_the_crop_corner_where_resize_and_crop_took_it():
     # The crop ends at resized 60: x + 0.5 < 93.75 <=> x <= 93, y + 0.5 < 75 <=> y <= 74.
     amap = np.zeros((256, 256), np.float32)
     amap[:32, :32] = 1
-    full, seen = predict.uncrop(amap, 100, 80, 64, 56)
+    full, seen = scoring.uncrop(amap, 100, 80, 64, 56)
     assert full.shape == seen.shape == (80, 100)
     ys, xs = np.nonzero(seen)
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (6, 93, 5, 74)
     ys, xs = np.nonzero(np.nan_to_num(full) >= 0.5)
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (6, 16, 5, 13)
     assert np.isnan(full[~seen]).all() and not np.isnan(full[seen]).any()
-    const, _ = predict.uncrop(np.full((256, 256), 0.25, np.float32), 100, 80, 64, 56)
+    const, _ = scoring.uncrop(np.full((256, 256), 0.25, np.float32), 100, 80, 64, 56)
     np.testing.assert_allclose(const[seen], 0.25, rtol=1e-6)
     # a 256-px image, no resize, no crop: the map is the image's, pixel for pixel
-    ident, seen = predict.uncrop(amap + np.arange(256, dtype=np.float32)[None] / 256, 256, 256, 256, 256)
+    ident, seen = scoring.uncrop(amap + np.arange(256, dtype=np.float32)[None] / 256, 256, 256, 256, 256)
     assert seen.all() and np.array_equal(ident, amap + np.arange(256, dtype=np.float32)[None] / 256)
 
 
@@ -106,7 +106,7 @@ def test_uncrop_inverts_the_real_input_transform():
     x = ds.transform(Image.fromarray(img), 64, 42)
     bright = x.mean(0) * torch.tensor(ds.IMAGENET_STD).mean() + torch.tensor(ds.IMAGENET_MEAN).mean()
     amap = F.interpolate(bright[None, None], size=256, mode="bilinear", align_corners=False)[0, 0].numpy()
-    full, seen = predict.uncrop(amap, w, h, 64, 42)
+    full, seen = scoring.uncrop(amap, w, h, 64, 42)
     found = np.nan_to_num(full) >= 0.5
     truth = img[..., 0] > 0
     assert (found & truth).sum() / (found | truth).sum() > 0.9
@@ -240,7 +240,7 @@ def test_predict_scores_decisions_and_pictures(run, inputs, tmp_path, capsys, de
             m = np.asarray(mask)
             assert mask.size == size and set(np.unique(m)) <= {0, 255}
             assert overlay.width >= size[0] and overlay.height >= size[1]
-        full, seen = predict.uncrop(amap[0, 0].cpu().numpy(), *size, SIZE, CROP)
+        full, seen = scoring.uncrop(amap[0, 0].cpu().numpy(), *size, SIZE, CROP)
         level = min(calibrated["pixel"]["threshold"], threshold)  # the pixel threshold capped by the image's
         anomalous = score >= threshold
         np.testing.assert_array_equal(m > 0, anomalous & seen & (np.nan_to_num(full) >= level))
