@@ -4,7 +4,8 @@
     detector = Detector("saved_results/<run>")
     r = detector("part.png")                 # r.score, r.is_anomalous, r.anomaly_map, r.mask, r.class_name
 
-Importing the package is light: PyTorch loads with the Detector, on first use of the name.
+Importing the package is light: PyTorch loads when a Detector opens a checkpoint, never for an exported model
+(.onnx, .xml: docs/deployment.md, "Without PyTorch").
 """
 __version__ = "1.0.0"
 __all__ = ["Detector"]

@@ -373,7 +373,7 @@ def test_crr_run_adds_the_segmentation_network(crr_run, inputs, monkeypatch):
     batch = [p.score for p in second.predict([other, path, other, path])]
     assert alone == second(path).score == batch[1] == batch[3] != pytest.approx(want, abs=1e-6)
     assert batch[0] == batch[2] == first(other).score
-    h = {p: models.mask_seed(second.prepare(p)[0].numpy().tobytes()) for p in (path, other)}
+    h = {p: models.mask_seed(second.prepare(p)[0].tobytes()) for p in (path, other)}
     assert seen == [[h[other], h[path], h[other], h[path]], [h[path]]] and h[path] != h[other]
 
 
