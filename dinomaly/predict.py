@@ -31,7 +31,14 @@ def Detector(checkpoint: str, **options) -> Scoring:
     from . import exported
     if exported.format_of(checkpoint) is not None:
         return exported.ExportedDetector(checkpoint, **options)
-    from . import checkpoint_detector, checkpoints
+    try:
+        from . import checkpoint_detector, checkpoints
+    except ImportError as e:
+        if (e.name or "").partition(".")[0] not in ("torch", "timm", "torchvision"):
+            raise
+        raise UserError(f"{checkpoint} is a run (a checkpoint): it needs PyTorch, and {e.name} is not installed "
+                        f"here; pip install -r requirements.txt, or export the run (export.py --checkpoint "
+                        f"{checkpoint} --out model.xml) and pass the .xml or .onnx") from None
     if checkpoints.class_models(checkpoint) is not None:
         return checkpoint_detector.PerClassDetector(checkpoint, **options)
     return checkpoint_detector.ModelDetector(checkpoint, **options)

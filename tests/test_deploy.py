@@ -200,7 +200,7 @@ import importlib.abc, sys
 class NoTorch(importlib.abc.MetaPathFinder):  # before anything else: importing them fails, as where not installed
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in ("torch", "timm", "torchvision"):
-            raise ImportError(f"no module named {name} (blocked: this process must run without it)")
+            raise ImportError(f"No module named '{name}' (blocked)", name=name)
 sys.meta_path.insert(0, NoTorch())
 sys.path.insert(0, ".")
 """
@@ -228,6 +228,12 @@ runtimes = set(sys.modules)
 for fmt, path in {[(f, str(exports[("dinomaly", f)])) for f in SUFFIX]!r}:
     sys.argv = ["predict.py", "--checkpoint", path, "--input", *{images!r}, "--out", {str(tmp_path)!r} + "/" + fmt]
     runpy.run_path("predict.py", run_name="__main__")  # exits only on failure
+sys.argv[2], sys.argv[-1] = {str(runs["dinomaly"])!r}, {str(tmp_path / "run")!r}
+try:  # a run folder needs PyTorch: one line, exit status 2
+    runpy.run_path("predict.py", run_name="__main__")
+    sys.exit("a run folder was predicted without PyTorch")
+except SystemExit as e:
+    assert e.code == 2, e.code
 from dinomaly import Detector
 r = Detector({str(exports[("dinomaly", "openvino")])!r})({image!r})
 print(json.dumps(dict(score=r.score, anomalous=bool(r.is_anomalous), class_name=r.class_name, map=r.anomaly_map.tolist(),
@@ -235,6 +241,8 @@ print(json.dumps(dict(score=r.score, anomalous=bool(r.is_anomalous), class_name=
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert (f"error: {runs['dinomaly']} is a run (a checkpoint): it needs PyTorch, and torch is not installed here; "
+            f"pip install -r requirements.txt, or export the run") in done.stderr
     for fmt in SUFFIX:
         assert_same_predictions(tmp_path / "ckpt", tmp_path / fmt)
     got = json.loads(done.stdout.strip().splitlines()[-1])
