@@ -465,7 +465,15 @@ def launch(module: str, options: str, parser: ArgumentParser, argv: list[str] | 
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     from .run import main as run_main
-    target = importlib.import_module(f"{__package__}.{module}")
+    try:
+        target = importlib.import_module(f"{__package__}.{module}")
+    except ImportError as e:  # a runtime install (requirements-runtime.txt) runs exported models only
+        if (e.name or "").partition(".")[0] not in ("torch", "timm", "torchvision"):
+            raise
+        print(f"error: dinomaly-{module} needs PyTorch, and {e.name} is not installed here: pip install -r "
+              f"requirements.txt (this environment runs exported models: dinomaly-predict, docs/deployment.md)",
+              file=sys.stderr)
+        sys.exit(2)
     run_main(target.main, getattr(target, options)(**given))
 
 

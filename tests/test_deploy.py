@@ -234,6 +234,12 @@ try:  # a run folder needs PyTorch: one line, exit status 2
     sys.exit("a run folder was predicted without PyTorch")
 except SystemExit as e:
     assert e.code == 2, e.code
+from dinomaly import cli
+try:  # so does export
+    cli.export_main(["--checkpoint", sys.argv[2], "--out", {str(tmp_path / "m.onnx")!r}])
+    sys.exit("a run was exported without PyTorch")
+except SystemExit as e:
+    assert e.code == 2, e.code
 from dinomaly import Detector
 r = Detector({str(exports[("dinomaly", "openvino")])!r})({image!r})
 print(json.dumps(dict(score=r.score, anomalous=bool(r.is_anomalous), class_name=r.class_name, map=r.anomaly_map.tolist(),
@@ -243,6 +249,7 @@ print(json.dumps(dict(score=r.score, anomalous=bool(r.is_anomalous), class_name=
     assert done.returncode == 0, done.stderr[-3000:]
     assert (f"error: {runs['dinomaly']} is a run (a checkpoint): it needs PyTorch, and torch is not installed here; "
             f"pip install -r requirements.txt, or export the run") in done.stderr
+    assert "error: dinomaly-export needs PyTorch, and torch is not installed here" in done.stderr
     for fmt in SUFFIX:
         assert_same_predictions(tmp_path / "ckpt", tmp_path / fmt)
     got = json.loads(done.stdout.strip().splitlines()[-1])
