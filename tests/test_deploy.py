@@ -264,6 +264,26 @@ print(json.dumps(dict(score=r.score, anomalous=bool(r.is_anomalous), class_name=
     assert {"pillow", "opencv-python-headless", "numpy"} <= needed <= set(runtime_pins()), needed
 
 
+def test_reading_threads_keep_the_order_and_skip_what_they_cannot_read(exports, data, tmp_path, capsys):
+    """--num_workers threads read ahead (batches of 3 here): the same predictions.csv as reading in the main
+    thread, in the images' order, an unreadable file in the middle skipped with its warning."""
+    images = sorted(os.path.join(d, n) for c in ("weave", "nut") for d, _, names in
+                    os.walk(os.path.join(data, c, "test")) for n in names)
+    broken = tmp_path / "in" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a png")
+    images = images[:4] + [str(broken)] + images[4:]
+    tables = {}
+    for workers in ("0", "2"):
+        out = tmp_path / workers
+        assert call(cli.predict_main, ["--checkpoint", exports[("dinomaly", "onnx")], "--input", *images, "--out",
+                                       out, "--num_workers", workers, "--batch_size", "3"]) == 0
+        assert f"skipped {broken}: cannot read image {broken}" in capsys.readouterr().err
+        tables[workers] = (out / "predictions.csv").read_text()
+    assert tables["0"] == tables["2"]
+    assert [r.split(",")[0] for r in tables["2"].splitlines()[1:]] == images[:4] + images[5:]
+
+
 def test_the_runtime_requirements_pin_what_the_tests_run_with():
     from importlib.metadata import version
     pins = runtime_pins()
