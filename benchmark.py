@@ -9,7 +9,9 @@
 
 `train` times the Dinomaly step, the CRR Stage I step (anomaly synthesis included, through the real loader)
 and the CRR Stage II step, with train.py's losses and optimisers and each method's recipe (recipes.py); `infer`
-times anomaly_map.AnomalyMapper (images/s, ms/image) for the Dinomaly map and CRR's fused map. Both run each in two modes in one process and
+times anomaly_map.AnomalyMapper (images/s, ms/image) for the Dinomaly map and CRR's fused map. The steps and tasks
+`dinomaly2_rgbd` and `dinomaly2_rgbir` (not run by default) are Dinomaly2 on pairs, with the recipes of
+dinomaly2_mvtec3d.py and dinomaly2_mulsen.py (but --encoder): there img/s counts samples, a pair as one. Both run each in two modes in one process and
 print the ratio fast / reference:
 - reference: fp32, eager, every image decoded and resized by PIL at every step, no pinned memory, the reference
   code's training step (the loss read back every step), CRR Stage I in two forward passes, the frozen CRR
@@ -36,7 +38,9 @@ without and with the image cache. `metrics` times the seven metrics of one synth
 loopback load test of serve.py (its own process) against predict.py's path in this process (bench_serve).
 
 Without --data_path, a dataset is generated (prepare_data/make_demo_data.py, Real-IAD layout, JPEG images of
---source_size px) in a temporary folder. Weights are random: speed does not depend on them.
+--source_size px) in a temporary folder; for the pair steps, pairs (prepare_data/make_demo_pairs.py, the depth
+prepared by prepare_data/prepare_mvtec3d.py as a user prepares MVTec 3D-AD once). With --data_path, the steps
+run on that dataset: an image dataset for the image steps, --dataset mvtec3d or mulsen for its pair step. Weights are random: speed does not depend on them.
 """
 import argparse
 import collections
@@ -58,7 +62,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from dinomaly import dataset as ds
-from dinomaly import checkpoints, models, speed, utils
+from dinomaly import checkpoints, modalities, models, speed, utils
 from dinomaly.anomaly_map import AnomalyMapper
 from dinomaly.recipes import CRR_STAGE2, PAPER
 from dinomaly.train import reconstruction_optimizer, repair_loss, segmentation_loss, train_step
@@ -68,8 +72,20 @@ from dinomaly.image_cache import ImageCache
 from dinomaly.loss import global_cosine_hm
 from dinomaly.synthesis import SyntheticAnomalyDataset, synthesis_caches
 
+from prepare_data import prepare_mvtec3d
 from prepare_data.make_demo_data import CLASSES as DEMO_CLASSES
 from prepare_data.make_demo_data import make_demo_data
+from prepare_data.make_demo_pairs import CLASSES as PAIR_CLASSES
+from prepare_data.make_demo_pairs import make_demo_pairs
+
+import dinomaly2_mulsen
+import dinomaly2_mvtec3d
+
+# the methods' recipes, and Dinomaly2's on pairs (a step or task of that name): the settings' training recipes
+RECIPES = {**PAPER, "dinomaly2_rgbd": dinomaly2_mvtec3d.RECIPE, "dinomaly2_rgbir": dinomaly2_mulsen.RECIPE}
+PAIR_DATASETS = {"dinomaly2_rgbd": "mvtec3d", "dinomaly2_rgbir": "mulsen"}  # a pair setting -> its dataset
+TRAIN_STEPS = ["dinomaly", "dinomaly2", "crr_stage1", "crr_stage2", *PAIR_DATASETS]
+INFER_TASKS = ["dinomaly", "dinomaly2", "crr_test", *PAIR_DATASETS]
 
 
 
@@ -186,23 +202,53 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]):
 
 # ----------------------------------------------------------------------------------------------- datasets and loaders
 
-def training_samples(args) -> list[ds.Sample]:
-    """The training images of --data_path (--dataset, --classes), or of a generated Real-IAD-layout dataset."""
+def training_samples(args, step: str = "dinomaly") -> list[ds.Sample]:
+    """The training samples of a step: of --data_path (--dataset, --classes), or of a generated dataset (Real-IAD
+    layout; the pair steps: pairs of MVTec 3D-AD's or MulSen-AD's layout)."""
+    pairs = PAIR_DATASETS.get(step)
     if args.data_path is None:
-        folder = tempfile.mkdtemp(prefix="benchmark_data_")
-        args.data_path = make_demo_data(folder, size=args.source_size, seed=0, n_train=args.n_train, n_test_good=1,
-                                        n_test_bad=1)["realiad"]
-        args.dataset, args.classes = "realiad", list(DEMO_CLASSES)
+        return [s for c in (PAIR_CLASSES if pairs else DEMO_CLASSES)
+                for s in ds.class_samples(pairs or "realiad", generated(args, pairs), c, "train")[0]]
     dataset = args.dataset or ("realiad" if os.path.isdir(os.path.join(args.data_path, "realiad_jsons")) else "mvtec")
+    if (dataset in PAIR_DATASETS.values() or pairs) and dataset != pairs:
+        raise UserError(f"--data_path {args.data_path} (--dataset {dataset}) is not the dataset of the {step} step: "
+                        + (f"pass --dataset {pairs}, or no --data_path for generated pairs" if pairs else
+                           f"time its pair step ({', '.join(PAIR_DATASETS)}), or pass an image dataset"))
     return [s for c in ds.class_names(dataset, args.classes)
             for s in ds.class_samples(dataset, args.data_path, c, "train")[0]]
 
 
+GENERATED: dict[tuple, str] = {}  # the datasets generated in this process: (layout, size, n_train) -> folder
+
+
+def generated(args, pairs: str | None) -> str:
+    """A generated dataset's folder, written on first use: Real-IAD's layout (pairs None), or pairs of MVTec
+    3D-AD's ("mvtec3d", the depth prepared once, as users prepare the dataset) or MulSen-AD's ("mulsen")."""
+    key = (pairs or "realiad", args.source_size, args.n_train)
+    if key not in GENERATED:
+        folder = tempfile.mkdtemp(prefix="benchmark_data_")
+        counts = dict(size=args.source_size, seed=0, n_train=args.n_train, n_test_good=1, n_test_bad=1)
+        if pairs is None:
+            GENERATED[key] = make_demo_data(folder, **counts)["realiad"]
+        else:
+            made = make_demo_pairs(folder, **counts)
+            prepared = os.path.join(folder, "mvtec3d_prepared")
+            if prepare_mvtec3d.main(["--data_path", made["mvtec3d"], "--out", prepared, "--workers", "1"]) != 0:
+                raise UserError("the generated point clouds could not be prepared (see above)")
+            GENERATED[("mvtec3d", *key[1:])], GENERATED[("mulsen", *key[1:])] = prepared, made["mulsen"]
+    return GENERATED[key]
+
+
 def image_cache(samples: list[ds.Sample], args, mode: str) -> ImageCache | None:
-    """A filled cache of the training images ("none" -> None): the steady state of a run past its first epoch."""
+    """A filled cache of the training images (both of a pair; "none" -> None): the steady state of a run past its
+    first epoch."""
     if mode == "none":
         return None
-    return filled(ImageCache([s.image_path for s in samples], args.image_size, mode, args.cache_dir))
+    kind = samples[0].pair_kind
+    if kind is None:
+        return filled(ImageCache([s.image_path for s in samples], args.image_size, mode, args.cache_dir))
+    return filled(ImageCache([s.image_path for s in samples] + [s.pair_path for s in samples], args.image_size, mode,
+                             args.cache_dir, modalities.pair_reader(kind)))
 
 
 def synthetic_data(samples: list[ds.Sample], args, mode: str) -> SyntheticAnomalyDataset:
@@ -227,8 +273,9 @@ def loader(dataset, args, workers: int, pin_memory: bool = False) -> DataLoader:
 # ----------------------------------------------------------------------------------------------- train
 
 def method_model(encoder: str, method: str) -> models.ViTill:
-    """A random model of `method` ("dinomaly", "dinomaly2" or "crr") built as its recipe says (recipes.PAPER)."""
-    return checkpoints.build_model(encoder, "random", **checkpoints.model_options(PAPER[method]))
+    """A random model of `method` ("dinomaly", "dinomaly2", "crr", or Dinomaly2 on pairs: "dinomaly2_rgbd",
+    "dinomaly2_rgbir") built as its recipe says (RECIPES)."""
+    return checkpoints.build_model(encoder, "random", **checkpoints.model_options(RECIPES[method]))
 
 
 def reconstruction_model(args, mode: Mode, method: str) -> models.ViTill:
@@ -238,8 +285,8 @@ def reconstruction_model(args, mode: Mode, method: str) -> models.ViTill:
 
 
 def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
-    """(step function, loader) of the Dinomaly ("dinomaly"), Dinomaly2 ("dinomaly2"), CRR Stage I ("crr_stage1") or
-    Stage II ("crr_stage2") step in `mode`, with train.py's losses and optimisers and the method's recipe, at the
+    """(step function, loader) of the Dinomaly ("dinomaly"), Dinomaly2 ("dinomaly2", on pairs "dinomaly2_rgbd",
+    "dinomaly2_rgbir"), CRR Stage I ("crr_stage1") or Stage II ("crr_stage2") step in `mode`, with train.py's losses and optimisers and the method's recipe, at the
     hard-mining share after the ramp (the steady state of a long run). The fast mode runs train.train_step, the
     training loop's step; the reference mode the reference code's (backward, clip, step, loss.item())."""
     device = args.device
@@ -249,8 +296,8 @@ def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
     def to(x):
         return x.to(device, non_blocking=mode.pin_memory)
 
-    method = {"dinomaly": "dinomaly", "dinomaly2": "dinomaly2"}.get(name, "crr")
-    recipe = PAPER[method]
+    method = "crr" if name.startswith("crr") else name
+    recipe = RECIPES[method]
     hm_p, hm_factor = recipe.hm_max_p, recipe.hm_factor
     if method == "crr":
         data = synthetic_data(samples, args, mode.cache)
@@ -277,8 +324,7 @@ def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
     def stage2_loss(batch, it):
         return segmentation_loss(model, segnet, to(batch[1]), to(batch[2]), mode.precision)
 
-    loss_fn = {"dinomaly": dinomaly_loss, "dinomaly2": dinomaly_loss, "crr_stage1": crr_loss,
-               "crr_stage2": stage2_loss}[name]
+    loss_fn = {"crr_stage1": crr_loss, "crr_stage2": stage2_loss}.get(name, dinomaly_loss)
     if name == "crr_stage2":  # the frozen Stage-I model keeps its test-time masking, as CRR's code does
         model.eval().requires_grad_(False).mask_in_eval = True
         model.mask_rng = mode.mask_rng
@@ -306,11 +352,11 @@ def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
 
 
 def bench_train(args) -> dict:
-    samples = training_samples(args)
+    samples = {name: training_samples(args, name) for name in args.steps}
     rows, flops = [], {}
     for mode in modes(args):
         for name in args.steps:
-            step, batches = step_and_loader(name, args, mode, samples)
+            step, batches = step_and_loader(name, args, mode, samples[name])
             batches = cycle(batches)
             if name not in flops:  # once per setting, eager fp32 (the reference mode comes first)
                 batch = next(batches)
@@ -359,9 +405,10 @@ def print_ratios(ratios: dict):
 # ----------------------------------------------------------------------------------------------- infer
 
 def bench_infer(args) -> dict:
-    """The Dinomaly map ("dinomaly"), Dinomaly2's ("dinomaly2") and CRR's fused map with its test-time masking
-    ("crr_test") of a fixed batch, the scores read back to the host as in evaluation."""
-    x = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=args.device)
+    """The Dinomaly map ("dinomaly"), Dinomaly2's ("dinomaly2"; of pairs: "dinomaly2_rgbd", "dinomaly2_rgbir") and
+    CRR's fused map with its test-time masking ("crr_test") of a fixed batch, the scores read back to the host as
+    in evaluation."""
+    inputs = {c: torch.randn(args.batch_size, c, args.crop_size, args.crop_size, device=args.device) for c in (3, 6)}
     seeds = list(range(args.batch_size))
     rows, flops = [], {}
     for mode in modes(args):
@@ -370,6 +417,7 @@ def bench_infer(args) -> dict:
             torch.manual_seed(0)  # the same weights in both modes
             model = method_model(args.encoder, "crr" if crr else task)
             model.mask_rng = mode.mask_rng
+            x = inputs[models.MODALITIES[model.modality]]
             segnet = models.segmentation_net(model.encoder.cfg.embed_dim) if crr else None
             mapper = AnomalyMapper(model.to(args.device).eval(), segnet and segnet.to(args.device).eval(),
                                    precision=mode.precision)
@@ -942,11 +990,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="after the timing, profile N more steps of each setting (torch.profiler) and print "
                                 "the operators that take the most time")
         if name == "infer":
-            c.add_argument("--tasks", nargs="+", default=["dinomaly", "dinomaly2", "crr_test"],
-                           choices=["dinomaly", "dinomaly2", "crr_test"])
+            c.add_argument("--tasks", nargs="+", default=INFER_TASKS[:3], choices=INFER_TASKS,
+                           help="what to time (the pairs' tasks are not run by default)")
         if name == "train":
-            c.add_argument("--steps", nargs="+", default=["dinomaly", "dinomaly2", "crr_stage1", "crr_stage2"],
-                           choices=["dinomaly", "dinomaly2", "crr_stage1", "crr_stage2"])
+            c.add_argument("--steps", nargs="+", default=TRAIN_STEPS[:4], choices=TRAIN_STEPS,
+                           help="what to time (the pairs' steps are not run by default)")
         if name == "data":
             c.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16])
     return p

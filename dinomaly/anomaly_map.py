@@ -127,17 +127,25 @@ class AnomalyMapper(nn.Module):
         forward's with `features`."""
         with speed.autocast(img.device, self.precision):
             en = self.model.encoded(img)
-        return pooled_features(en)
+        return pooled_features(en, self.model.modality)
 
     def forward(self, img: torch.Tensor, mask_seeds: list[int] | None = None,
                 features: bool = False) -> tuple[torch.Tensor, ...]:
         """(smoothed map, score), and with `features` the pooled encoder features (class_finder)."""
         raw, en = self._raw_map(img, mask_seeds)
         amap = gaussian_smooth(raw)
-        return (amap, top_ratio_score(amap, self.max_ratio)) + ((pooled_features(en),) if features else ())
+        return (amap, top_ratio_score(amap, self.max_ratio)) + \
+            ((pooled_features(en, self.model.modality),) if features else ())
 
 
-def pooled_features(en: list[torch.Tensor]) -> torch.Tensor:
-    """An image's encoder features pooled for class finding: per group the mean over the patch grid,
-    L2-normalised, concatenated and normalised again. en: one [B, D, h, w] per group -> [B, groups * D]."""
-    return F.normalize(torch.cat([F.normalize(e.float().mean(dim=(2, 3)), dim=1) for e in en], dim=1), dim=1)
+def pooled_features(en: list[torch.Tensor], modality: str = "rgb") -> torch.Tensor:
+    """An input's encoder features pooled for class finding: per group the mean over the patch grid,
+    L2-normalised, concatenated and normalised again. en: one [B, D, h, w] per group -> [B, groups * D]. An RGB +
+    infrared pair (en holds its RGB image's maps, then its infrared image's: [2B, D, h, w]) gets one feature, its
+    two images' side by side with the same weight, [B, 2 * groups * D]: the class is found from both images. (An
+    RGB + depth pair's taps are already fused: its features are those of its one fused input.)"""
+    pooled = [F.normalize(e.float().mean(dim=(2, 3)), dim=1) for e in en]
+    if modality == "rgbir":
+        b = pooled[0].shape[0] // 2
+        pooled = [p[:b] for p in pooled] + [p[b:] for p in pooled]
+    return F.normalize(torch.cat(pooled, dim=1), dim=1)

@@ -134,11 +134,12 @@ class ModelDetector(Scoring):
         seeds = [models.mask_seed(x.numpy().tobytes()) for x in batch.cpu()] if self.masked else None
         find = self.prototypes is not None and None in given
         amaps, scores, *features = self.mapper(batch.to(self.device), seeds, features=find)
+        pair_maps = None
         if self.modality == "rgbir":  # [RGB images, infrared images]: a pair's score is their mean (as evaluated)
             b = len(sizes)
-            amaps, scores, features = amaps[:b], (scores[:b] + scores[b:]) / 2, [f[:b] for f in features]
+            amaps, scores, pair_maps = amaps[:b], (scores[:b] + scores[b:]) / 2, amaps[b:, 0].cpu().numpy()
         matches = class_finder.classify(self.prototypes, features[0]) if features else [None] * len(sizes)
-        return self.decide(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes, matches, given)
+        return self.decide(amaps[:, 0].cpu().numpy(), scores.cpu().tolist(), sizes, matches, given, pair_maps)
 
 
 class PerClassDetector(Scoring):

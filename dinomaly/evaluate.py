@@ -103,7 +103,7 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, class_samples: list[ds.Sampl
     loader = DataLoader(test_set, batch_size=evaluation.batch_size, shuffle=False, num_workers=data.num_workers,
                         pin_memory=run.device.type == "cuda")
     acc, pixels, report = ClassAccumulator(evaluation.aupro), PixelSample(len(class_samples) * MAP_SIZE ** 2), \
-        ClassReport(evaluation.save_heatmaps)
+        ClassReport(evaluation.save_heatmaps, pair_kind=class_samples[0].pair_kind)
     objects = ObjectAccumulator(class_samples, mapper.max_ratio, MAP_SIZE ** 2, name) \
         if class_samples[0].object_id is not None else None
     ir = ClassAccumulator(evaluation.aupro) if class_samples[0].pair_kind == "infrared" else None
@@ -119,14 +119,16 @@ def evaluate_shard(run: Run, mapper: AnomalyMapper, class_samples: list[ds.Sampl
                                                                                       seeds):
             ids = index[first:first + len(paths)]
             gt = binarize_gt(mask, MAP_SIZE, gt_mode)
+            infrared = None
             if ir is not None:  # [RGB maps, infrared maps]: the model sees the pair's two images side by side
                 b = len(paths)
                 ir.add_pixels(amap[b:], gt[:, 1])
+                infrared = gt[:, 1], amap[b:], score[:b], score[b:]
                 amap, score = amap[:b], (score[:b] + score[b:]) / 2
             gt = gt[:, 0]
             acc.add(label, score, amap, gt, has_mask)
             pixels.add(amap[has_mask].numpy(), gt[has_mask].numpy(), [i for i, h in zip(ids, has_mask) if h])
-            report.add(img, gt, amap, score, label, paths)
+            report.add(img, gt, amap, score, label, paths, infrared)
             if objects is not None:
                 objects.add(ids, label, amap, score)
             rows += [(i, [name, p, int(l), s]) for i, p, l, s in zip(ids, paths, label.tolist(), score.tolist())]

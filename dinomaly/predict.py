@@ -46,13 +46,14 @@ def Detector(checkpoint: str, **options) -> Scoring:
 
 # ----------------------------------------------------------------------------------------------- the command
 
-def read_image(path: str, detector: Scoring) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+def read_image(path: str, detector: Scoring) -> tuple[np.ndarray | None, np.ndarray | tuple | None, str | None]:
     """An --input file -> (its normalised crop, its RGB image as the model sees it (uint8), None), or (None, None,
-    why it cannot be read). A pair model's file is the RGB image of a pair, its other modality found beside it."""
+    why it cannot be read). A pair model's file is the RGB image of a pair, its other modality found beside it:
+    its two images (pair_input) instead of one."""
     try:
         if detector.modality != "rgb":
-            x, _, rgb = pair_input(path, detector.modality, detector.image_size, detector.crop_size)
-            return x, rgb, None
+            x, _, pair = pair_input(path, detector.modality, detector.image_size, detector.crop_size)
+            return x, pair, None
         rgb = images.load_image(path, upright=True, where="--input")
     except UserError as e:
         return None, None, str(e)
@@ -106,16 +107,26 @@ def output_files(name: str) -> tuple[str, str]:
     return os.path.join("overlays", name + ".png"), os.path.join("masks", name + ".png")
 
 
-def overlay(rgb: np.ndarray, p: Prediction, detector: Scoring) -> np.ndarray:
+def overlay(rgb: np.ndarray | tuple[np.ndarray, np.ndarray], p: Prediction, detector: Scoring) -> np.ndarray:
     """The picture of one prediction (visualize.overlay_picture): the map over the image on its class's colour
-    scale, the mask outlined, the decision as its caption."""
+    scale, the mask outlined, the decision as its caption. `rgb`: the image, or a pair's two images (pair_input):
+    each with its map (an RGB + depth pair's one map on both)."""
     verdict = "ANOMALOUS" if p.is_anomalous else "normal"
     found = f"  [{p.class_name} {p.class_match.confidence:.2f}]" if p.class_match else ""
     caption = f"{verdict}  score {p.score:.4g} {'>=' if p.is_anomalous else '<'} {p.threshold:.4g}{found}"
     marks = {"threshold": p.threshold} if p.mask_threshold == p.threshold else \
         {"threshold": p.threshold, "mask level": p.mask_threshold}
+    second = None
+    if isinstance(rgb, tuple):
+        rgb, image = rgb
+        if p.pair_map is None:  # RGB + depth: the pair's one map over both
+            second = "RGB image: the pair's map", "depth (coloured): the pair's map", image, p.anomaly_map, p.mask
+        else:
+            mask = p.is_anomalous & p.seen & (np.nan_to_num(p.pair_map) >= p.mask_threshold)
+            second = "RGB image: its map", "infrared image: its map", image, p.pair_map, mask
+            caption = caption.replace(" >=", " (mean of both) >=").replace(" <", " (mean of both) <")
     return overlay_picture(rgb, p.anomaly_map, p.seen, p.mask, detector.point(p.class_name).color_range, caption,
-                           p.is_anomalous, marks)
+                           p.is_anomalous, marks, second)
 
 
 def write_outputs(out: str, name: str, rgb: np.ndarray, p: Prediction, detector: Scoring):
@@ -198,8 +209,9 @@ def main(options: PredictOptions):
                 skipped += 1
             good = [b for b in batch if b[3] is None]
             if good:
+                firsts = [b[2][0] if isinstance(b[2], tuple) else b[2] for b in good]  # a pair's RGB image
                 preds = detector.predict_prepared(np.stack([b[1] for b in good]),
-                                                  [(b[2].shape[1], b[2].shape[0]) for b in good])
+                                                  [(a.shape[1], a.shape[0]) for a in firsts])
                 new = [[paths[i], repr(p.score), "anomalous" if p.is_anomalous else "normal", repr(p.threshold),
                         *output_files(names[i]), p.class_name or "",
                         repr(p.class_match.confidence) if p.class_match else ""] +

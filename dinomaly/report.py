@@ -1,6 +1,7 @@
 """What evaluation shows a person about each class, on the class's fixed colour scale (thresholds.json):
 
-- `heatmaps<tag>/<class>/<image>.png`: image | ground truth | map of the first N anomalous test images;
+- `heatmaps<tag>/<class>/<image>.png`: image | ground truth | map of the first N anomalous test images (a pair of
+  modalities: a row for each image, an RGB + infrared pair's with each image's own map);
 - `curves<tag>/<class>.png`: image- and pixel-level ROC and precision-recall curves, with the F1-max
   operating points (the calibrated thresholds) marked;
 - `gallery<tag>/<class>.png`: the GALLERY_SIZE highest-scored normal and lowest-scored anomalous test
@@ -27,23 +28,31 @@ GALLERY_SIZE = 4
 
 
 def image_name(path: str) -> str:
-    """A heatmap's file stem: the image's folder and name, e.g. 'scratch_001'."""
-    return os.path.splitext("_".join(os.path.normpath(path).split(os.sep)[-2:]))[0]
+    """A heatmap's file stem: the image's folder and name, e.g. 'scratch_001'; in MVTec 3D-AD's layout
+    (<kind>/rgb/<n>.png) the kind's, e.g. 'crack_001'."""
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) > 2 and parts[-2] == "rgb":
+        parts = parts[:-2] + parts[-1:]
+    return os.path.splitext("_".join(parts[-2:]))[0]
 
 
 class ClassReport:
     """Fed each evaluation batch of one class; keeps only what its pictures need (the first `n_heatmaps`
-    anomalous images and the gallery candidates), then draws them with `save`."""
+    anomalous images and the gallery candidates), then draws them with `save`. `pair_kind`: the samples' second
+    modality ("depth", "infrared"), None for images."""
 
-    def __init__(self, n_heatmaps: int, gallery_size: int = GALLERY_SIZE):
-        self.n_heatmaps, self.gallery_size = n_heatmaps, gallery_size
-        self.heatmaps, self.normal, self.anomalous = [], [], []  # lists of (score, path, img, gt, amap)
+    def __init__(self, n_heatmaps: int, gallery_size: int = GALLERY_SIZE, pair_kind: str | None = None):
+        self.n_heatmaps, self.gallery_size, self.pair_kind = n_heatmaps, gallery_size, pair_kind
+        self.heatmaps, self.normal, self.anomalous = [], [], []  # lists of (score, path, img, gt, amap, infrared)
 
     def add(self, img: torch.Tensor, gt: torch.Tensor, amap: torch.Tensor, score: torch.Tensor,
-            label: torch.Tensor, paths: list[str]):
-        """One batch: images [B,3,c,c], ground truth [B,256,256], maps [B,256,256], scores [B], labels [B]."""
+            label: torch.Tensor, paths: list[str], infrared: tuple[torch.Tensor, ...] | None = None):
+        """One batch: images [B,3,c,c] (pairs [B,6,c,c]), ground truth [B,256,256], maps [B,256,256], scores [B],
+        labels [B]; RGB + infrared pairs: `infrared` = (the infrared images' ground truth [B,256,256] and maps
+        [B,256,256], the RGB and the infrared images' scores [B] each), `amap` and `gt` the RGB images'."""
         for i, (s, lab) in enumerate(zip(score.tolist(), label.tolist())):
-            item = (s, paths[i], img[i].clone(), gt[i].clone(), amap[i].clone())
+            item = (s, paths[i], img[i].clone(), gt[i].clone(), amap[i].clone(),
+                    None if infrared is None else tuple(t[i].clone() for t in infrared))
             if lab == 1 and len(self.heatmaps) < self.n_heatmaps:
                 self.heatmaps.append(item)
             (self.anomalous if lab == 1 else self.normal).append(item)
@@ -56,7 +65,7 @@ class ClassReport:
         first anomalous images by path, the gallery over all."""
         if len(reports) == 1:
             return reports[0]
-        out = cls(reports[0].n_heatmaps, reports[0].gallery_size)
+        out = cls(reports[0].n_heatmaps, reports[0].gallery_size, reports[0].pair_kind)
         out.heatmaps = sorted((h for r in reports for h in r.heatmaps), key=lambda t: t[1])[: out.n_heatmaps]
         out.normal = sorted((t for r in reports for t in r.normal), key=lambda t: -t[0])[: out.gallery_size]
         out.anomalous = sorted((t for r in reports for t in r.anomalous), key=lambda t: t[0])[: out.gallery_size]
@@ -71,10 +80,10 @@ class ClassReport:
                  if entry[level]["threshold"] is not None}
         if self.heatmaps:
             os.makedirs(os.path.join(run_dir, f"heatmaps{tag}", name), exist_ok=True)
-        for s, path, img, gt, amap in self.heatmaps:
+        for s, path, img, gt, amap, infrared in self.heatmaps:
             out = os.path.join(run_dir, f"heatmaps{tag}", name, image_name(path) + ".png")
-            picture(out, lambda: write_png(out, heatmap_panel(img, gt, amap, color_range,
-                                                              f"{image_name(path)}  score {s:.4g}", marks)))
+            picture(out, lambda: write_png(out, self.panel(img, gt, amap, infrared, color_range,
+                                                           f"{image_name(path)}  {self.scored(s, infrared)}", marks)))
         out = os.path.join(run_dir, f"curves{tag}", name + ".png")
         picture(out, lambda: plot_curves(out, name, labels, scores, *pixels, entry))
         out = os.path.join(run_dir, f"gallery{tag}", name + ".png")
@@ -88,16 +97,31 @@ class ClassReport:
         for title, items, (below, above) in sections:
             if items:
                 parts.append(title)
-            for s, p, img, gt, amap in items:
+            for s, p, img, gt, amap, infrared in items:
                 verdict = "" if threshold is None else \
                     f"  {above} (>= {threshold:.4g})" if s >= threshold else f"  {below} (< {threshold:.4g})"
-                parts.append(heatmap_panel(img, gt, amap, color_range, f"{image_name(p)}  score {s:.4g}{verdict}",
-                                           marks))
+                parts.append(self.panel(img, gt, amap, infrared, color_range,
+                                        f"{image_name(p)}  {self.scored(s, infrared)}{verdict}", marks))
         if parts:
             width = max(p.shape[1] for p in parts if not isinstance(p, str))
-            write_png(path, np.concatenate([
+            write_png(path, np.concatenate([  # a white line below each image's panel
                 text_band(width, 40, p, scale=0.7, thick=2) if isinstance(p, str) else
-                np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in parts]))
+                np.pad(p, ((0, 6), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in parts]))
+
+
+    def panel(self, img, gt, amap, infrared, color_range, caption: str, marks: dict) -> np.ndarray:
+        """One image's panel (visualize.heatmap_panel): a pair's second row shows its depth with the pair's map, or
+        its infrared image with that image's map."""
+        second = None if self.pair_kind is None else (self.pair_kind, gt, amap) if infrared is None else \
+            (self.pair_kind, *infrared[:2])
+        return heatmap_panel(img, gt, amap, color_range, caption, marks, second)
+
+    @staticmethod
+    def scored(score: float, infrared: tuple | None) -> str:
+        """'score S', for an RGB + infrared pair with the two images' scores whose mean it is."""
+        if infrared is None:
+            return f"score {score:.4g}"
+        return f"score {score:.4g} (mean of RGB {float(infrared[2]):.4g}, infrared {float(infrared[3]):.4g})"
 
 
 def picture(path: str, draw):

@@ -31,6 +31,7 @@ class Prediction:
     mask_threshold: float
     class_name: str | None = None
     class_match: class_finder.Match | None = None  # the class found (class_finder), None unless it was looked for
+    pair_map: np.ndarray | None = None  # an RGB + infrared pair: the infrared image's map (anomaly_map: the RGB's)
 
 
 @dataclass
@@ -104,10 +105,10 @@ PAIR_FORMS = {"rgbd": "an (image, depth) pair: the image as above, the depth a z
 
 
 def pair_input(item, modality: str, image_size: int, crop_size: int) -> tuple[np.ndarray, tuple[int, int],
-                                                                               np.ndarray]:
+                                                                               tuple[np.ndarray, np.ndarray]]:
     """A pair of a two-modality model (PAIR_FORMS) -> (normalised crops [6, crop, crop], the pair's (width,
-    height), its RGB image as the model sees it, uint8). Depth is prepared and coloured as in training
-    (modalities.rgbd_from)."""
+    height), its two images as the model sees them, uint8 [H, W, 3] each). Depth is prepared and coloured as in
+    training (modalities.rgbd_from)."""
     from . import modalities  # (imports PyTorch)
     kind = modalities.PAIR_KINDS[modality]
     if isinstance(item, (tuple, list)) and len(item) == 2:
@@ -126,7 +127,7 @@ def pair_input(item, modality: str, image_size: int, crop_size: int) -> tuple[np
             raise InputError(f"the infrared image ({b.shape[1]} x {b.shape[0]}) is not the size of its RGB image "
                              f"({a.shape[1]} x {a.shape[0]})")
     x = np.concatenate([images.prepare(Image.fromarray(i), image_size, crop_size) for i in (a, b)])
-    return x, (a.shape[1], a.shape[0]), a
+    return x, (a.shape[1], a.shape[0]), (a, b)
 
 
 class Scoring:
@@ -202,12 +203,14 @@ class Scoring:
         return operating_point(entry, source(self.calibration_path, class_name), self.threshold)
 
     def decide(self, amaps: np.ndarray, scores: list[float], sizes: list[tuple[int, int]], matches: list,
-               classes: list[str | None] | None = None) -> list[Prediction]:
+               classes: list[str | None] | None = None, pair_maps: np.ndarray | None = None) -> list[Prediction]:
         """Maps of the crops ([B, n, n]), their scores, their images' (width, height), the classes found
         (class_finder.Match, or None each) and the classes given (see predict_prepared) -> one Prediction each:
-        decided with the class's operating point, the map and mask in the image's own geometry."""
+        decided with the class's operating point, the map and mask in the image's own geometry. pair_maps: the
+        infrared images' maps of RGB + infrared pairs ([B, n, n])."""
         out = []
-        for amap, score, (w, h), match, name in zip(amaps, scores, sizes, matches, classes or [None] * len(sizes)):
+        for k, (amap, score, (w, h), match, name) in enumerate(zip(amaps, scores, sizes, matches,
+                                                                   classes or [None] * len(sizes))):
             full, seen = uncrop(amap, w, h, self.image_size, self.crop_size)
             match = None if name is not None else match
             name = name or (match.class_name if match else self.class_name)
@@ -217,7 +220,8 @@ class Scoring:
                                   normalized_score=th.normalize(score, point.threshold, point.normal_min),
                                   anomaly_map=full, seen=seen, mask_threshold=point.mask_threshold,
                                   mask=anomalous & seen & (np.nan_to_num(full) >= point.mask_threshold),
-                                  class_name=name, class_match=match))
+                                  class_name=name, class_match=match, pair_map=None if pair_maps is None else
+                                  uncrop(pair_maps[k], w, h, self.image_size, self.crop_size)[0]))
         return out
 
     def predict(self, images: list, classes: list[str | None] | None = None) -> list[Prediction]:

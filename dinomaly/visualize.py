@@ -4,7 +4,8 @@ The colour scale of a class is fixed (thresholds.json's "color_range": blue at t
 images' map values, the image threshold in the middle, red twice as far above), so a normal image stays
 blue-green and red means clearly above the decision threshold; maps are never stretched to their own min-max.
 
-- `heatmap_panel`: image | ground truth | anomaly map (evaluation heatmaps and the gallery);
+- `heatmap_panel`: image | ground truth | anomaly map (evaluation heatmaps and the gallery); a pair of
+  modalities gets a row per image;
 - `overlay_picture`: a map over an image of any size, with the pixels outside the centre crop hatched
   (predict.py).
 
@@ -108,24 +109,39 @@ def colorbar(height: int, color_range: tuple[float, float], marks: dict[str, flo
     return out
 
 
+PAIR_TITLES = {None: (("image", "ground truth", "anomaly map"),),  # a pair's kind -> its rows' panel titles
+               "depth": (("RGB image", "ground truth", "map over RGB"), ("depth (coloured)", "ground truth", "map over depth")),
+               "infrared": (("RGB image", "RGB ground truth", "RGB image's map"),
+                            ("infrared image", "infrared ground truth", "infrared image's map"))}
+
+
 def heatmap_panel(img: torch.Tensor, gt: torch.Tensor, amap: torch.Tensor, color_range: tuple[float, float],
-                  caption: str, marks: dict[str, float] | None = None) -> np.ndarray:
+                  caption: str, marks: dict[str, float] | None = None,
+                  second: tuple[str, torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
     """Three panels with titles, image | ground truth (outlined in red) | anomaly map over the image, a colour
-    bar, and a caption below (RGB uint8). A pair of modalities ([6, H, W]: RGB, then depth or infrared) shows its
-    second image after the first."""
+    bar, and a caption below (RGB uint8). A pair of modalities ([6, H, W]: RGB, then depth or infrared) gets a
+    second row, `second` = (its kind, "depth" or "infrared", and its second image's ground truth and map: an RGB +
+    depth pair's are its one map and mask, an RGB + infrared pair's the infrared image's own), each row labelled
+    with its image."""
     size = amap.shape[-1]
-    rgb = to_uint8_image(img[:3], size)
-    second = [("second modality", to_uint8_image(img[3:], size))] if img.shape[0] == 6 else []
-    overlay = blend(rgb, colorize(amap.float().cpu().numpy(), color_range))
+    scale, thick = _text_scale(size)
+    title_h = int(28 * scale / 0.43)
+    rows = [(img[:3], gt, amap)] + ([(img[3:], second[1], second[2])] if second is not None else [])
+    body = np.concatenate([
+        np.concatenate([np.concatenate([text_band(size, title_h, title, scale=scale, thick=thick), p])
+                        for title, p in zip(titles, image_panels(to_uint8_image(x, size), g, m, color_range))], axis=1)
+        for titles, (x, g, m) in zip(PAIR_TITLES[second and second[0]], rows)])
+    body = np.concatenate([body, colorbar(len(body), color_range, marks, short_side=size + title_h)], axis=1)
+    return np.concatenate([body, text_band(body.shape[1], title_h, caption, scale=scale, thick=thick)])
+
+
+def image_panels(rgb: np.ndarray, gt: torch.Tensor, amap: torch.Tensor,
+                 color_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the image, the image with its ground truth outlined in red, its map over it)."""
     outlined = rgb.copy()
     contours, _ = cv2.findContours(gt.cpu().numpy().astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(outlined, contours, -1, (255, 0, 0), 2)
-    scale, thick = _text_scale(size)
-    title_h = int(28 * scale / 0.43)
-    panels = [np.concatenate([text_band(size, title_h, title, scale=scale, thick=thick), p])
-              for title, p in (("image", rgb), *second, ("ground truth", outlined), ("anomaly map", overlay))]
-    body = np.concatenate([*panels, colorbar(size + title_h, color_range, marks)], axis=1)
-    return np.concatenate([body, text_band(body.shape[1], title_h, caption, scale=scale, thick=thick)])
+    return rgb, outlined, blend(rgb, colorize(amap.float().cpu().numpy(), color_range))
 
 
 def blend(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -143,26 +159,42 @@ def _hatch(height: int, width: int, step: int) -> np.ndarray:
 
 def overlay_picture(rgb: np.ndarray, amap: np.ndarray, seen: np.ndarray, mask: np.ndarray,
                     color_range: tuple[float, float], caption: str, anomalous: bool,
-                    marks: dict[str, float] | None = None) -> np.ndarray:
+                    marks: dict[str, float] | None = None,
+                    second: tuple[str, str, np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The map over the image in the image's own geometry (RGB uint8, the image at the top left; images under
     256 px are enlarged by a whole factor): predicted mask outlined in white, pixels the model never saw
     (outside the centre crop) greyed and hatched, a colour bar on the right, the caption below on red
     (anomalous) or green (normal). Enlargement stops at MAX_SIDE and text and colour bar follow the shorter
-    side, so the picture takes a few times the image's own pixels (at least those of a 256 px square)."""
+    side, so the picture takes a few times the image's own pixels (at least those of a 256 px square).
+    A pair of modalities: `second` = (the RGB image's title, the second image's title, the second image, its map
+    and its mask, in the same geometry): the two side by side, each titled."""
     h, w = seen.shape
     k = max(1, min(-(-256 // min(h, w)), MAX_SIDE // max(h, w)))
+    scale, thick = _text_scale(min(h, w) * k)
+    out = _overlay(rgb, amap, seen, mask, k, color_range, thick)
+    if second is not None:
+        title_h = int(28 * scale / 0.43)
+        first_title, second_title, image, image_map, image_mask = second
+        out = np.concatenate([np.concatenate([text_band(p.shape[1], title_h, title, scale=scale, thick=thick), p])
+                              for title, p in ((first_title, out), (second_title, _overlay(
+                                  image, image_map, seen, image_mask, k, color_range, thick)))], axis=1)
+    if len(out) < 256:  # a flat image (its enlargement bounded by MAX_SIDE): room for the colour bar below it
+        out = np.pad(out, ((0, 256 - len(out)), (0, 0), (0, 0)), constant_values=255)
+    body = np.concatenate([out, colorbar(len(out), color_range, marks, short_side=min(h, w) * k)], axis=1)
+    band = text_band(body.shape[1], int(28 * scale / 0.43), caption, RED if anomalous else GREEN, scale, thick)
+    return np.concatenate([body, band])
+
+
+def _overlay(rgb: np.ndarray, amap: np.ndarray, seen: np.ndarray, mask: np.ndarray, k: int,
+             color_range: tuple[float, float], thick: int) -> np.ndarray:
+    """overlay_picture's image: enlarged k times, the map over it, the unseen pixels hatched, the mask outlined."""
     if k > 1:
         rgb, amap, seen, mask = (np.repeat(np.repeat(a, k, axis=0), k, axis=1) for a in (rgb, amap, seen, mask))
-        h, w = h * k, w * k
+    h, w = seen.shape
     out = blend(rgb, colorize(amap, color_range))
     unseen = ~seen
     out[unseen] = (0.4 * rgb[unseen] + 0.3 * 255).astype(np.uint8)
     out[unseen & _hatch(h, w, max(8, min(h, w) // 40))] = GREY
-    scale, thick = _text_scale(min(h, w))
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(out, contours, -1, WHITE, thick + 1)
-    if h < 256:  # a flat image (its enlargement bounded by MAX_SIDE): room for the colour bar below it
-        out = np.pad(out, ((0, 256 - h), (0, 0), (0, 0)), constant_values=255)
-    body = np.concatenate([out, colorbar(len(out), color_range, marks, short_side=min(h, w))], axis=1)
-    band = text_band(body.shape[1], int(28 * scale / 0.43), caption, RED if anomalous else GREEN, scale, thick)
-    return np.concatenate([body, band])
+    return out

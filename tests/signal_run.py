@@ -1,6 +1,7 @@
 """Run a training script with the tiny test encoder, and send this process a signal when iteration AT starts.
 
     python tests/signal_run.py SIGNAL AT SCRIPT [script options]    (e.g. SIGKILL 7 dinomaly_mvtec_uni.py ...)
+    python tests/signal_run.py none 0 SCRIPT [script options]       (the tiny encoder, no signal)
 
 Used by the kill-and-resume tests: a real SIGKILL, SIGINT, SIGTERM or SIGHUP, at a known iteration, in a fresh
 process. Under torchrun (`torchrun ... tests/signal_run.py ...`) the first process sends it to the launcher
@@ -34,6 +35,7 @@ def signal_at(sig: signal.Signals, at: int):
 if __name__ == "__main__":
     name, at, script, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
     models.ENCODERS[TINY] = TINY_CFG
-    signal_at(signal.Signals[name], at)
+    if name != "none":
+        signal_at(signal.Signals[name], at)
     module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
     cli.run_script(module, argv)

@@ -70,14 +70,18 @@ def test_train(tmp_path, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_infer(tmp_path, device):
-    out = run(tmp_path, "infer", *SMALL, *model_flags(device))
-    assert [(r["task"], r["mode"]) for r in out["results"]] == [(t, m) for m in ("reference", "fast")
-                                                                for t in ("dinomaly", "dinomaly2", "crr_test")]
+    tasks = ["dinomaly", "dinomaly2", "crr_test", "dinomaly2_rgbd", "dinomaly2_rgbir"]
+    out = run(tmp_path, "infer", *SMALL, *model_flags(device), "--tasks", *tasks)
+    assert [(r["task"], r["mode"]) for r in out["results"]] == [(t, m) for m in ("reference", "fast") for t in tasks]
     for r in out["results"]:
         positive(r, ["images_per_s", "ms_per_image", "tflops", "peak_host_mb"])
     by = {(r["task"], r["mode"]): r for r in out["results"]}
     assert by["crr_test", "fast"]["tflop_per_batch"] > by["dinomaly", "fast"]["tflop_per_batch"]  # + segmentation
-    assert set(out["ratios"]) == {"dinomaly", "dinomaly2", "crr_test"} and min(out["ratios"].values()) > 0
+    assert set(out["ratios"]) == set(tasks) and min(out["ratios"].values()) > 0
+    # Dinomaly2 on pairs: an RGB + infrared pair costs two images, an RGB + depth pair two encoder passes and one
+    # decoding
+    rgbd, rgbir = by["dinomaly2_rgbd", "fast"]["tflop_per_batch"], by["dinomaly2_rgbir", "fast"]["tflop_per_batch"]
+    assert rgbir == pytest.approx(2 * by["dinomaly2", "fast"]["tflop_per_batch"], rel=1e-9) and rgbd < rgbir < 2 * rgbd
 
 
 def test_data(tmp_path):
@@ -133,3 +137,20 @@ def test_serve(tmp_path):
         assert r["p99_ms"] >= r["p50_ms"]
     # warm-up 3 + 4 + 4 images answered, in batches
     assert sum(int(k) * v for k, v in out["batches"].items()) == 11 and len(out["server_rss_mb"]) == 3
+
+
+def test_pairs_train(tmp_path):
+    """Dinomaly2's training step on RGB + depth and RGB + infrared pairs (generated, the depth prepared as for
+    MVTec 3D-AD, cached with both images): the engine's step with each setting's recipe; an RGB + infrared pair's
+    step costs more than an RGB + depth pair's (the decoder runs on both images, not on one fused input), less
+    than twice."""
+    steps = ["dinomaly2_rgbd", "dinomaly2_rgbir"]
+    out = run(tmp_path, "train", *SMALL, *model_flags("cpu"), *DATA, "--steps", *steps)
+    by = {(r["step"], r["mode"]): r for r in out["results"]}
+    assert set(by) == {(s, m) for s in steps for m in ("reference", "fast")} and set(out["ratios"]) == set(steps)
+    for r in out["results"]:
+        positive(r, ["iters_per_s", "images_per_s", "tflop_per_step", "peak_host_mb"])
+    rgbd, rgbir = by["dinomaly2_rgbd", "fast"]["tflop_per_step"], by["dinomaly2_rgbir", "fast"]["tflop_per_step"]
+    assert rgbd < rgbir < 2 * rgbd
+    with pytest.raises(benchmark.UserError, match="--dataset mvtec3d"):
+        benchmark.main(["train", "--steps", "dinomaly2_rgbd", "--data_path", str(tmp_path), *model_flags("cpu")])

@@ -96,13 +96,17 @@ SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", "64",
          "0", "--device", "cpu", "--batch_size", "4", "--log_every", "1", "--classes", "dome", "block"]
 
 
+def ir_argv(pairs, save_dir, name):
+    return ["--data_path", pairs["mulsen"], "--total_iters", "2", "--save_dir", str(save_dir), "--save_name", name,
+            *SMALL]
+
+
 @pytest.fixture(scope="module")
 def ir_run(pairs, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("runs_ir")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(models.ENCODERS, TINY, TINY_CFG)
-        cli.run_script(dinomaly2_mulsen, ["--data_path", pairs["mulsen"], "--total_iters", "2", "--save_dir",
-                                          str(save_dir), "--save_name", "ir", *SMALL])
+        cli.run_script(dinomaly2_mulsen, ir_argv(pairs, save_dir, "ir") + ["--save_heatmaps", "1"])
     return save_dir / "ir"
 
 
@@ -183,3 +187,143 @@ def test_sharded_evaluation_merges_to_one_process(pairs, tmp_path, monkeypatch):
     rows = sorted(r for p in parts for r in p[1])
     assert [r[1][:3] for r in rows] == [r[1][:3] for r in one[1]]
     np.testing.assert_allclose([r[1][3] for r in rows], [r[1][3] for r in one[1]], rtol=1e-5)
+
+
+def test_class_finding_uses_both_images_of_a_pair(pairs, monkeypatch):
+    """The class prototypes of pairs and the class found for a pair against brute force in float64: a pair's
+    feature is its RGB image's pooled group features beside its infrared image's (each image alone through the
+    encoder), each group's unit length, normalised together; a prototype the normalised mean, its radius the
+    largest distance of its training pairs."""
+    from dinomaly import class_finder
+    monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
+    torch.manual_seed(0)
+    model = models.ViTill(TINY_CFG, dropout=0.2, attn_eps=1e-8, bottleneck_kind="two_stage", recenter=True,
+                          modality="rgbir").eval()
+    mapper = AnomalyMapper(model)
+    train = {c: ds.mulsen_samples(pairs["mulsen"], c, "train") for c in ("dome", "block")}
+    found = class_finder.build(mapper, train, 64, 56, torch.device("cpu"), batch_size=3)
+
+    def brute(samples):  # one float64 feature per pair
+        x = torch.stack([ds.TestDataset([s], 64, 56)[0][0] for s in samples])  # the RGB images, then the infrared
+        parts = []
+        for half in (x[:, :3], x[:, 3:]):  # each image through the encoder as a plain RGB image
+            with torch.no_grad():
+                en = model.group_features(*plain_taps(model, half))
+            parts += [(v := e.double().mean(dim=(2, 3)).numpy()) / np.linalg.norm(v, axis=1, keepdims=True)
+                      for e in en]
+        f = np.concatenate(parts, axis=1)
+        return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+    protos, radii = [], []
+    for c in ("dome", "block"):
+        f = brute(train[c])
+        p = f.mean(axis=0) / np.linalg.norm(f.mean(axis=0))
+        protos.append(p), radii.append((1 - f @ p).max())
+    assert found["classes"] == ["dome", "block"] and found["prototypes"].shape == (2, 2 * 2 * TINY_CFG.embed_dim)
+    np.testing.assert_allclose(found["prototypes"].numpy(), np.array(protos), atol=1e-6)
+    np.testing.assert_allclose(found["radius"].numpy(), radii, atol=1e-5)
+    tests = [s for c in ("dome", "block") for s in ds.mulsen_samples(pairs["mulsen"], c, "test")[::3]]
+    x = torch.stack([ds.TestDataset([s], 64, 56)[0][0] for s in tests])
+    with torch.no_grad():
+        ours = class_finder.classify(found, mapper.features(x))
+        assert torch.equal(mapper(x[:2], features=True)[2], mapper.features(x[:2]))  # predict's path: the same
+    distances = 1 - brute(tests) @ np.array(protos).T
+    assert [m.class_name for m in ours] == [["dome", "block"][i] for i in distances.argmin(axis=1)]
+    np.testing.assert_allclose([m.distance for m in ours], distances.min(axis=1), atol=1e-5)
+
+
+def plain_taps(model, x):
+    """The encoder's taps of RGB images [B, 3, H, W] (no pair), as the plain model takes them."""
+    grid = x.shape[-2] // model.encoder.cfg.patch_size, x.shape[-1] // model.encoder.cfg.patch_size
+    return model.encoder(x), grid
+
+
+def test_pictures_show_each_image_with_its_own_map(ir_run):
+    """An RGB + infrared pair's panel: a row per image, each with its own map over it (pixel for pixel the blend
+    of that image and that map), labelled; the evaluation's heatmaps and gallery are drawn so."""
+    from PIL import Image
+
+    from dinomaly.visualize import _text_scale, blend, colorize, heatmap_panel, to_uint8_image
+    img = torch.zeros(6, 56, 56)
+    img[3:] = 1.5  # a light infrared image
+    gt, rgb_map, ir_map = torch.zeros(256, 256), torch.zeros(256, 256), torch.full((256, 256), 2.0)
+    panel = heatmap_panel(img, gt, rgb_map, (0.0, 1.0), "caption", None, ("infrared", gt, ir_map))
+    title = int(28 * _text_scale(256)[0] / 0.43)
+    for row, (x, m) in enumerate(((img[:3], rgb_map), (img[3:], ir_map))):
+        top = title + row * (256 + title)
+        image = to_uint8_image(x, 256)
+        assert np.array_equal(panel[top:top + 256, :256], image)
+        assert np.array_equal(panel[top:top + 256, 512:768], blend(image, colorize(m.numpy(), (0.0, 1.0))))
+    assert panel.shape[0] == 3 * title + 2 * 256
+    heatmap = np.asarray(Image.open(next((ir_run / "heatmaps" / "dome").iterdir())))
+    assert heatmap.shape[0] == panel.shape[0] and heatmap.shape[1] > 3 * 256
+    assert (ir_run / "gallery" / "dome.png").is_file()
+
+
+def test_per_class_pairs(pairs, tmp_path, monkeypatch):
+    """One model per class on RGB + infrared pairs: both modalities' metrics per class, and the Detector sends each
+    pair to its class's model, found by the pairs' class prototypes."""
+    from dinomaly import Detector
+    monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
+    cli.run_script(dinomaly2_mulsen, ir_argv(pairs, tmp_path, "sep") + ["--per_class", "--total_iters", "1"])
+    run = tmp_path / "sep"
+    with open(run / "metrics.csv") as f:
+        metrics = {r["class"]: r for r in csv.DictReader(f)}
+    assert set(metrics) == {"dome", "block", "mean"}
+    assert all(np.isfinite(float(m[k])) for m in metrics.values() for k in ("I-AUROC", "P-AUROC", "IR-P-AUROC"))
+    d = Detector(str(run), device="cpu")
+    for c in ("dome", "block"):
+        s = ds.mulsen_samples(pairs["mulsen"], c, "test")[-1]
+        expected = Detector(str(run / c), device="cpu")(s.image_path)
+        found = d(s.image_path)
+        assert found.class_match is not None and found.score == expected.score
+        assert np.array_equal(found.pair_map, expected.pair_map, equal_nan=True)
+
+
+def test_bf16_and_compile_on_pairs(ir_run, pairs, tmp_path, monkeypatch):
+    """The run evaluated again in bf16 autocast with compiled blocks (aot_eager here: inductor's code generation is
+    slow on a CPU), its images cached on disk: finite scores near the float32 ones, both modalities' metrics."""
+    import functools
+
+    from dinomaly import speed
+    monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
+    monkeypatch.setattr(speed, "maybe_compile", functools.partial(speed.maybe_compile, backend="aot_eager"))
+    cli.run_script(dinomaly2_mulsen, ["--data_path", pairs["mulsen"], "--eval_only", "--checkpoint", str(ir_run),
+                                      "--save_dir", str(tmp_path), "--save_name", "bf16", *SMALL[2:-3], "--classes",
+                                      "dome", "--precision", "bf16", "--compile", "--cache_images", "disk",
+                                      "--cache_dir", str(tmp_path / "cache")])
+    fp32 = {r.split(",")[1]: float(r.split(",")[3]) for r in (ir_run / "scores.csv").read_text().splitlines()[1:]}
+    bf16 = {r.split(",")[1]: float(r.split(",")[3]) for r in
+            (tmp_path / "bf16" / "scores.csv").read_text().splitlines()[1:]}
+    assert len(bf16) == 10 and all(np.isfinite(list(bf16.values())))
+    np.testing.assert_allclose(list(bf16.values()), [fp32[k] for k in bf16], rtol=0.05)
+    with open(tmp_path / "bf16" / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    assert np.isfinite(float(row["P-AUROC"])) and np.isfinite(float(row["IR-P-AUROC"]))
+    assert os.listdir(tmp_path / "cache")
+
+
+def test_torchrun_two_processes_equal_one(ir_run, pairs, tmp_path, monkeypatch):
+    """Trained and evaluated by 2 CPU processes (gloo) under torchrun: the sharded evaluation (the infrared images'
+    metrics and the object scores included) gives the results of one process evaluating the same model."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        os.path.join("tests", "signal_run.py"), "none", "0", "dinomaly2_mulsen.py",
+                        *ir_argv(pairs, tmp_path, "ddp"), "--batch_size", "2", "--total_iters", "1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "evaluation shared by 2 processes" in (tmp_path / "ddp" / "log.txt").read_text()
+    monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
+    cli.run_script(dinomaly2_mulsen, ["--data_path", pairs["mulsen"], "--eval_only", "--checkpoint",
+                                      str(tmp_path / "ddp"), "--save_dir", str(tmp_path), "--save_name", "single",
+                                      *SMALL[2:], "--batch_size", "3"])
+    for name, first in (("metrics.csv", 1), ("scores.csv", 3)):  # the names and labels, then the numbers
+        with open(tmp_path / "ddp" / name) as f, open(tmp_path / "single" / name) as g:
+            sharded, single = list(csv.reader(f)), list(csv.reader(g))
+        assert [r[:first] for r in sharded] == [r[:first] for r in single]
+        assert first == 3 or "IR-P-AUROC" in sharded[0]
+        np.testing.assert_allclose([float(c) for r in sharded[1:] for c in r[first:] if c],
+                                   [float(c) for r in single[1:] for c in r[first:] if c], atol=1e-6)

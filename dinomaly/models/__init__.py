@@ -4,7 +4,7 @@ run file, is checkpoints.py's."""
 from ..errors import UserError
 from .encoder import DEFAULT_ENCODER, ENCODERS, EncoderConfig, build_encoder
 from .segnet import SegmentationNet, segmentation_input
-from .vitill import GROUPINGS, ViTill, mask_seed
+from .vitill import GROUPINGS, MODALITIES, ViTill, mask_seed
 
 
 def encoder_config(name: str) -> EncoderConfig:
@@ -19,5 +19,5 @@ def segmentation_net(embed_dim: int) -> SegmentationNet:
     return SegmentationNet(base_width=2 * embed_dim // 8)
 
 
-__all__ = ["DEFAULT_ENCODER", "ENCODERS", "EncoderConfig", "build_encoder", "GROUPINGS", "ViTill", "mask_seed",
+__all__ = ["DEFAULT_ENCODER", "ENCODERS", "EncoderConfig", "build_encoder", "GROUPINGS", "MODALITIES", "ViTill", "mask_seed",
            "SegmentationNet", "segmentation_input", "encoder_config", "segmentation_net"]
