@@ -180,8 +180,8 @@ class Scoring:
         if self.prototypes is not None:
             self.points = {c: operating_point(e, source(path, c)) for c, e in calibration["classes"].items()
                            if e["image"]["threshold"] is not None}
-            log.info(f"each image is decided with the thresholds of its class, found by {class_finder.FILE} "
-                     f"({', '.join(self.prototypes['classes'])}); --class_name C uses one class's thresholds")
+            log.info(f"each image is decided with the thresholds of its class, found by the nearest "
+                     f"class prototype ({', '.join(self.prototypes['classes'])}); --class_name C uses one class's thresholds")
         else:
             log.info(f"threshold {self.default.threshold:.6g} from {self.default.source}; masks of anomalous images: "
                      f"map >= {self.default.mask_threshold:.6g}")
