@@ -713,7 +713,7 @@ def roofline(threads: int, size: int, repeats: int = 5) -> dict:
     return dict(fp32_gflops=fp32, int8_gops=int8, matrix=size)
 
 
-def deploy_files(model, crop: int, work: str, runtimes: list[str], calibration: list[np.ndarray]) -> dict:
+def deploy_files(model, crop: int, work: str, runtimes: list[str], int8) -> dict:
     """The exported files the runtimes need, written by export.py's own code: {runtime: path}."""
     from dinomaly import export, exported
     meta = {exported.MARK: 1, "image_size": crop, "crop_size": crop, "mean": list(ds.IMAGENET_MEAN),
@@ -729,9 +729,9 @@ def deploy_files(model, crop: int, work: str, runtimes: list[str], calibration: 
             path = os.path.join(work, f"{fmt}_{precision}{'.onnx' if fmt == 'onnx' else '.xml'}")
             sub = tempfile.mkdtemp(dir=work)
             if fmt == "onnx":
-                export.write_onnx(model, crop, path, precision, meta, sub)
+                export.write_onnx(model, crop, path, precision, meta, sub, int8)
             else:
-                export.write_openvino(model, crop, path, precision, meta, sub, calibration)
+                export.write_openvino(model, crop, path, precision, meta, sub, int8)
             written[(fmt, precision)] = path
         files[name] = written[(fmt, precision)]
     return files
@@ -854,8 +854,11 @@ def bench_deploy(args) -> dict:
         model = ExportedMapper(for_export(mapper, crop)).eval()
         with tempfile.TemporaryDirectory(prefix="deploy_") as work:
             rng = np.random.default_rng(0)
-            calibration = [rng.random((1, 3, crop, crop), dtype=np.float32) for _ in range(args.calibration_images)]
-            files = deploy_files(model, crop, work, runtimes, calibration)
+            images = [rng.random((1, 3, crop, crop), dtype=np.float32)
+                      for _ in range(args.calibration_images + quantize.SELECTION_IMAGES)]
+            int8 = quantize.Int8(images[quantize.SELECTION_IMAGES:], images[:quantize.SELECTION_IMAGES],
+                                 args.max_score_change)  # as export.py: its layer selection too
+            files = deploy_files(model, crop, work, runtimes, int8)
             opened = {r: open_runtime(r, files.get(r), model, args.threads, args.compile) for r in runtimes}
             one = torch.rand(1, 3, crop, crop)
             with torch.no_grad():
@@ -946,6 +949,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--iters", type=int, default=10, help="timed calls of each runtime, interleaved")
     deploy.add_argument("--calibration_images", type=int, default=16,
                         help="random images calibrating the OpenVINO INT8 model (its speed does not depend on them)")
+    deploy.add_argument("--max_score_change", type=float, default=0.005,
+                        help="the INT8 exports' layer selection, as export.py's (measured on 8 more random images)")
     deploy.add_argument("--roofline_size", type=int, default=2048, help="matrix side of the matmul rate measured")
     deploy.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the timing, N more batch-1 calls of each runtime under its own profiler "

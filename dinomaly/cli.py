@@ -334,7 +334,10 @@ without PyTorch, in fp32, fp16 or INT8, checked against PyTorch.
 --out's suffix chooses the format: .onnx (ONNX Runtime) or .xml (OpenVINO IR, with its .bin beside it, converted
 by OpenVINO's own converter). --precision int8 is ONNX Runtime's dynamic INT8 of the matrix products for .onnx,
 NNCF's post-training INT8 calibrated on --calibration_images of the run's good training images for .xml; fp16
-stores float16 weights. The map, smoothing, score and class distances stay float32 in every precision.
+stores float16 weights. The map, smoothing, score and class distances stay float32 in every precision; INT8 also
+keeps in float the blocks whose quantisation moves the scores most, measured on the run's good training images,
+until no score moves by more than --max_score_change (the export reports which, and stores them in the metadata
+as int8_float_layers).
 
 Input `image`: float32 [B, 3, crop, crop], RGB in [0, 1], already resized to image_size and centre-cropped
 (not normalised: the ImageNet normalisation is inside the graph). Outputs `anomaly_map` [B, 1, 256, 256] (the
@@ -402,9 +405,13 @@ def export_parser() -> ArgumentParser:
     p.add_argument("--check_images", type=int_at_least(1), default=100,
                    help="at most this many images of the run's scores.csv (a seeded subset) for the check")
     p.add_argument("--calibration_images", type=int_at_least(1), default=300,
-                   help="openvino int8: good training images that calibrate the quantisation (a seeded subset)")
+                   help="int8: good training images that calibrate the quantisation (openvino) and measure the "
+                        "layer selection (a seeded subset)")
     p.add_argument("--calibration_data", metavar="DIR",
-                   help="openvino int8: a folder of good images to calibrate on (default: the run's training images)")
+                   help="int8: a folder of good images to calibrate on (default: the run's training images)")
+    p.add_argument("--max_score_change", type=float_in(0, 1, low_open=True, high_open=True), default=0.005,
+                   help="int8: keep in float the blocks that quantisation makes move a good image's score by more "
+                        "than this share of it (measured; default 0.005: 0.5%%)")
     p.add_argument("--seed", type=int, default=0, help="chooses the check and calibration subsets")
     return p
 

@@ -115,14 +115,17 @@ def annotate(path: str, metadata: dict):
     onnx.save(proto, path)
 
 
-def write_onnx(model: ExportedMapper, crop: int, path: str, precision: str, metadata: dict, work: str):
-    """The ONNX file at `path` in `precision` (quantize.py), with `metadata`."""
+def write_onnx(model: ExportedMapper, crop: int, path: str, precision: str, metadata: dict, work: str,
+               int8: quantize.Int8 | None = None):
+    """The ONNX file at `path` in `precision` (quantize.py), with `metadata` (and for int8 the blocks kept in
+    float, as int8_float_layers)."""
     plain = os.path.join(work, "fp32.onnx")
     export_onnx(model, crop, plain)
     if precision == "fp16":
         quantize.onnx_fp16(plain, os.path.join(work, "out.onnx"))
     elif precision == "int8":
-        quantize.onnx_int8(plain, os.path.join(work, "out.onnx"))
+        selection = quantize.onnx_int8(plain, os.path.join(work, "out.onnx"), int8)
+        metadata = {**metadata, "int8_float_layers": selection.metadata()}
     else:
         shutil.copyfile(plain, os.path.join(work, "out.onnx"))
     annotate(os.path.join(work, "out.onnx"), metadata)
@@ -130,16 +133,17 @@ def write_onnx(model: ExportedMapper, crop: int, path: str, precision: str, meta
 
 
 def write_openvino(model: ExportedMapper, crop: int, path: str, precision: str, metadata: dict, work: str,
-                   calibration: list[np.ndarray] | None):
+                   int8: quantize.Int8 | None = None):
     """The OpenVINO IR at `path` (.xml, and its .bin beside) in `precision`, converted from the ONNX graph by
     OpenVINO's own converter (its PyTorch front end lacks aten::cosine_similarity), with `metadata` in its
-    rt_info."""
+    rt_info (and for int8 the blocks kept in float, as int8_float_layers)."""
     import openvino as ov
     plain = os.path.join(work, "fp32.onnx")
     export_onnx(model, crop, plain)
     ov_model = ov.convert_model(plain)
     if precision == "int8":
-        ov_model = quantize.openvino_int8(ov_model, calibration)
+        ov_model, selection = quantize.openvino_int8(ov_model, int8)
+        metadata = {**metadata, "int8_float_layers": selection.metadata()}
     for key, value in metadata.items():
         ov_model.set_rt_info(json.dumps(value), [exported.NAMESPACE, key])
     staged = os.path.join(work, "model.xml")
@@ -301,6 +305,7 @@ class ExportOptions:
     check_images: int = 100
     calibration_images: int = quantize.CALIBRATION_IMAGES
     calibration_data: str | None = None
+    max_score_change: float = quantize.MAX_SCORE_CHANGE
     seed: int = 0
 
 
@@ -334,11 +339,13 @@ def main(options: ExportOptions):
         raise UserError(f"{model_path} is a model of {recipe.modality} inputs (pairs of two modalities), whose ONNX "
                         f"export with two inputs is not written yet; use predict.py or the Detector")
     crop = recipe.crop_size
-    calibration_crops = None
-    if fmt == "openvino" and precision == "int8":  # the images first: a missing data folder stops at once
-        paths = quantize.training_images(run_dir, options.calibration_data, options.calibration_images, options.seed)
-        quantize.log_calibration(paths, options.calibration_data)
-        calibration_crops = quantize.crops(paths, recipe.image_size, crop)
+    int8 = None
+    if precision == "int8":  # the images first: a missing data folder stops at once
+        held, paths = quantize.training_images(run_dir, options.calibration_data, options.calibration_images,
+                                               options.seed)
+        quantize.log_calibration(held, paths, options.calibration_data)
+        int8 = quantize.Int8(*(quantize.crops(p, recipe.image_size, crop) for p in (paths, held)),
+                             options.max_score_change)
     exported_mapper = for_export(mapper, crop)
     if calibration:
         check_settings(exported_mapper, calibration, calib_path, model_path)
@@ -350,9 +357,9 @@ def main(options: ExportOptions):
     written = [options.out] + ([os.path.splitext(options.out)[0] + ".bin"] if fmt == "openvino" else [])
     with tempfile.TemporaryDirectory(prefix="export_", dir=os.path.dirname(os.path.abspath(options.out))) as work:
         if fmt == "onnx":
-            write_onnx(model, crop, options.out, precision, meta, work)
+            write_onnx(model, crop, options.out, precision, meta, work, int8)
         else:
-            write_openvino(model, crop, options.out, precision, meta, work, calibration_crops)
+            write_openvino(model, crop, options.out, precision, meta, work, int8)
     rows = check_images(run_dir, options.check_images, options.seed)
     try:
         check(model, options.out, fmt, precision, rows, calibration, recipe.image_size, crop, options.check_batch)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinomaly import checkpoints, class_finder, cli, exported, models, predict
+from dinomaly import checkpoints, class_finder, cli, exported, models, predict, quantize
 from dinomaly import dataset as ds
 from dinomaly.anomaly_map import AnomalyMapper
 from dinomaly.errors import UserError
@@ -382,16 +382,43 @@ def test_missing_openvino_says_what_to_install(runs, tmp_path, capsys, monkeypat
 
 # ----------------------------------------------------------------------------------------------- INT8 and fp16
 
+def sensitive_copy(run, folder):
+    """A copy of `run` whose decoder block 3 quantisation breaks and float does not: its second LayerNorm's
+    channel 0 scaled up 1000x and fc1's weights of that channel down 1000x (the same function in float, but an
+    outlier channel in fc1's input, which int8 activations quantised per tensor cannot resolve)."""
+    shutil.copytree(run, folder)
+    sd = torch.load(folder / "model.pth", weights_only=True)
+    sd["decoder.3.norm2.weight"][0] *= 1000
+    sd["decoder.3.norm2.bias"][0] *= 1000
+    sd["decoder.3.mlp.fc1.weight"][:, 0] /= 1000
+    torch.save(sd, folder / "model.pth")
+    return folder
+
+
 @pytest.mark.parametrize("out", ["int8.xml", "int8.onnx", "fp16.xml"])
 def test_int8_and_fp16_exports_work_end_to_end(out, runs, data, tmp_path, capsys):
     precision = out.split(".")[0]
     path = tmp_path / out
-    assert call(cli.export_main, ["--checkpoint", runs["dinomaly"], "--out", path, "--precision", precision,
-                                  "--calibration_images", "5"]) == 0
+    run, bound = runs["dinomaly"], []
+    if out == "int8.onnx":  # the layer selection finds the block that quantisation breaks, and keeps it float
+        run, bound = sensitive_copy(runs["dinomaly"], tmp_path / "sensitive"), ["--max_score_change", "0.02"]
+    elif out == "int8.xml":  # a loose bound: no block kept float (the selection's search is the ONNX case's)
+        bound = ["--max_score_change", "0.5"]
+    assert call(cli.export_main, ["--checkpoint", run, "--out", path, "--precision", precision,
+                                  "--calibration_images", "5", *bound]) == 0
     log = capsys.readouterr().out
     fmt = "openvino" if out.endswith(".xml") else "onnx"
-    if out == "int8.xml":  # NNCF, calibrated on a seeded subset of the run's own 12 training images (6 a class)
+    if precision == "int8":  # calibrated on a seeded subset of the run's own 12 training images (6 a class)
         assert "INT8 calibration on 5 good images (the run's training images, a seeded subset" in log
+        assert "layer selection measured on 6 others" in log
+        kept = exported.Graph(path).metadata["int8_float_layers"]
+        assert kept["max_score_change"] == float(bound[1]) and kept["measured_on_good_images"] == 6
+        if out == "int8.onnx":
+            assert kept["score_change_all_int8"] > 0.02 >= kept["score_change"] and kept["kept"] == ["decoder.3"]
+            assert ("more than --max_score_change 2.000%: kept in float, the most sensitive first, decoder.3 "
+                    "(alone in float: ") in log
+        else:
+            assert kept["kept"] == [] and "within --max_score_change 50.000%: no block kept in float" in log
     assert f"{fmt} {precision} against PyTorch on 8 images of the run's scores.csv: largest score difference" in log
     assert "image AUROC" in log and "decisions with the run's thresholds:" in log
     graph = exported.Graph(path)
@@ -406,6 +433,34 @@ def test_int8_and_fp16_exports_work_end_to_end(out, runs, data, tmp_path, capsys
     assert call(cli.predict_main, ["--checkpoint", path, "--input", *images, "--out", tmp_path / "p",
                                    "--num_workers", "0"]) == 0
     assert len(read_rows(tmp_path / "p")) == 8
+
+
+def test_the_int8_bound_must_be_a_share(runs, tmp_path, capsys):
+    for bad in ["0", "1", "-0.1", "half"]:
+        assert call(cli.export_main, ["--checkpoint", runs["dinomaly"], "--out", tmp_path / "m.onnx", "--precision",
+                                      "int8", "--max_score_change", bad]) == 2
+        assert "--max_score_change" in error_line(capsys)
+    assert not os.listdir(tmp_path)
+
+
+def test_the_selection_keeps_the_fewest_most_sensitive_blocks():
+    # scores of 4 images: each block adds its own error; "b" and "d" break the scores, "a" and "c" barely move them
+    effect = {"a": 0.001, "b": 0.05, "c": 0.002, "d": 0.03}
+    reference = np.array([1.0, 2.0, 0.5, 1.5])
+    tried = []
+
+    def scores_with(kept):
+        tried.append(sorted(kept))
+        return reference * (1 + sum(e for g, e in effect.items() if g not in kept))
+
+    s = quantize.select_float(list(effect), scores_with, reference, 0.01)
+    assert s.kept == ["b", "d"] and s.chosen == pytest.approx(0.003) and s.all_int8 == pytest.approx(0.083)
+    assert s.alone == pytest.approx({g: 0.083 - e for g, e in effect.items()})
+    assert len(tried) == 1 + 4 + 2  # all quantised, each alone float, the bisection over the ranking
+    loose = quantize.select_float(list(effect), scores_with, reference, 0.1)
+    assert loose.kept == [] and not loose.alone and "no block kept in float" in loose.report("x")
+    tight = quantize.select_float(list(effect), scores_with, reference, 0.0001)  # all float: the fp32 graph
+    assert tight.kept == ["b", "d", "c", "a"] and tight.chosen == 0
 
 
 def test_int8_calibration_without_the_training_images_is_one_line(runs, tmp_path, capsys):
