@@ -401,7 +401,7 @@ def test_int8_and_fp16_exports_work_end_to_end(out, runs, data, tmp_path, capsys
     path = tmp_path / out
     run, bound = runs["dinomaly"], []
     if out == "int8.onnx":  # the layer selection finds the block that quantisation breaks, and keeps it float
-        run, bound = sensitive_copy(runs["dinomaly"], tmp_path / "sensitive"), ["--max_score_change", "0.02"]
+        run, bound = sensitive_copy(runs["dinomaly"], tmp_path / "sensitive"), ["--max_score_change", "0.04"]
     elif out == "int8.xml":  # a loose bound: no block kept float (the selection's search is the ONNX case's)
         bound = ["--max_score_change", "0.5"]
     assert call(cli.export_main, ["--checkpoint", run, "--out", path, "--precision", precision,
@@ -414,8 +414,8 @@ def test_int8_and_fp16_exports_work_end_to_end(out, runs, data, tmp_path, capsys
         kept = exported.Graph(path).metadata["int8_float_layers"]
         assert kept["max_score_change"] == float(bound[1]) and kept["measured_on_good_images"] == 6
         if out == "int8.onnx":
-            assert kept["score_change_all_int8"] > 0.02 >= kept["score_change"] and kept["kept"] == ["decoder.3"]
-            assert ("more than --max_score_change 2.000%: kept in float, the most sensitive first, decoder.3 "
+            assert kept["score_change_all_int8"] > 0.04 >= kept["score_change"] and kept["kept"] == ["decoder.3"]
+            assert ("more than --max_score_change 4.000%: kept in float, the most sensitive first, decoder.3 "
                     "(alone in float: ") in log
         else:
             assert kept["kept"] == [] and "within --max_score_change 50.000%: no block kept in float" in log
@@ -482,7 +482,7 @@ def test_benchmark_deploy_runs_and_writes_json(tmp_path):
     # in a process of its own, as a user runs it: the runtimes' thread pools stay out of the test process
     path = tmp_path / "deploy.json"
     argv = ["deploy", "--models", f"{TINY}:{CROP}", "--batch_sizes", "1", "2", "--warmup", "0", "--iters", "2",
-            "--calibration_images", "2", "--roofline_size", "64", "--compile", "eager", "--runtimes", "eager",
+            "--calibration_images", "2", "--max_score_change", "0.5", "--roofline_size", "64", "--compile", "eager", "--runtimes", "eager",
             "compile", "ort", "ort_int8", "ov", "ov_int8", "ort_cuda", "--profile", "1", "--threads", "1", "--json",
             str(path)]
     code = ("import sys; sys.path[:0] = ['tests', '.']; from conftest import TINY, TINY_CFG; from dinomaly import "
