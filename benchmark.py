@@ -11,8 +11,8 @@
 and the CRR Stage II step, with train.py's losses and optimisers and each method's recipe (recipes.py); `infer`
 times anomaly_map.AnomalyMapper (images/s, ms/image) for the Dinomaly map and CRR's fused map. The steps and tasks
 `dinomaly2_rgbd` and `dinomaly2_rgbir` (not run by default) are Dinomaly2 on pairs, with the recipes of
-dinomaly2_mvtec3d.py and dinomaly2_mulsen.py (but --encoder): there img/s counts samples, a pair as one. Both run each in two modes in one process and
-print the ratio fast / reference:
+dinomaly2_mvtec3d.py and dinomaly2_mulsen.py (but --encoder): there img/s counts samples, a pair as one. Both
+run each in two modes in one process and print the ratio fast / reference:
 - reference: fp32, eager, every image decoded and resized by PIL at every step, no pinned memory, the reference
   code's training step (the loss read back every step), CRR Stage I in two forward passes, the frozen CRR
   model's masks drawn on the CPU: as the reference code runs, except in two ways that flatter it: Stage I's
@@ -40,7 +40,8 @@ loopback load test of serve.py (its own process) against predict.py's path in th
 Without --data_path, a dataset is generated (prepare_data/make_demo_data.py, Real-IAD layout, JPEG images of
 --source_size px) in a temporary folder; for the pair steps, pairs (prepare_data/make_demo_pairs.py, the depth
 prepared by prepare_data/prepare_mvtec3d.py as a user prepares MVTec 3D-AD once). With --data_path, the steps
-run on that dataset: an image dataset for the image steps, --dataset mvtec3d or mulsen for its pair step. Weights are random: speed does not depend on them.
+run on that dataset: an image dataset for the image steps, --dataset mvtec3d or mulsen for its pair step.
+Weights are random: speed does not depend on them.
 """
 import argparse
 import collections
@@ -286,9 +287,10 @@ def reconstruction_model(args, mode: Mode, method: str) -> models.ViTill:
 
 def step_and_loader(name: str, args, mode: Mode, samples: list[ds.Sample]):
     """(step function, loader) of the Dinomaly ("dinomaly"), Dinomaly2 ("dinomaly2", on pairs "dinomaly2_rgbd",
-    "dinomaly2_rgbir"), CRR Stage I ("crr_stage1") or Stage II ("crr_stage2") step in `mode`, with train.py's losses and optimisers and the method's recipe, at the
-    hard-mining share after the ramp (the steady state of a long run). The fast mode runs train.train_step, the
-    training loop's step; the reference mode the reference code's (backward, clip, step, loss.item())."""
+    "dinomaly2_rgbir"), CRR Stage I ("crr_stage1") or Stage II ("crr_stage2") step in `mode`, with train.py's
+    losses and optimisers and the method's recipe, at the hard-mining share after the ramp (the steady state of a
+    long run). The fast mode runs train.train_step, the training loop's step; the reference mode the reference
+    code's (backward, clip, step, loss.item())."""
     device = args.device
     speed.configure(mode.precision)
     torch.backends.cudnn.benchmark = mode.cudnn_benchmark

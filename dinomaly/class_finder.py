@@ -3,10 +3,11 @@ class's thresholds without --class_name.
 
 An image's features are its encoder's group features pooled over the patch grid (anomaly_map.pooled_features:
 unit vectors); a pair of two modalities has one feature: an RGB + depth pair its fused input's, an RGB + infrared
-pair its two images' side by side, so that both images decide its class. A class's prototype is the normalised mean of the features of its training images (at most
-MAX_IMAGES, chosen with the seed); its radius is the largest distance (1 - cosine) of those images to it. Both
-are computed at the end of each evaluation (evaluate.py) and saved as class_prototypes.pt in the run folder (a
-few kB: tensors and the class names, read with weights_only=True).
+pair its two images' side by side, so that both images decide its class. A class's prototype is the normalised
+mean of the features of its training images (at most MAX_IMAGES, chosen with the seed); its radius is the
+largest distance (1 - cosine) of those images to it. Both are computed at the end of each evaluation
+(evaluate.py) and saved as class_prototypes.pt in the run folder (a few kB: tensors and the class names, read
+with weights_only=True).
 
 An image belongs to the class at the smallest distance d1; its confidence is 1 - d1 / d2, d2 the distance to
 the second nearest prototype (0: halfway between two classes, 1: on its prototype; 1 for a one-class run). It

@@ -120,7 +120,7 @@ def overlay(rgb: np.ndarray | tuple[np.ndarray, np.ndarray], p: Prediction, dete
     if isinstance(rgb, tuple):
         rgb, image = rgb
         if p.pair_map is None:  # RGB + depth: the pair's one map over both
-            second = "RGB image: the pair's map", "depth (coloured): the pair's map", image, p.anomaly_map, p.mask
+            second = "RGB image: the pair's map", "depth (grey): the pair's map", image, p.anomaly_map, p.mask
         else:
             mask = p.is_anomalous & p.seen & (np.nan_to_num(p.pair_map) >= p.mask_threshold)
             second = "RGB image: its map", "infrared image: its map", image, p.pair_map, mask

@@ -110,7 +110,8 @@ def colorbar(height: int, color_range: tuple[float, float], marks: dict[str, flo
 
 
 PAIR_TITLES = {None: (("image", "ground truth", "anomaly map"),),  # a pair's kind -> its rows' panel titles
-               "depth": (("RGB image", "ground truth", "map over RGB"), ("depth (coloured)", "ground truth", "map over depth")),
+               "depth": (("RGB image", "ground truth", "map over RGB"),
+                         ("depth (coloured)", "ground truth", "map over depth (grey)")),
                "infrared": (("RGB image", "RGB ground truth", "RGB image's map"),
                             ("infrared image", "infrared ground truth", "infrared image's map"))}
 
@@ -129,19 +130,26 @@ def heatmap_panel(img: torch.Tensor, gt: torch.Tensor, amap: torch.Tensor, color
     rows = [(img[:3], gt, amap)] + ([(img[3:], second[1], second[2])] if second is not None else [])
     body = np.concatenate([
         np.concatenate([np.concatenate([text_band(size, title_h, title, scale=scale, thick=thick), p])
-                        for title, p in zip(titles, image_panels(to_uint8_image(x, size), g, m, color_range))], axis=1)
-        for titles, (x, g, m) in zip(PAIR_TITLES[second and second[0]], rows)])
+                        for title, p in zip(titles, image_panels(to_uint8_image(x, size), g, m, color_range, row > 0))],
+                       axis=1)
+        for row, (titles, (x, g, m)) in enumerate(zip(PAIR_TITLES[second and second[0]], rows))])
     body = np.concatenate([body, colorbar(len(body), color_range, marks, short_side=size + title_h)], axis=1)
     return np.concatenate([body, text_band(body.shape[1], title_h, caption, scale=scale, thick=thick)])
 
 
-def image_panels(rgb: np.ndarray, gt: torch.Tensor, amap: torch.Tensor,
-                 color_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(the image, the image with its ground truth outlined in red, its map over it)."""
+def image_panels(rgb: np.ndarray, gt: torch.Tensor, amap: torch.Tensor, color_range: tuple[float, float],
+                 grey_under: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the image, the image with its ground truth outlined in red, its map over it; with `grey_under` over the
+    image in grey: a pair's second image, whose colours (a coloured depth) would mix with the map's)."""
     outlined = rgb.copy()
     contours, _ = cv2.findContours(gt.cpu().numpy().astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(outlined, contours, -1, (255, 0, 0), 2)
-    return rgb, outlined, blend(rgb, colorize(amap.float().cpu().numpy(), color_range))
+    return rgb, outlined, blend(grey(rgb) if grey_under else rgb, colorize(amap.float().cpu().numpy(), color_range))
+
+
+def grey(rgb: np.ndarray) -> np.ndarray:
+    """An RGB uint8 picture in grey (its luminance in the three channels)."""
+    return np.repeat(cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
 
 
 def blend(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -167,7 +175,7 @@ def overlay_picture(rgb: np.ndarray, amap: np.ndarray, seen: np.ndarray, mask: n
     (anomalous) or green (normal). Enlargement stops at MAX_SIDE and text and colour bar follow the shorter
     side, so the picture takes a few times the image's own pixels (at least those of a 256 px square).
     A pair of modalities: `second` = (the RGB image's title, the second image's title, the second image, its map
-    and its mask, in the same geometry): the two side by side, each titled."""
+    and its mask, in the same geometry): the two side by side, each titled, the second in grey under its map."""
     h, w = seen.shape
     k = max(1, min(-(-256 // min(h, w)), MAX_SIDE // max(h, w)))
     scale, thick = _text_scale(min(h, w) * k)
@@ -177,7 +185,7 @@ def overlay_picture(rgb: np.ndarray, amap: np.ndarray, seen: np.ndarray, mask: n
         first_title, second_title, image, image_map, image_mask = second
         out = np.concatenate([np.concatenate([text_band(p.shape[1], title_h, title, scale=scale, thick=thick), p])
                               for title, p in ((first_title, out), (second_title, _overlay(
-                                  image, image_map, seen, image_mask, k, color_range, thick)))], axis=1)
+                                  grey(image), image_map, seen, image_mask, k, color_range, thick)))], axis=1)
     if len(out) < 256:  # a flat image (its enlargement bounded by MAX_SIDE): room for the colour bar below it
         out = np.pad(out, ((0, 256 - len(out)), (0, 0), (0, 0)), constant_values=255)
     body = np.concatenate([out, colorbar(len(out), color_range, marks, short_side=min(h, w) * k)], axis=1)

@@ -243,7 +243,7 @@ def test_pictures_show_each_image_with_its_own_map(ir_run):
     of that image and that map), labelled; the evaluation's heatmaps and gallery are drawn so."""
     from PIL import Image
 
-    from dinomaly.visualize import _text_scale, blend, colorize, heatmap_panel, to_uint8_image
+    from dinomaly.visualize import _text_scale, blend, colorize, grey, heatmap_panel, to_uint8_image
     img = torch.zeros(6, 56, 56)
     img[3:] = 1.5  # a light infrared image
     gt, rgb_map, ir_map = torch.zeros(256, 256), torch.zeros(256, 256), torch.full((256, 256), 2.0)
@@ -253,7 +253,8 @@ def test_pictures_show_each_image_with_its_own_map(ir_run):
         top = title + row * (256 + title)
         image = to_uint8_image(x, 256)
         assert np.array_equal(panel[top:top + 256, :256], image)
-        assert np.array_equal(panel[top:top + 256, 512:768], blend(image, colorize(m.numpy(), (0.0, 1.0))))
+        under = grey(image) if row else image  # the second image in grey under its map
+        assert np.array_equal(panel[top:top + 256, 512:768], blend(under, colorize(m.numpy(), (0.0, 1.0))))
     assert panel.shape[0] == 3 * title + 2 * 256
     heatmap = np.asarray(Image.open(next((ir_run / "heatmaps" / "dome").iterdir())))
     assert heatmap.shape[0] == panel.shape[0] and heatmap.shape[1] > 3 * 256
@@ -312,8 +313,8 @@ def test_torchrun_two_processes_equal_one(ir_run, pairs, tmp_path, monkeypatch):
     from conftest import ROOT
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         os.path.join("tests", "signal_run.py"), "none", "0", "dinomaly2_mulsen.py",
-                        *ir_argv(pairs, tmp_path, "ddp"), "--batch_size", "2", "--total_iters", "1"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        *ir_argv(pairs, tmp_path, "ddp"), "--batch_size", "2", "--total_iters", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "evaluation shared by 2 processes" in (tmp_path / "ddp" / "log.txt").read_text()
     monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
