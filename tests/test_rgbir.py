@@ -274,11 +274,13 @@ def test_per_class_pairs(pairs, tmp_path, monkeypatch):
     assert all(np.isfinite(float(m[k])) for m in metrics.values() for k in ("I-AUROC", "P-AUROC", "IR-P-AUROC"))
     d = Detector(str(run), device="cpu")
     for c in ("dome", "block"):
+        scores = {r.split(",")[1]: float(r.split(",")[3]) for r in (run / c / "scores.csv").read_text().splitlines()[1:]}
         s = ds.mulsen_samples(pairs["mulsen"], c, "test")[-1]
-        expected = Detector(str(run / c), device="cpu")(s.image_path)
-        found = d(s.image_path)
-        assert found.class_match is not None and found.score == expected.score
-        assert np.array_equal(found.pair_map, expected.pair_map, equal_nan=True)
+        given = d.predict([s.image_path], [c])[0]  # its class's model: the score of that model's evaluation
+        assert given.class_name == c and given.pair_map is not None
+        np.testing.assert_allclose(given.score, scores[s.image_path], rtol=1e-5)
+        found = d(s.image_path)  # its class found by the pairs' prototypes
+        assert found.class_match is not None and found.class_match.class_name in ("dome", "block")
 
 
 def test_bf16_and_compile_on_pairs(ir_run, pairs, tmp_path, monkeypatch):
@@ -313,14 +315,14 @@ def test_torchrun_two_processes_equal_one(ir_run, pairs, tmp_path, monkeypatch):
     from conftest import ROOT
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         os.path.join("tests", "signal_run.py"), "none", "0", "dinomaly2_mulsen.py",
-                        *ir_argv(pairs, tmp_path, "ddp"), "--batch_size", "2", "--total_iters", "1"], cwd=ROOT,
+                        *ir_argv(pairs, tmp_path, "ddp")[:-1], "--batch_size", "2", "--total_iters", "1"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "evaluation shared by 2 processes" in (tmp_path / "ddp" / "log.txt").read_text()
     monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
     cli.run_script(dinomaly2_mulsen, ["--data_path", pairs["mulsen"], "--eval_only", "--checkpoint",
                                       str(tmp_path / "ddp"), "--save_dir", str(tmp_path), "--save_name", "single",
-                                      *SMALL[2:], "--batch_size", "3"])
+                                      *SMALL[2:-1], "--batch_size", "3"])
     for name, first in (("metrics.csv", 1), ("scores.csv", 3)):  # the names and labels, then the numbers
         with open(tmp_path / "ddp" / name) as f, open(tmp_path / "single" / name) as g:
             sharded, single = list(csv.reader(f)), list(csv.reader(g))
