@@ -326,6 +326,8 @@ def test_detector_and_predict_take_pairs(rgbd_run, pairs, tmp_path, monkeypatch)
                                                                                       "test")], out=str(out)))
     rows = (out / "predictions.csv").read_text().splitlines()[1:]
     assert len(rows) == 6 and all("/rgb/" in r.split(",")[0] for r in rows)
+    overlays = [np.asarray(Image.open(f)) for f in sorted((out / "overlays").iterdir())]
+    assert len(overlays) == 6 and all(o.shape[1] > 2 * 300 for o in overlays)  # image and depth, 100 px x 3 each
     for r in rows:
         np.testing.assert_allclose(float(r.split(",")[1]), scores[r.split(",")[0]], rtol=1e-5)
     pytest.importorskip("onnxruntime")

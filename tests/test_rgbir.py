@@ -154,6 +154,14 @@ def test_detector_takes_pairs(ir_run, pairs, monkeypatch):
     for s in ds.mulsen_samples(pairs["mulsen"], "block", "test")[::7]:
         for given in (s.image_path, (np.asarray(Image.open(s.image_path)), s.pair_path)):
             np.testing.assert_allclose(d(given).score, scores[s.image_path], rtol=1e-5)
+    # pair_map is the infrared image's own map: that of a pair whose first image is the infrared one
+    p = d(s.image_path)
+    np.testing.assert_allclose(p.pair_map, d((s.pair_path, s.pair_path)).anomaly_map, rtol=1e-5)
+    assert not np.allclose(p.pair_map, p.anomaly_map, equal_nan=True)
+    from dinomaly.predict import overlay
+    from dinomaly.scoring import pair_input
+    picture = overlay(pair_input(s.image_path, "rgbir", 64, 56)[2], p, d)  # predict.py's: both images side by side
+    assert picture.shape[1] > 2 * 256 and picture.shape[0] < 2 * 256
 
 
 def test_sharded_evaluation_merges_to_one_process(pairs, tmp_path, monkeypatch):
