@@ -30,7 +30,12 @@ copies the same weights into ours (strict loads both ways), then compares in flo
   prepare_data/prepare_mvtec3d.py, input for input;
 - RGB + infrared: the preview's Dinomaly forward on cat([rgb, infrared]) and its evaluation_batch_rgbinfra (maps of
   both modalities, object scores and labels) against our model with modality "rgbir" and its pair score (the
-  mean of the two: twice it is the preview's sum).
+  mean of the two: twice it is the preview's sum); its MulSen-AD reader (dataset_mulsen.py's TrainDataset and
+  TestDataset) against ours on a folder of prepare_data/make_demo_pairs.py, pair for pair (labels, RGB and
+  infrared tensors, masks), and on altered copies that show its defects. dataset_mulsen.py imports open3d and
+  calls it only for depth maps, which dinomaly_mulsen.py does not ask for: without open3d a stub stands in that
+  fails on any use; with it (e.g. pip install --target DIR open3d; PYTHONPATH=DIR) the generated point clouds are
+  also read through it.
 
 Prints a table of the gaps and exits with status 1 when a check misses its target. Nothing of the preview is
 copied here: its modules are imported, and only the order of the calls of its training loop is restated.
@@ -793,6 +798,187 @@ def rgbd_checks(P, encoder, args, table):
 
 # ----------------------------------------------------------------------------------------------- RGB + infrared
 
+def preview_mulsen_reader(path: str) -> tuple[types.ModuleType, bool]:
+    """The preview's dataset_mulsen module and whether open3d is a stub. The module imports open3d at its top but
+    calls it only to turn the .stl point clouds into depth maps (depth=True), which dinomaly_mulsen.py never asks
+    for; without open3d a stub stands in whose every attribute raises, so a call would fail the check loudly."""
+    stubbed = False
+    try:
+        importlib.import_module("open3d")
+    except ImportError:
+        stub = types.ModuleType("open3d")
+
+        def refuse(name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            raise RuntimeError(f"the preview's MulSen-AD reader called open3d.{name}, which the stub replaces")
+        stub.__getattr__ = refuse
+        sys.modules["open3d"] = stub
+        stubbed = True
+    sys.path.insert(0, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module("dataset_mulsen"), stubbed
+    finally:
+        sys.path.remove(path)
+
+
+def by_kind(paths) -> dict:
+    """{kind folder: [file names in order]} of image paths, the order within each kind kept."""
+    out = {}
+    for p in paths:
+        out.setdefault(os.path.dirname(p), []).append(os.path.basename(p))
+    return out
+
+
+def stl_vertices(path: str) -> np.ndarray:
+    """The distinct vertices of a binary STL file, read with NumPy (80-byte header, count, 50-byte triangles)."""
+    rows = np.fromfile(path, dtype=[("n", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")], offset=84)
+    return np.unique(rows["v"].reshape(-1, 3).astype(np.float64), axis=0)
+
+
+def rgbir_reader_defects(M, tf, gtf, root: str, work: str, table: list):
+    """The preview's reader on altered copies of a MulSen-layout folder, beside ours: a missing infrared image,
+    data.csv rows in another order than the files, no Pointcloud/ folder, a parent folder named with 'test'."""
+    import csv
+    import shutil
+    from dinomaly.errors import UserError
+
+    def copy(name):
+        dst = os.path.join(work, name, "mulsen")
+        shutil.copytree(root, dst)
+        return dst
+
+    def ours(r, phase, cls="dome"):
+        try:
+            return our_ds.mulsen_samples(r, cls, phase)
+        except UserError as e:
+            return e
+
+    # 1. one infrared training image missing: the preview zips the sorted lists, ours pairs by name
+    r = copy("missing")
+    os.remove(os.path.join(r, "dome", "Infrared", "train", "0.png"))
+    theirs = M.TrainDataset(class_name="dome", transform=tf, gt_transform=gtf, depth=False, dataset_path=r)
+    shifted = sum(os.path.basename(a) != os.path.basename(b) for a, b, _ in theirs.img_paths)
+    err = ours(r, "train")
+    named = isinstance(err, UserError) and os.path.join("RGB", "train", "0.png") in str(err)
+    table.append(("rgbir reader: an infrared training image missing",
+                  f"preview: {shifted} of {len(theirs)} pairs silently of two different samples; ours: "
+                  f"{'an error naming RGB/train/0.png' if named else err}", named))
+    # 2. data.csv rows not in the files' order: the preview labels by position, ours by the object's name
+    r = copy("rows")
+    csv_path = os.path.join(r, "dome", "RGB", "GT", "stain", "data.csv")
+    with open(csv_path, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    rows[0][1:] = ["0", "0", "1"]  # sample 0: a point-cloud defect only (no RGB mask needed)
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows[::-1]])
+    truth = {row[0]: tuple(int(v) for v in row[1:]) for row in rows}
+    theirs = M.TestDataset(class_name="dome", transform=tf, gt_transform=gtf, depth=False, dataset_path=r)
+    wrong_p = sum(tuple(lab) != truth[os.path.splitext(os.path.basename(p[0]))[0]]
+                  for p, lab in zip(theirs.img_paths, theirs.labels) if os.sep + "stain" + os.sep in p[0])
+    got = ours(r, "test")
+    wrong_o = sum(s.modal_labels != truth[os.path.splitext(os.path.basename(s.image_path))[0]]
+                  for s in got if os.sep + "stain" + os.sep in s.image_path) if isinstance(got, list) else -1
+    table.append(("rgbir reader: data.csv rows in another order than the files",
+                  f"preview: {wrong_p} of {len(rows)} samples get another sample's labels; ours: {wrong_o}",
+                  wrong_o == 0))
+    # 3. no point clouds: the preview's zip with the empty list empties every split
+    r = copy("no_pc")
+    shutil.rmtree(os.path.join(r, "dome", "Pointcloud"))
+    theirs = M.TrainDataset(class_name="dome", transform=tf, gt_transform=gtf, depth=False, dataset_path=r)
+    try:
+        M.TestDataset(class_name="dome", transform=tf, gt_transform=gtf, depth=False, dataset_path=r)
+        test_p = "read"
+    except AssertionError:
+        test_p = "fails its assertion"
+    got = ours(r, "train")
+    table.append(("rgbir reader: no Pointcloud/ folder",
+                  f"preview: {len(theirs)} training pairs, test set {test_p}; ours: "
+                  f"{len(got) if isinstance(got, list) else got} training pairs", isinstance(got, list) and len(got) > 0))
+    # 4. a parent folder named with 'test': the preview finds masks by path.replace('test', 'GT') on the whole path
+    r = os.path.join(work, "latest", "mulsen")
+    shutil.copytree(root, r)
+    theirs = M.TestDataset(class_name="dome", transform=tf, gt_transform=gtf, depth=False, dataset_path=r)
+    try:
+        for i in range(len(theirs)):
+            theirs[i]
+        masks_p = "read"
+    except FileNotFoundError as e:
+        masks_p = f"FileNotFoundError for {os.path.relpath(e.filename, work)}"
+    got = ours(r, "test")
+    ok = isinstance(got, list) and all(s.mask_path is None or os.path.isfile(s.mask_path) for s in got)
+    table.append(("rgbir reader: the data under a folder named 'latest'",
+                  f"preview: {masks_p}; ours: {'every mask found' if ok else got}", ok))
+
+
+def rgbir_data_checks(P, path: str, table: list, size: int = 70, crop: int = 56):
+    """Our MulSen-AD reader (dataset.mulsen_samples, TrainDataset, TestDataset) against the preview's
+    dataset_mulsen.TrainDataset and TestDataset (as dinomaly_mulsen.py builds them: depth=False) on a folder of
+    prepare_data/make_demo_pairs.py (RGB, Infrared and Pointcloud .stl files, data.csv): the same samples and
+    pairs in the same order within each kind, the same labels (RGB, infrared, point cloud) and object label,
+    the same RGB and infrared tensors and the same masks (ours binarised at 0.5, as --gt_binarize mulsen does at
+    evaluation; the preview's reader binarises them); then the preview's defects on altered copies. With open3d
+    installed, it also reads the generated point clouds (the preview's depth path), vertex for vertex."""
+    from prepare_data.make_demo_pairs import CLASSES, make_demo_pairs
+    M, stubbed = preview_mulsen_reader(path)
+    tf, gtf = M.get_data_transforms(size, crop)
+    with tempfile.TemporaryDirectory(prefix="mulsen_") as work:
+        root = make_demo_pairs(os.path.join(work, "demo"), size=64, seed=2, n_train=3, n_test_good=2,
+                               n_test_bad=2)["mulsen"]
+        n_train = n_test = n_masks = 0
+        worst_in = worst_mask = 0.0
+        problems = []
+        for cls in CLASSES:
+            theirs = M.TrainDataset(class_name=cls, transform=tf, gt_transform=gtf, depth=False, dataset_path=root)
+            samples = our_ds.mulsen_samples(root, cls, "train")
+            ours = our_ds.TrainDataset(samples, size, crop)
+            if [tuple(p[:2]) for p in theirs.img_paths] != [(s.image_path, s.pair_path) for s in samples]:
+                problems.append(f"{cls} train: pairs or order differ")
+            for i in range(len(theirs)):
+                (img, infra), label = theirs[i]
+                x = ours[i]
+                worst_in = max(worst_in, (x[:3] - img).abs().max().item(), (x[3:] - infra).abs().max().item())
+                problems += [f"{cls} train {i}: label {label}"] if label != 0 else []
+            n_train += len(theirs)
+
+            theirs = M.TestDataset(class_name=cls, transform=tf, gt_transform=gtf, depth=False, dataset_path=root)
+            samples = our_ds.mulsen_samples(root, cls, "test")
+            ours = our_ds.TestDataset(samples, size, crop)
+            if by_kind(p[0] for p in theirs.img_paths) != by_kind(s.image_path for s in samples):
+                problems.append(f"{cls} test: samples or their order within a kind differ")
+            index = {s.image_path: i for i, s in enumerate(samples)}
+            for i in range(len(theirs)):
+                (img, infra), label, (m_rgb, m_ir), (rgb_path, ir_path) = theirs[i]
+                j = index[rgb_path]
+                s, (x, mask, obj, _, _) = samples[j], ours[j]
+                if s.pair_path != ir_path or s.modal_labels != tuple(label) or obj != max(label):
+                    problems.append(f"{rgb_path}: ours {s.pair_path} {s.modal_labels} {obj}, preview {ir_path} "
+                                    f"{tuple(label)} {max(label)}")
+                worst_in = max(worst_in, (x[:3] - img).abs().max().item(), (x[3:] - infra).abs().max().item())
+                worst_mask = max(worst_mask, ((mask > 0.5).float() - torch.cat([m_rgb, m_ir])).abs().max().item())
+                n_masks += int(m_rgb.any()) + int(m_ir.any())
+            n_test += len(theirs)
+        table.append((f"rgbir: dataset_mulsen's TrainDataset/TestDataset vs our reader, {n_train} training and "
+                      f"{n_test} test pairs of {len(CLASSES)} classes (open3d {'stubbed' if stubbed else 'real'})",
+                      f"{'; '.join(problems[:3]) or 'same pairs, order within each kind, labels (RGB, IR, PC), object labels'}; "
+                      f"RGB and IR inputs max abs {worst_in:.2e}, masks ({n_masks} not empty) {worst_mask:.2e}",
+                      not problems and worst_in == 0 and worst_mask == 0 and n_masks > 0))
+        rgbir_reader_defects(M, tf, gtf, root, os.path.join(work, "altered"), table)
+        if stubbed:
+            print("open3d is not installed: the generated point clouds are not read with it (the comparison of the "
+                  "readers does not need it: dinomaly_mulsen.py's reader never calls open3d)")
+            return
+        import open3d
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".stl"))
+        same = sum(np.array_equal(np.unique(np.asarray(open3d.io.read_triangle_mesh(f).vertices), axis=0),
+                                  stl_vertices(f)) for f in files)
+        table.append((f"rgbir: the generated point clouds through open3d {open3d.__version__} "
+                      f"(read_triangle_mesh, the preview's depth path)",
+                      f"{same} of {len(files)} files with the written vertices", same == len(files) > 0))
+
+
 def rgbir_checks(P, encoder, args, table):
     """The preview's Dinomaly on cat([rgb, infrared]) (dinomaly_mulsen.py's training forward) and its
     evaluation_batch_rgbinfra (object scores and both modalities' maps, captured where it hands them to the metrics)
@@ -844,6 +1030,7 @@ def rgbir_checks(P, encoder, args, table):
     table.append((f"{tag}: object scores (the sum of the two; ours, the mean, doubled) and labels (largest of three)",
                   f"max abs {gap_s:.2e}; labels {'all 1 as expected' if same_labels else obj_labels.tolist()}",
                   gap_s < 5e-5 and same_labels))
+    rgbir_data_checks(P, os.path.abspath(args.preview), table)
 
 
 def main():

@@ -9,9 +9,10 @@ Writes two classes of objects on a tilted table, `dome` and `block`, in two layo
   pixel, the table 0.6 m from the camera, the object up to 2 cm above it), with a few missing points (zeros) and a
   small cluster of stray points above the table. Test kinds: `good`, `dent` (a dent in the object's surface, seen
   in the depth only) and `stain` (a stain, seen in the colour only); gt the defect's mask.
-- `<out>/mulsen_demo/<class>/{RGB,Infrared}/{train,test/<kind>,GT/<kind>}/<n>.png` and
-  `RGB/GT/<kind>/data.csv` (object, RGB, Infrared and point-cloud labels): MulSen-AD's layout. The infrared image
-  is the object's heat (warm object, cool table). Test kinds: `good`, `hotspot` (a hot spot, seen in the infrared
+- `<out>/mulsen_demo/<class>/{RGB,Infrared}/{train,test/<kind>,GT/<kind>}/<n>.png`,
+  `RGB/GT/<kind>/data.csv` (object, RGB, Infrared and point-cloud labels) and `Pointcloud/{train,test/<kind>}/<n>.stl`
+  (a coarse binary STL mesh of the object's surface; our reader does not read it, the preview's pairs it with the
+  images): MulSen-AD's layout. The infrared image is the object's heat (warm object, cool table). Test kinds: `good`, `hotspot` (a hot spot, seen in the infrared
   image only), `stain` (seen in the RGB image only), `crack` (both) and `inner` (labelled in the point cloud only,
   seen in neither image, as MulSen-AD's internal defects).
 
@@ -108,6 +109,23 @@ def _stain(rng, rgb: np.ndarray, fg: np.ndarray, size: int) -> tuple[np.ndarray,
     return rgb * (1 - 0.6 * spot[..., None]) + 0.6 * spot[..., None] * np.array([0.2, 0.15, 0.1]), spot > 0.3
 
 
+def _save_stl(path: str, h: np.ndarray, step: int = 8):
+    """A binary STL of the height map h [S, S] (metres) sampled every `step` pixels: two triangles a grid cell,
+    vertices (x, y, height) in metres."""
+    idx = np.arange(0, h.shape[0], step)
+    yy, xx = np.meshgrid(idx, idx, indexing="ij")
+    v = np.stack([xx * SPACING, yy * SPACING, h[yy, xx]], axis=-1)
+    a, b, c, d = v[:-1, :-1], v[:-1, 1:], v[1:, :-1], v[1:, 1:]
+    tri = np.concatenate([np.stack([a, c, b], -2).reshape(-1, 3, 3), np.stack([b, c, d], -2).reshape(-1, 3, 3)])
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True)
+    rows = np.zeros(len(tri), dtype=[("n", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
+    rows["n"], rows["v"] = normal, tri
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"make_demo_pairs: object surface".ljust(80, b" ") + np.uint32(len(tri)).tobytes() + rows.tobytes())
+
+
 def make_mvtec3d_demo(root: str, size: int, seed: int, n_train: int, n_test_good: int, n_test_bad: int):
     """The RGB + depth classes in MVTec 3D-AD's layout under `root` (see the module)."""
     for ci, name in enumerate(CLASSES):
@@ -141,6 +159,7 @@ def make_mulsen_demo(root: str, size: int, seed: int, n_train: int, n_test_good:
             n = i if i < n_train else i - n_train
             _save(os.path.join(root, name, "RGB", split, f"{n}.png"), _u8(_rgb(rng, name, h, fg, size)))
             _save(os.path.join(root, name, "Infrared", split, f"{n}.png"), _u8(_infrared(rng, h, fg, size)))
+            _save_stl(os.path.join(root, name, "Pointcloud", split, f"{n}.stl"), h)
         for kind, labels in KINDS_IR.items():
             rows = []
             for n in range(n_test_bad):
@@ -160,6 +179,7 @@ def make_mulsen_demo(root: str, size: int, seed: int, n_train: int, n_test_good:
                     _save(os.path.join(root, name, modality, "test", kind, f"{n}.png"), image)
                     if mask is not None:
                         _save(os.path.join(root, name, modality, "GT", kind, f"{n}.png"), mask.astype(np.uint8) * 255)
+                _save_stl(os.path.join(root, name, "Pointcloud", "test", kind, f"{n}.stl"), h)
                 rows.append([str(n), *map(str, labels)])
             os.makedirs(os.path.join(root, name, "RGB", "GT", kind), exist_ok=True)
             with open(os.path.join(root, name, "RGB", "GT", kind, "data.csv"), "w", newline="") as f:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,3 +48,19 @@ def test_quick_run_against_the_preview():
     r = subprocess.run([sys.executable, SCRIPT, "--preview", os.environ["DINOMALY2_PREVIEW"], "--quick"],
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_stl_of_the_demo_data_reads_back_as_its_grid(tmp_path):
+    from prepare_data.make_demo_pairs import SPACING, _save_stl
+    h = np.arange(20 * 20, dtype=np.float64).reshape(20, 20) * 1e-4
+    path = str(tmp_path / "s.stl")
+    _save_stl(path, h, step=8)
+    grid = {(x * SPACING, y * SPACING, h[y, x]) for y in (0, 8, 16) for x in (0, 8, 16)}
+    got = conf.stl_vertices(path)
+    assert os.path.getsize(path) == 84 + 50 * 2 * 2 * 2  # 2 x 2 cells, two triangles each
+    assert len(got) == 9 and np.allclose(sorted(got.tolist()), sorted(grid), atol=1e-7)
+
+
+def test_by_kind_keeps_the_order_within_each_folder():
+    paths = [os.path.join("a", "2.png"), os.path.join("b", "1.png"), os.path.join("a", "10.png")]
+    assert conf.by_kind(paths) == {"a": ["2.png", "10.png"], "b": ["1.png"]}

@@ -60,6 +60,19 @@ def test_pairing_and_labels_against_brute_force(pairs):
     assert all(s.pair_path.replace("Infrared", "RGB") == s.image_path for s in train)
 
 
+def test_demo_data_has_a_point_cloud_per_sample(pairs):
+    """MulSen-AD's layout holds a Pointcloud/.../<n>.stl per sample (the preview's reader pairs them; ours does not
+    read them): the same names as the RGB images, each a binary STL whose size matches its triangle count."""
+    cls = os.path.join(pairs["mulsen"], "dome")
+    for split in ["train"] + [os.path.join("test", k) for k in os.listdir(os.path.join(cls, "RGB", "test"))]:
+        rgb = sorted(n[:-4] for n in os.listdir(os.path.join(cls, "RGB", split)))
+        pc = sorted(n[:-4] for n in os.listdir(os.path.join(cls, "Pointcloud", split)))
+        assert pc == rgb, split
+    stl = os.path.join(cls, "Pointcloud", "train", "0.stl")
+    n = int(np.frombuffer(open(stl, "rb").read()[80:84], "<u4")[0])
+    assert n == 2 * 7 * 7 and os.path.getsize(stl) == 84 + 50 * n  # 64 px sampled every 8: 7 x 7 cells
+
+
 def test_pairing_is_by_name_not_by_order(pairs, tmp_path):
     root = tmp_path / "m"
     shutil.copytree(os.path.join(pairs["mulsen"], "dome"), root / "dome")
