@@ -951,7 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--iters", type=int, default=10, help="timed calls of each runtime, interleaved")
     deploy.add_argument("--calibration_images", type=int, default=16,
                         help="random images calibrating the OpenVINO INT8 model (its speed does not depend on them)")
-    deploy.add_argument("--max_score_change", type=float, default=0.005,
+    deploy.add_argument("--max_score_change", type=float, default=0.002,
                         help="the INT8 exports' layer selection, as export.py's (measured on 8 more random images)")
     deploy.add_argument("--roofline_size", type=int, default=2048, help="matrix side of the matmul rate measured")
     deploy.add_argument("--profile", type=int, default=0, metavar="N",

@@ -409,9 +409,9 @@ def export_parser() -> ArgumentParser:
                         "layer selection (a seeded subset)")
     p.add_argument("--calibration_data", metavar="DIR",
                    help="int8: a folder of good images to calibrate on (default: the run's training images)")
-    p.add_argument("--max_score_change", type=float_in(0, 1, low_open=True, high_open=True), default=0.005,
+    p.add_argument("--max_score_change", type=float_in(0, 1, low_open=True, high_open=True), default=0.002,
                    help="int8: keep in float the blocks that quantisation makes move a good image's score by more "
-                        "than this share of it (measured; default 0.005: 0.5%%)")
+                        "than this share of it (measured; default 0.002: 0.2%%)")
     p.add_argument("--seed", type=int, default=0, help="chooses the check and calibration subsets")
     return p
 
