@@ -701,7 +701,7 @@ def rgbd_steps(P, prev, ours, steps, batch, crop, seed, dtype):
             e, d = ours(b)
             return global_cosine_hm(e, d, p=hard_mining_factor(i, recipe.hm_max_p, recipe.hm_ramp_iters),
                                     factor=recipe.hm_factor)
-        loss_o, updated, _ = train.train_step(img, it, loss_fn, params, opt_o, sched_o, recipe.clip_norm, False)
+        loss_o, updated, _, _ = train.train_step(img, it, loss_fn, params, opt_o, sched_o, recipe.clip_norm, False)
         assert updated
         rows.append((loss_p.item(), loss_o.item(), [t.detach().double().clone() for t in trainable.parameters()],
                      [t.detach().double().clone() for t in params]))
