@@ -352,6 +352,13 @@ run with several classes and its class_prototypes.pt also finds each image's cla
 prototype; the image matches no class well when it exceeds class_far x class_radius[class_index]) and
 `class_distances` [B, C]; pick class_thresholds[classes[class_index]] as predict.py does.
 
+A run of pairs (dinomaly2_mvtec3d.py, dinomaly2_mulsen.py) exports a graph of two inputs, each float32
+[B, 3, crop, crop] in [0, 1]: `rgb` and `depth` (as in training: the image with its background zeroed and the
+z map coloured, dinomaly/modalities.py's rgbd_from) or `rgb` and `infrared`; the metadata's `modality` ("rgbd",
+"rgbir") and `inputs` name them.
+RGB + depth gives the fused map and score; RGB + infrared gives the RGB image's map as `anomaly_map`, the
+infrared image's as `infrared_map` [B, 1, 256, 256], and the pair's `score`, the mean of the two images' scores.
+
 After writing, the file is checked against PyTorch on the run's own images (those of its scores.csv: its test
 images, or its held-out good images; random images without): the largest score and map differences, and the
 image AUROC and decisions before and after. An fp32 export more than 1e-4 from PyTorch's score fails. predict.py

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import __version__, class_finder, exported, quantize
+from . import __version__, class_finder, exported, modalities, quantize
 from . import thresholds as th
 from .anomaly_map import MAP_SIZE, AnomalyMapper
 from .dataset import IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
 from .checkpoint_detector import check_settings, load_calibration, load_mapper, run_files
+from .scoring import pair_input
 from .run import log
 
 OPSET = 17
@@ -35,30 +36,52 @@ FP32_TOLERANCE = 1e-4  # largest |exported - PyTorch| score of an fp32 export
 ON_THRESHOLD = 1e-5  # a score within this share of its threshold lies on it (float rounding decides)
 
 
+PAIR_LAYOUTS = {"rgbd": "MVTec 3D-AD's <kind>/rgb/<n>.png beside <kind>/xyz/ or z/",
+                "rgbir": "MulSen-AD's .../RGB/.../<n>.png beside .../Infrared/.../<n>.png"}
+
+
+def input_names(modality: str) -> list[str]:
+    """The graph's inputs: `image`, or for a model of pairs `rgb` and `depth` or `infrared`."""
+    return ["image"] if modality == "rgb" else ["rgb", modalities.PAIR_KINDS[modality]]
+
+
 class ExportedMapper(nn.Module):
     """[B, 3, crop, crop] RGB in [0, 1] -> (smoothed map [B, 1, 256, 256], score [B]); with the class prototypes
     [C, F] (class_finder) also the nearest class's index [B], its distance [B] and the distances to every class
-    [B, C] (1 - cosine), as class_finder.classify."""
+    [B, C] (1 - cosine), as class_finder.classify.
 
-    def __init__(self, mapper: AnomalyMapper, prototypes: torch.Tensor | None = None):
+    A model of pairs (`modality` "rgbd" or "rgbir", see modalities.py) takes two such images, the RGB image and
+    the other modality's (the coloured depth, or the infrared image): "rgbd" gives the fused map and score as
+    for one image; "rgbir" gives the RGB image's map as anomaly_map, the infrared image's as infrared_map, and
+    the pair's score, the mean of the two images' (as evaluated); the class is found from both images
+    (anomaly_map.pooled_features)."""
+
+    def __init__(self, mapper: AnomalyMapper, prototypes: torch.Tensor | None = None, modality: str = "rgb"):
         super().__init__()
-        self.mapper = mapper
+        self.mapper, self.modality = mapper, modality
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.register_buffer("prototypes", None if prototypes is None else prototypes.float())
 
-    def outputs(self) -> list[str]:
-        return ["anomaly_map", "score"] + (["class_index", "class_distance", "class_distances"]
-                                           if self.prototypes is not None else [])
+    def inputs(self) -> list[str]:
+        return input_names(self.modality)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = (image - self.mean) / self.std
+    def outputs(self) -> list[str]:
+        return ["anomaly_map", "score"] + (["infrared_map"] if self.modality == "rgbir" else []) + \
+            (["class_index", "class_distance", "class_distances"] if self.prototypes is not None else [])
+
+    def forward(self, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = torch.cat([(image - self.mean) / self.std for image in images], dim=1)
+        amap, score, *features = self.mapper(x, features=self.prototypes is not None)
+        second = ()
+        if self.modality == "rgbir":  # [RGB images, infrared images] (models/vitill.py): split per modality
+            amap, score = amap.unflatten(0, (2, -1)), score.unflatten(0, (2, -1))
+            amap, second, score = amap[0], (amap[1],), score.mean(dim=0)  # (features: one per pair already)
         if self.prototypes is None:
-            return self.mapper(x)
-        amap, score, features = self.mapper(x, features=True)
-        distances = 1 - features @ self.prototypes.T
+            return (amap, score) + second
+        distances = 1 - features[0] @ self.prototypes.T
         distance, index = distances.min(dim=1)
-        return amap, score, index, distance, distances
+        return (amap, score) + second + (index, distance, distances)
 
 
 def levels(entry: dict | None) -> dict:
@@ -84,17 +107,19 @@ def for_export(mapper: AnomalyMapper, crop_size: int) -> AnomalyMapper:
 
 
 def export_onnx(model: ExportedMapper, crop_size: int, path: str):
-    """torch.onnx's TorchScript exporter (no onnxscript needed): dynamic batch, opset OPSET."""
-    dummy = torch.rand(1, 3, crop_size, crop_size)
+    """torch.onnx's TorchScript exporter (no onnxscript needed): dynamic batch, opset OPSET; one input
+    [B, 3, crop, crop] per image of a sample (ExportedMapper.inputs)."""
+    dummy = tuple(torch.rand(1, 3, crop_size, crop_size) for _ in model.inputs())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and exporter notices about constants: expected here
-        torch.onnx.export(model, (dummy,), path, dynamo=False, opset_version=OPSET, input_names=["image"],
+        torch.onnx.export(model, dummy, path, dynamo=False, opset_version=OPSET, input_names=model.inputs(),
                           output_names=model.outputs(),
-                          dynamic_axes={name: {0: "batch"} for name in ["image", *model.outputs()]})
+                          dynamic_axes={name: {0: "batch"} for name in [*model.inputs(), *model.outputs()]})
 
 
-OUTPUT_SHAPES = {"anomaly_map": ["batch", 1, MAP_SIZE, MAP_SIZE], "score": ["batch"], "class_index": ["batch"],
-                 "class_distance": ["batch"], "class_distances": ["batch", "classes"]}
+OUTPUT_SHAPES = {"anomaly_map": ["batch", 1, MAP_SIZE, MAP_SIZE], "infrared_map": ["batch", 1, MAP_SIZE, MAP_SIZE],
+                 "score": ["batch"], "class_index": ["batch"], "class_distance": ["batch"],
+                 "class_distances": ["batch", "classes"]}
 
 
 def annotate(path: str, metadata: dict):
@@ -208,13 +233,38 @@ def check_images(run_dir: str, count: int, seed: int) -> list[dict]:
     return rows
 
 
+def sample_crops(paths: list[str], modality: str, image_size: int, crop: int) -> list[np.ndarray]:
+    """Image files -> the exported graph's inputs, [1, 3, crop, crop] float32 RGB in [0, 1] each; for a model of
+    pairs each file is a pair's RGB image in its dataset's layout, its other image found beside it and prepared
+    as predict.py does (predict.pair_input), -> [1, 6, crop, crop]: both inputs one after the other."""
+    if modality == "rgb":
+        return quantize.crops(paths, image_size, crop)
+    mean, std = (np.asarray(v * 2, np.float32).reshape(6, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return [(pair_input(p, modality, image_size, crop)[0] * std + mean)[None] for p in paths]
+
+
+def graph_feeds(crops: list[np.ndarray], modality: str) -> list:
+    """sample_crops -> what the graph runs on: the arrays, or for a graph of pairs {input name: array} each."""
+    if modality == "rgb":
+        return crops
+    return [dict(zip(input_names(modality), np.split(x, 2, axis=1))) for x in crops]
+
+
+def pair_images(paths: list[str], modality: str) -> list[str]:
+    """The RGB images of pairs among image files (modalities.is_pair_image); all of them for an RGB model."""
+    if modality == "rgb":
+        return paths
+    return [p for p in paths if modalities.is_pair_image(p, modalities.PAIR_KINDS[modality])]
+
+
 def run_both(model: ExportedMapper, graph: exported.Graph, images: np.ndarray, batch: int) -> tuple[dict, dict]:
-    """The outputs of PyTorch and of the exported graph on images [N, 3, crop, crop] in [0, 1], by batches."""
+    """The outputs of PyTorch and of the exported graph on images [N, 3 per input, crop, crop] in [0, 1], by
+    batches."""
     want, got = {}, {}
     for i in range(0, len(images), batch):
         x = images[i:i + batch]
         with torch.no_grad():
-            for name, value in zip(model.outputs(), model(torch.from_numpy(x))):
+            for name, value in zip(model.outputs(), model(*torch.from_numpy(x).split(3, dim=1))):
                 want.setdefault(name, []).append(value.numpy())
         for name, value in graph(x).items():
             got.setdefault(name, []).append(value)
@@ -234,15 +284,17 @@ def check(model: ExportedMapper, path: str, fmt: str, precision: str, rows: list
     """The exported file against PyTorch on the run's images `rows` (random images without), the report logged;
     for fp32 a UserError when a score differs by more than FP32_TOLERANCE. Returns the figures."""
     graph = exported.Graph(path, fmt=fmt)
+    kind = "images" if model.modality == "rgb" else "pairs"
     if rows:
-        images = np.concatenate(quantize.crops([r["path"] for r in rows], image_size, crop))
-        what = f"{len(rows)} images of the run's scores.csv"
+        images = np.concatenate(sample_crops([r["path"] for r in rows], model.modality, image_size, crop))
+        what = f"{len(rows)} {kind} of the run's scores.csv"
     else:
-        images = torch.rand(max(batch, 2), 3, crop, crop, generator=torch.Generator().manual_seed(0)).numpy()
-        what = f"{len(images)} random images (the run's scores.csv lists no image that is still there)"
+        images = torch.rand(max(batch, 2), 3 * len(model.inputs()), crop, crop,
+                            generator=torch.Generator().manual_seed(0)).numpy()
+        what = f"{len(images)} random {kind} (the run's scores.csv lists no image that is still there)"
     want, got = run_both(model, graph, images, batch)
     score_gap = float(np.abs(got["score"] - want["score"]).max())
-    map_gap = float(np.abs(got["anomaly_map"] - want["anomaly_map"]).max())
+    map_gap = max(float(np.abs(got[k] - want[k]).max()) for k in ("anomaly_map", "infrared_map") if k in want)
     figures = dict(images=len(images), score_difference=score_gap, map_difference=map_gap,
                    relative_score_difference=float((np.abs(got["score"] - want["score"]) /
                                                     np.abs(want["score"]).clip(1e-12)).max()))
@@ -320,8 +372,9 @@ def metadata(model: ExportedMapper, recipe, calibration: dict | None, prototypes
     finding = {} if prototypes is None else dict(classes=prototypes["classes"], class_far=class_finder.FAR,
                                                  class_radius=prototypes["radius"].tolist())
     return {exported.MARK: 1, "dinomaly_version": __version__, "format": fmt, "precision": precision,
-            "image_size": recipe.image_size, "crop_size": recipe.crop_size, "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD), "max_ratio": scoring["max_ratio"], "map": scoring["map"], **levels(entry),
+            "modality": model.modality, "inputs": model.inputs(), "image_size": recipe.image_size,
+            "crop_size": recipe.crop_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "max_ratio": scoring["max_ratio"], "map": scoring["map"], **levels(entry),
             "color_range": entry["color_range"] if entry else None, "class_thresholds": classes,
             "thresholds": calibration, **finding}
 
@@ -335,24 +388,27 @@ def main(options: ExportOptions):
     run_dir = os.path.dirname(os.path.abspath(model_path))
     calibration, calib_path = load_calibration(model_path, seg_path is not None, options.thresholds)
     mapper, recipe = load_mapper(model_path, seg_path, torch.device("cpu"), {}, {}, calibration)
-    if recipe.modality != "rgb":
-        raise UserError(f"{model_path} is a model of {recipe.modality} inputs (pairs of two modalities), whose ONNX "
-                        f"export with two inputs is not written yet; use predict.py or the Detector")
-    crop = recipe.crop_size
+    crop, modality = recipe.crop_size, recipe.modality
     int8 = None
     if precision == "int8":  # the images first: a missing data folder stops at once
-        held, paths = quantize.training_images(run_dir, options.calibration_data, options.calibration_images,
-                                               options.seed)
+        held, paths = (pair_images(p, modality) for p in quantize.training_images(
+            run_dir, options.calibration_data, options.calibration_images, options.seed))
+        if not held or not paths:
+            where = f"--calibration_data {options.calibration_data}" if options.calibration_data else \
+                "the run's training data"
+            raise UserError(f"{where} holds too few pairs of this run's {modality} layout "
+                            f"({PAIR_LAYOUTS[modality]}) for an INT8 export (2 at least); pass --calibration_data "
+                            f"DIR, a folder of such pairs")
         quantize.log_calibration(held, paths, options.calibration_data)
-        int8 = quantize.Int8(*(quantize.crops(p, recipe.image_size, crop) for p in (paths, held)),
-                             options.max_score_change)
+        int8 = quantize.Int8(*(graph_feeds(sample_crops(p, modality, recipe.image_size, crop), modality)
+                               for p in (paths, held)), options.max_score_change)
     exported_mapper = for_export(mapper, crop)
     if calibration:
         check_settings(exported_mapper, calibration, calib_path, model_path)
     prototypes = class_finder.load(os.path.join(run_dir, class_finder.FILE))
     if prototypes is not None and len(prototypes["classes"]) < 2:
         prototypes = None  # a one-class run: nothing to find
-    model = ExportedMapper(exported_mapper, None if prototypes is None else prototypes["prototypes"]).eval()
+    model = ExportedMapper(exported_mapper, None if prototypes is None else prototypes["prototypes"], modality).eval()
     meta = metadata(model, recipe, calibration, prototypes, fmt, precision)
     written = [options.out] + ([os.path.splitext(options.out)[0] + ".bin"] if fmt == "openvino" else [])
     with tempfile.TemporaryDirectory(prefix="export_", dir=os.path.dirname(os.path.abspath(options.out))) as work:
@@ -368,5 +424,7 @@ def main(options: ExportOptions):
             os.remove(f)
         raise
     found = ", class_index [B], class_distance [B], class_distances [B, C]" if prototypes is not None else ""
-    log.info(f"wrote {' and '.join(written)} ({fmt} {precision}): image [B, 3, {crop}, {crop}] RGB in [0, 1] -> "
-             f"anomaly_map [B, 1, 256, 256], score [B]{found}")
+    second = ", infrared_map [B, 1, 256, 256]" if modality == "rgbir" else ""
+    given = " and ".join(f"{name} [B, 3, {crop}, {crop}]" for name in model.inputs())
+    log.info(f"wrote {' and '.join(written)} ({fmt} {precision}): {given} RGB in [0, 1] -> anomaly_map "
+             f"[B, 1, 256, 256], score [B]{second}{found}")

@@ -88,6 +88,7 @@ class Graph:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = decode(meta, self.path)
         self.input_shape = [d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape]
+        self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def _open_openvino(self, device: str, threads: int | None):
@@ -119,23 +120,32 @@ class Graph:
         self.request = self.compiled.create_infer_request()
         shape = model.inputs[0].get_partial_shape()
         self.input_shape = [d.get_length() if d.is_static else None for d in shape]
+        self.inputs = [i.get_any_name() for i in model.inputs]
         self.outputs = [o.get_any_name() for o in model.outputs]
 
     def check_input(self, images: np.ndarray):
-        """A one-line UserError for images the graph cannot take (its fixed dimensions)."""
-        fixed = [(i, d) for i, d in enumerate(self.input_shape) if d is not None]
-        if images.ndim != len(self.input_shape) or any(images.shape[i] != d for i, d in fixed):
-            want = ", ".join("B" if d is None else str(d) for d in self.input_shape)
+        """A one-line UserError for images the graph cannot take (its fixed dimensions; its inputs side by side
+        along the channels)."""
+        shape = list(self.input_shape)
+        if len(shape) > 1 and shape[1] is not None:
+            shape[1] *= len(self.inputs)
+        fixed = [(i, d) for i, d in enumerate(shape) if d is not None]
+        if images.ndim != len(shape) or any(images.shape[i] != d for i, d in fixed):
+            want = ", ".join("B" if d is None else str(d) for d in shape)
             raise UserError(f"{self.path} takes images of shape [{want}] (fixed when it was exported), not "
                             f"{list(images.shape)}; resize to image_size {self.metadata['image_size']} and "
                             f"centre-crop to {self.metadata['crop_size']}, or export the run again at this size")
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        images = np.ascontiguousarray(images, dtype=np.float32)
+        """images [B, 3, crop, crop]; for a graph of pairs (inputs rgb and depth or infrared) [B, 6, crop, crop],
+        the RGB images' channels then the other modality's."""
+        images = np.asarray(images, dtype=np.float32)
         self.check_input(images)
+        feeds = {name: np.ascontiguousarray(x) for name, x in zip(self.inputs, np.split(images, len(self.inputs),
+                                                                                          axis=1))}
         if self.fmt == "onnx":
-            return dict(zip(self.outputs, self.session.run(self.outputs, {"image": images})))
-        result = self.request.infer({0: images})
+            return dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
+        result = self.request.infer(feeds)
         return {name: np.asarray(result[self.compiled.output(name)]) for name in self.outputs}
 
 
@@ -179,8 +189,10 @@ class ExportedDetector(Scoring):
         self.graph = Graph(path, device, threads)
         meta = self.graph.metadata
         self.image_size, self.crop_size = meta["image_size"], meta["crop_size"]
-        self.mean = np.asarray(meta["mean"], np.float32).reshape(1, 3, 1, 1)
-        self.std = np.asarray(meta["std"], np.float32).reshape(1, 3, 1, 1)
+        self.modality = meta.get("modality", "rgb")  # exports before pairs: RGB images
+        inputs = len(self.graph.inputs)  # a pair's two images side by side (Scoring.prepare)
+        self.mean = np.tile(np.asarray(meta["mean"], np.float32), inputs).reshape(1, 3 * inputs, 1, 1)
+        self.std = np.tile(np.asarray(meta["std"], np.float32), inputs).reshape(1, 3 * inputs, 1, 1)
         calibration, calib_path = meta.get("thresholds"), path
         if thresholds is not None:
             calibration, calib_path = th.load(thresholds), thresholds

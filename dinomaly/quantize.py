@@ -46,9 +46,9 @@ GROUP = re.compile(r"^/mapper/model/(encoder/[^/]+|[^/]+)/")
 
 @dataclass(frozen=True)
 class Int8:
-    """An INT8 export's inputs, good images [1, 3, crop, crop] in [0, 1] each: `calibration` (OpenVINO's
-    activation ranges) and `selection` (held out from it: they measure the layer selection), and the
-    selection's bound."""
+    """An INT8 export's inputs, good images [1, 3, crop, crop] in [0, 1] each (a graph of pairs: {input name:
+    image} each): `calibration` (OpenVINO's activation ranges) and `selection` (held out from it: they measure the
+    layer selection), and the selection's bound."""
     calibration: list[np.ndarray]
     selection: list[np.ndarray]
     max_score_change: float = MAX_SCORE_CHANGE
@@ -151,7 +151,7 @@ def onnx_int8(src: str, dst: str, int8: Int8) -> Selection:
 
     def scores(path: str) -> np.ndarray:
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        return np.concatenate([session.run(["score"], {"image": x})[0] for x in images])
+        return np.concatenate([session.run(["score"], x if isinstance(x, dict) else {"image": x})[0] for x in images])
 
     def scores_with(kept: list[str]) -> np.ndarray:
         quantise(kept, dst)

@@ -34,3 +34,65 @@ def exit_status_of(main, argv) -> int:
     except SystemExit as e:
         return e.code
     return 0
+
+
+def check_pair_exports(run, modality: str, images: str, tmp_path, capsys, predict_with: str) -> dict:
+    """A tiny run of pairs (`modality` "rgbd" or "rgbir") exported to ONNX and OpenVINO fp32 with two inputs:
+    each graph against the run's model in PyTorch (its halves normalised and fed as the script does, read
+    independently of export.py) within 1e-4, the class found alike, the export's own check run on the run's
+    pairs; then predict.py on the `predict_with`
+    export (".onnx" or ".xml") of the pairs under `images` writes the checkpoint's decisions. Returns
+    {suffix: path}."""
+    import csv
+
+    import numpy as np
+
+    from dinomaly import checkpoints, class_finder, cli, exported
+    from dinomaly import dataset as ds
+    from dinomaly.anomaly_map import AnomalyMapper
+    crop = 56
+    model, _ = checkpoints.load_trained(str(run), {}, "dinomaly2", modality)
+    mapper = AnomalyMapper(model.eval())
+    x = torch.rand(3, 6, crop, crop, generator=torch.Generator().manual_seed(1))
+    mean, std = torch.tensor(ds.IMAGENET_MEAN * 2).view(6, 1, 1), torch.tensor(ds.IMAGENET_STD * 2).view(6, 1, 1)
+    with torch.no_grad():
+        maps, scores, features = mapper((x - mean) / std, features=True)
+    want = {"anomaly_map": maps[:3], "score": scores, "features": features}
+    if modality == "rgbir":  # the RGB images, then the infrared images; the pair's score is the mean
+        want = {"anomaly_map": maps[:3], "infrared_map": maps[3:], "score": (scores[:3] + scores[3:]) / 2,
+                "features": features}
+    prototypes = class_finder.load(str(run / class_finder.FILE))
+    paths = {}
+    for suffix in (".onnx", ".xml"):
+        path = paths[suffix] = tmp_path / f"pairs{suffix}"
+        assert exit_status_of(cli.export_main, ["--checkpoint", run, "--out", path, "--check_images", "4"]) == 0
+        assert " fp32 against PyTorch on 4 pairs of the run's scores.csv: largest score difference" in \
+            capsys.readouterr().out
+        graph = exported.Graph(path)
+        second = {"rgbd": "depth", "rgbir": "infrared"}[modality]
+        assert graph.inputs == ["rgb", second] and graph.metadata["inputs"] == ["rgb", second]
+        assert graph.metadata["modality"] == modality
+        got = graph(x.numpy())
+        assert ("infrared_map" in got) == (modality == "rgbir")
+        for name in ("anomaly_map", "infrared_map", "score"):
+            if name in want:
+                np.testing.assert_allclose(got[name], want[name].numpy(), atol=1e-4, rtol=0)
+        found = class_finder.matches(dict(classes=graph.metadata["classes"], radius=graph.metadata["class_radius"]),
+                                     got["class_distances"])
+        assert [m.class_name for m in found] == [m.class_name for m in class_finder.classify(prototypes,
+                                                                                              want["features"])]
+    rows = {}
+    for name, checkpoint in (("ckpt", run), ("exp", paths[predict_with])):
+        assert exit_status_of(cli.predict_main, ["--checkpoint", checkpoint, "--input", images, "--out",
+                                                 tmp_path / name, "--num_workers", "0"]) == 0
+        with open(tmp_path / name / "predictions.csv", newline="") as f:
+            rows[name] = {r["image_path"]: r for r in csv.DictReader(f)}
+    assert len(rows["ckpt"]) >= 4 and rows["ckpt"].keys() == rows["exp"].keys()
+    for key, w in rows["ckpt"].items():
+        g = rows["exp"][key]
+        assert abs(float(g["score"]) - float(w["score"])) < 1e-4
+        assert (g["threshold"], g["class"]) == (w["threshold"], w["class"])
+        # an F1-max threshold is a test image's score: that image alone may round to either side
+        if abs(float(w["score"]) - float(w["threshold"])) > 1e-5 * float(w["threshold"]):
+            assert g["decision"] == w["decision"]
+    return paths

@@ -330,10 +330,6 @@ def test_detector_and_predict_take_pairs(rgbd_run, pairs, tmp_path, monkeypatch)
     assert len(overlays) == 6 and all(o.shape[1] > 2 * 300 for o in overlays)  # image and depth, 100 px x 3 each
     for r in rows:
         np.testing.assert_allclose(float(r.split(",")[1]), scores[r.split(",")[0]], rtol=1e-5)
-    pytest.importorskip("onnxruntime")
-    from dinomaly import export
-    with pytest.raises(UserError, match="two inputs is not written yet"):  # refused in one line, not a traceback
-        export.main(export.ExportOptions(checkpoint=str(rgbd_run), out=str(tmp_path / "m.onnx")))
 
 
 def test_interrupted_run_resumes_bit_exactly(rgbd_run, pairs, tmp_path, monkeypatch):
@@ -368,3 +364,10 @@ def test_a_dataset_of_another_modality_is_one_line(pairs, tmp_path, capsys):
             cli.run_script(module, ["--dataset", dataset, "--data_path", pairs["mvtec3d"], "--save_dir", str(tmp_path),
                                     "--save_name", "x", "--encoder_weights", "random", "--device", "cpu"])
         assert e.value.code == 2 and hint in capsys.readouterr().err
+
+
+def test_two_input_exports_equal_pytorch_and_predict_alike(rgbd_run, pairs, tmp_path, capsys):
+    """ONNX and OpenVINO with inputs rgb and depth (the coloured depth), and predict.py on the OpenVINO file."""
+    pytest.importorskip("openvino")
+    from conftest import check_pair_exports
+    check_pair_exports(rgbd_run, "rgbd", os.path.join(pairs["mvtec3d"], "dome", "test"), tmp_path, capsys, ".xml")

@@ -351,3 +351,9 @@ def test_torchrun_two_processes_equal_one(ir_run, pairs, tmp_path, monkeypatch):
         assert first == 3 or "IR-P-AUROC" in sharded[0]
         np.testing.assert_allclose([float(c) for r in sharded[1:] for c in r[first:] if c],
                                    [float(c) for r in single[1:] for c in r[first:] if c], atol=1e-6)
+def test_two_input_exports_equal_pytorch_and_predict_alike(ir_run, pairs, tmp_path, capsys):
+    """ONNX and OpenVINO with inputs rgb and infrared, outputs the RGB and the infrared maps and the pair's score,
+    and predict.py on the ONNX file."""
+    pytest.importorskip("openvino")
+    from conftest import check_pair_exports
+    check_pair_exports(ir_run, "rgbir", os.path.join(pairs["mulsen"], "dome", "RGB", "test"), tmp_path, capsys, ".onnx")
