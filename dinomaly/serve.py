@@ -2,9 +2,10 @@
 Detector, answering POST /predict, GET /health and GET /info, the review page at / (package data in review/, see
 docs/serving.md) and what it reads: the run's test scores, report pictures and the thresholds it saves.
 
-Requests share the model through a Batcher: images of concurrent requests wait up to --max_wait_ms for each other
-and go through Detector.predict_prepared together, up to --max_batch at a time, the call predict.py makes, so a
-served score is predict.py's. At most --max_queue images wait or run at once; beyond that a request gets 503 with
+A run of pairs (RGB + depth, RGB + infrared) takes one pair a request, a form with the two parts PAIR_PARTS
+names (GET /info's `parts`). Requests share the model through a Batcher: images of concurrent requests wait up to
+--max_wait_ms for each other and go through Detector.predict_prepared together, up to --max_batch at a time, the
+call predict.py makes, so a served score is predict.py's. At most --max_queue images wait or run at once; beyond that a request gets 503 with
 Retry-After. Every bad request is a 4xx with a one-line JSON error ({"error": "..."}); a failure inside the model
 is a 500 for its request alone (logged with its traceback)."""
 import asyncio
@@ -40,7 +41,7 @@ from .errors import UserError, one_line
 from .checkpoint_detector import PerClassDetector
 from .images import as_rgb
 from .predict import Detector, overlay
-from .scoring import Prediction, Scoring
+from .scoring import Prediction, Scoring, pair_input
 from .run import log
 
 TOKEN_ENV = "DINOMALY_SERVE_TOKEN"
@@ -128,11 +129,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def uploads(request: Request, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
-    """(name, bytes) of each image of a request: the files of a multipart form (any field names), else the
-    raw body as one image."""
+async def uploads(request: Request, body: bytes, max_images: int) -> list[tuple[str | None, str, bytes]]:
+    """(field name, name, bytes) of each image of a request: the files of a multipart form (any field names; the
+    name is the file's, else the field's), else the raw body as one image (no field name)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return [("the request body", body)]
+        return [(None, "the request body", body)]
 
     async def replay():  # the form parser reads the body already read, once
         return {"type": "http.request", "body": body, "more_body": False}
@@ -140,7 +141,7 @@ async def uploads(request: Request, body: bytes, max_images: int) -> list[tuple[
         form = await Request(request.scope, replay).form(max_files=max_images + 1, max_fields=100)
     except Exception as e:  # noqa: BLE001 - python-multipart's and starlette's errors: a malformed form
         raise RequestError(400, f"cannot read the multipart form ({one_line(e)})") from None
-    files = [(f.filename or key, await f.read()) for key, f in form.multi_items() if not isinstance(f, str)]
+    files = [(key, f.filename or key, await f.read()) for key, f in form.multi_items() if not isinstance(f, str)]
     await form.close()
     if not files:
         raise RequestError(400, "the form holds no file; send the images as files (curl -F image=@part.png)")
@@ -148,6 +149,58 @@ async def uploads(request: Request, body: bytes, max_images: int) -> list[tuple[
         raise RequestError(400, f"too many images in one request (more than {max_images}, --max_images); send "
                                 f"them in several requests")
     return files
+
+
+PAIR_PARTS = {"rgbd": ("rgb", "depth"), "rgbir": ("rgb", "infrared")}  # a run of pairs: the form's parts
+
+
+def pair_parts(files: list[tuple[str | None, str, bytes]], parts: tuple[str, str]) -> dict[str, tuple[str, bytes]]:
+    """{part: (name, bytes)} of a request for a run of pairs: a multipart form with exactly the two parts, or a
+    one-line RequestError naming the part missing or not expected."""
+    usage = f"send one pair as a multipart form with the parts {parts[0]} and {parts[1]} (curl -F " \
+            f"{parts[0]}=@part.png -F {parts[1]}=@part{'.tiff' if parts[1] == 'depth' else '_ir.png'})"
+    if files[0][0] is None:
+        raise RequestError(400, f"this run takes pairs ({' + '.join(parts)}): {usage}")
+    found = {}
+    for field, name, data in files:
+        if field not in parts or field in found:
+            again = " a second time" if field in found else ""
+            raise RequestError(400, f"unexpected part {field!r}{again}: {usage}")
+        found[field] = (name, data)
+    missing = [p for p in parts if p not in found]
+    if missing:
+        raise RequestError(400, f"the part {missing[0]!r} is missing: {usage}")
+    return found
+
+
+def open_depth(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """The bytes of an uploaded depth file (TIFF: a z map [H, W] or an organised point cloud [H, W, 3], as
+    MVTec 3D-AD's) -> float32, or a RequestError naming the problem: empty, not a TIFF, more pixels than
+    max_pixels (checked from the header, before decoding), damaged."""
+    import tifffile
+    if not data:
+        raise RequestError(400, f"{name} is empty: send the depth file's bytes")
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            shape = tif.pages[0].shape
+            if len(shape) >= 2 and shape[0] * shape[1] > max_pixels:
+                raise RequestError(413, f"{name} declares {shape[1]} x {shape[0]} pixels, more than the limit of "
+                                        f"{max_pixels:,} (--max_pixels); send a smaller depth file")
+            return np.asarray(tif.asarray(), dtype=np.float32)
+    except tifffile.TiffFileError:
+        raise RequestError(415, f"{name} is not a TIFF file; send the depth as a TIFF: a z map [H, W] or an "
+                                f"organised point cloud [H, W, 3] (as MVTec 3D-AD's xyz/<n>.tiff)") from None
+    except (OSError, ValueError, IndexError, EOFError) as e:
+        raise RequestError(400, f"{name} cannot be decoded, truncated or damaged ({one_line(e)}); send the whole "
+                                f"file") from None
+
+
+def prepare(detector: Scoring, image) -> tuple[np.ndarray, tuple[int, int], np.ndarray | tuple]:
+    """(crop, (width, height), what the overlay is drawn on) of an image or a pair (Scoring.prepare): the image,
+    or a pair's two images as the model sees them (a point cloud's: prepared, so padded; scoring.pair_input)."""
+    if detector.modality != "rgb":
+        return pair_input(image, detector.modality, detector.image_size, detector.crop_size)
+    return (*detector.prepare(image), np.asarray(image))
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -252,11 +305,12 @@ def regions(mask: np.ndarray) -> list[dict]:
     return sorted(boxes, key=lambda b: -b["area_share"])[:MAX_BOXES]
 
 
-def result(name: str, rgb: np.ndarray, p: Prediction, given: bool, detector: Scoring, want_mask: bool,
-           want_overlay: bool) -> dict:
-    """One image's JSON answer."""
+def result(name: str, rgb: np.ndarray | tuple[np.ndarray, np.ndarray], p: Prediction, given: bool,
+           detector: Scoring, want_mask: bool, want_overlay: bool) -> dict:
+    """One image's JSON answer; `rgb`: the image, or a pair's two images as the model sees them (prepare)."""
     m = p.class_match
-    out = {"name": name, "width": rgb.shape[1], "height": rgb.shape[0], "score": p.score,
+    first = rgb[0] if isinstance(rgb, tuple) else rgb  # the map's geometry: the (RGB) image's
+    out = {"name": name, "width": first.shape[1], "height": first.shape[0], "score": p.score,
            "decision": "anomalous" if p.is_anomalous else "normal", "threshold": p.threshold,
            "normalized_score": p.normalized_score, "mask_threshold": p.mask_threshold, "class": p.class_name,
            "class_given": given, "class_confidence": m.confidence if m else None,
@@ -345,9 +399,7 @@ def class_thresholds(detector: Scoring) -> dict:
 def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
     """The service around a loaded detector (see the module docstring)."""
     folder = run_folder(options.checkpoint)
-    if detector.modality != "rgb":
-        raise UserError(f"{options.checkpoint} is a run of two modalities ({detector.modality}): the service takes "
-                        f"RGB images only so far; use predict.py or the Detector for its pairs")
+    parts = PAIR_PARTS.get(detector.modality)  # None: images, any field names
     batcher = Batcher(detector, options.max_batch, options.max_wait_ms / 1000, options.max_queue)
     token = options.token
     recipe = model_recipe(detector)
@@ -387,10 +439,11 @@ def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
 
     @app.get("/info")
     def info():
-        """The run: method, encoder, classes and their thresholds, sizes, limits, metrics, report pictures."""
+        """The run: method, encoder, modality (and for a run of pairs the parts a request holds), classes and
+        their thresholds, sizes, limits, metrics, report pictures."""
         return {"run": os.path.basename(os.path.normpath(folder)), "method": recipe and recipe.method,
-                "encoder": recipe and recipe.encoder, "image_size": detector.image_size,
-                "crop_size": detector.crop_size,
+                "encoder": recipe and recipe.encoder, "modality": detector.modality,
+                "parts": parts and list(parts), "image_size": detector.image_size, "crop_size": detector.crop_size,
                 "classes": detector.classes, "class_finding": detector.prototypes is not None,
                 "thresholds": class_thresholds(detector), "default_threshold": detector.default.threshold,
                 "thresholds_file": getattr(detector, "calibration_path", None),
@@ -408,20 +461,29 @@ def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
     @app.post("/predict")
     async def predict(request: Request, class_name: str | None = None, mask: bool = False,
                       overlay: bool = False):
-        """Score images: a multipart form of image files, or one image as the raw body. class_name: decide
-        with this class's thresholds (default: the class found); mask, overlay: add them as base64 PNG."""
+        """Score images: a multipart form of image files, or one image as the raw body; for a run of pairs a
+        form with one pair, its parts named as /info's `parts`. class_name: decide with this class's thresholds
+        (default: the class found); mask, overlay: add them as base64 PNG."""
         if class_name is not None and class_name not in detector.classes:
             raise RequestError(400, f"unknown class_name {class_name!r}; this run's classes: "
                                     f"{', '.join(detector.classes) or 'none (one threshold for all images)'}")
         body = await read_body(request, int(options.max_mb * 2 ** 20))
         files = await uploads(request, body, options.max_images)
-        images = [await run_in_threadpool(open_image, data, name, options.max_pixels) for name, data in files]
+        if parts is None:
+            names = [name for _, name, _ in files]
+            images = [await run_in_threadpool(open_image, data, name, options.max_pixels) for _, name, data in files]
+        else:  # one pair: the RGB image, and the depth file or the infrared image
+            found = pair_parts(files, parts)
+            second = open_depth if parts[1] == "depth" else open_image
+            names = [found["rgb"][0]]
+            images = [(await run_in_threadpool(open_image, found["rgb"][1], found["rgb"][0], options.max_pixels),
+                       await run_in_threadpool(second, found[parts[1]][1], found[parts[1]][0], options.max_pixels))]
         try:
-            prepared = [await run_in_threadpool(detector.prepare, img) for img in images]
+            prepared = [await run_in_threadpool(prepare, detector, img) for img in images]
         except UserError as e:  # the Detector's own checks
             raise RequestError(400, str(e)) from None
         try:
-            futures = batcher.submit([(crop, size, class_name) for crop, size in prepared])
+            futures = batcher.submit([(crop, size, class_name) for crop, size, _ in prepared])
         except QueueFull:
             raise RequestError(503, f"the service is busy ({batcher.pending} images queued, at most "
                                     f"{batcher.max_queue}, --max_queue); retry shortly",
@@ -432,8 +494,8 @@ def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
             raise RequestError(400, str(e)) from None
         except Exception as e:  # noqa: BLE001 - logged by the batcher
             return error(500, f"the model failed on this request ({one_line(e)}); the service goes on")
-        answers = [await run_in_threadpool(result, name, np.asarray(img), p, class_name is not None, detector,
-                                           mask, overlay) for (name, _), img, p in zip(files, images, found)]
+        answers = [await run_in_threadpool(result, name, shown, p, class_name is not None, detector, mask,
+                                           overlay) for name, (_, _, shown), p in zip(names, prepared, found)]
         return {"images": answers}
 
     @app.post("/thresholds")

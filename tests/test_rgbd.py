@@ -371,3 +371,47 @@ def test_two_input_exports_equal_pytorch_and_predict_alike(rgbd_run, pairs, tmp_
     pytest.importorskip("openvino")
     from conftest import check_pair_exports
     check_pair_exports(rgbd_run, "rgbd", os.path.join(pairs["mvtec3d"], "dome", "test"), tmp_path, capsys, ".xml")
+
+
+def test_the_service_takes_a_pair_as_two_parts(rgbd_run, pairs):
+    """POST /predict with the parts rgb (PNG) and depth (the point cloud's TIFF): the Detector's result on the same
+    pair; /info names the parts; a missing, extra or mistyped part is a one-line 4xx naming it."""
+    import base64
+    import io
+    import pathlib
+
+    import httpx
+
+    from dinomaly import Detector, serve
+    detector = Detector(str(rgbd_run), device="cpu")
+    service = serve.Background(serve.create_app(detector, serve.ServeOptions(str(rgbd_run))))
+    try:
+        info = httpx.get(service.url + "/info").json()
+        assert (info["modality"], info["parts"]) == ("rgbd", ["rgb", "depth"])
+        s = ds.mvtec3d_samples(pairs["mvtec3d"], "block", "test")[-1]
+        rgb, xyz = (pathlib.Path(f).read_bytes() for f in (s.image_path, s.pair_path))
+
+        def post(**parts):
+            return httpx.post(service.url + "/predict", params={"mask": "true"}, timeout=60,
+                              files=[(k, (f"{k}.bin", v)) for k, v in parts.items()])
+        r = post(rgb=rgb, depth=xyz)
+        assert r.status_code == 200, r.text
+        (got,) = r.json()["images"]
+        want = detector((s.image_path, s.pair_path))
+        assert got["score"] == pytest.approx(want.score, rel=1e-6) and got["class"] == want.class_name
+        assert got["decision"] == ("anomalous" if want.is_anomalous else "normal")
+        assert (got["width"], got["height"]) == (100, 100) == want.anomaly_map.shape[::-1]  # the prepared scan
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(got["mask_png"]))))
+        assert np.array_equal(mask > 0, want.mask)
+        for parts, status, named in (({"rgb": rgb}, 400, "'depth' is missing"),
+                                     ({"rgb": rgb, "depth": xyz, "mask": rgb}, 400, "unexpected part 'mask'"),
+                                     ({"image": rgb, "depth": xyz}, 400, "unexpected part 'image'"),
+                                     ({"rgb": rgb, "depth": rgb}, 415, "is not a TIFF file"),
+                                     ({"rgb": rgb, "depth": xyz[:300]}, 400, "depth.bin")):
+            r = post(**parts)
+            assert r.status_code == status and named in r.json()["error"] and "\n" not in r.json()["error"]
+        r = httpx.post(service.url + "/predict", content=rgb)
+        assert r.status_code == 400 and "this run takes pairs (rgb + depth)" in r.json()["error"]
+        assert httpx.get(service.url + "/health").json()["status"] == "ok"
+    finally:
+        service.close()

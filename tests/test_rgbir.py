@@ -357,3 +357,27 @@ def test_two_input_exports_equal_pytorch_and_predict_alike(ir_run, pairs, tmp_pa
     pytest.importorskip("openvino")
     from conftest import check_pair_exports
     check_pair_exports(ir_run, "rgbir", os.path.join(pairs["mulsen"], "dome", "RGB", "test"), tmp_path, capsys, ".onnx")
+
+
+def test_the_service_takes_a_pair_as_two_parts(ir_run, pairs):
+    """POST /predict with the parts rgb and infrared: the Detector's result on the same pair."""
+    from pathlib import Path
+
+    import httpx
+
+    from dinomaly import Detector, serve
+    detector = Detector(str(ir_run), device="cpu")
+    service = serve.Background(serve.create_app(detector, serve.ServeOptions(str(ir_run))))
+    try:
+        assert httpx.get(service.url + "/info").json()["parts"] == ["rgb", "infrared"]
+        s = [s for s in ds.mulsen_samples(pairs["mulsen"], "dome", "test") if s.label][0]
+        files = [("infrared", ("ir.png", Path(s.pair_path).read_bytes())),
+                 ("rgb", ("rgb.png", Path(s.image_path).read_bytes()))]
+        (got,) = httpx.post(service.url + "/predict", files=files, timeout=60).json()["images"]
+        want = detector((s.image_path, s.pair_path))
+        assert got["name"] == "rgb.png" and got["score"] == pytest.approx(want.score, rel=1e-6)
+        assert (got["decision"] == "anomalous") == want.is_anomalous and got["class"] == want.class_name
+        r = httpx.post(service.url + "/predict", files=files[1:], timeout=60)
+        assert r.status_code == 400 and "the part 'infrared' is missing" in r.json()["error"]
+    finally:
+        service.close()
