@@ -179,7 +179,7 @@ def sample_tensor(s: Sample, image_size: int, crop_size: int, cache=None) -> tor
     """A sample's input: [3, crop, crop] for an image, [6, crop, crop] for a pair of modalities (modalities.py)."""
     if s.pair_kind is None:
         return load_tensor(s.image_path, image_size, crop_size, cache)
-    return modalities().pair_tensor(s, image_size, crop_size, cache)
+    return torch.from_numpy(modalities().pair_crops(s, image_size, crop_size, cache))
 
 
 def modalities():

@@ -22,8 +22,8 @@ from .anomaly_map import MAP_SIZE, AnomalyMapper
 from .dataset import IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
 from .checkpoint_detector import check_settings, load_calibration, load_mapper, run_files
-from .scoring import pair_input
 from .run import log
+from .scoring import pair_input
 
 OPSET = 17
 MISSING = ("{what} needs {packages}: pip install -r requirements-export.txt (in a clone) or pip install "

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .arguments import CACHE_MODES as MODES
-from .dataset import load_image, resize
+from .images import load_image, resize
 from .errors import UserError
 
 _ALIGN = 4096  # the pixels start on a page boundary after the per-image "filled" flags

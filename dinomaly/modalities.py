@@ -1,6 +1,7 @@
 """Samples of two modalities, as Dinomaly2's preview feeds them: an RGB image with its depth (MVTec 3D-AD) or with
-its infrared image (MulSen-AD). A pair is one tensor [6, crop, crop]: the RGB image's 3 channels, then the other
-modality's as an RGB image, each through the same resize, crop and normalisation. The model's `modality`
+its infrared image (MulSen-AD). A pair is one input [6, crop, crop]: the RGB image's 3 channels, then the other
+modality's as an RGB image, each through the same resize, crop and normalisation (NumPy here: an exported model's
+pairs are prepared without PyTorch; dataset.py makes them tensors). The model's `modality`
 ("rgbd", "rgbir"; models/vitill.py) says what it does with the two halves.
 
 - Depth (`DEPTH`): the sample's `pair_path` is its z map (`<kind>/z/<n>.tiff`, written by
@@ -14,15 +15,18 @@ on-the-fly preparation of a point cloud runs once per image size.
 """
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from . import depth
-from .dataset import Sample, image_to_tensor, load_image, load_mask, resize
 from .errors import UserError
 from .image_cache import Reader, pil_rgb
+from .images import load_image, normalised_crop, resize
+
+if TYPE_CHECKING:
+    from .dataset import Sample
 
 DEPTH, INFRARED = "depth", "infrared"
 PAIR_KINDS = {"rgbd": DEPTH, "rgbir": INFRARED}  # the model's modality -> what the second image is
@@ -122,25 +126,26 @@ def is_pair_image(path: str, kind: str) -> bool:
     return "RGB" in parts and "GT" not in parts[parts.index("RGB"):]
 
 
-def pair_arrays(s: Sample) -> tuple[np.ndarray, np.ndarray]:
+def pair_arrays(s: "Sample") -> tuple[np.ndarray, np.ndarray]:
     """The two images of a pair sample at their own size, uint8 RGB."""
     if s.pair_kind == DEPTH:
         return rgbd_arrays(s.image_path, s.pair_path)
     return np.asarray(load_image(s.image_path)), np.asarray(load_image(s.pair_path))
 
 
-def pair_tensor(s: Sample, image_size: int, crop_size: int, cache=None) -> torch.Tensor:
-    """A pair sample -> [6, crop, crop]: both images resized, centre-cropped and normalised (`cache`: an
+def pair_crops(s: "Sample", image_size: int, crop_size: int, cache=None) -> np.ndarray:
+    """A pair sample -> float32 [6, crop, crop]: both images resized, centre-cropped and normalised (`cache`: an
     ImageCache of pair_reader's, holding both)."""
     if cache is not None:
         images = [cache.get(s.image_path), cache.get(s.pair_path)]
     else:
         images = [np.asarray(resize(Image.fromarray(a), image_size)) for a in pair_arrays(s)]
-    return torch.cat([image_to_tensor(Image.fromarray(a), crop_size) for a in images])
+    return np.concatenate([normalised_crop(Image.fromarray(a), crop_size) for a in images])
 
 
-def pair_mask(s: Sample) -> Image.Image:
+def pair_mask(s: "Sample") -> Image.Image:
     """The mask of a pair sample; a point cloud prepared on the fly pads it as its image."""
+    from .dataset import load_mask  # (the evaluation's reader, which imports PyTorch)
     m = load_mask(s.mask_path)
     if s.pair_kind == DEPTH and is_point_cloud(s.pair_path):
         return Image.fromarray(depth.pad_square(np.asarray(m)))

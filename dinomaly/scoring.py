@@ -109,7 +109,7 @@ def pair_input(item, modality: str, image_size: int, crop_size: int) -> tuple[np
     """A pair of a two-modality model (PAIR_FORMS) -> (normalised crops [6, crop, crop], the pair's (width,
     height), its two images as the model sees them, uint8 [H, W, 3] each). Depth is prepared and coloured as in
     training (modalities.rgbd_from)."""
-    from . import modalities  # (imports PyTorch)
+    from . import modalities  # (OpenCV and SciPy: the depth's preparation)
     kind = modalities.PAIR_KINDS[modality]
     if isinstance(item, (tuple, list)) and len(item) == 2:
         first, second = item

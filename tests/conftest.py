@@ -27,6 +27,25 @@ def tiny_encoder(monkeypatch):
     yield TINY
 
 
+# A script's first lines that make importing PyTorch, timm and torchvision fail, as where they are not installed
+# (an inspection PC running an exported model: requirements-runtime.txt).
+WITHOUT_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):  # before anything else: importing them fails, as where not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "timm", "torchvision"):
+            raise ImportError(f"No module named '{name}' (blocked)", name=name)
+sys.meta_path.insert(0, NoTorch())
+sys.path.insert(0, ".")
+"""
+
+
+def runtime_pins() -> dict[str, str]:
+    """requirements-runtime.txt's pins: {package (lower case): version}."""
+    with open(os.path.join(ROOT, "requirements-runtime.txt")) as f:
+        return dict(line.split("#")[0].strip().lower().split("==") for line in f if "==" in line)
+
+
 def exit_status_of(main, argv) -> int:
     """A command's main run in-process on argv (each made a str): its exit status, 0 when it returns."""
     try:
@@ -40,14 +59,17 @@ def check_pair_exports(run, modality: str, images: str, tmp_path, capsys, predic
     """A tiny run of pairs (`modality` "rgbd" or "rgbir") exported to ONNX and OpenVINO fp32 with two inputs:
     each graph against the run's model in PyTorch (its halves normalised and fed as the script does, read
     independently of export.py) within 1e-4, the class found alike, the export's own check run on the run's
-    pairs; then predict.py on the `predict_with`
-    export (".onnx" or ".xml") of the pairs under `images` writes the checkpoint's decisions. Returns
-    {suffix: path}."""
+    pairs; then, in a process without PyTorch, predict.py on the `predict_with` export (".onnx" or ".xml") of the
+    pairs under `images` writes the checkpoint's decisions, the Detector of the OpenVINO file gives the
+    checkpoint's score of a pair, and nothing is imported beyond requirements-runtime.txt. Returns {suffix: path}."""
     import csv
+    import json
+    import subprocess
+    from pathlib import Path
 
     import numpy as np
 
-    from dinomaly import checkpoints, class_finder, cli, exported
+    from dinomaly import Detector, checkpoints, class_finder, cli, exported, modalities
     from dinomaly import dataset as ds
     from dinomaly.anomaly_map import AnomalyMapper
     crop = 56
@@ -81,10 +103,35 @@ def check_pair_exports(run, modality: str, images: str, tmp_path, capsys, predic
                                      got["class_distances"])
         assert [m.class_name for m in found] == [m.class_name for m in class_finder.classify(prototypes,
                                                                                               want["features"])]
+    # predict.py on the exported file and the Detector on one pair, in a process without PyTorch
+    assert exit_status_of(cli.predict_main, ["--checkpoint", run, "--input", images, "--out", tmp_path / "ckpt",
+                                             "--num_workers", "0"]) == 0
+    kind = modalities.PAIR_KINDS[modality]
+    pair = next(str(p) for p in sorted(Path(images).rglob("*.png")) if modalities.is_pair_image(str(p), kind))
+    script = WITHOUT_TORCH + f"""
+import json, runpy
+import onnxruntime, openvino
+runtimes = set(sys.modules)
+sys.argv = ["predict.py", "--checkpoint", {str(paths[predict_with])!r}, "--input", {str(images)!r}, "--out",
+            {str(tmp_path / "exp")!r}]
+runpy.run_path("predict.py", run_name="__main__")  # exits only on failure
+from dinomaly import Detector
+r = Detector({str(paths[".xml"])!r})({pair!r})
+files = [getattr(sys.modules[m], "__file__", None) or "" for m in set(sys.modules) - runtimes]
+loaded = {{f.split("site-packages/")[1].split("/")[0].split(".")[0] for f in files if "site-packages/" in f}}
+print(json.dumps(dict(score=r.score, loaded=sorted(loaded))))  # installed packages (not aliases, not Cython's own)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert abs(answer["score"] - Detector(str(run), device="cpu")(pair).score) < 1e-4
+    from importlib.metadata import packages_distributions
+    owners = packages_distributions()
+    needed = {owners[m][0].lower() for m in answer["loaded"] if m in owners and m != "dinomaly"}
+    optional = {"psutil", "rich"}  # imported by scikit-learn and joblib when installed, required by neither
+    assert needed - optional <= set(runtime_pins()), needed
     rows = {}
-    for name, checkpoint in (("ckpt", run), ("exp", paths[predict_with])):
-        assert exit_status_of(cli.predict_main, ["--checkpoint", checkpoint, "--input", images, "--out",
-                                                 tmp_path / name, "--num_workers", "0"]) == 0
+    for name in ("ckpt", "exp"):
         with open(tmp_path / name / "predictions.csv", newline="") as f:
             rows[name] = {r["image_path"]: r for r in csv.DictReader(f)}
     assert len(rows["ckpt"]) >= 4 and rows["ckpt"].keys() == rows["exp"].keys()

@@ -20,7 +20,7 @@ from dinomaly.errors import UserError
 import dinomaly2_2d
 import dinomaly_mvtec_uni
 import dinomaly_sep
-from conftest import ROOT, TINY, TINY_CFG
+from conftest import ROOT, TINY, TINY_CFG, WITHOUT_TORCH, runtime_pins
 from conftest import exit_status_of as call
 from prepare_data.make_demo_data import make_demo_data
 
@@ -193,23 +193,6 @@ def test_the_detector_of_an_exported_model(runs, exports, data):
 
 
 # ----------------------------------------------------------------------------------------------- without PyTorch
-
-RUNTIME = os.path.join(ROOT, "requirements-runtime.txt")
-WITHOUT_TORCH = """
-import importlib.abc, sys
-class NoTorch(importlib.abc.MetaPathFinder):  # before anything else: importing them fails, as where not installed
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("torch", "timm", "torchvision"):
-            raise ImportError(f"No module named '{name}' (blocked)", name=name)
-sys.meta_path.insert(0, NoTorch())
-sys.path.insert(0, ".")
-"""
-
-
-def runtime_pins() -> dict[str, str]:
-    with open(RUNTIME) as f:
-        return dict(line.split("#")[0].strip().lower().split("==") for line in f if "==" in line)
-
 
 def test_an_exported_model_runs_without_pytorch(runs, exports, data, tmp_path):
     """predict.py and Detector on an ONNX and an OpenVINO export in a process where PyTorch, timm and torchvision
