@@ -220,4 +220,5 @@ class ExportedDetector(Scoring):
         matches = [None] * len(sizes)
         if self.prototypes is not None and None in given:
             matches = class_finder.matches(self.prototypes, out["class_distances"])
-        return self.decide(out["anomaly_map"][:, 0], out["score"].tolist(), sizes, matches, given)
+        pair_maps = out["infrared_map"][:, 0] if "infrared_map" in out else None  # RGB + infrared: the second map
+        return self.decide(out["anomaly_map"][:, 0], out["score"].tolist(), sizes, matches, given, pair_maps)

@@ -119,12 +119,18 @@ from dinomaly import Detector
 r = Detector({str(paths[".xml"])!r})({pair!r})
 files = [getattr(sys.modules[m], "__file__", None) or "" for m in set(sys.modules) - runtimes]
 loaded = {{f.split("site-packages/")[1].split("/")[0].split(".")[0] for f in files if "site-packages/" in f}}
-print(json.dumps(dict(score=r.score, loaded=sorted(loaded))))  # installed packages (not aliases, not Cython's own)
+second = None if r.pair_map is None else float(r.pair_map[r.seen].mean())
+print(json.dumps(dict(score=r.score, second=second, loaded=sorted(loaded))))  # packages (not aliases, Cython's own)
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
-    assert abs(answer["score"] - Detector(str(run), device="cpu")(pair).score) < 1e-4
+    want = Detector(str(run), device="cpu")(pair)
+    assert abs(answer["score"] - want.score) < 1e-4
+    if modality == "rgbir":  # the infrared image's map too
+        assert abs(answer["second"] - float(want.pair_map[want.seen].mean())) < 1e-4
+    else:
+        assert answer["second"] is None and want.pair_map is None
     from importlib.metadata import packages_distributions
     owners = packages_distributions()
     needed = {owners[m][0].lower() for m in answer["loaded"] if m in owners and m != "dinomaly"}
