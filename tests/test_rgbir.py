@@ -353,10 +353,27 @@ def test_torchrun_two_processes_equal_one(ir_run, pairs, tmp_path, monkeypatch):
                                    [float(c) for r in single[1:] for c in r[first:] if c], atol=1e-6)
 def test_two_input_exports_equal_pytorch_and_predict_alike(ir_run, pairs, tmp_path, capsys):
     """ONNX and OpenVINO with inputs rgb and infrared, outputs the RGB and the infrared maps and the pair's score,
-    and predict.py on the ONNX file."""
+    predict.py on the ONNX file, and the service on it."""
     pytest.importorskip("openvino")
     from conftest import check_pair_exports
-    check_pair_exports(ir_run, "rgbir", os.path.join(pairs["mulsen"], "dome", "RGB", "test"), tmp_path, capsys, ".onnx")
+    paths = check_pair_exports(ir_run, "rgbir", os.path.join(pairs["mulsen"], "dome", "RGB", "test"), tmp_path,
+                               capsys, ".onnx")
+    from pathlib import Path  # the service on the exported file: the checkpoint's score of a pair sent as two parts
+
+    import httpx
+
+    from dinomaly import Detector, serve
+    s = [s for s in ds.mulsen_samples(pairs["mulsen"], "dome", "test") if s.label][0]
+    onnx = str(paths[".onnx"])
+    service = serve.Background(serve.create_app(Detector(onnx), serve.ServeOptions(onnx)))
+    try:
+        files = [(k, (os.path.basename(f), Path(f).read_bytes())) for k, f in (("rgb", s.image_path),
+                                                                              ("infrared", s.pair_path))]
+        (got,) = httpx.post(service.url + "/predict", files=files, timeout=60).json()["images"]
+    finally:
+        service.close()
+    assert got["score"] == pytest.approx(Detector(str(ir_run), device="cpu")((s.image_path, s.pair_path)).score,
+                                         abs=1e-4)
 
 
 def test_the_service_takes_a_pair_as_two_parts(ir_run, pairs):
