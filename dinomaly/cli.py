@@ -412,8 +412,8 @@ def export_parser() -> ArgumentParser:
     p.add_argument("--check_images", type=int_at_least(1), default=100,
                    help="at most this many images of the run's scores.csv (a seeded subset) for the check")
     p.add_argument("--calibration_images", type=int_at_least(1), default=300,
-                   help="int8: good training images that calibrate the quantisation (openvino) and measure the "
-                        "layer selection (a seeded subset)")
+                   help="openvino int8: good training images that calibrate the quantisation (a seeded subset; "
+                        "up to 8 others measure the layer selection, in either format)")
     p.add_argument("--calibration_data", metavar="DIR",
                    help="int8: a folder of good images to calibrate on (default: the run's training images)")
     p.add_argument("--max_score_change", type=float_in(0, 1, low_open=True, high_open=True), default=0.002,

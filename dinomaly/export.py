@@ -391,9 +391,10 @@ def main(options: ExportOptions):
     crop, modality = recipe.crop_size, recipe.modality
     int8 = None
     if precision == "int8":  # the images first: a missing data folder stops at once
+        calibrated = options.calibration_images if fmt == "openvino" else 0  # ONNX Runtime's INT8 is dynamic
         held, paths = (pair_images(p, modality) for p in quantize.training_images(
-            run_dir, options.calibration_data, options.calibration_images, options.seed))
-        if not held or not paths:
+            run_dir, options.calibration_data, calibrated, options.seed))
+        if not held or (calibrated and not paths):
             where = f"--calibration_data {options.calibration_data}" if options.calibration_data else \
                 "the run's training data"
             raise UserError(f"{where} holds too few pairs of this run's {modality} layout "

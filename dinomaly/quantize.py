@@ -254,5 +254,8 @@ def crops(paths: list[str], image_size: int, crop_size: int) -> list[np.ndarray]
 
 def log_calibration(selection: list[str], calibration: list[str], folder: str | None):
     where = folder or "the run's training images"
+    if not calibration:  # ONNX Runtime's dynamic INT8: nothing to calibrate
+        log.info(f"INT8 layer selection measured on {len(selection)} good images ({where}, a seeded subset)")
+        return
     log.info(f"INT8 calibration on {len(calibration)} good images ({where}, a seeded subset; --calibration_images "
              f"sets how many), layer selection measured on {len(selection)} others")
