@@ -1,5 +1,6 @@
 """The documentation runs as printed: every command in a code block of README.md and docs/*.md names a script of
-the repository and only flags that script's `--help` lists, `bash demo.sh` only modes demo.sh has, and every
+the repository and only flags that script's `--help` lists, `bash demo.sh` only modes demo.sh has, every `pip
+install -r FILE` a file of the repository and `pip install ".[extra]"` an extra of pyproject.toml, and every
 relative link (and every docs/ file named in the text) leads to an existing file and, with #anchor, heading.
 
 Commands are the lines of fenced code blocks that start with `python <script>.py`, `torchrun ... <script>.py`,
@@ -272,6 +273,38 @@ def test_bash_command(where, text, kind, script, arguments):
         if arguments:
             modes = demo_modes() | {"dinomaly"}  # the default branch (*) is Dinomaly
             assert arguments[0] in modes, f"{where}: demo.sh has no mode {arguments[0]!r} (it has {sorted(modes)})"
+
+
+
+def pip_installs():
+    """(where, text, requirement files, extras) of each `pip install` line of the pages' code blocks: the files of
+    its `-r FILE` and the extras of its `.[a,b]` (or `"dinomaly[a,b]"`)."""
+    found = []
+    for page in PAGES:
+        for start, lines in code_blocks(page.read_text(encoding="utf-8")):
+            for number, text in logical_lines(lines, start):
+                for command in commands_of(split_words(text) or []):
+                    if command[:2] != ["pip", "install"]:
+                        continue
+                    files = [b for a, b in zip(command, command[1:]) if a in ("-r", "--requirement")]
+                    groups = [g for word in command for g in re.findall(r"^(?:\.|dinomaly)\[([^\]]+)\]$", word)]
+                    extras = [e.strip() for group in groups for e in group.split(",")]
+                    found.append((f"{rel(page)}:{number}", text.strip(), files, extras))
+    return found
+
+
+PIP_INSTALLS = pip_installs()
+
+
+@pytest.mark.parametrize("where, text, files, extras", PIP_INSTALLS, ids=[p[0] for p in PIP_INSTALLS])
+def test_pip_install(where, text, files, extras):
+    """A documented `pip install -r FILE` names a file of the repository, and `.[extra]` an extra of pyproject.toml."""
+    import tomllib
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    for name in files:
+        assert (ROOT / name).is_file(), f"{where}: `{text}` installs {name}, which is not in the repository"
+    for extra in extras:
+        assert extra in declared, f"{where}: `{text}`: pyproject.toml has no extra {extra!r} (it has {sorted(declared)})"
 
 
 # ------------------------------------------------------------------------------------------------------ links
