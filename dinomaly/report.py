@@ -152,7 +152,7 @@ def plot_curves(path: str, name: str, labels: np.ndarray, scores: np.ndarray, px
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
     if np.asarray(labels).astype(bool).all() or not np.asarray(labels).any():
-        plot_scores(path, name, scores, entry, plt)
+        plot_scores(path, name, scores, entry, plt, "defective" if np.asarray(labels).any() else "good")
         return
     fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.6))
     for level, y, s, threshold, color in (("image", labels, scores, entry["image"]["threshold"], "C0"),
@@ -184,16 +184,17 @@ def plot_curves(path: str, name: str, labels: np.ndarray, scores: np.ndarray, px
     plt.close(fig)
 
 
-def plot_scores(path: str, name: str, scores: np.ndarray, entry: dict, plt):
-    """Without both normal and anomalous test images (no curves to draw): the histogram of the scores with the
-    image threshold marked."""
+def plot_scores(path: str, name: str, scores: np.ndarray, entry: dict, plt, kind: str):
+    """Without both normal and anomalous images (no curves to draw): the histogram of the scores of the images of
+    the one `kind` ("good": test/good or held-out good images; "defective") with the image threshold marked."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(scores, bins=max(5, min(30, len(scores) // 2)), color="C0", alpha=0.8, label=f"{len(scores)} images")
     threshold = entry["image"]["threshold"]
     if threshold is not None:
         how = entry["image"].get("method", "f1max").replace("_", " ")
         ax.axvline(threshold, color="C3", label=f"threshold {threshold:.4g} ({how})")
-    ax.set(xlabel="image score", ylabel="images", title=f"{name}: test image scores (no curves: one kind of image)")
+    ax.set(xlabel="image score", ylabel="images", title=f"{name}: scores of {kind} images (no curves: one kind)")
+    ax.yaxis.get_major_locator().set_params(integer=True)  # counts of images
     ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -270,3 +270,33 @@ def test_metrics_line_names_what_cannot_be_computed():
     assert samples.metrics_line("nut", full, entry).endswith("AUPRO 0.5000, mAD 0.5000")
     assert samples.metrics_line("Mean", dict.fromkeys(METRIC_NAMES, nan)) == \
         "Mean: no metrics (no class has defect images)"
+
+
+def test_the_histogram_of_one_kind_of_image_names_it_and_counts_whole_images(tmp_path):
+    """Without defect images the curves are a histogram: its title says which images (good ones, e.g. held out of
+    training, not "test images") and its count axis has whole numbers only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dinomaly import report
+    figures = []
+
+    class Keep:  # pyplot, keeping the figure to look at
+        def __getattr__(self, name):
+            return getattr(plt, name)
+
+        def close(self, fig):
+            figures.append(fig)
+
+    entry = {"image": {"threshold": 0.556, "method": "false_alarm_rate"}}
+    scores = np.array([0.27, 0.34, 0.35, 0.36, 0.42, 0.47, 0.52, 0.556])  # the smoke run's: 2 images at most a bin
+    report.plot_scores(str(tmp_path / "nut.png"), "nut", scores, entry, Keep(), "good")
+    ax = figures[0].axes[0]
+    try:
+        assert ax.get_title() == "nut: scores of good images (no curves: one kind)"
+        ticks = ax.get_yticks()
+        assert len(ticks) >= 2 and np.all(ticks == np.round(ticks)), ticks
+        assert (tmp_path / "nut.png").is_file()
+    finally:
+        plt.close(figures[0])
