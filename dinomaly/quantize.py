@@ -189,9 +189,14 @@ def openvino_int8(model, int8: Int8):
         return np.concatenate([compiled(x)["score"] for x in images])
 
     reference = scores(model)
-    quantized = nncf.quantize(model, nncf.Dataset(int8.calibration), subset_size=len(int8.calibration),
-                              model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
-                              ignored_scope=nncf.IgnoredScope(names=float_nodes(names), validate=False))
+    level = logging.getLogger("nncf").level
+    nncf.set_log_level(logging.WARNING)  # at INFO it lists every operation it leaves unquantised: hundreds of lines
+    try:
+        quantized = nncf.quantize(model, nncf.Dataset(int8.calibration), subset_size=len(int8.calibration),
+                                  model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
+                                  ignored_scope=nncf.IgnoredScope(names=float_nodes(names), validate=False))
+    finally:
+        nncf.set_log_level(level)
     groups = list(dict.fromkeys(
         g for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize"
         for t in op.output(0).get_target_inputs() if (g := group_of(t.get_node().get_friendly_name())) is not None))
