@@ -756,7 +756,7 @@ def open_runtime(name: str, path: str | None, model, threads: int, compile_backe
     graph = exported.Graph(path, RUNTIME_DEVICE.get(name), threads, spin=False)  # spinning threads would slow
     # the runtimes interleaved with it
     if name in RUNTIME_HINTS:  # recompile with the precision hint
-        import openvino as ov
+        ov = exported.import_openvino()
         core = ov.Core()
         graph.compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
                                                                           "INFERENCE_PRECISION_HINT":
@@ -800,7 +800,8 @@ def ort_profile(path: str, threads: int, x: np.ndarray, steps: int) -> dict:
 
 def ov_profile(graph, x: np.ndarray, steps: int) -> dict:
     """OpenVINO's own per-node timing (PERF_COUNT): ms per step by node type and kernel, and by part."""
-    import openvino as ov
+    from dinomaly import exported
+    ov = exported.import_openvino()
     core = ov.Core()
     compiled = core.compile_model(core.read_model(graph.path), "CPU",
                                   {"PERF_COUNT": True, "INFERENCE_NUM_THREADS": graph.threads})

@@ -5,6 +5,7 @@ cli.EXPORT_HELP; exported.py runs the files).
 """
 import copy
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -161,11 +162,12 @@ def write_openvino(model: ExportedMapper, crop: int, path: str, precision: str, 
                    int8: quantize.Int8 | None = None):
     """The OpenVINO IR at `path` (.xml, and its .bin beside) in `precision`, converted from the ONNX graph by
     OpenVINO's own converter (its PyTorch front end lacks aten::cosine_similarity), with `metadata` in its
-    rt_info (and for int8 the blocks kept in float, as int8_float_layers)."""
-    import openvino as ov
+    rt_info (and for int8 the blocks kept in float, as int8_float_layers). Core.read_model (its ONNX front end)
+    converts, not ov.convert_model, which sends usage telemetry to Google Analytics unless the user opted out."""
+    ov = exported.import_openvino()
     plain = os.path.join(work, "fp32.onnx")
     export_onnx(model, crop, plain)
-    ov_model = ov.convert_model(plain)
+    ov_model = ov.Core().read_model(plain)
     if precision == "int8":
         ov_model, selection = quantize.openvino_int8(ov_model, int8)
         metadata = {**metadata, "int8_float_layers": selection.metadata()}
@@ -205,15 +207,14 @@ def output_format(options: "ExportOptions") -> str:
 
 
 def require(fmt: str, precision: str):
-    """A one-line error naming what to install when a package the export needs is missing."""
+    """A one-line error naming what to install when a package the export needs is missing (found, not imported:
+    OpenVINO and NNCF are imported later with their telemetry off)."""
     for package in NEEDS[(fmt, precision)]:
-        try:
-            __import__(package)
-        except ImportError:
+        if importlib.util.find_spec(package) is None:
             names = " and ".join(NEEDS[(fmt, precision)])
             extra = "openvino" if fmt == "openvino" else "export"
             what = f"{'OpenVINO' if fmt == 'openvino' else 'ONNX'} {precision} export"
-            raise UserError(MISSING.format(what=what, packages=names, extra=extra)) from None
+            raise UserError(MISSING.format(what=what, packages=names, extra=extra))
 
 
 # ----------------------------------------------------------------------------------------------- the check

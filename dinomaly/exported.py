@@ -10,6 +10,7 @@ NumPy, Pillow, OpenCV and the runtime only (requirements-runtime.txt, docs/deplo
 """
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -28,6 +29,24 @@ FIXED = ("seg_checkpoint", "max_ratio", "fusion_alpha", "image_size", "crop_size
 def format_of(path: str) -> str | None:
     """'onnx' or 'openvino' for a path naming an exported model (by its suffix), else None."""
     return SUFFIXES.get(os.path.splitext(os.fspath(path))[1].lower())
+
+
+def import_openvino():
+    """The `openvino` module, imported with its usage telemetry off. Importing OpenVINO sends an event to Google
+    Analytics unless the user has opted out (and the sender can hang a process on a machine without network),
+    which a detector on an inspection line must not do: its own switch for CI machines (CI=true) is set for the
+    import, then restored. (NNCF's telemetry: quantize.py.)"""
+    if "openvino" not in sys.modules:
+        before = os.environ.get("CI")
+        os.environ["CI"] = "true"
+        try:
+            import openvino  # noqa: F401
+        finally:
+            if before is None:
+                del os.environ["CI"]
+            else:
+                os.environ["CI"] = before
+    return sys.modules["openvino"]
 
 
 def runtime_missing(fmt: str) -> str:
@@ -93,7 +112,7 @@ class Graph:
 
     def _open_openvino(self, device: str, threads: int | None):
         try:
-            import openvino as ov
+            ov = import_openvino()
         except ImportError:
             raise UserError(runtime_missing("openvino")) from None
         bin_path = os.path.splitext(self.path)[0] + ".bin"

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from . import dataset as ds
-from . import samples
+from . import exported, samples
 from .errors import UserError
 from .options import DataOptions
 from .run import log
@@ -177,9 +177,11 @@ def without_quantizers(model, kept: list[str]):
 
 def openvino_int8(model, int8: Int8):
     """NNCF's post-training INT8 of an OpenVINO model, calibrated on int8.images, with the activations of the
-    blocks that select_float keeps in float not quantised: (the model, the Selection)."""
+    blocks that select_float keeps in float not quantised: (the model, the Selection). NNCF's usage telemetry
+    (sent to Google Analytics unless the user opted out) is switched off: an export must not reach the network."""
+    ov = exported.import_openvino()  # before nncf, which imports it
+    os.environ.setdefault("NNCF_CI", "1")  # NNCF's switch for CI machines; read once, when nncf is imported
     import nncf
-    import openvino as ov
     names = [op.get_friendly_name() for op in model.get_ops()]
     core = ov.Core()
     images = int8.selection

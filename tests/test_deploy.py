@@ -493,3 +493,25 @@ def test_benchmark_deploy_runs_and_writes_json(tmp_path):
     assert {"encoder", "decoder"} <= set(parts) and sum(p["share"] for p in parts.values()) == pytest.approx(1)
     assert report["profiles"][f"{TINY}:{CROP} ov_int8"]["by_type"]
     assert len(report["load_average"]["before"]) == 3
+
+
+def test_an_openvino_int8_export_sends_no_telemetry(runs, tmp_path):
+    """OpenVINO's converter and NNCF send usage events to Google Analytics when the user has not opted out (and
+    their sender can hang without a network): an export must send none. In a process without pytest (NNCF
+    silences itself under pytest), every message the telemetry library would send is recorded instead."""
+    script = f"""
+import sys
+from openvino_telemetry.utils.sender import TelemetrySender
+sent = []
+TelemetrySender.send = lambda self, backend, message: sent.append(message)
+from dinomaly import cli, models
+models.ENCODERS[{TINY!r}] = models.{TINY_CFG!r}
+code = cli.export_main(["--checkpoint", {str(runs["dinomaly"])!r}, "--out", {str(tmp_path / "m.xml")!r},
+                        "--precision", "int8", "--calibration_images", "2", "--max_score_change", "0.9"])
+assert "pytest" not in sys.modules
+print("events sent:", sent)
+sys.exit(code)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "events sent: []"
