@@ -556,7 +556,7 @@ def bench_serve(args) -> dict:
             for i in range(0, len(images), batch_size):
                 start = time.perf_counter()
                 crops = [detector.prepare(serve.open_image(b, "image", 10 ** 9)) for b in images[i:i + batch_size]]
-                found = detector.predict_prepared(torch.stack([c[0] for c in crops]), [c[1] for c in crops])
+                found = detector.predict_prepared(np.stack([c[0] for c in crops]), [c[1] for c in crops])
                 times.append(time.perf_counter() - start)
                 scores += [p.score for p in found]
             return scores, times
