@@ -55,6 +55,32 @@ def exit_status_of(main, argv) -> int:
     return 0
 
 
+def assert_resumes_bit_exactly(script, argv: list, whole_run, monkeypatch):
+    """Ctrl-C during the first step of `script`'s run (argv: a 2-iteration run into a new folder; the state after
+    the second step is saved), then --resume: the weights of the uninterrupted run in `whole_run`."""
+    import signal
+
+    from dinomaly import cli, train
+    step = train.train_step
+
+    def interrupted(batch, it, *args, **kwargs):
+        if it == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(batch, it, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli.run_script(script, argv)
+    assert e.value.code == 130
+    folder = os.path.join(argv[argv.index("--save_dir") + 1], argv[argv.index("--save_name") + 1])
+    assert torch.load(os.path.join(folder, "train_state.pth"), weights_only=True)["iteration"] == 2
+    monkeypatch.setattr(train, "train_step", step)
+    cli.run_script(script, argv + ["--resume"])
+    whole = torch.load(os.path.join(whole_run, "model.pth"), weights_only=True)
+    cut = torch.load(os.path.join(folder, "model.pth"), weights_only=True)
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
 def check_pair_exports(run, modality: str, images: str, tmp_path, capsys, predict_with: str) -> dict:
     """A tiny run of pairs (`modality` "rgbd" or "rgbir") exported to ONNX and OpenVINO fp32 with two inputs:
     each graph against the run's model in PyTorch (its halves normalised and fed as the script does, read

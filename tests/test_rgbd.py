@@ -19,9 +19,9 @@ from dinomaly import dataset as ds
 from dinomaly.errors import UserError
 
 import dinomaly2_mvtec3d
-from conftest import TINY, TINY_CFG
+from conftest import TINY, TINY_CFG, assert_resumes_bit_exactly
 from prepare_data import prepare_mvtec3d
-from prepare_data.make_demo_pairs import SPACING, TABLE, make_demo_pairs
+from prepare_data.make_demo_pairs import TABLE, make_demo_pairs
 
 D = TINY_CFG.embed_dim
 
@@ -333,27 +333,9 @@ def test_detector_and_predict_take_pairs(rgbd_run, pairs, tmp_path, monkeypatch)
 
 
 def test_interrupted_run_resumes_bit_exactly(rgbd_run, pairs, tmp_path, monkeypatch):
-    """Ctrl-C during the first step of the RGB + depth run (the state after the second is saved), then --resume:
-    the weights of the uninterrupted run."""
-    from dinomaly import train
     monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
-    step = train.train_step
-
-    def interrupted(batch, it, *args, **kwargs):
-        if it == 0:
-            os.kill(os.getpid(), __import__("signal").SIGINT)
-        return step(batch, it, *args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", interrupted)
-    with pytest.raises(SystemExit) as e:
-        cli.run_script(dinomaly2_mvtec3d, [*run_argv(pairs, tmp_path), "--save_name", "cut"])
-    assert e.value.code == 130
-    assert torch.load(tmp_path / "cut" / "train_state.pth", weights_only=True)["iteration"] == 2
-    monkeypatch.setattr(train, "train_step", step)
-    cli.run_script(dinomaly2_mvtec3d, [*run_argv(pairs, tmp_path), "--save_name", "cut", "--resume"])
-    whole = torch.load(rgbd_run / "model.pth", weights_only=True)
-    cut = torch.load(tmp_path / "cut" / "model.pth", weights_only=True)
-    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert_resumes_bit_exactly(dinomaly2_mvtec3d, [*run_argv(pairs, tmp_path), "--save_name", "cut"], rgbd_run,
+                               monkeypatch)
 
 
 def test_a_dataset_of_another_modality_is_one_line(pairs, tmp_path, capsys):

@@ -18,7 +18,7 @@ from dinomaly.anomaly_map import AnomalyMapper, binarize_gt
 from dinomaly.errors import UserError
 
 import dinomaly2_mulsen
-from conftest import TINY, TINY_CFG
+from conftest import TINY, TINY_CFG, assert_resumes_bit_exactly
 from prepare_data.make_demo_pairs import KINDS_IR, make_demo_pairs
 
 
@@ -400,25 +400,7 @@ def test_the_service_takes_a_pair_as_two_parts(ir_run, pairs):
         service.close()
 
 
+
 def test_interrupted_run_resumes_bit_exactly(ir_run, pairs, tmp_path, monkeypatch):
-    """Ctrl-C during the first step of the RGB + infrared run (the state after the second is saved), then
-    --resume: the weights of the uninterrupted run."""
-    from dinomaly import train
     monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
-    step = train.train_step
-
-    def interrupted(batch, it, *args, **kwargs):
-        if it == 0:
-            os.kill(os.getpid(), __import__("signal").SIGINT)
-        return step(batch, it, *args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", interrupted)
-    with pytest.raises(SystemExit) as e:
-        cli.run_script(dinomaly2_mulsen, ir_argv(pairs, tmp_path, "cut"))
-    assert e.value.code == 130
-    assert torch.load(tmp_path / "cut" / "train_state.pth", weights_only=True)["iteration"] == 2
-    monkeypatch.setattr(train, "train_step", step)
-    cli.run_script(dinomaly2_mulsen, ir_argv(pairs, tmp_path, "cut") + ["--resume"])
-    whole = torch.load(ir_run / "model.pth", weights_only=True)
-    cut = torch.load(tmp_path / "cut" / "model.pth", weights_only=True)
-    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert_resumes_bit_exactly(dinomaly2_mulsen, ir_argv(pairs, tmp_path, "cut"), ir_run, monkeypatch)
