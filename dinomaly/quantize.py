@@ -176,7 +176,7 @@ def without_quantizers(model, kept: list[str]):
 
 
 def openvino_int8(model, int8: Int8):
-    """NNCF's post-training INT8 of an OpenVINO model, calibrated on int8.images, with the activations of the
+    """NNCF's post-training INT8 of an OpenVINO model, calibrated on int8.calibration, with the activations of the
     blocks that select_float keeps in float not quantised: (the model, the Selection). NNCF's usage telemetry
     (sent to Google Analytics unless the user opted out) is switched off: an export must not reach the network."""
     ov = exported.import_openvino()  # before nncf, which imports it
