@@ -5,7 +5,7 @@ The graph computes the map, the score and the distances to the class prototypes;
 finding's radii, the sizes and the colour scale come from the metadata, and the decision, the class, the map and
 mask in the image's own geometry from scoring.Scoring, as for a checkpoint.
 
-Neither this module nor what it imports loads PyTorch (tests/test_runtime.py checks it): an inspection PC needs
+Neither this module nor what it imports loads PyTorch (tests/test_deploy.py checks it): an inspection PC needs
 NumPy, Pillow, OpenCV and the runtime only (requirements-runtime.txt, docs/deployment.md).
 """
 import json
