@@ -758,9 +758,9 @@ def open_runtime(name: str, path: str | None, model, threads: int, compile_backe
     if name in RUNTIME_HINTS:  # recompile with the precision hint
         ov = exported.import_openvino()
         core = ov.Core()
-        graph.compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                                          "INFERENCE_PRECISION_HINT":
-                                                                          RUNTIME_HINTS[name]})
+        graph.compiled = core.compile_model(exported.one_image(core.read_model(path)), "CPU",
+                                            {"INFERENCE_NUM_THREADS": threads,
+                                             "INFERENCE_PRECISION_HINT": RUNTIME_HINTS[name]})
         graph.request = graph.compiled.create_infer_request()
     return graph
 
@@ -803,7 +803,7 @@ def ov_profile(graph, x: np.ndarray, steps: int) -> dict:
     from dinomaly import exported
     ov = exported.import_openvino()
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(graph.path), "CPU",
+    compiled = core.compile_model(exported.one_image(core.read_model(graph.path)), "CPU",
                                   {"PERF_COUNT": True, "INFERENCE_NUM_THREADS": graph.threads})
     request = compiled.create_infer_request()
     nodes = []
