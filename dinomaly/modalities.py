@@ -9,6 +9,8 @@ pairs are prepared without PyTorch; dataset.py makes them tensors). The model's 
   (`<kind>/xyz/<n>.tiff`), prepared on the fly (depth.prepare_scan; its RGB image and mask padded the same way).
   The depth is coloured and the RGB image's background zeroed per sample (depth.colour_depth, zero_background).
 - Infrared (`INFRARED`): `pair_path` is the infrared image, read as RGB like any image.
+- Pairing by name (`partner_candidates`, the one rule): on the file system (`partner`, predict.py's --input) and
+  among the paths of a folder's files (`pairs_among`, the service's POST /pairs for the review page).
 
 With --cache_images the two resized images of a pair are cached under their own paths (`pair_reader`), so the
 on-the-fly preparation of a point cloud runs once per image size.
@@ -33,27 +35,39 @@ PAIR_KINDS = {"rgbd": DEPTH, "rgbir": INFRARED}  # the model's modality -> what 
 DEPTH_FOLDERS = ("z", "xyz")  # a sample's depth: its prepared z map, else its point cloud
 
 
+def depth_candidates(kind_dir: str, stem: str) -> list[str]:
+    """Where the depth of sample `stem` in an MVTec 3D-AD folder `<kind>` may lie, the preferred first: its prepared
+    z map `<kind>/z/<stem>.tiff`, then its point cloud `<kind>/xyz/<stem>.tiff` (prepared on the fly). Built from
+    the sample's own folder, not by replacing 'rgb' in the whole path as the preview does (which breaks when a
+    parent folder's name holds 'rgb')."""
+    return [os.path.join(kind_dir, folder, stem + ".tiff") for folder in DEPTH_FOLDERS]
+
+
 def depth_file(kind_dir: str, stem: str) -> str:
-    """The depth of sample `stem` in an MVTec 3D-AD folder `<kind>`: `<kind>/z/<stem>.tiff` when it exists, else
-    `<kind>/xyz/<stem>.tiff` (prepared on the fly). The path is built from the sample's own folder, not by
-    replacing 'rgb' in the whole path as the preview does (which breaks when a parent folder's name holds 'rgb')."""
-    for folder in DEPTH_FOLDERS:
-        path = os.path.join(kind_dir, folder, stem + ".tiff")
-        if os.path.isfile(path):
-            return path
-    raise UserError(f"no depth for {os.path.join(kind_dir, 'rgb', stem)}.png: neither {kind_dir}/z/{stem}.tiff nor "
-                    f"{kind_dir}/xyz/{stem}.tiff exists; MVTec 3D-AD's layout is <class>/<split>/<kind>/"
-                    f"{{rgb,xyz,gt}}")
+    """The depth of sample `stem` in an MVTec 3D-AD folder `<kind>`: the first of depth_candidates that exists."""
+    return _first_file(os.path.join(kind_dir, "rgb", stem + ".png"), DEPTH, depth_candidates(kind_dir, stem))
+
+
+def missing_partner(path: str, kind: str, candidates: list[str], where: str = "") -> str:
+    """The one-line error of an RGB image `path` whose other modality's file is none of `candidates` (`where`:
+    where it was looked for, after "not found")."""
+    what = "depth" if kind == DEPTH else "infrared image"
+    return f"no {what} for {path}: {' or '.join(candidates)} not found{where}"
+
+
+def _first_file(path: str, kind: str, candidates: list[str]) -> str:
+    """The first of `candidates` that is a file, else a UserError naming them and the layout."""
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    layout = "MVTec 3D-AD's layout is <class>/<split>/<kind>/{rgb,xyz,gt}" if kind == DEPTH else \
+        "MulSen-AD's layout is <class>/{RGB,Infrared}/{train,test/<kind>}/<n>.png"
+    raise UserError(f"{missing_partner(path, kind, candidates)}; {layout}")
 
 
 def is_point_cloud(depth_path: str) -> bool:
     """Whether a depth file is a point cloud to prepare (xyz/), not a prepared z map (z/)."""
     return os.path.basename(os.path.dirname(depth_path)) == "xyz"
-
-
-def depth_of_image(rgb_path: str) -> str:
-    """The depth file of an MVTec 3D-AD image `<kind>/rgb/<n>.png`."""
-    return depth_file(os.path.dirname(os.path.dirname(rgb_path)), os.path.splitext(os.path.basename(rgb_path))[0])
 
 
 @functools.lru_cache(maxsize=2)  # a pair's image and depth are read one after the other
@@ -97,24 +111,32 @@ def rgbd_from(rgb: np.ndarray, depth_input, name: str = "the depth array") -> tu
     return depth.zero_background(rgb, z), depth.colour_depth(z, name)
 
 
-def partner(path: str, kind: str) -> str:
-    """The other modality's file of an image in its dataset's layout: MVTec 3D-AD's `<kind>/rgb/<n>.png` -> its
-    depth (depth_file), MulSen-AD's `.../RGB/.../<n>.png` -> `.../Infrared/.../<n>.png`."""
+def partner_candidates(path: str, kind: str) -> list[str]:
+    """Where the other modality's file of the RGB image `path` lies in its dataset's layout, from the path alone
+    (nothing is read), the preferred first: MVTec 3D-AD's `<kind>/rgb/<n>.png` -> depth_candidates
+    (`<kind>/z/<n>.tiff`, `<kind>/xyz/<n>.tiff`), MulSen-AD's `.../RGB/.../<n>.png` -> `.../Infrared/.../<n>.png`
+    (the last RGB/ folder of the path). A path outside the layout is a UserError. The one pairing rule: `partner`
+    looks for the candidates on the file system, `pairs_among` among a list of paths (the service's POST /pairs,
+    which the review page asks)."""
+    path = os.path.normpath(path)
     if kind == DEPTH:
         if os.path.basename(os.path.dirname(path)) != "rgb":
             raise UserError(f"{path} is not in an rgb/ folder of MVTec 3D-AD's layout (<kind>/rgb/<n>.png beside "
                             f"<kind>/xyz/<n>.tiff), so its depth cannot be found; pass the pair (image, depth)")
-        return depth_of_image(path)
-    parts = os.path.normpath(path).split(os.sep)
+        return depth_candidates(os.path.dirname(os.path.dirname(path)), os.path.splitext(os.path.basename(path))[0])
+    parts = path.split(os.sep)
     if "RGB" not in parts:
         raise UserError(f"{path} is not in an RGB/ folder of MulSen-AD's layout (.../RGB/.../<n>.png beside "
                         f".../Infrared/.../<n>.png), so its infrared image cannot be found; pass the pair (image, "
                         f"infrared image)")
     i = len(parts) - 1 - parts[::-1].index("RGB")
-    other = os.sep.join(parts[:i] + ["Infrared"] + parts[i + 1:])
-    if not os.path.isfile(other):
-        raise UserError(f"no infrared image for {path}: {other} not found")
-    return other
+    return [os.sep.join(parts[:i] + ["Infrared"] + parts[i + 1:])]
+
+
+def partner(path: str, kind: str) -> str:
+    """The other modality's file of an image in its dataset's layout: the first of partner_candidates that
+    exists."""
+    return _first_file(path, kind, partner_candidates(path, kind))
 
 
 def is_pair_image(path: str, kind: str) -> bool:
@@ -124,6 +146,30 @@ def is_pair_image(path: str, kind: str) -> bool:
     if kind == DEPTH:
         return len(parts) > 1 and parts[-2] == "rgb"
     return "RGB" in parts and "GT" not in parts[parts.index("RGB"):]
+
+
+def pairs_among(paths: list[str], kind: str, where: str = " among the files given") -> tuple[
+        list[tuple[str, str]], list[tuple[str, str]]]:
+    """The pairs among files known by their paths alone (a folder's files, relative paths): ([(RGB image, its
+    other modality's file)], [(RGB image, the one-line error naming its missing file)]), each in the order of
+    `paths`. An RGB image is an image name (image_files.is_image_name) that is_pair_image; its partner is the
+    first of partner_candidates among `paths`. Other files (masks, depth files, infrared images) are in
+    neither list. The paths are answered as given."""
+    from .image_files import is_image_name
+    given = {}
+    for p in paths:
+        given.setdefault(os.path.normpath(p), p)
+    pairs, unpaired = [], []
+    for p in paths:
+        if not (is_image_name(os.path.basename(p)) and is_pair_image(p, kind)):
+            continue
+        candidates = partner_candidates(p, kind)
+        found = next((given[c] for c in candidates if c in given), None)
+        if found is None:
+            unpaired.append((p, missing_partner(p, kind, candidates, where)))
+        else:
+            pairs.append((p, found))
+    return pairs, unpaired
 
 
 def pair_arrays(s: "Sample") -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +205,7 @@ def rgbd_resized(path: str, size: int) -> np.ndarray:
         rgb = os.path.join(os.path.dirname(os.path.dirname(path)), "rgb",
                            os.path.splitext(os.path.basename(path))[0] + ".png")
         return np.asarray(resize(Image.fromarray(rgbd_arrays(rgb, path)[1]), size))
-    return np.asarray(resize(Image.fromarray(rgbd_arrays(path, depth_of_image(path))[0]), size))
+    return np.asarray(resize(Image.fromarray(rgbd_arrays(path, partner(path, DEPTH))[0]), size))
 
 
 RGBD = Reader("rgbd", 3, rgbd_resized)

@@ -3,7 +3,7 @@ Detector, answering POST /predict, GET /health and GET /info, the review page at
 docs/serving.md) and what it reads: the run's test scores, report pictures and the thresholds it saves.
 
 A run of pairs (RGB + depth, RGB + infrared) takes one pair a request, a form with the two parts PAIR_PARTS
-names (GET /info's `parts`). Requests share the model through a Batcher: images of concurrent requests wait up to
+names (GET /info's `parts`); POST /pairs pairs a folder's files by their names for the page. Requests share the model through a Batcher: images of concurrent requests wait up to
 --max_wait_ms for each other and go through Detector.predict_prepared together, up to --max_batch at a time, the
 call predict.py makes, so a served score is predict.py's. At most --max_queue images wait or run at once; beyond that a request gets 503 with
 Retry-After. Every bad request is a 4xx with a one-line JSON error ({"error": "..."}); a failure inside the model
@@ -35,7 +35,7 @@ from scipy import ndimage
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import image_files
+from . import image_files, modalities
 from . import thresholds as th
 from .errors import UserError, one_line
 from .checkpoint_detector import PerClassDetector
@@ -49,6 +49,7 @@ FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "MPO")  # what Image.open may report fo
 REVIEW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "review")
 REPORT_FILES = (".png", ".csv", ".json", ".txt")  # what of the run folder the page may read (no weights)
 MAX_BOXES = 100  # bounding boxes per image, the largest
+MAX_PAIR_FILES, MAX_PATH_CHARS = 50_000, 1_000  # POST /pairs: paths a request, characters a path
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,31 @@ async def uploads(request: Request, body: bytes, max_images: int) -> list[tuple[
 
 
 PAIR_PARTS = {"rgbd": ("rgb", "depth"), "rgbir": ("rgb", "infrared")}  # a run of pairs: the form's parts
+
+
+def pair_paths(body: bytes, modality: str) -> list[str]:
+    """The paths of POST /pairs's JSON body {"files": [path, ...]}, or a one-line RequestError: not that JSON, a
+    path not a non-empty string, more than MAX_PAIR_FILES paths or one longer than MAX_PATH_CHARS."""
+    usage = 'send JSON {"files": ["<relative path of a file>", ...]}, the paths of a folder\'s files'
+    if modality == "rgb":
+        raise RequestError(400, "this run scores single images (GET /info's modality is rgb): POST /pairs is for "
+                                "runs of pairs; send the images to /predict")
+    try:
+        paths = json.loads(body)["files"]
+    except (ValueError, KeyError, TypeError):
+        raise RequestError(400, usage) from None
+    if not isinstance(paths, list):
+        raise RequestError(400, f"files is a {type(paths).__name__}, not a list: {usage}")
+    if len(paths) > MAX_PAIR_FILES:
+        raise RequestError(400, f"too many files ({len(paths):,}, at most {MAX_PAIR_FILES:,}); send a smaller "
+                                f"folder")
+    for i, p in enumerate(paths):
+        if not isinstance(p, str) or not p:
+            raise RequestError(400, f"files[{i}] is {json.dumps(p)[:40]}, not a path: {usage}")
+        if len(p) > MAX_PATH_CHARS:
+            raise RequestError(400, f"files[{i}] ({p[:40]}...) is longer than {MAX_PATH_CHARS} characters; send "
+                                    f"relative paths")
+    return paths
 
 
 def pair_parts(files: list[tuple[str | None, str, bytes]], parts: tuple[str, str]) -> dict[str, tuple[str, bytes]]:
@@ -527,6 +553,17 @@ def create_app(detector: Scoring, options: ServeOptions) -> FastAPI:
             detector.reload_thresholds()
         log.info(f"saved the thresholds of {', '.join(chosen)} into {path} (the calibrated ones: {backup})")
         return {"path": path, "backup": backup, "thresholds": class_thresholds(detector)}
+
+    @app.post("/pairs")
+    async def pairs(request: Request):
+        """A run of pairs: {"files": [the relative paths of a folder's files]} -> the pairs among them, paired by
+        name as predict.py pairs files (modalities.pairs_among): {"pairs": [{"rgb": path, "<parts[1]>": path}],
+        "unpaired": [{"rgb": path, "error": one line naming the missing file}]}. Only names are sent; the page
+        then sends each pair to /predict."""
+        paths = pair_paths(await read_body(request, int(options.max_mb * 2 ** 20)), detector.modality)
+        found, unpaired = modalities.pairs_among(paths, modalities.PAIR_KINDS[detector.modality])
+        return {"pairs": [{"rgb": a, parts[1]: b} for a, b in found],
+                "unpaired": [{"rgb": a, "error": e} for a, e in unpaired]}
 
     review = review_images(options.review)
 

@@ -1,4 +1,6 @@
 import os
+import re
+import shutil
 import sys
 
 import pytest
@@ -25,6 +27,25 @@ TINY_CFG = EncoderConfig(embed_dim=32, num_heads=2, depth=8, taps=tuple(range(8)
 def tiny_encoder(monkeypatch):
     monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
     yield TINY
+
+
+# Debian's chromium, headless, driven by Playwright's Python client (whose own browser download does not work here):
+# the review page's tests (test_serve.py; test_rgbd.py on a run of pairs).
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, headless, driven by Playwright (installed by .ci/run: apt-get install chromium)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
 
 
 # A script's first lines that make importing PyTorch, timm and torchvision fail, as where they are not installed
@@ -175,3 +196,30 @@ print(json.dumps(dict(score=r.score, second=second, loaded=sorted(loaded))))  # 
         if abs(float(w["score"]) - float(w["threshold"])) > 1e-5 * float(w["threshold"]):
             assert g["decision"] == w["decision"]
     return paths
+
+
+def brute_force_pairs(paths, is_rgb_image, rank):
+    """The pairs among '/'-separated relative paths (the review page's POST /pairs), comparing every two paths:
+    ([(RGB image, partner)], [RGB image without one]) in the order of `paths`. is_rgb_image(parts): whether a path
+    (split at '/') is the RGB image of a pair; rank(rgb parts, other parts): None when the other path is not its
+    partner, else its preference (the lowest is chosen)."""
+    pairs, unpaired = [], []
+    for a in paths:
+        pa = a.split("/")
+        if not (re.fullmatch(r"[^.].*\.(png|jpe?g|bmp|tiff?)", pa[-1], re.I) and is_rgb_image(pa)):
+            continue
+        found = sorted((r, b) for b in paths if (r := rank(pa, b.split("/"))) is not None)
+        if found:
+            pairs.append((a, found[0][1]))
+        else:
+            unpaired.append(a)
+    return pairs, unpaired
+
+
+def post_pairs(url, paths):
+    """POST /pairs of a service: its answer as ([(rgb, partner)], [(rgb, error)])."""
+    import httpx
+    r = httpx.post(url + "/pairs", json={"files": paths}, timeout=60)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    return [tuple(p.values()) for p in answer["pairs"]], [(u["rgb"], u["error"]) for u in answer["unpaired"]]

@@ -397,3 +397,141 @@ def test_the_service_takes_a_pair_as_two_parts(rgbd_run, pairs):
         assert httpx.get(service.url + "/health").json()["status"] == "ok"
     finally:
         service.close()
+
+
+# --- the review page on a run of pairs: POST /pairs pairs a folder's files by name, each pair a /predict ---------
+
+def mvtec3d_paths(seed=0):
+    """The relative paths of a generated MVTec 3D-AD folder, shuffled: each sample's rgb image with its prepared z
+    map, its point cloud, both or neither; masks in gt/; a class whose name holds 'rgb'; stray files."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for cls in ("bagel", "rgb_plug"):
+        for split, kinds in (("train", ("good",)), ("test", ("good", "hole"))):
+            for kind in kinds:
+                for n in range(5):
+                    base, has = f"{cls}/{split}/{kind}", rng.integers(4)  # has: 0 neither, 1 xyz, 2 z, 3 both
+                    paths += [f"{base}/rgb/{n:03d}.png"] + [f"{base}/xyz/{n:03d}.tiff"] * (has & 1) + \
+                        [f"{base}/z/{n:03d}.tiff"] * (has >> 1) + [f"{base}/gt/{n:03d}.png"] * (kind != "good")
+    paths += ["bagel/test/hole/xyz/099.tiff", "bagel/test/hole/rgb/notes.txt", "bagel/test/good/rgb/.hidden.png",
+              "bagel/test/rgb/loose.png", "rgb/000.png", "xyz/000.tiff", "rgb/001.jpg", "z/001.tiff"]
+    return [paths[i] for i in rng.permutation(len(paths))]
+
+
+def depth_rank(rgb, other):
+    """The depth of an MVTec 3D-AD image: the file of its stem in z/ (preferred) or xyz/ beside its rgb/ folder."""
+    if len(other) != len(rgb) or other[:-2] != rgb[:-2] or other[-1] != os.path.splitext(rgb[-1])[0] + ".tiff":
+        return None
+    return {"z": 0, "xyz": 1}.get(other[-2])
+
+
+@pytest.fixture(scope="module")
+def pair_folder(pairs, tmp_path_factory):
+    """dome's test folder in MVTec 3D-AD's layout (rgb/, xyz/, gt/), one point cloud removed."""
+    folder = tmp_path_factory.mktemp("review") / "dome_test"
+    shutil.copytree(os.path.join(pairs["mvtec3d"], "dome", "test"), folder)
+    os.remove(folder / "good" / "xyz" / "001.tiff")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rgbd_service(rgbd_run, pair_folder):
+    """The service on the RGB + depth run, its --review folder pair_folder; requests wait 200 ms for each other."""
+    from dinomaly import Detector, serve
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(models.ENCODERS, TINY, TINY_CFG)
+        detector = Detector(str(rgbd_run), device="cpu")
+    service = serve.Background(serve.create_app(detector, serve.ServeOptions(
+        str(rgbd_run), review=str(pair_folder), max_wait_ms=200.0, max_mb=1.0)))
+    yield service
+    service.close()
+
+
+def test_pairs_endpoint_against_brute_force_and_the_file_system(rgbd_service, tmp_path):
+    """POST /pairs on a folder's paths: the pairs and unpaired images of a brute-force comparison of every two paths,
+    the missing file named in one line; the same pairs as modalities.partner (predict.py) finds on the disk."""
+    import httpx
+    from conftest import brute_force_pairs, post_pairs
+    paths = mvtec3d_paths()
+    got, unpaired = post_pairs(rgbd_service.url, paths)
+    want, want_unpaired = brute_force_pairs(paths, lambda p: len(p) > 1 and p[-2] == "rgb", depth_rank)
+    assert got == want and [a for a, _ in unpaired] == want_unpaired
+    assert len(want) > 10 and len(want_unpaired) > 5 and ("rgb/001.jpg", "z/001.tiff") in got
+    for a, message in unpaired:
+        xyz = "/".join(a.split("/")[:-2] + ["xyz", os.path.splitext(a.split("/")[-1])[0] + ".tiff"])
+        assert message.startswith(f"no depth for {a}: ") and xyz in message and "\n" not in message
+    for p in paths:
+        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / p).touch()
+    for a, b in want:
+        assert modalities.partner(str(tmp_path / a), modalities.DEPTH) == str(tmp_path / b)
+    for a in want_unpaired:
+        with pytest.raises(UserError, match="no depth for"):
+            modalities.partner(str(tmp_path / a), modalities.DEPTH)
+    url = rgbd_service.url + "/pairs"
+    for body, status, words in ((b"not json", 400, "send JSON"), (b'{"paths": []}', 400, "send JSON"),
+                                (b'["a/rgb/0.png"]', 400, "send JSON"), (b'{"files": "a"}', 400, "not a list"),
+                                (b'{"files": ["a", 3]}', 400, "files[1] is 3"), (b'{"files": [""]}', 400, "files[0]"),
+                                (json.dumps({"files": ["a" * 1001]}).encode(), 400, "longer than 1000 characters"),
+                                (json.dumps({"files": ["rgb/0.png"] * 50_001}).encode(), 400, "at most 50,000"),
+                                (b'{"files": ["' + b"a" * 2 ** 20 + b'"]}', 413, "--max_mb")):
+        r = httpx.post(url, content=body, timeout=60)
+        assert r.status_code == status and words in r.json()["error"] and "\n" not in r.json()["error"], body[:40]
+    assert httpx.post(url, json={"files": []}).json() == {"pairs": [], "unpaired": []}
+
+
+def test_the_review_page_scores_pairs(rgbd_service, pair_folder, browser, tmp_path):
+    """The page on a run of pairs: the pairs of its --review folder scored when it opens, then a folder chosen, then
+    one pair chosen by its two files: a card per pair named by its RGB image, its score the service's /predict of
+    the same pair, the masks and depth files no cards, the image without its depth a card naming the missing file;
+    the pairs batched."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+    url = rgbd_service.url
+
+    def predict(rgb):
+        files = [("rgb", ("rgb.png", rgb.read_bytes())),
+                 ("depth", ("xyz.tiff", (rgb.parent.parent / "xyz" / f"{rgb.stem}.tiff").read_bytes()))]
+        return httpx.post(url + "/predict", files=files, timeout=60).json()["images"][0]["score"]
+    paired = [p for p in sorted(pair_folder.glob("*/rgb/*.png")) if p.as_posix()[-16:] != "good/rgb/001.png"]
+    with ThreadPoolExecutor(len(paired)) as pool:
+        want = {p.relative_to(pair_folder).as_posix(): s for p, s in zip(paired, pool.map(predict, paired))}
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    def cards(prefix="", done="pairs scored"):  # once the status says so: {name less prefix: score or error}
+        page.wait_for_function(f"document.querySelector('#status').textContent.includes({done!r})")
+        out = {}
+        for c in page.query_selector_all("#cards .card"):
+            name = c.query_selector(".name").inner_text()
+            assert name.startswith(prefix)
+            error = c.query_selector(".error")
+            out[name[len(prefix):]] = error.inner_text() if error else float(c.get_attribute("data-score"))
+        return out
+
+    def check(found):
+        assert found.keys() - want.keys() == {"good/rgb/001.png"} and len(found) == len(want) + 1
+        assert "good/xyz/001.tiff" in found.pop("good/rgb/001.png")
+        assert found == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+    page.goto(url + "/")
+    check(cards())  # the --review folder
+    assert "RGB + depth" in page.inner_text("#drop-hint") and not page.is_visible("#pick-files-button")
+    img = page.query_selector("#cards .card img")
+    assert img.evaluate("i => i.naturalWidth > 1.3 * i.naturalHeight")  # the RGB image and the depth side by side
+    batches = httpx.get(url + "/health").json()["batches"]
+    assert max(map(int, batches)) > 1, batches  # several pairs in flight, batched
+    page.screenshot(path=str(tmp_path / "pairs.png"), full_page=True)
+    page.click("#clear")
+    page.evaluate("document.querySelector('#status').textContent = ''")
+    page.set_input_files("#pick-folder", str(pair_folder))
+    check(cards("dome_test/"))
+    page.click("#clear")
+    page.evaluate("document.querySelector('#status').textContent = ''")
+    rgb = pair_folder / "dent" / "rgb" / "000.png"
+    page.set_input_files("#pick-rgb", str(rgb))
+    page.set_input_files("#pick-second", str(pair_folder / "dent" / "xyz" / "000.tiff"))
+    page.click("#score-pair")
+    assert cards(done="pair 000.png scored") == pytest.approx({"000.png": want["dent/rgb/000.png"]}, rel=1e-5, abs=1e-6)
+    assert not errors, errors

@@ -401,6 +401,51 @@ def test_the_service_takes_a_pair_as_two_parts(ir_run, pairs):
 
 
 
+def mulsen_paths(seed=0):
+    """The relative paths of a generated MulSen-AD folder, shuffled: RGB images with or without their infrared
+    image, masks and data.csv under GT/, point clouds, a class whose name holds 'RGB', stray files."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for cls in ("capsule", "RGB_cotton"):
+        for sub in ("train", "test/good", "test/crack"):
+            for n in range(5):
+                paths += [f"{cls}/RGB/{sub}/{n}.png"] + [f"{cls}/Infrared/{sub}/{n}.png"] * (rng.random() < 0.7)
+        paths += [f"{cls}/RGB/GT/crack/{n}.png" for n in range(3)] + [f"{cls}/Infrared/GT/crack/0.png",
+                                                                        f"{cls}/RGB/GT/crack/data.csv",
+                                                                        f"{cls}/Pointcloud/test/crack/0.stl"]
+    paths += ["capsule/Infrared/test/good/9.png", "capsule/RGB/test/good/notes.txt", "RGB/test/0.png",
+              "Infrared/test/0.png", "RGB/capsule/RGB/test/1.png", "RGB/capsule/Infrared/test/1.png"]
+    return [paths[i] for i in rng.permutation(len(paths))]
+
+
+def infrared_rank(rgb, other):
+    """The infrared image of a MulSen-AD RGB image: the path with its last RGB folder named Infrared."""
+    last = max(i for i, part in enumerate(rgb) if part == "RGB")
+    same = len(other) == len(rgb) and all(a == b for i, (a, b) in enumerate(zip(rgb, other)) if i != last)
+    return 0 if same and other[last] == "Infrared" else None
+
+
+def test_pairs_endpoint_against_brute_force(ir_run):
+    """POST /pairs on a MulSen-AD folder's paths: the pairs and unpaired images of a brute-force comparison of every
+    two paths (GT/ masks, infrared images and other files no RGB images), the missing file named in one line."""
+    from dinomaly import Detector, serve
+    from conftest import brute_force_pairs, post_pairs
+    service = serve.Background(serve.create_app(Detector(str(ir_run), device="cpu"), serve.ServeOptions(str(ir_run))))
+    try:
+        paths = mulsen_paths()
+        got, unpaired = post_pairs(service.url, paths)
+    finally:
+        service.close()
+    want, want_unpaired = brute_force_pairs(
+        paths, lambda p: "RGB" in p and "GT" not in p[p.index("RGB"):], infrared_rank)
+    assert got == want and [a for a, _ in unpaired] == want_unpaired
+    assert len(want) > 10 and len(want_unpaired) > 3 and ("RGB/capsule/RGB/test/1.png",
+                                                          "RGB/capsule/Infrared/test/1.png") in got
+    for a, message in unpaired:
+        i = a.rindex("RGB/")
+        assert message.startswith(f"no infrared image for {a}: {a[:i]}Infrared/{a[i + 4:]} not found")
+
+
 def test_interrupted_run_resumes_bit_exactly(ir_run, pairs, tmp_path, monkeypatch):
     monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
     assert_resumes_bit_exactly(dinomaly2_mulsen, ir_argv(pairs, tmp_path, "cut"), ir_run, monkeypatch)

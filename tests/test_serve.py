@@ -185,6 +185,8 @@ def test_every_bad_request_is_a_4xx_and_the_service_goes_on(run, service):
         "bad flag": (lambda: httpx.post(url, content=good, params=dict(mask="maybe")), 422, "mask"),
         "unknown path": (lambda: httpx.get(service.url + "/nothing"), 404, None),
         "report outside": (lambda: httpx.get(service.url + "/report/model.pth"), 404, "model.pth"),
+        "pairs of an image run": (lambda: httpx.post(service.url + "/pairs", json={"files": ["a/rgb/0.png"]}), 400,
+                                  "scores single images"),
     }
     for name, (send, status, words) in cases.items():
         r = send()
@@ -291,23 +293,6 @@ def test_the_command_refuses_a_busy_port_in_one_line(run, capsys):
     assert e.value.code == 2 and "pass another --port" in capsys.readouterr().err
 
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Debian's chromium, headless, driven by Playwright (installed by .ci/run: apt-get install chromium)."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not shutil.which("chromium") and not Path(CHROMIUM).exists():
-        pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 def test_the_review_page_in_a_browser(run, browser, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(run[0], folder)
@@ -318,6 +303,7 @@ def test_the_review_page_in_a_browser(run, browser, tmp_path):
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(s.url + "/?token=s3cret")
         page.wait_for_selector("#threshold-table tbody tr[data-class=nut]")
+        assert page.is_visible("#pick-files-button") and not page.is_visible("#pair-form")  # a run of images
         images = [run[1][0], run[1][-1]]  # a weave and a nut image
         page.set_input_files("#pick-files", [str(p) for p in images])
         page.wait_for_function("document.querySelectorAll('#cards .card').length === 2")

@@ -16,7 +16,7 @@ async function api(path, options = {}) {
   const r = await fetch(path, Object.assign({}, options, { headers }));
   let body = null;
   try { body = await r.json(); } catch (e) { body = { error: r.statusText }; }
-  if (!r.ok) throw new Error(body.error || r.statusText);
+  if (!r.ok) throw Object.assign(new Error(body.error || r.statusText), { status: r.status });
   return body;
 }
 
@@ -118,8 +118,14 @@ async function saveThresholds() {
 }
 
 // -------------------------------------------------------------------------------------------------- images
+const IMAGE_NAME = /\.(png|jpe?g|tiff?|bmp)$/i;
 function imageFiles(list) {
-  return Array.from(list).filter((f) => /\.(png|jpe?g|tiff?|bmp)$/i.test(f.name));
+  return Array.from(list).filter((f) => IMAGE_NAME.test(f.name));
+}
+function reviewFile(name) {  // an image of the service's --review folder
+  return fetch(withToken("review_images/" + name.split("/").map(encodeURIComponent).join("/")))
+    .then((r) => { if (!r.ok) throw new Error(`cannot read ${name} from the service (${r.status})`); return r.blob(); })
+    .then((b) => new File([b], name));
 }
 
 async function score(files) {
@@ -138,6 +144,110 @@ async function score(files) {
     updateThresholds();
   }
   status(`${state.results.length} images scored`);
+}
+
+// A run of pairs (GET /info's `parts`): the service pairs a folder's files by their names (POST /pairs, the rule
+// predict.py follows), then each pair is one /predict request, several in flight so that the service batches them.
+const PAIR_TEXT = {
+  rgbd: { second: "depth (TIFF: xyz or z)", accept: ".tif,.tiff,image/tiff",
+          hint: "This run takes pairs, RGB + depth: drop a folder in MVTec 3D-AD's layout (<kind>/rgb/<n>.png beside " +
+                "<kind>/xyz/<n>.tiff or <kind>/z/<n>.tiff; the gt/ masks are skipped), or choose one pair below. " +
+                "Each pair is scored by the service, decided with its class's threshold." },
+  rgbir: { second: "infrared image", accept: "image/png,image/jpeg,image/tiff,image/bmp",
+           hint: "This run takes pairs, RGB + infrared: drop a folder in MulSen-AD's layout (.../RGB/.../<n>.png " +
+                 "beside .../Infrared/.../<n>.png; the GT/ folders are skipped), or choose one pair below. " +
+                 "Each pair is scored by the service, decided with its class's threshold." },
+};
+const sleep = (ms) => new Promise((ok) => setTimeout(ok, ms));
+
+function setUpPairs(info) {
+  const text = PAIR_TEXT[info.modality];
+  $("drop-what").textContent = "Drop a folder of pairs here";
+  $("pick-files-button").hidden = true;
+  $("drop-hint").textContent = text.hint;
+  $("second-part").textContent = text.second;
+  $("pick-second").accept = text.accept;
+  $("pair-form").hidden = false;
+  $("cards").classList.add("pairs");
+}
+
+async function scorePair(rgb, other) {  // one pair's result, or a card's error; a busy service is asked again
+  const [first, second] = state.info.parts, form = new FormData();
+  form.append(first, rgb, rgb.name);
+  form.append(second, other, other.name);
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return (await api("predict?overlay=true", { method: "POST", body: form })).images[0];
+    } catch (e) {
+      if (e.status === 503 && attempt < 30) { await sleep(1000); continue; }
+      return { name: rgb.name, error: e.message };
+    }
+  }
+}
+
+let renderDue = false;
+function renderSoon() {  // results arriving one by one: the cards drawn at most 5 times a second
+  if (renderDue) return;
+  renderDue = true;
+  setTimeout(() => { renderDue = false; renderCards(); updateThresholds(); }, 200);
+}
+
+async function scorePairs(items) {  // items: {path, file}, file a File or a function giving one (--review)
+  const files = items.filter((i) => IMAGE_NAME.test(i.path)), second = state.info.parts[1];
+  let answer;
+  try {
+    answer = await api("pairs", { method: "POST", headers: { "Content-Type": "application/json" },
+                                  body: JSON.stringify({ files: files.map((i) => i.path) }) });
+  } catch (e) {
+    status("cannot pair the files: " + e.message);
+    return;
+  }
+  for (const u of answer.unpaired) state.results.push({ name: u.rgb, error: u.error });
+  renderCards();
+  const n = answer.unpaired.length;
+  const missing = n ? `; ${n} RGB image${n > 1 ? "s" : ""} without ${n > 1 ? "their" : "its"} ${second}` : "";
+  if (!answer.pairs.length) {
+    status(`no pair among the ${files.length} images${missing}: drop a folder in the dataset's layout (see above), ` +
+      "or choose one pair");
+    return;
+  }
+  const byPath = new Map(files.map((i) => [i.path, i]));
+  const load = async (path) => {
+    const f = byPath.get(path).file;
+    return f instanceof File ? new File([f], path, { type: f.type }) : f();
+  };
+  let next = 0, done = 0;
+  const worker = async () => {
+    while (next < answer.pairs.length) {
+      const pair = answer.pairs[next++];
+      let result;
+      try {
+        result = await scorePair(...await Promise.all([load(pair.rgb), load(pair[second])]));
+      } catch (e) {
+        result = { name: pair.rgb, error: e.message };
+      }
+      state.results.push(result);
+      status(`scoring ${answer.pairs.length} pairs: ${++done} done ...`);
+      renderSoon();
+    }
+  };
+  const limits = state.info.limits;
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(limits.max_batch, limits.max_queue,
+                                                                answer.pairs.length)) }, worker));
+  renderCards();
+  updateThresholds();
+  status(`${answer.pairs.length} pairs scored${missing}`);
+}
+
+async function scoreChosenPair(e) {
+  e.preventDefault();
+  const rgb = $("pick-rgb").files[0], other = $("pick-second").files[0];
+  if (!rgb || !other) return;
+  status("scoring the pair ...");
+  state.results.push(await scorePair(rgb, other));
+  renderCards();
+  updateThresholds();
+  status(`the pair ${rgb.name} scored`);
 }
 
 function renderCards() {
@@ -229,16 +339,15 @@ async function start() {
     $("run-name").textContent = info.run;
     $("run-facts").textContent = `${info.method}, ${info.encoder}, ${info.image_size} → ${info.crop_size} px; ` +
       `classes: ${info.classes.join(", ") || "–"}` + (info.class_finding ? " (found for each image)" : "");
+    if (info.parts) setUpPairs(info);
     buildThresholds();
     renderReport(info);
     status(tests.length ? `test set: ${tests.length} scored images` : "no test scores in the run folder");
     const folder = await api("review_images");  // the service's --review folder
-    if (folder.length) {
-      const files = await Promise.all(folder.map(async (name) => {
-        const r = await fetch(withToken("review_images/" + name.split("/").map(encodeURIComponent).join("/")));
-        return new File([await r.blob()], name);
-      }));
-      await score(files);
+    if (folder.length && info.parts) {
+      await scorePairs(folder.map((name) => ({ path: name, file: () => reviewFile(name) })));
+    } else if (folder.length) {
+      await score(await Promise.all(folder.map(reviewFile)));
     }
   } catch (e) {
     status("cannot reach the service: " + e.message);
@@ -251,10 +360,12 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", async (e) => {
   e.preventDefault();
   drop.classList.remove("over");
-  const files = [];
+  const files = [];  // {path: relative to the dropped folder's parent, file}
   const walk = async (entry) => {  // a dropped folder: its images, recursively
-    if (entry.isFile) files.push(await new Promise((ok, fail) => entry.file(ok, fail)));
-    else if (entry.isDirectory) {
+    if (entry.isFile) {
+      files.push({ path: entry.fullPath.replace(/^\/+/, ""),
+                   file: await new Promise((ok, fail) => entry.file(ok, fail)) });
+    } else if (entry.isDirectory) {
       const reader = entry.createReader();
       let batch;
       while ((batch = await new Promise((ok, fail) => reader.readEntries(ok, fail))).length) {
@@ -263,12 +374,20 @@ drop.addEventListener("drop", async (e) => {
     }
   };
   const entries = [...e.dataTransfer.items].map((i) => i.webkitGetAsEntry && i.webkitGetAsEntry()).filter((x) => x);
-  if (entries.length) { for (const entry of entries) await walk(entry); } else files.push(...e.dataTransfer.files);
-  score(imageFiles(files));
+  if (entries.length) { for (const entry of entries) await walk(entry); }
+  else files.push(...[...e.dataTransfer.files].map((f) => ({ path: f.name, file: f })));
+  if (state.info && state.info.parts) scorePairs(files);
+  else score(imageFiles(files.map((i) => i.file)));
 });
 for (const id of ["pick-files", "pick-folder"]) {
-  $(id).addEventListener("change", (e) => { score(imageFiles(e.target.files)); e.target.value = ""; });
+  $(id).addEventListener("change", (e) => {
+    const files = [...e.target.files];
+    if (state.info && state.info.parts) scorePairs(files.map((f) => ({ path: f.webkitRelativePath || f.name, file: f })));
+    else score(imageFiles(files));
+    e.target.value = "";
+  });
 }
+$("pair-form").addEventListener("submit", scoreChosenPair);
 for (const id of ["sort", "filter-decision", "filter-class"]) $(id).addEventListener("change", renderCards);
 $("clear").addEventListener("click", () => { state.results = []; renderCards(); updateThresholds(); });
 $("save").addEventListener("click", saveThresholds);
