@@ -140,12 +140,14 @@ def partner(path: str, kind: str) -> str:
 
 
 def is_pair_image(path: str, kind: str) -> bool:
-    """Whether a file found under predict's --input is the RGB image of a pair (not a mask, a depth file or an
-    infrared image): in an rgb/ folder (depth), or under an RGB/ folder and not under GT/ (infrared)."""
+    """Whether a file (of predict's --input, of a folder dropped on the review page) is the RGB image of a pair (not
+    a mask, a depth file or an infrared image): in an rgb/ folder (depth); under an RGB/ folder, the last of its
+    RGB/ and Infrared/ folders (a folder above the dataset may be named RGB), and not under GT/ (infrared)."""
     parts = os.path.normpath(path).split(os.sep)
     if kind == DEPTH:
         return len(parts) > 1 and parts[-2] == "rgb"
-    return "RGB" in parts and "GT" not in parts[parts.index("RGB"):]
+    modal = [i for i, part in enumerate(parts[:-1]) if part in ("RGB", "Infrared")]
+    return bool(modal) and parts[modal[-1]] == "RGB" and "GT" not in parts[modal[-1]:]
 
 
 def pairs_among(paths: list[str], kind: str, where: str = " among the files given") -> tuple[

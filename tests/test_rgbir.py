@@ -414,8 +414,15 @@ def mulsen_paths(seed=0):
                                                                         f"{cls}/RGB/GT/crack/data.csv",
                                                                         f"{cls}/Pointcloud/test/crack/0.stl"]
     paths += ["capsule/Infrared/test/good/9.png", "capsule/RGB/test/good/notes.txt", "RGB/test/0.png",
-              "Infrared/test/0.png", "RGB/capsule/RGB/test/1.png", "RGB/capsule/Infrared/test/1.png"]
+              "Infrared/test/0.png", "RGB/capsule/RGB/test/1.png", "RGB/capsule/Infrared/test/1.png",
+              "RGB/capsule/Infrared/test/2.png"]  # under a folder named RGB: an infrared image without its RGB one
     return [paths[i] for i in rng.permutation(len(paths))]
+
+
+def is_mulsen_rgb_image(parts):
+    """Under an RGB/ folder (not an Infrared/ one below it), not under GT/ below it."""
+    above = [part for part in parts[:-1] if part in ("RGB", "Infrared")]
+    return above[-1:] == ["RGB"] and "GT" not in parts[len(parts) - 1 - parts[::-1].index("RGB"):]
 
 
 def infrared_rank(rgb, other):
@@ -436,8 +443,7 @@ def test_pairs_endpoint_against_brute_force(ir_run):
         got, unpaired = post_pairs(service.url, paths)
     finally:
         service.close()
-    want, want_unpaired = brute_force_pairs(
-        paths, lambda p: "RGB" in p and "GT" not in p[p.index("RGB"):], infrared_rank)
+    want, want_unpaired = brute_force_pairs(paths, is_mulsen_rgb_image, infrared_rank)
     assert got == want and [a for a, _ in unpaired] == want_unpaired
     assert len(want) > 10 and len(want_unpaired) > 3 and ("RGB/capsule/RGB/test/1.png",
                                                           "RGB/capsule/Infrared/test/1.png") in got
