@@ -17,7 +17,9 @@ copies the same weights into ours (strict loads both ways), then compares in flo
   each forward. In float32 and, side by side, in float64: float64 shows whether the formulas agree; float32
   gaps are set against the preview's own float32 rounding (its float32 run against its float64 run), which
   Adam's normalised early steps amplify (a gradient that is zero but for rounding, such as the key bias's
-  under softmax attention, gets a full-size update of random sign);
+  under softmax attention, gets a full-size update of random sign); and the float32 steps again with our
+  encoder's attention computed in the preview's order (preview_attention_order), which separates the encoder's
+  attention kernel from the training step itself;
 - the few-shot selection (random.seed(1), ImageFolder, random.sample) against fewshot.select_shots, and the
   strong augmentation (get_strong_transforms under our per-item seeding) against fewshot.AugmentedDataset,
   pixel for pixel, on a generated folder; the plain test transform too;
@@ -30,7 +32,8 @@ copies the same weights into ours (strict loads both ways), then compares in flo
   prepare_data/prepare_mvtec3d.py, input for input;
 - RGB + infrared: the preview's Dinomaly forward on cat([rgb, infrared]) and its evaluation_batch_rgbinfra (maps of
   both modalities, object scores and labels) against our model with modality "rgbir" and its pair score (the
-  mean of the two: twice it is the preview's sum); its MulSen-AD reader (dataset_mulsen.py's TrainDataset and
+  mean of the two: twice it is the preview's sum); training steps of dinomaly_mulsen.py's loop against ours on
+  the pairs, as for 2D; its MulSen-AD reader (dataset_mulsen.py's TrainDataset and
   TestDataset) against ours on a folder of prepare_data/make_demo_pairs.py, pair for pair (labels, RGB and
   infrared tensors, masks), and on altered copies that show its defects. dataset_mulsen.py imports open3d and
   calls it only for depth maps, which dinomaly_mulsen.py does not ask for: without open3d a stub stands in that
@@ -142,6 +145,23 @@ def fast_init(P):
     finally:
         for (m, n), f in zip(places, saved):
             setattr(m, n, f)
+
+
+@contextlib.contextmanager
+def preview_attention_order(ours):
+    """Our encoder's softmax attention computed in the preview's order, softmax(q * scale @ k^T) @ v (timm's
+    unfused path, as the preview's vendored DINOv2 without xFormers), instead of scaled_dot_product_attention,
+    whose fused kernel rounds otherwise (float32 taps ~5e-7 relative apart): this separates the encoder's kernel
+    from everything after it. Only here; our runs keep the fused kernel (faster, less memory on a GPU)."""
+    blocks = ours.encoder.blocks
+    saved = [b.attn.fused_attn for b in blocks]
+    for b in blocks:
+        b.attn.fused_attn = False
+    try:
+        yield
+    finally:
+        for b, f in zip(blocks, saved):
+            b.attn.fused_attn = f
 
 
 def preview_encoder(P):
@@ -355,11 +375,10 @@ def preview_steps(P, prev, batches, seeds, total_iters, warmup=100, final_ratio=
         yield loss.item(), lrs, list(trainable.parameters()), rng
 
 
-def our_steps(ours, batches, seeds, total_iters, warmup=None, final_ratio=1.0, p_offset=0):
-    """Our training steps (train.train_step with the Dinomaly2 recipe's optimiser and schedule); yields as
-    preview_steps."""
+def our_steps(ours, batches, seeds, total_iters, warmup=None, final_ratio=1.0, p_offset=0, recipe=recipes.DINOMALY2):
+    """Our training steps (train.train_step with the recipe's optimiser and schedule); yields as preview_steps."""
     params = ours.trainable_parameters()
-    recipe = recipes.DINOMALY2.replace(total_iters=total_iters, lr_decay_ratio=final_ratio)
+    recipe = recipe.replace(total_iters=total_iters, lr_decay_ratio=final_ratio)
     optimizer = train.reconstruction_optimizer(ours, recipe)
     schedule = train.reconstruction_schedule(recipe) if warmup is None \
         else WarmupRatioSchedule(total_iters, warmup, final_ratio)
@@ -389,20 +408,25 @@ def weight_gaps(w, ref, w0):
     return rel_w, rel_upd
 
 
-def compare_training(prev, ours, P, steps, batch, crop, seed, dtypes=(torch.float32,), **kw):
+def compare_training(prev, ours, P, steps, batch, crop, seed, dtypes=(torch.float32,), pairs=False,
+                     recipe=recipes.DINOMALY2, **kw):
     """Both models trained `steps` steps on the same batches and dropout draws, step by step side by side, once
-    per dtype (the first on `prev` and `ours` moved to it, the others on copies). Returns, per dtype, rows of
-    per-step losses, learning rates, weight gaps (weight_gaps), whether the generator states after the forward
-    agree, and with two dtypes the gaps of the preview's first-dtype run to its last (its own rounding); and
-    whether the optimiser groups hold the same parameters in the same order."""
+    per dtype (the first on `prev` and `ours` moved to it, the others on copies). `pairs`: each batch is `batch`
+    RGB + infrared pairs, the preview's input cat([rgb, infrared]) (dinomaly_mulsen.py's training forward), ours
+    the pairs [B, 6] (modality "rgbir"). Returns, per dtype, rows of per-step losses, learning rates, weight gaps
+    (weight_gaps), whether the generator states after the forward agree, and with two dtypes the gaps of the
+    preview's first-dtype run to its last (its own rounding); and whether the optimiser groups hold the same
+    parameters in the same order."""
     models = [(prev, ours)] + [(copy.deepcopy(prev), copy.deepcopy(ours)) for _ in dtypes[1:]]
     runs = []
     for (mp, mo), dtype in zip(models, dtypes):
         mp.to(dtype), mo.to(dtype)
-        batches = [generated_images(batch, crop, seed + 100 + i).to(dtype) for i in range(steps)]
+        halves = [[generated_images(batch, crop, seed + s + i).to(dtype) for s in ((100, 200) if pairs else (100,))]
+                  for i in range(steps)]
         seeds = [seed + 1000 + i for i in range(steps)]
         w0 = [t.detach().clone() for t in nn.ModuleList([mp.bottleneck, mp.decoder]).parameters()]
-        gp, go = preview_steps(P, mp, batches, seeds, **kw), our_steps(mo, batches, seeds, **kw)
+        gp = preview_steps(P, mp, [torch.cat(h) for h in halves], seeds, **kw)
+        go = our_steps(mo, [torch.cat(h, dim=1) for h in halves], seeds, recipe=recipe, **kw)
         same = group_names(mp, next(gp)) == group_names(mo, next(go))
         runs.append((gp, go, w0, same))
     rows = {d: [] for d in dtypes}
@@ -589,6 +613,39 @@ def run_variant(P, encoder, la, lc, cr, args, steps, table, tag):
         prev.float()  # the shared encoder back to float32
 
 
+def training_rows(tag, rows, same_groups, steps, batch, crop, schedule, table):
+    """Prints compare_training's float32 and float64 runs step by step; adds their rows to the table."""
+    r32, r64 = rows[torch.float32], rows[torch.float64]
+    print(f"\nper step, {tag}, batch {batch} x {crop} px. rel w: max over tensors of "
+          f"||ours - preview|| / ||preview||; rel upd: the same over ||preview - init|| (tensors moved so far); "
+          f"own f32: the preview's float32 run against its float64 run (its own rounding)")
+    print(f"{'it':>3} {'loss preview':>13} {'loss ours':>13} {'lr groups 0/1/2':>28} {'rel w f32':>10} "
+          f"{'rel upd f32':>12} {'own f32':>9} {'own upd':>9} {'rel w f64':>10} {'rel upd f64':>12}")
+    for a, b in zip(r32, r64):
+        print(f"{a['it']:>3} {a['loss_p']:>13.8f} {a['loss_o']:>13.8f} {'/'.join(f'{v:.2e}' for v in a['lrs']):>28} "
+              f"{a['rel_w']:>10.1e} {a['rel_upd']:>12.1e} {a['own_w']:>9.1e} {a['own_upd']:>9.1e} "
+              f"{b['rel_w']:>10.1e} {b['rel_upd']:>12.1e}")
+    w32, u32 = max(r["rel_w"] for r in r32), max(r["rel_upd"] for r in r32)
+    w64, u64 = max(r["rel_w"] for r in r64), max(r["rel_upd"] for r in r64)
+    own_w, own_u = max(r["own_w"] for r in r32), max(r["own_upd"] for r in r32)
+    dropout_same = all(r["rng_same"] for r in r32 + r64)
+    table.append((f"{tag}: optimiser groups (names, order)", "same" if same_groups else "DIFFER", same_groups))
+    table.append((f"{tag}: {steps} steps float32 ({schedule})",
+                  f"weights max rel {w32:.1e} (to the update {u32:.1e}); the preview's own float32 rounding "
+                  f"{own_w:.1e} ({own_u:.1e}); loss gap {max(abs(r['loss_p'] - r['loss_o']) for r in r32):.1e}; "
+                  f"lr gap {max(r['lr_gap'] for r in r32):.1e}; dropout draws {'same' if dropout_same else 'DIFFER'}",
+                  all(r["rel_w"] < max(1e-5, 3 * r["own_w"]) for r in r32)))
+    table.append((f"{tag}: {steps} steps float64", f"weights max rel {w64:.1e} (to the update {u64:.1e}); "
+                  f"loss gap {max(abs(r['loss_p'] - r['loss_o']) for r in r64):.1e}", w64 < 1e-10))
+
+
+def attention_row(tag, steps, gaps, table):
+    """The row of float32 training steps with our encoder's attention in the preview's order."""
+    table.append((f"{tag}: the {steps} float32 steps, our encoder's attention in the preview's order",
+                  f"weights max rel {max(gaps):.1e} (per step {', '.join(f'{g:.1e}' for g in gaps)})",
+                  max(gaps) < 1e-5))
+
+
 def default_configuration(P, encoder, args, table):
     """The 2D defaults (la 1, lc 2, cr 1): forward, maps and scores; then args.steps training steps from the
     preview's own initialisation in float32 and again in float64 (float64 separates formula differences from
@@ -610,28 +667,12 @@ def default_configuration(P, encoder, args, table):
     ours.load_state_dict(init, strict=True)
     rows, same_groups = compare_training(prev, ours, P, args.steps, args.batch, args.crop, args.seed,
                                          dtypes=(torch.float32, torch.float64), total_iters=40000)
-    r32, r64 = rows[torch.float32], rows[torch.float64]
-    print(f"\nper step, {tag}, batch {args.batch} x {args.crop} px. rel w: max over tensors of "
-          f"||ours - preview|| / ||preview||; rel upd: the same over ||preview - init|| (tensors moved so far); "
-          f"own f32: the preview's float32 run against its float64 run (its own rounding)")
-    print(f"{'it':>3} {'loss preview':>13} {'loss ours':>13} {'lr groups 0/1/2':>28} {'rel w f32':>10} "
-          f"{'rel upd f32':>12} {'own f32':>9} {'own upd':>9} {'rel w f64':>10} {'rel upd f64':>12}")
-    for a, b in zip(r32, r64):
-        print(f"{a['it']:>3} {a['loss_p']:>13.8f} {a['loss_o']:>13.8f} {'/'.join(f'{v:.2e}' for v in a['lrs']):>28} "
-              f"{a['rel_w']:>10.1e} {a['rel_upd']:>12.1e} {a['own_w']:>9.1e} {a['own_upd']:>9.1e} "
-              f"{b['rel_w']:>10.1e} {b['rel_upd']:>12.1e}")
-    w32, u32 = max(r["rel_w"] for r in r32), max(r["rel_upd"] for r in r32)
-    w64, u64 = max(r["rel_w"] for r in r64), max(r["rel_upd"] for r in r64)
-    own_w, own_u = max(r["own_w"] for r in r32), max(r["own_upd"] for r in r32)
-    dropout_same = all(r["rng_same"] for r in r32 + r64)
-    table.append((f"{tag}: optimiser groups (names, order)", "same" if same_groups else "DIFFER", same_groups))
-    table.append((f"{tag}: {args.steps} steps float32 (warm-up 100, T 40k)",
-                  f"weights max rel {w32:.1e} (to the update {u32:.1e}); the preview's own float32 rounding "
-                  f"{own_w:.1e} ({own_u:.1e}); loss gap {max(abs(r['loss_p'] - r['loss_o']) for r in r32):.1e}; "
-                  f"lr gap {max(r['lr_gap'] for r in r32):.1e}; dropout draws {'same' if dropout_same else 'DIFFER'}",
-                  all(r["rel_w"] < max(1e-5, 3 * r["own_w"]) for r in r32)))
-    table.append((f"{tag}: {args.steps} steps float64", f"weights max rel {w64:.1e} (to the update {u64:.1e}); "
-                  f"loss gap {max(abs(r['loss_p'] - r['loss_o']) for r in r64):.1e}", w64 < 1e-10))
+    training_rows(tag, rows, same_groups, args.steps, args.batch, args.crop, "warm-up 100, T 40k", table)
+    prev.load_state_dict(init, strict=True)
+    ours.load_state_dict(init, strict=True)
+    with preview_attention_order(ours):
+        rows, _ = compare_training(prev, ours, P, args.steps, args.batch, args.crop, args.seed, total_iters=40000)
+    attention_row(tag, args.steps, [r["rel_w"] for r in rows[torch.float32]], table)
 
     prev.load_state_dict(init, strict=True)
     ours.load_state_dict(init, strict=True)
@@ -764,7 +805,8 @@ def rgbd_data_checks(P, path: str, table: list):
 
 def rgbd_checks(P, encoder, args, table):
     """DinomalyRGBD against ViTill(modality="rgbd"): strict loads, forward (eval, train), maps and scores through
-    the preview's evaluation_batch, training steps in float32 and float64; then the data pipeline."""
+    the preview's evaluation_batch, training steps in float32 and float64 (and float32 with our encoder's attention
+    in the preview's order); then the data pipeline."""
     tag = "rgbd (DinomalyRGBD)"
     torch.manual_seed(args.seed)
     with fast_init(P):
@@ -793,6 +835,11 @@ def rgbd_checks(P, encoder, args, table):
                   all(g < max(1e-5, 3 * r) for g, r in zip(gaps[torch.float32], own))))
     table.append((f"{tag}: {args.steps} training steps float64", f"weights max rel {max(gaps[torch.float64]):.1e}",
                   max(gaps[torch.float64]) < 1e-10))
+    prev.load_state_dict(init, strict=True)
+    ours.load_state_dict(init, strict=True)
+    with preview_attention_order(ours):
+        rows = rgbd_steps(P, prev, ours, args.steps, args.batch, args.crop, args.seed, torch.float32)
+    attention_row(tag, args.steps, [max_rel(o, p) for _, _, p, o in rows], table)
     rgbd_data_checks(P, os.path.abspath(args.preview), table)
 
 
@@ -983,13 +1030,15 @@ def rgbir_checks(P, encoder, args, table):
     """The preview's Dinomaly on cat([rgb, infrared]) (dinomaly_mulsen.py's training forward) and its
     evaluation_batch_rgbinfra (object scores and both modalities' maps, captured where it hands them to the metrics)
     against our model with modality "rgbir" on the pairs and evaluate_shard's rule (a pair's score the mean of its
-    images')."""
+    images'); training steps of dinomaly_mulsen.py's loop against ours (dinomaly2_mulsen.py's recipe); then the
+    reader."""
     tag = "rgbir (dinomaly_mulsen.py)"
     torch.manual_seed(args.seed)
     with fast_init(P):
         prev = preview_model(P, encoder=encoder, dropout=0.2)
         ours = ViTill(ENCODERS[ENCODER], dropout=0.2, attn_eps=1e-8, bottleneck_kind="two_stage", recenter=True,
                       modality="rgbir")
+    init = copy.deepcopy(prev.state_dict())
     randomise(nn.ModuleList([prev.bottleneck, prev.decoder]), args.seed + 7)
     ours.load_state_dict(prev.state_dict(), strict=True)
     n = args.images
@@ -1030,6 +1079,19 @@ def rgbir_checks(P, encoder, args, table):
     table.append((f"{tag}: object scores (the sum of the two; ours, the mean, doubled) and labels (largest of three)",
                   f"max abs {gap_s:.2e}; labels {'all 1 as expected' if same_labels else obj_labels.tolist()}",
                   gap_s < 5e-5 and same_labels))
+    import dinomaly2_mulsen
+    prev.load_state_dict(init, strict=True)
+    ours.load_state_dict(init, strict=True)
+    rows, same_groups = compare_training(prev, ours, P, args.steps, args.batch, args.crop, args.seed,
+                                         dtypes=(torch.float32, torch.float64), pairs=True,
+                                         recipe=dinomaly2_mulsen.RECIPE, total_iters=20000)
+    training_rows(tag, rows, same_groups, args.steps, args.batch, args.crop, "pairs, warm-up 100, T 20k", table)
+    prev.load_state_dict(init, strict=True)
+    ours.load_state_dict(init, strict=True)
+    with preview_attention_order(ours):
+        rows, _ = compare_training(prev, ours, P, args.steps, args.batch, args.crop, args.seed, pairs=True,
+                                   recipe=dinomaly2_mulsen.RECIPE, total_iters=20000)
+    attention_row(tag, args.steps, [r["rel_w"] for r in rows[torch.float32]], table)
     rgbir_data_checks(P, os.path.abspath(args.preview), table)
 
 

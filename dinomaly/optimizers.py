@@ -56,12 +56,15 @@ class StableAdamW(torch.optim.Optimizer):
         torch._foreach_div_(denom, math.sqrt(1 - beta2 ** step))
         torch._foreach_add_(denom, eps)
         # the step scaled down by max(1, RMS(g / denom)) per tensor, the RMS as ||g / denom||_2 / sqrt(numel);
-        # read on the device (no sync), one multiply per tensor at the end
+        # read on the device (no sync). Rounded as the reference: the per-tensor rate (1 / RMS) * (-lr / (1 -
+        # beta1^step)) times m, then divided by denom (in float32 any other order parts from it by an ulp, which
+        # Adam's normalised early steps amplify)
         rms = torch._foreach_norm(torch._foreach_div(grads, denom))
-        torch._foreach_div_(rms, [math.sqrt(g.numel()) for g in grads])
+        torch._foreach_div_(rms, [g.numel() ** 0.5 for g in grads])
         torch._foreach_clamp_min_(rms, 1.0)
-        torch._foreach_mul_(denom, rms)
-        torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - beta1 ** step))
+        torch._foreach_reciprocal_(rms)
+        torch._foreach_mul_(rms, -lr / (1 - beta1 ** step))
+        torch._foreach_addcdiv_(params, torch._foreach_mul(m, rms), denom)
 
 
 class WarmCosineSchedule:

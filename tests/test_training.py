@@ -96,6 +96,41 @@ def test_stable_adamw_steps_by_hand():
             assert torch.all(vhat > v * 1.5)  # the maximum, not the current moment, is used
 
 
+def test_stable_adamw_rounds_as_the_reference_in_float32():
+    """In float32 a step is rounded as the reference's per-tensor loop rounds it: the rate lr / (1 - beta1^t) as a
+    float32 number, times 1 / max(1, RMS) when the clip acts, times m, then divided by denom, then added; bit for
+    bit (another order parts by an ulp, which Adam's early steps amplify: the float32 conformance with the preview
+    code needs this), over steps with and without the RMS clip."""
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [p.detach().clone() for p in ours]
+    lr, b1, b2, eps, wd = 2e-3, 0.9, 0.999, 1e-10, 1e-4
+    opt = StableAdamW(ours, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, amsgrad=False)
+    m = [torch.zeros(s) for s in shapes]
+    v = [torch.zeros(s) for s in shapes]
+    clipped = 0
+    for step in range(1, 5):
+        grads = [torch.randn(s) * (30 if step == 3 else 1) for s in shapes]
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        opt.step()
+        for w, g, m_i, v_i in zip(ref, grads, m, v):
+            w *= 1 - lr * wd
+            m_i.mul_(b1).add_(g, alpha=1 - b1)
+            v_i.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = v_i.sqrt() / math.sqrt(1 - b2 ** step) + eps
+            rms = (g / denom).norm() / math.sqrt(g.numel())
+            rate = torch.tensor(-lr / (1 - b1 ** step), dtype=torch.float32)
+            if rms > 1:
+                rate = 1 / rms * rate
+                clipped += 1
+            w += rate * m_i / denom
+        for a, b in zip(ours, ref):
+            assert torch.equal(a.detach(), b)
+    assert clipped >= 3
+
+
 def test_warm_cosine_schedule_values():
     s = WarmCosineSchedule(2e-3, 2e-4, 10_000, warmup_iters=100)
     assert s(0) == 0.0
