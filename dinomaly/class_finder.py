@@ -70,7 +70,7 @@ def build(mapper, samples: dict[str, list[ds.Sample]], image_size: int, crop_siz
 
 
 def load(path: str) -> dict | None:
-    """A class_prototypes.pt, checked; None when there is no such file."""
+    """A class_prototypes.pt, checked, with its "path"; None when there is no such file."""
     if not os.path.isfile(path):
         return None
     import torch
@@ -83,16 +83,27 @@ def load(path: str) -> dict | None:
         len(data["classes"]) == data["prototypes"].shape[0] == data["radius"].numel() > 0
     if not ok:
         raise UserError(f"{path} is not a class prototypes file; delete it and evaluate the run again")
-    return data
+    return {**data, "path": path}
+
+
+def check_width(data: dict, width: int):
+    """The one check that class prototypes (load's) fit a model whose images have `width` features
+    (pooled_features): prototypes of another model, or of an RGB + infrared run evaluated before a pair's
+    prototypes held both images (half as wide), are refused with what to do."""
+    have = data["prototypes"].shape[1]
+    if have != width:
+        path = data.get("path", FILE)
+        raise UserError(f"{path} holds class prototypes of {have} features, this model's images have {width}: "
+                        f"they were made by another model (or, for RGB + infrared, by an evaluation before a "
+                        f"pair's prototypes held both images); evaluate this run again into "
+                        f"{os.path.dirname(path) or 'its folder'} (its training script's --eval_only --checkpoint "
+                        f"with --save_dir and --save_name naming that folder) to rewrite it")
 
 
 def classify(data: dict, features: torch.Tensor) -> list[Match]:
     """The nearest class of each image: features [B, F] (pooled_features) -> one Match each."""
-    prototypes = data["prototypes"].float()
-    if features.shape[1] != prototypes.shape[1]:
-        raise UserError(f"the class prototypes have {prototypes.shape[1]} features, this model's images "
-                        f"{features.shape[1]}: they come from another model; evaluate this run again")
-    return matches(data, (1 - features.float().cpu() @ prototypes.T).numpy())
+    check_width(data, features.shape[1])
+    return matches(data, (1 - features.float().cpu() @ data["prototypes"].float().T).numpy())
 
 
 def matches(data: dict, distance: np.ndarray) -> list[Match]:

@@ -22,6 +22,7 @@ from . import thresholds as th
 from .anomaly_map import MAP_SIZE, AnomalyMapper
 from .dataset import IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
+from .models import MODALITIES
 from .checkpoint_detector import check_settings, load_calibration, load_mapper, run_files
 from .run import log
 from .scoring import pair_input
@@ -380,6 +381,18 @@ def metadata(model: ExportedMapper, recipe, calibration: dict | None, prototypes
             "thresholds": calibration, **finding}
 
 
+def class_prototypes(run_dir: str, mapper: AnomalyMapper, crop_size: int) -> dict | None:
+    """The run's class prototypes for the graph, checked to fit the model's features (class_finder.check_width, on
+    one blank input); None without, or for a one-class run (nothing to find)."""
+    prototypes = class_finder.load(os.path.join(run_dir, class_finder.FILE))
+    if prototypes is None or len(prototypes["classes"]) < 2:
+        return None
+    blank = torch.zeros(1, MODALITIES[mapper.model.modality], crop_size, crop_size)
+    with torch.no_grad():
+        class_finder.check_width(prototypes, mapper.features(blank).shape[1])
+    return prototypes
+
+
 def main(options: ExportOptions):
     """The export command: the run's map computation into one ONNX or OpenVINO file, checked against PyTorch."""
     fmt, precision = output_format(options), options.precision
@@ -390,6 +403,7 @@ def main(options: ExportOptions):
     calibration, calib_path = load_calibration(model_path, seg_path is not None, options.thresholds)
     mapper, recipe = load_mapper(model_path, seg_path, torch.device("cpu"), {}, {}, calibration)
     crop, modality = recipe.crop_size, recipe.modality
+    prototypes = class_prototypes(run_dir, mapper, crop)
     int8 = None
     if precision == "int8":  # the images first: a missing data folder stops at once
         calibrated = options.calibration_images if fmt == "openvino" else 0  # ONNX Runtime's INT8 is dynamic
@@ -407,9 +421,6 @@ def main(options: ExportOptions):
     exported_mapper = for_export(mapper, crop)
     if calibration:
         check_settings(exported_mapper, calibration, calib_path, model_path)
-    prototypes = class_finder.load(os.path.join(run_dir, class_finder.FILE))
-    if prototypes is not None and len(prototypes["classes"]) < 2:
-        prototypes = None  # a one-class run: nothing to find
     model = ExportedMapper(exported_mapper, None if prototypes is None else prototypes["prototypes"], modality).eval()
     meta = metadata(model, recipe, calibration, prototypes, fmt, precision)
     written = [options.out] + ([os.path.splitext(options.out)[0] + ".bin"] if fmt == "openvino" else [])

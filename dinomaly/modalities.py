@@ -181,14 +181,21 @@ def pair_arrays(s: "Sample") -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(load_image(s.image_path)), np.asarray(load_image(s.pair_path))
 
 
+def pair_crop(images: tuple[np.ndarray, np.ndarray], image_size: int | None, crop_size: int) -> np.ndarray:
+    """A pair's two images (uint8 [H, W, 3] each) -> float32 [6, crop, crop]: each resized to `image_size` (None:
+    already resized, as the image cache holds them), centre-cropped and normalised, the RGB image's channels first.
+    The one input transform of pairs: training and evaluation (pair_crops) and every detector
+    (scoring.pair_input)."""
+    resized = [Image.fromarray(a) if image_size is None else resize(Image.fromarray(a), image_size) for a in images]
+    return np.concatenate([normalised_crop(img, crop_size) for img in resized])
+
+
 def pair_crops(s: "Sample", image_size: int, crop_size: int, cache=None) -> np.ndarray:
-    """A pair sample -> float32 [6, crop, crop]: both images resized, centre-cropped and normalised (`cache`: an
-    ImageCache of pair_reader's, holding both)."""
+    """A pair sample -> float32 [6, crop, crop] (pair_crop; `cache`: an ImageCache of pair_reader's, holding both
+    images resized)."""
     if cache is not None:
-        images = [cache.get(s.image_path), cache.get(s.pair_path)]
-    else:
-        images = [np.asarray(resize(Image.fromarray(a), image_size)) for a in pair_arrays(s)]
-    return np.concatenate([normalised_crop(Image.fromarray(a), crop_size) for a in images])
+        return pair_crop((cache.get(s.image_path), cache.get(s.pair_path)), None, crop_size)
+    return pair_crop(pair_arrays(s), image_size, crop_size)
 
 
 def pair_mask(s: "Sample") -> Image.Image:

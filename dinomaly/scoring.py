@@ -126,8 +126,7 @@ def pair_input(item, modality: str, image_size: int, crop_size: int) -> tuple[np
         if a.shape != b.shape:
             raise InputError(f"the infrared image ({b.shape[1]} x {b.shape[0]}) is not the size of its RGB image "
                              f"({a.shape[1]} x {a.shape[0]})")
-    x = np.concatenate([images.prepare(Image.fromarray(i), image_size, crop_size) for i in (a, b)])
-    return x, (a.shape[1], a.shape[0]), (a, b)
+    return modalities.pair_crop((a, b), image_size, crop_size), (a.shape[1], a.shape[0]), (a, b)
 
 
 class Scoring:

@@ -102,6 +102,52 @@ def assert_resumes_bit_exactly(script, argv: list, whole_run, monkeypatch):
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
 
 
+def assert_trains_in_bf16_compiled(script, argv: list, fp32_run, monkeypatch, backend: str = "aot_eager"):
+    """`script`'s run of pairs (argv: that of the float32 run in `fp32_run`, into a new folder) trained with
+    --precision bf16 and --compile (with `backend`: inductor's code generation is slow on a CPU): every block
+    of the model compiled, its decoder's outputs bfloat16 in each step, each step's loss within 5% of the float32
+    run's (its log), and the float32 run's parameters updated (the bottleneck's and the decoder's, the encoder left
+    as it was). Training alone: the evaluation is left out (test_rgbir.py evaluates in bf16 with compiled
+    blocks)."""
+    import re
+
+    import numpy as np
+
+    from dinomaly import cli, jobs, speed, train
+    compile_, loss = speed.maybe_compile, train.global_cosine_hm
+    trained, steps = [], []
+
+    def compiled(model, enabled, **_):  # (the script's backend, inductor, replaced)
+        if isinstance(model, models.ViTill) and not trained:  # the model as training starts
+            trained.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return compile_(model, enabled, backend=backend)
+
+    def recorded(en, de, **kwargs):
+        out = loss(en, de, **kwargs)
+        steps.append((de[0].dtype, out.item()))
+        return out
+
+    monkeypatch.setattr(speed, "maybe_compile", compiled)
+    monkeypatch.setattr(train, "global_cosine_hm", recorded)
+    for name in ("evaluate", "save_class_prototypes"):
+        monkeypatch.setattr(jobs, name, lambda *args, **kwargs: None)
+    try:
+        cli.run_script(script, argv + ["--precision", "bf16", "--compile"])
+    finally:
+        speed.configure("fp32")
+    (model, initial), = trained
+    assert all(getattr(part, "_compiled_call_impl", None) is not None for part in speed.compiled_parts(model))
+    logged = [float(v) for v in re.findall(r"iter \[\d+/\d+\], loss: ([0-9.]+)", (fp32_run / "log.txt").read_text())]
+    assert len(logged) >= 2 and [dtype for dtype, _ in steps] == [torch.bfloat16] * len(logged)
+    np.testing.assert_allclose([value for _, value in steps], logged, rtol=0.05)
+    folder = os.path.join(argv[argv.index("--save_dir") + 1], argv[argv.index("--save_name") + 1])
+    bf16, fp32 = (torch.load(os.path.join(f, "model.pth"), weights_only=True) for f in (folder, fp32_run))
+    trainable = {id(p) for p in model.trainable_parameters()}
+    names = {n for n, p in model.named_parameters() if id(p) in trainable}
+    assert names and {k for k in initial if not torch.equal(fp32[k], initial[k])} == names
+    assert {k for k in initial if not torch.equal(bf16[k], initial[k])} == names  # the encoder left as it was
+
+
 def check_pair_exports(run, modality: str, images: str, tmp_path, capsys, predict_with: str) -> dict:
     """A tiny run of pairs (`modality` "rgbd" or "rgbir") exported to ONNX and OpenVINO fp32 with two inputs:
     each graph against the run's model in PyTorch (its halves normalised and fed as the script does, read

@@ -19,7 +19,7 @@ from dinomaly import dataset as ds
 from dinomaly.errors import UserError
 
 import dinomaly2_mvtec3d
-from conftest import TINY, TINY_CFG, assert_resumes_bit_exactly
+from conftest import TINY, TINY_CFG, assert_resumes_bit_exactly, assert_trains_in_bf16_compiled
 from prepare_data import prepare_mvtec3d
 from prepare_data.make_demo_pairs import TABLE, make_demo_pairs
 
@@ -330,6 +330,15 @@ def test_detector_and_predict_take_pairs(rgbd_run, pairs, tmp_path, monkeypatch)
     assert len(overlays) == 6 and all(o.shape[1] > 2 * 300 for o in overlays)  # image and depth, 100 px x 3 each
     for r in rows:
         np.testing.assert_allclose(float(r.split(",")[1]), scores[r.split(",")[0]], rtol=1e-5)
+
+
+def test_trains_in_bf16_compiled(rgbd_run, pairs, tmp_path, monkeypatch):
+    """Compiled by dynamo with the eager backend: the encoder's blocks see 2B images and the decoder's (timm's same
+    Block.forward) B fused ones, so the blocks are compiled again for a dynamic batch, which AOTAutograd makes ~15 s
+    on a CPU (the aot_eager backend of a block's training step: test_speed.py; of an RGB + infrared run:
+    test_rgbir.py)."""
+    assert_trains_in_bf16_compiled(dinomaly2_mvtec3d, [*run_argv(pairs, tmp_path), "--save_name", "bf16"], rgbd_run,
+                                   monkeypatch, backend="eager")
 
 
 def test_interrupted_run_resumes_bit_exactly(rgbd_run, pairs, tmp_path, monkeypatch):

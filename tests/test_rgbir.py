@@ -18,7 +18,7 @@ from dinomaly.anomaly_map import AnomalyMapper, binarize_gt
 from dinomaly.errors import UserError
 
 import dinomaly2_mulsen
-from conftest import TINY, TINY_CFG, assert_resumes_bit_exactly
+from conftest import TINY, TINY_CFG, assert_resumes_bit_exactly, assert_trains_in_bf16_compiled, exit_status_of
 from prepare_data.make_demo_pairs import KINDS_IR, make_demo_pairs
 
 
@@ -455,3 +455,29 @@ def test_pairs_endpoint_against_brute_force(ir_run):
 def test_interrupted_run_resumes_bit_exactly(ir_run, pairs, tmp_path, monkeypatch):
     monkeypatch.setitem(models.ENCODERS, TINY, TINY_CFG)
     assert_resumes_bit_exactly(dinomaly2_mulsen, ir_argv(pairs, tmp_path, "cut"), ir_run, monkeypatch)
+
+
+def test_trains_in_bf16_compiled(ir_run, pairs, tmp_path, monkeypatch):
+    assert_trains_in_bf16_compiled(dinomaly2_mulsen, ir_argv(pairs, tmp_path, "bf16"), ir_run, monkeypatch)
+
+
+def test_prototypes_of_an_older_evaluation_are_refused_in_one_line(ir_run, pairs, tmp_path, capsys):
+    """A run evaluated before an RGB + infrared pair's class prototypes held both images has them half as wide (of
+    its RGB images alone): the Detector and export.py refuse them with the same line, naming the file and what to
+    do (export.py: exit status 2, nothing written)."""
+    from dinomaly import Detector, class_finder
+    run = tmp_path / "old"
+    shutil.copytree(ir_run, run, ignore=shutil.ignore_patterns("heatmaps", "gallery", "curves"))
+    data = torch.load(run / class_finder.FILE, weights_only=True)
+    half = data["prototypes"].shape[1] // 2
+    data["prototypes"] = torch.nn.functional.normalize(data["prototypes"][:, :half], dim=1)
+    torch.save(data, run / class_finder.FILE)
+    assert exit_status_of(cli.export_main, ["--checkpoint", run, "--out", tmp_path / "old.onnx"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {run / class_finder.FILE} holds class prototypes of {half} features, this "
+                           f"model's images have {2 * half}") and f"evaluate this run again into {run} " in line
+    assert not (tmp_path / "old.onnx").exists()
+    s = ds.mulsen_samples(pairs["mulsen"], "dome", "test")[0]
+    with pytest.raises(UserError) as e:
+        Detector(str(run), device="cpu")(s.image_path)
+    assert line == f"error: {e.value}"
