@@ -48,6 +48,33 @@ def browser():
         b.close()
 
 
+@pytest.fixture(scope="session")
+def demo64(tmp_path_factory):
+    """Demo data at 64 px (prepare_data/make_demo_data.py: MVTec AD and Real-IAD layouts; 8 training, 3 good and 4
+    defective test images a class), shared by the test files that train on it. Read only."""
+    from prepare_data.make_demo_data import make_demo_data
+    return make_demo_data(str(tmp_path_factory.mktemp("demo64")), size=64, seed=0, n_train=8, n_test_good=3,
+                          n_test_bad=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo64, tmp_path_factory):
+    """A tiny Dinomaly run folder (3 iterations, 64 -> 56 px, a heatmap a class) on weave and nut of demo64: model.pth,
+    config.json, log.txt, metrics.csv, scores.csv, thresholds.json, class prototypes and pictures. Shared by the
+    test files that use a trained run: read only (a test that changes it copies it first)."""
+    import dinomaly_mvtec_uni
+    from dinomaly import cli
+    save_dir = tmp_path_factory.mktemp("tiny_run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(models.ENCODERS, TINY, TINY_CFG)
+        cli.run_script(dinomaly_mvtec_uni,
+                       ["--data_path", demo64["mvtec"], "--encoder", TINY, "--encoder_weights", "random",
+                        "--total_iters", "3", "--batch_size", "4", "--image_size", "64", "--crop_size", "56",
+                        "--log_every", "1", "--num_workers", "0", "--device", "cpu", "--classes", "weave", "nut",
+                        "--save_dir", str(save_dir), "--save_name", "run", "--save_heatmaps", "1"])
+    return save_dir / "run"
+
+
 # A script's first lines that make importing PyTorch, timm and torchvision fail, as where they are not installed
 # (an inspection PC running an exported model: requirements-runtime.txt).
 WITHOUT_TORCH = """

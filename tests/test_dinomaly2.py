@@ -22,7 +22,6 @@ from dinomaly.optimizers import WarmupRatioSchedule
 import dinomaly2_2d
 import dinomaly2_fewshot
 from conftest import TINY, TINY_CFG
-from prepare_data.make_demo_data import make_demo_data
 
 D = TINY_CFG.embed_dim
 
@@ -233,9 +232,8 @@ def test_strong_augmentation_distributions(tmp_path):
 # ----------------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo2")
-    return make_demo_data(str(root), size=64, seed=0, n_train=8, n_test_good=3, n_test_bad=4)
+def demo(demo64):
+    return demo64
 
 
 SMALL = ["--encoder", TINY, "--encoder_weights", "random", "--image_size", "64", "--crop_size", "56", "--num_workers",

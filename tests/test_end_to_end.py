@@ -2,6 +2,7 @@
 and the exit status of user errors."""
 import csv
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from dinomaly import dataset as ds
-from dinomaly import checkpoints, cli, evaluate, models
+from dinomaly import checkpoints, cli, evaluate
 from dinomaly.anomaly_map import AnomalyMapper
 from dinomaly.options import DataOptions, EvalOptions, RunOptions
 
@@ -25,7 +26,6 @@ import crr_realiad_stage2
 import crr_realiad_test
 import dinomaly_mvtec_uni
 from conftest import ROOT, TINY
-from prepare_data.make_demo_data import make_demo_data
 
 CLASSES = ["weave", "nut"]
 RUN = ["--num_workers", "0", "--device", "cpu", "--classes", *CLASSES]  # what every job takes
@@ -34,9 +34,8 @@ METRICS_HEADER = ["class", "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    return make_demo_data(str(root), size=64, seed=0, n_train=8, n_test_good=3, n_test_bad=4)
+def demo(demo64):
+    return demo64
 
 
 def run_script(module, argv):
@@ -54,14 +53,9 @@ def file_hash(path):
 
 
 @pytest.fixture(scope="module")
-def dinomaly_run(demo, tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(models.ENCODERS, TINY, __import__("conftest").TINY_CFG)
-        run_script(dinomaly_mvtec_uni,
-                   ["--data_path", demo["mvtec"], "--encoder", TINY, "--total_iters", "3", "--batch_size", "4",
-                    "--save_dir", str(save_dir), "--save_name", "run", "--save_heatmaps", "1", *SMALL])
-    return save_dir / "run"
+def dinomaly_run(tiny_run):
+    """conftest's tiny run: dinomaly_mvtec_uni.py, 3 iterations at 64 -> 56 px on weave and nut, a heatmap a class."""
+    return tiny_run
 
 
 def test_dinomaly_run_folder(dinomaly_run):
@@ -234,18 +228,20 @@ def test_user_errors_exit_2_with_one_line(argv, expected, demo, tmp_path):
 def test_torchrun_two_processes_on_cpu(script, data, tag, demo, tmp_path):
     # CRR evaluates with test-time masking; --mask_rng device seeds each image's mask, so sharding changes nothing
     crr = ["--mask_rng", "device"] if script.startswith("crr") else []
-    r = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", script,
-                "--data_path", demo[data], "--encoder", "dinov2reg_vit_small_14", "--total_iters", "2",
+    # torchrun runs the script through tests/signal_run.py (no signal): the tiny encoder in each process
+    r = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join("tests", "signal_run.py"),
+                "none", "0", script, "--data_path", demo[data], "--encoder", TINY, "--total_iters", "2",
                 "--batch_size", "4", "--save_dir", str(tmp_path), "--save_name", "ddp", *SMALL, *crr,
                 *(["--anomaly_source_path", "none"] if crr else []))
     assert r.returncode == 0, r.stderr[-2000:]
     log_text = (tmp_path / "ddp" / "log.txt").read_text()
     assert {"model.pth", f"metrics{tag}.csv"} <= set(os.listdir(tmp_path / "ddp")) and "processes: 2" in log_text
-    # the evaluation was sharded over the two processes: one process (another batch size) gives the same results
+    # the evaluation was sharded over the two processes: one process (this one, another batch size) gives the
+    # same results
     assert "evaluation shared by 2 processes" in log_text
-    r = run_cli(script, "--data_path", demo[data], "--eval_only", "--checkpoint", str(tmp_path / "ddp"),
-                "--save_dir", str(tmp_path), "--save_name", "single", *RUN, "--batch_size", "3", *crr)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_script(importlib.import_module(script[:-3]),
+               ["--data_path", demo[data], "--eval_only", "--checkpoint", str(tmp_path / "ddp"), "--save_dir",
+                str(tmp_path), "--save_name", "single", *RUN, "--batch_size", "3", *crr])
     for name in (f"scores{tag}.csv", f"metrics{tag}.csv"):
         scores = name.startswith("scores")
         sharded, single = read_csv(tmp_path / "ddp" / name), read_csv(tmp_path / "single" / name)

@@ -21,28 +21,17 @@ from PIL import Image
 from dinomaly import cli, models, serve
 from dinomaly.predict import Detector
 
-import dinomaly_mvtec_uni
 from conftest import TINY, TINY_CFG
-from prepare_data.make_demo_data import make_demo_data
 
 SIZE, CROP = 64, 56
 LIMITS = dict(max_images=4, max_queue=3, max_mb=1.0, max_pixels=1_000_000)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny Dinomaly run folder on two demo classes, and its test images."""
-    demo = make_demo_data(str(tmp_path_factory.mktemp("data")), size=SIZE, seed=0, n_train=8, n_test_good=3,
-                          n_test_bad=4)
-    save_dir = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(models.ENCODERS, TINY, TINY_CFG)
-        cli.run_script(dinomaly_mvtec_uni, [
-            "--data_path", demo["mvtec"], "--encoder", TINY, "--encoder_weights", "random", "--total_iters", "2",
-            "--batch_size", "4", "--image_size", str(SIZE), "--crop_size", str(CROP), "--num_workers", "0",
-            "--device", "cpu", "--classes", "weave", "nut", "--save_dir", str(save_dir), "--save_name", "run"])
-    tests = [p for c in ("weave", "nut") for p in sorted(Path(demo["mvtec"]).glob(f"{c}/test/*/*.png"))]
-    return save_dir / "run", tests
+def run(tiny_run, demo64):
+    """conftest's tiny Dinomaly run folder on two demo classes, and its test images."""
+    tests = [p for c in ("weave", "nut") for p in sorted(Path(demo64["mvtec"]).glob(f"{c}/test/*/*.png"))]
+    return tiny_run, tests
 
 
 def start(folder, **options):
