@@ -134,18 +134,20 @@ def test_crr_three_stages(demo, dinomaly_run, tmp_path, capsys):
     assert seg["up1.1.weight"].shape[0] == 2 * 32  # 8w with w = 2D/8, D = 32
     runs = [("t1", "on", "cpu"), ("t2", "on", "cpu"), ("t3", "off", "cpu"), ("t4", "off", "cpu"),
             ("t5", "on", "device")]
+    one = [*later, "--classes", "nut"]  # its 7 test images: a batch of 5 splits them otherwise than one of 2
     for name, mask, rng in runs:  # t2: the run folder alone, its segmentation network found beside model.pth
         files = ["--checkpoint", str(run)] if name == "t2" else \
             ["--checkpoint", str(run / "model.pth"), "--seg_checkpoint", str(run / "Seg_model_last.pth")]
-        run_script(crr_realiad_test, [*later, "--save_name", name, *files, "--test_mask", mask, "--mask_rng", rng,
+        run_script(crr_realiad_test, [*one, "--save_name", name, *files, "--test_mask", mask, "--mask_rng", rng,
                                       *(["--batch_size", "5"] if name == "t5" else [])])
     scores = {n: [float(r[3]) for r in read_csv(tmp_path / n / "scores.csv")[1:]] for n, _, _ in runs}
+    assert len(scores["t1"]) == 7  # nut's test images
     assert scores["t1"] == scores["t2"] and scores["t3"] == scores["t4"]  # seeded, and deterministic without masking
     assert f"loaded {run / 'Seg_model_last.pth'}" in (tmp_path / "t2" / "log.txt").read_text()
     assert scores["t1"] != scores["t3"] and scores["t5"] not in (scores["t1"], scores["t3"])
     # per-image seeds: an image's score does not depend on its batch
     run_script(crr_realiad_test,
-               [*later, "--save_name", "t5", "--checkpoint", str(run / "model.pth"), "--seg_checkpoint",
+               [*one, "--save_name", "t5", "--checkpoint", str(run / "model.pth"), "--seg_checkpoint",
                 str(run / "Seg_model_last.pth"), "--mask_rng", "device", "--batch_size", "2"])
     assert [float(r[3]) for r in read_csv(tmp_path / "t5" / "scores.csv")[1:]] == scores["t5"]
     assert read_csv(tmp_path / "t1" / "metrics.csv")[0] == METRICS_HEADER
