@@ -91,7 +91,7 @@ def test_eval_only_reproduces_scores_and_handles_missing_ground_truth(dinomaly_r
     # An explicit flag overrides the run's setting, and the log says so.
     run_script(dinomaly_mvtec_uni,
                ["--data_path", demo["mvtec"], "--eval_only", "--checkpoint", str(dinomaly_run / "model.pth"),
-                "--crop_size", "42", "--save_dir", str(tmp_path), "--save_name", "other", *RUN])
+                "--crop_size", "42", "--save_dir", str(tmp_path), "--save_name", "other", *RUN, "--classes", "nut"])
     log_text = (tmp_path / "other" / "log.txt").read_text()
     assert "--crop_size 42 given; the model was trained with 56" in log_text and "64 -> 42 px" in log_text
     # a class without ground_truth: image metrics, empty pixel cells
