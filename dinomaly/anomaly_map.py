@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import speed
 from .errors import UserError
-from .models import SegmentationNet, ViTill, segmentation_input
+from .models import MODALITIES, SegmentationNet, ViTill, segmentation_input
 
 MAP_SIZE = 256  # anomaly maps and ground truth are compared at 256 x 256
 
@@ -121,6 +121,13 @@ class AnomalyMapper(nn.Module):
         recon = reconstruction_map(en, de, MAP_SIZE)
         seg = torch.softmax(seg.float(), dim=1)[:, 1:]
         return self.fusion_alpha * recon + (1 - self.fusion_alpha) * seg, en
+
+    @torch.no_grad()
+    def feature_width(self, crop_size: int) -> int:
+        """How many pooled features (`features`) an input of this model has: measured on one blank input."""
+        param = next(self.model.parameters())
+        blank = torch.zeros(1, MODALITIES[self.model.modality], crop_size, crop_size, device=param.device)
+        return self.features(blank).shape[1]
 
     def features(self, img: torch.Tensor) -> torch.Tensor:
         """The pooled encoder features alone (class_finder), without the decoding the map needs: the same as

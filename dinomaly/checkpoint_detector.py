@@ -91,6 +91,14 @@ def find_prototypes(thresholds_path: str, model_path: str) -> dict | None:
     return None
 
 
+def fitting(prototypes: dict | None, mapper: AnomalyMapper, crop_size: int) -> dict | None:
+    """`prototypes` (class_finder.load's, or None), refused at once with what to do when they do not fit the
+    model's features (class_finder.check_width), rather than at each image."""
+    if prototypes is not None:
+        class_finder.check_width(prototypes, mapper.feature_width(crop_size))
+    return prototypes
+
+
 class ModelDetector(Scoring):
     """A run's one model, ready to score images. See the module docstring; the keyword arguments are the flags.
 
@@ -124,7 +132,7 @@ class ModelDetector(Scoring):
         if calibration is not None:
             check_settings(self.mapper, calibration, calib_path, self.model_path)
         self.set_thresholds(calibration, calib_path, class_name, threshold,
-                            lambda: find_prototypes(calib_path, self.model_path))
+                            lambda: fitting(find_prototypes(calib_path, self.model_path), self.mapper, self.crop_size))
 
     @torch.no_grad()
     def predict_prepared(self, batch: np.ndarray | torch.Tensor, sizes: list[tuple[int, int]],
@@ -171,6 +179,7 @@ class PerClassDetector(Scoring):
                                 f"image's class{' (the run is unfinished: --resume finishes it)' * unfinished}; "
                                 f"pass --class_name (one of {', '.join(self.runs)})")
         self.finder = self.member(class_name or self.classes[0])  # its encoder's features find the classes
+        self.prototypes = fitting(self.prototypes, self.finder.mapper, self.finder.crop_size)
         self.options["device"] = str(self.finder.device)  # the others go there too (one warning about a CPU)
         self.device, self.image_size, self.crop_size = self.finder.device, self.finder.image_size, \
             self.finder.crop_size

@@ -22,7 +22,6 @@ from . import thresholds as th
 from .anomaly_map import MAP_SIZE, AnomalyMapper
 from .dataset import IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
-from .models import MODALITIES
 from .checkpoint_detector import check_settings, load_calibration, load_mapper, run_files
 from .run import log
 from .scoring import pair_input
@@ -383,13 +382,11 @@ def metadata(model: ExportedMapper, recipe, calibration: dict | None, prototypes
 
 def class_prototypes(run_dir: str, mapper: AnomalyMapper, crop_size: int) -> dict | None:
     """The run's class prototypes for the graph, checked to fit the model's features (class_finder.check_width, on
-    one blank input); None without, or for a one-class run (nothing to find)."""
+    one blank input: AnomalyMapper.feature_width); None without, or for a one-class run (nothing to find)."""
     prototypes = class_finder.load(os.path.join(run_dir, class_finder.FILE))
     if prototypes is None or len(prototypes["classes"]) < 2:
         return None
-    blank = torch.zeros(1, MODALITIES[mapper.model.modality], crop_size, crop_size)
-    with torch.no_grad():
-        class_finder.check_width(prototypes, mapper.features(blank).shape[1])
+    class_finder.check_width(prototypes, mapper.feature_width(crop_size))
     return prototypes
 
 
