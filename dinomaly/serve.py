@@ -3,10 +3,11 @@ Detector, answering POST /predict, GET /health and GET /info, the review page at
 docs/serving.md) and what it reads: the run's test scores, report pictures and the thresholds it saves.
 
 A run of pairs (RGB + depth, RGB + infrared) takes one pair a request, a form with the two parts PAIR_PARTS
-names (GET /info's `parts`); POST /pairs pairs a folder's files by their names for the page. Requests share the model through a Batcher: images of concurrent requests wait up to
---max_wait_ms for each other and go through Detector.predict_prepared together, up to --max_batch at a time, the
-call predict.py makes, so a served score is predict.py's. At most --max_queue images wait or run at once; beyond that a request gets 503 with
-Retry-After. Every bad request is a 4xx with a one-line JSON error ({"error": "..."}); a failure inside the model
+names (GET /info's `parts`); POST /pairs pairs a folder's files by their names for the page. Requests share the
+model through a Batcher: images of concurrent requests wait up to --max_wait_ms for each other and go through
+Detector.predict_prepared together, up to --max_batch at a time, the call predict.py makes, so a served score is
+predict.py's. At most --max_queue images wait or run at once; beyond that a request gets 503 with Retry-After.
+Every bad request is a 4xx with a one-line JSON error ({"error": "..."}); a failure inside the model
 is a 500 for its request alone (logged with its traceback)."""
 import asyncio
 import base64
