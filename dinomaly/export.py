@@ -22,7 +22,8 @@ from . import thresholds as th
 from .anomaly_map import MAP_SIZE, AnomalyMapper
 from .dataset import IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
-from .checkpoint_detector import check_settings, load_calibration, load_mapper, run_files
+from .images import unit_range
+from .checkpoint_detector import check_settings, fitting, load_calibration, load_mapper, run_files
 from .run import log
 from .scoring import pair_input
 
@@ -240,8 +241,7 @@ def sample_crops(paths: list[str], modality: str, image_size: int, crop: int) ->
     as predict.py does (predict.pair_input), -> [1, 6, crop, crop]: both inputs one after the other."""
     if modality == "rgb":
         return quantize.crops(paths, image_size, crop)
-    mean, std = (np.asarray(v * 2, np.float32).reshape(6, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    return [(pair_input(p, modality, image_size, crop)[0] * std + mean)[None] for p in paths]
+    return [unit_range(pair_input(p, modality, image_size, crop)[0])[None] for p in paths]
 
 
 def graph_feeds(crops: list[np.ndarray], modality: str) -> list:
@@ -381,13 +381,12 @@ def metadata(model: ExportedMapper, recipe, calibration: dict | None, prototypes
 
 
 def class_prototypes(run_dir: str, mapper: AnomalyMapper, crop_size: int) -> dict | None:
-    """The run's class prototypes for the graph, checked to fit the model's features (class_finder.check_width, on
-    one blank input: AnomalyMapper.feature_width); None without, or for a one-class run (nothing to find)."""
+    """The run's class prototypes for the graph, checked to fit the model's features (checkpoint_detector.fitting,
+    as a detector checks them); None without, or for a one-class run (nothing to find)."""
     prototypes = class_finder.load(os.path.join(run_dir, class_finder.FILE))
     if prototypes is None or len(prototypes["classes"]) < 2:
         return None
-    class_finder.check_width(prototypes, mapper.feature_width(crop_size))
-    return prototypes
+    return fitting(prototypes, mapper, crop_size)
 
 
 def main(options: ExportOptions):

@@ -17,6 +17,7 @@ import numpy as np
 from . import class_finder
 from . import thresholds as th
 from .errors import UserError, one_line
+from .images import unit_range
 from .scoring import Prediction, Scoring
 
 SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
@@ -218,9 +219,6 @@ class ExportedDetector(Scoring):
         meta = self.graph.metadata
         self.image_size, self.crop_size = meta["image_size"], meta["crop_size"]
         self.modality = meta.get("modality", "rgb")  # exports before pairs: RGB images
-        inputs = len(self.graph.inputs)  # a pair's two images side by side (Scoring.prepare)
-        self.mean = np.tile(np.asarray(meta["mean"], np.float32), inputs).reshape(1, 3 * inputs, 1, 1)
-        self.std = np.tile(np.asarray(meta["std"], np.float32), inputs).reshape(1, 3 * inputs, 1, 1)
         calibration, calib_path = meta.get("thresholds"), path
         if thresholds is not None:
             calibration, calib_path = th.load(thresholds), thresholds
@@ -243,8 +241,7 @@ class ExportedDetector(Scoring):
         unknown = [c for c in given if c is not None and c not in self.classes]
         if unknown:
             raise UserError(f"no class named {unknown[0]} in this model; its classes: {', '.join(self.classes)}")
-        images = np.asarray(batch, dtype=np.float32) * self.std + self.mean  # the graph normalises itself
-        out = self.run(images)
+        out = self.run(unit_range(batch))  # the graph normalises itself
         matches = [None] * len(sizes)
         if self.prototypes is not None and None in given:
             matches = class_finder.matches(self.prototypes, out["class_distances"])

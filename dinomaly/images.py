@@ -83,6 +83,16 @@ def prepare(img: Image.Image, image_size: int, crop_size: int) -> np.ndarray:
     return normalised_crop(resize(img, image_size), crop_size)
 
 
+def unit_range(x: np.ndarray) -> np.ndarray:
+    """Normalised crops (normalised_crop's; [..., 3 k, crop, crop]: a pair's two images side by side) back to RGB
+    in [0, 1], float32: what an exported graph takes (it normalises itself)."""
+    x = np.asarray(x, dtype=np.float32)
+    k = x.shape[-3] // 3
+    mean = np.tile(np.asarray(IMAGENET_MEAN, np.float32), k).reshape(3 * k, 1, 1)
+    std = np.tile(np.asarray(IMAGENET_STD, np.float32), k).reshape(3 * k, 1, 1)
+    return x * std + mean
+
+
 # ----------------------------------------------------------------------------------------------- what a detector takes
 
 IMAGE_FORMS = ("a path, a PIL image or a numpy array: H x W (grey), H x W x 3 (RGB) or H x W x 4 (RGBA), of uint8, "
