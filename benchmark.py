@@ -70,6 +70,7 @@ from dinomaly.train import reconstruction_optimizer, repair_loss, segmentation_l
 from dinomaly.encoders import check_sizes
 from dinomaly.errors import UserError
 from dinomaly.image_cache import ImageCache
+from dinomaly.options import MAX_SCORE_CHANGE
 from dinomaly.loss import global_cosine_hm
 from dinomaly.synthesis import SyntheticAnomalyDataset, synthesis_caches
 
@@ -835,7 +836,7 @@ def summarise_profile(nodes: list[tuple[str, str, float]], steps: int, top: int 
 def bench_deploy(args) -> dict:
     """PyTorch eager, torch.compile, ONNX Runtime (fp32, dynamic INT8) and OpenVINO (fp32, NNCF INT8; fp16/bf16
     where the processor has them) on the exported Dinomaly map of random ViTs, interleaved in one process."""
-    from dinomaly import export, quantize
+    from dinomaly import quantize
     torch.set_num_threads(args.threads)
     cpu = cpu_info()
     runtimes, left_out = available_runtimes(args, cpu)
@@ -952,7 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--iters", type=int, default=10, help="timed calls of each runtime, interleaved")
     deploy.add_argument("--calibration_images", type=int, default=16,
                         help="random images calibrating the OpenVINO INT8 model (its speed does not depend on them)")
-    deploy.add_argument("--max_score_change", type=float, default=0.002,
+    deploy.add_argument("--max_score_change", type=float, default=MAX_SCORE_CHANGE,
                         help="the INT8 exports' layer selection, as export.py's (measured on 8 more random images)")
     deploy.add_argument("--roofline_size", type=int, default=2048, help="matrix side of the matmul rate measured")
     deploy.add_argument("--profile", type=int, default=0, metavar="N",

@@ -23,7 +23,7 @@ from . import recipes
 from .arguments import CACHE_MODES, DATASET_NAMES, PRECISIONS, ArgumentParser, float_in, int_at_least
 from .encoders import ENCODERS, check_sizes
 from .errors import UserError
-from .options import DataOptions, EvalOptions, RunOptions, Settings
+from .options import MAX_SCORE_CHANGE, DataOptions, EvalOptions, RunOptions, Settings
 from .recipes import Recipe, SegmentationRecipe
 
 JOBS = {"dinomaly": "dinomaly", "dinomaly2": "dinomaly2", "crr": "crr_stage1", "crr_stage2": "crr_stage2"}
@@ -416,9 +416,10 @@ def export_parser() -> ArgumentParser:
                         "up to 8 others measure the layer selection, in either format)")
     p.add_argument("--calibration_data", metavar="DIR",
                    help="int8: a folder of good images to calibrate on (default: the run's training images)")
-    p.add_argument("--max_score_change", type=float_in(0, 1, low_open=True, high_open=True), default=0.002,
+    p.add_argument("--max_score_change", type=float_in(0, 1, low_open=True, high_open=True),
+                   default=MAX_SCORE_CHANGE,
                    help="int8: keep in float the blocks that quantisation makes move a good image's score by more "
-                        "than this share of it (measured; default 0.002: 0.2%%)")
+                        f"than this share of it (measured; default {MAX_SCORE_CHANGE:g}: {100 * MAX_SCORE_CHANGE:g}%%)")
     p.add_argument("--seed", type=int, default=0, help="chooses the check and calibration subsets")
     return p
 

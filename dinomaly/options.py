@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from . import recipes
 from .recipes import Recipe, SegmentationRecipe
 
+MAX_SCORE_CHANGE = 0.002  # INT8 exports' layer selection: the largest relative score change of a held-out good image
+
 
 @dataclass(frozen=True)
 class DataOptions:

@@ -29,12 +29,11 @@ import numpy as np
 from . import dataset as ds
 from . import exported, samples
 from .errors import UserError
-from .options import DataOptions
+from .options import MAX_SCORE_CHANGE, DataOptions
 from .run import log
 
 CALIBRATION_IMAGES = 300  # NNCF's default subset size
 SELECTION_IMAGES = 8  # good images, held out from the calibration, that measure the layer selection
-MAX_SCORE_CHANGE = 0.002  # default bound of the selection: the largest relative score change on those images
 # Nodes of the exported graph (ONNX names, which OpenVINO keeps) left in float: those outside the encoder,
 # bottleneck and decoder, i.e. not under /mapper/model/ (the map, smoothing, score) and the class distances.
 KEEP_FLOAT = r"^(?!/mapper/model/).*"
