@@ -136,7 +136,6 @@ def assert_trains_in_bf16_compiled(script, argv: list, fp32_run, monkeypatch, ba
     run's (its log), and the float32 run's parameters updated (the bottleneck's and the decoder's, the encoder left
     as it was). Training alone: the evaluation is left out (test_rgbir.py evaluates in bf16 with compiled
     blocks)."""
-    import re
 
     import numpy as np
 
